@@ -1,0 +1,58 @@
+"""Convert VGG-16 or ML-Net weights to mlnet_jax's ``.npz`` weights file.
+
+    python -m mlnet_jax.convert_weights SRC DST [--format auto|torchvision|safetensors|keras|keras1|mlnet-keras1]
+    python -m mlnet_jax.convert_weights --download timm|torchvision DST
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlnet_jax.download import PUBLIC_WEIGHTS, download_weights
+from mlnet_jax.errors import UserError
+from mlnet_jax.weight_formats import FORMATS, read_source
+from mlnet_jax.weights_file import check_vgg16_params, save_weights
+
+
+def convert(src: str, dst: str, fmt: str = "auto") -> dict:
+    """Read ``src`` and write ``dst``; returns the metadata written."""
+    params, metadata = read_source(src, fmt)
+    check_vgg16_params(params["backbone"], src)
+    metadata = {"model": "vgg16", **metadata, "converted_from": str(src)}
+    save_weights(dst, params, metadata)
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlnet_jax.convert_weights", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="SRC DST",
+                        help="source file and destination .npz (only DST with --download)")
+    parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    parser.add_argument("--download", choices=tuple(PUBLIC_WEIGHTS),
+                        help="fetch public ImageNet VGG-16 weights instead of reading SRC")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    expected = 1 if args.download else 2
+    if len(args.paths) != expected:
+        parser.error("give DST with --download, SRC DST otherwise")
+    try:
+        if args.download:
+            src, fmt = download_weights(args.download)
+            src, dst = str(src), args.paths[0]
+        else:
+            (src, dst), fmt = args.paths, args.format
+        metadata = convert(src, dst, fmt)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {dst}: {metadata['model']} from {metadata['source']}, preprocessing "
+          f"{metadata['preprocessing']}, pooling {metadata['pooling']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Prediction core: load a model, a jit-compiled batch predictor, and a friendly wrapper.
+
+One compilation serves images of every size: images are letterboxed on the host to the
+model's input size, batches are padded to a fixed batch size, and maps are resized back to
+each image's original size on the host (SPEC §1, test time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from mlnet_jax.errors import WeightsError
+from mlnet_jax.models import MLNet
+from mlnet_jax.preprocessing import letterbox, normalize, postprocess
+from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
+from mlnet_jax.weights_file import read_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a saved model expects: input size (rows, cols), preprocessing and architecture."""
+
+    input_size: tuple[int, int] = (480, 640)
+    preprocessing: str = "caffe"
+    pooling: str = "standard"
+    prior: bool = True
+    source: str = ""
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "ModelInfo":
+        return cls(input_size=tuple(metadata.get("input_size", (480, 640))),
+                   preprocessing=metadata["preprocessing"], pooling=metadata["pooling"],
+                   prior=bool(metadata.get("prior", True)), source=metadata.get("source", ""))
+
+    def build(self, dtype=jnp.float32) -> MLNet:
+        return MLNet(prior=self.prior, pooling=self.pooling, dtype=dtype)
+
+
+def load_model(path: str | os.PathLike, dtype=jnp.float32) -> tuple[MLNet, dict, ModelInfo]:
+    """(model, variables, info) from a converted full-model ``.npz`` or an Orbax checkpoint.
+
+    ``path`` may be a training workdir (its best, else latest, checkpoint), one checkpoint
+    directory, or the output of ``convert_weights`` for a full ML-Net.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from mlnet_jax.checkpointing import restore_for_inference  # Orbax only when needed
+        params, metadata = restore_for_inference(path)
+    elif path.is_file():
+        params, metadata = read_weights(path)
+        if metadata.get("model") != "mlnet":
+            raise WeightsError(f"{path}: holds {metadata.get('model', 'unknown')} weights, not a "
+                               "full ML-Net; train a model (config.init_weights) to predict with it")
+    else:
+        raise WeightsError(f"{path}: no such file or directory")
+    info = ModelInfo.from_metadata(metadata)
+    model = info.build(dtype)
+    variables = {"params": jax.tree.map(jnp.asarray, params)}
+    _check_params(model, variables, info, str(path))
+    return model, variables, info
+
+
+def _check_params(model: MLNet, variables: dict, info: ModelInfo, where: str) -> None:
+    rows, cols = info.input_size
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, rows, cols, 3)))
+    exp_flat = dict(jax.tree_util.tree_flatten_with_path(expected["params"])[0])
+    got_flat = dict(jax.tree_util.tree_flatten_with_path(variables["params"])[0])
+    for key, spec in exp_flat.items():
+        name = jax.tree_util.keystr(key, simple=True, separator="/")
+        if key not in got_flat:
+            raise WeightsError(f"{where}: missing parameter {name} (expected shape {spec.shape})")
+        if got_flat[key].shape != spec.shape:
+            raise WeightsError(f"{where}: parameter {name} has shape {got_flat[key].shape}, "
+                               f"expected {spec.shape}")
+
+
+def make_predict_fn(model: MLNet, preprocessing: str, mesh=None) -> Callable:
+    """jit-compiled ``fn(variables, images) -> maps (B, h/8, w/8)`` in float32.
+
+    ``images`` are letterboxed NHWC RGB uint8 (normalised on the device with ``preprocessing``)
+    or already-normalised float32. The batch is split over all devices of ``mesh``.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+
+    def predict(variables, images):
+        if images.dtype == jnp.uint8:
+            images = normalize(images, preprocessing)
+        return model.apply(variables, images, train=False)[..., 0]
+
+    return jax.jit(predict, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=batch_sharding(mesh))
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """uint8 H×W×3 RGB from a PIL image or array (greyscale, RGBA, float 0–1 or 0–255)."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        scale = 255.0 if array.size and float(np.nanmax(array)) <= 1.0 else 1.0
+        array = np.clip(np.nan_to_num(array.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an H×W, H×W×3 or H×W×4 image, got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array[..., :3])
+
+
+class Predictor:
+    """Load once, call many times: ``Predictor.load(dir)(images) -> list of maps``.
+
+    Maps are float32 in [0, 1] at each image's original size. Batches are padded to
+    ``batch_size`` so one compilation serves every call.
+    """
+
+    def __init__(self, model: MLNet, variables: dict, info: ModelInfo, batch_size: int = 8,
+                 mesh=None):
+        mesh = data_mesh() if mesh is None else mesh
+        self.info = info
+        self.batch_size = -(-batch_size // mesh.size) * mesh.size
+        self._variables = jax.device_put(variables, replicated(mesh))
+        self._predict = make_predict_fn(model, info.preprocessing, mesh)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, batch_size: int = 8, dtype=jnp.float32) -> "Predictor":
+        model, variables, info = load_model(path, dtype)
+        return cls(model, variables, info, batch_size)
+
+    def predict_letterboxed(self, batch: np.ndarray) -> np.ndarray:
+        """Raw maps (n, h/8, w/8) for n ≤ batch_size letterboxed uint8 images."""
+        n = len(batch)
+        padded = np.zeros((self.batch_size,) + batch.shape[1:], np.uint8)
+        padded[:n] = batch
+        return np.asarray(self._predict(self._variables, padded))[:n]
+
+    def __call__(self, images: Sequence | np.ndarray | Image.Image) -> list[np.ndarray] | np.ndarray:
+        """Maps at original size: one image (PIL, H×W or H×W×C array) → one map; a list or an
+        N×H×W×C array → a list of maps."""
+        single = isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim <= 3)
+        items = [images] if single else list(images)
+        maps = list(self.iter_maps(items))
+        return maps[0] if single else maps
+
+    def iter_maps(self, images: Iterable) -> Iterable[np.ndarray]:
+        """Stream maps for an iterable of images, batch by batch."""
+        chunk: list[np.ndarray] = []
+        for image in images:
+            chunk.append(to_rgb_array(image))
+            if len(chunk) == self.batch_size:
+                yield from self._run(chunk)
+                chunk = []
+        if chunk:
+            yield from self._run(chunk)
+
+    def _run(self, chunk: list[np.ndarray]) -> list[np.ndarray]:
+        boxed = np.stack([letterbox(image, self.info.input_size) for image in chunk])
+        raw = self.predict_letterboxed(boxed)
+        return [postprocess(m, image.shape[:2]) for m, image in zip(raw, chunk)]

@@ -1,0 +1,47 @@
+"""ML-Net: VGG-16 backbone + multi-level head + learned prior (Cornia et al., ICPR 2016)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mlnet_jax.head import init_head_params, multilevel_head
+from mlnet_jax.prior import apply_prior, prior_shape
+from mlnet_jax.vgg import VGG16, PoolingAlignment
+
+OUTPUT_STRIDE = 8
+
+
+class MLNet(nn.Module):
+    """Maps NHWC preprocessed images (h, w divisible by 8) to saliency (B, h/8, w/8, 1).
+
+    Parameters: ``backbone`` (VGG16 convs), ``head`` (``conv``, ``readout``) and, with
+    ``prior=True``, ``prior`` (the W grid, zero-initialised, shape set by the input size).
+    Compute runs in ``dtype``; parameters and the returned map are float32.
+    Dropout needs a ``'dropout'`` RNG and is active only with ``train=True``.
+    """
+
+    prior: bool = True
+    pooling: PoolingAlignment = "standard"
+    dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        rows, cols = x.shape[1:3]
+        if rows % OUTPUT_STRIDE or cols % OUTPUT_STRIDE:
+            raise ValueError(f"MLNet input height and width must be divisible by {OUTPUT_STRIDE}, "
+                             f"got {rows}x{cols}")
+        features = VGG16(pooling=self.pooling, dtype=self.dtype, name="backbone")(x)
+        in_channels = sum(features[k].shape[-1] for k in ("pool3", "pool4", "conv5_3"))
+        head_params = self.param("head", init_head_params, in_channels)
+        dropout_rng = self.make_rng("dropout") if train and self.dropout_rate > 0 else None
+        saliency = multilevel_head(head_params, features, dropout_rng=dropout_rng,
+                                   dropout_rate=self.dropout_rate)
+        saliency = saliency.astype(jnp.float32)
+        if self.prior:
+            w = self.param("prior", nn.initializers.zeros_init(),
+                           prior_shape(rows // OUTPUT_STRIDE, cols // OUTPUT_STRIDE), jnp.float32)
+            saliency = apply_prior(w, saliency)
+        return saliency

@@ -1,0 +1,69 @@
+"""VGG-16 convolutional backbone with ML-Net's pooling (pool4 stride 1, no pool5).
+
+Parameter names follow the VGG paper (``conv1_1`` … ``conv5_3``) so converted
+weights from every source land in the same tree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PoolingAlignment = Literal["standard", "keras1"]
+
+# (name, output channels) in network order; a pool follows the last conv of blocks 1-4.
+VGG16_CONVS: tuple[tuple[str, int], ...] = (
+    ("conv1_1", 64), ("conv1_2", 64),
+    ("conv2_1", 128), ("conv2_2", 128),
+    ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256),
+    ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512),
+    ("conv5_1", 512), ("conv5_2", 512), ("conv5_3", 512),
+)
+VGG16_CONV_NAMES: tuple[str, ...] = tuple(name for name, _ in VGG16_CONVS)
+_POOL_STRIDE_AFTER = {"conv1_2": 2, "conv2_2": 2, "conv3_3": 2, "conv4_3": 1}
+
+
+def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.Array:
+    """2×2 max pooling with 'same' output size ceil(n / stride).
+
+    ``standard`` (torchvision/TF): output i covers x[s·i], x[s·i+1]; padding at the end.
+    ``keras1`` (Theano, the original ML-Net): output i covers x[s·i−1], x[s·i]; one row and
+    column of padding at the start. Inputs are post-ReLU, so −inf padding equals zero padding.
+    """
+    if alignment == "keras1":
+        pad = ((1, 0), (1, 0))
+    elif alignment == "standard":
+        h, w = x.shape[1:3]
+        pad = tuple((0, max((-(-n // stride) - 1) * stride + 2 - n, 0)) for n in (h, w))
+    else:
+        raise ValueError(f"pooling alignment must be 'standard' or 'keras1', got {alignment!r}")
+    return nn.max_pool(x, (2, 2), strides=(stride, stride), padding=pad)
+
+
+class VGG16(nn.Module):
+    """The 13 VGG-16 convolutions returning ``pool3``, ``pool4`` and ``conv5_3``.
+
+    Parameters are float32 whatever ``dtype`` (the compute dtype) is, so bfloat16 runs keep
+    float32 master weights.
+    """
+
+    pooling: PoolingAlignment = "standard"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        x = x.astype(self.dtype)
+        outputs = {}
+        for name, features in VGG16_CONVS:
+            x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
+                        param_dtype=jnp.float32, name=name)(x)
+            x = nn.relu(x)
+            if name in _POOL_STRIDE_AFTER:
+                x = max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling)
+                if name in ("conv3_3", "conv4_3"):
+                    outputs[f"pool{name[4]}"] = x
+        outputs["conv5_3"] = x
+        return outputs
