@@ -1,0 +1,286 @@
+"""Weight conversion from every supported source is exact (SPEC §2)."""
+
+import json
+import struct
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference_numpy as ref
+from mlnet_jax import VGG16, load_vgg16
+from mlnet_jax.convert_weights import main as convert_main
+from mlnet_jax.weight_formats import KERAS1_VGG_LAYER_IDS, TORCHVISION_CONV_INDICES, detect_format
+from mlnet_jax.weights_file import read_weights
+
+h5py = pytest.importorskip("h5py")
+SIZE = (32, 48)
+
+
+def relative_error(got, want) -> float:
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+def random_oihw(rng) -> list[tuple[np.ndarray, np.ndarray]]:
+    convs, cin = [], 3
+    for cout in ref.VGG_WIDTHS:
+        convs.append((rng.normal(0, np.sqrt(2 / (9 * cin)), (cout, cin, 3, 3)).astype(np.float32),
+                      rng.normal(0, 0.1, cout).astype(np.float32)))
+        cin = cout
+    return convs
+
+
+def convert(tmp_path, src, fmt="auto") -> str:
+    dst = tmp_path / "converted.npz"
+    assert convert_main([str(src), str(dst), "--format", fmt]) == 0
+    return str(dst)
+
+
+def features(dst, alignment="standard", x=None):
+    x = np.random.default_rng(99).normal(0, 1, (1, *SIZE, 3)).astype(np.float32) if x is None else x
+    return x, VGG16(pooling=alignment).apply(load_vgg16(dst), jnp.asarray(x))
+
+
+# --- PyTorch layouts ------------------------------------------------------------------------
+
+def torch_vgg16():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    layers, cin = [], 3
+    for index, cout in enumerate(ref.VGG_WIDTHS):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+        if index in (1, 3, 6, 9, 12):
+            layers.append(nn.MaxPool2d(2, 2))
+        cin = cout
+
+    class VGG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Linear(4, 2)  # extra keys, as in torchvision, are ignored
+
+    torch.manual_seed(0)
+    return VGG()
+
+
+def torch_mlnet_features(model, x_nhwc):
+    """pool3, pool4 (2×2 stride 1, padded bottom/right), conv5_3 with torch ops."""
+    import torch
+    import torch.nn.functional as F
+    f = model.features
+    x = torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2))
+    out = {}
+    with torch.no_grad():
+        for i in range(30):  # up to conv5_3's ReLU; pool5 (index 30) is dropped
+            layer = f[i]
+            if i == 23:  # pool4: stride 1, size kept
+                x = F.max_pool2d(F.pad(x, (0, 1, 0, 1)), 2, stride=1)
+            else:
+                x = layer(x)
+            if i == 16:
+                out["pool3"] = x
+            if i == 23:
+                out["pool4"] = x
+        out["conv5_3"] = x
+    return {k: v.numpy().transpose(0, 2, 3, 1) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("container", ["pth", "safetensors"])
+def test_torchvision_layouts_convert_exactly(tmp_path, container):
+    torch = pytest.importorskip("torch")
+    model = torch_vgg16()
+    assert [f"features.{i}.weight" for i in TORCHVISION_CONV_INDICES] == [
+        k for k in model.state_dict() if k.startswith("features") and k.endswith("weight")]
+    if container == "pth":
+        src = tmp_path / "vgg16.pth"
+        torch.save(model.state_dict(), src)
+    else:
+        safetensors_numpy = pytest.importorskip("safetensors.numpy")
+        src = tmp_path / "model.safetensors"
+        safetensors_numpy.save_file({k: v.numpy() for k, v in model.state_dict().items()}, str(src))
+    dst = convert(tmp_path, src)
+    _, metadata = read_weights(dst)
+    assert metadata["preprocessing"] == "torch" and metadata["pooling"] == "standard"
+    x, got = features(dst)
+    want = torch_mlnet_features(model, x)
+    for key in ("pool3", "pool4", "conv5_3"):
+        assert relative_error(got[key], want[key]) <= 1e-5, key
+
+
+def test_safetensors_bfloat16_is_read_without_torch(tmp_path):
+    """The reader parses the format itself: a BF16 tensor decodes to the right float32 values."""
+    values = np.array([1.0, -2.5, 0.15625], np.float32)
+    raw = (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    header = json.dumps({"t": {"dtype": "BF16", "shape": [3], "data_offsets": [0, len(raw)]}}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw)
+    from mlnet_jax.weight_formats import load_safetensors
+    np.testing.assert_array_equal(load_safetensors(path)["t"], values)
+
+
+# --- Keras layouts --------------------------------------------------------------------------
+
+def write_keras2(path, convs_hwio):
+    with h5py.File(path, "w") as f:
+        names = []
+        for b, n in [(1, 2), (2, 2), (3, 3), (4, 3), (5, 3)]:
+            for i in range(1, n + 1):
+                names.append(f"block{b}_conv{i}")
+                if i == n:
+                    names.append(f"block{b}_pool")
+        f.attrs["layer_names"] = [n.encode() for n in names]
+        convs = iter(convs_hwio)
+        for name in names:
+            g = f.create_group(name)
+            if "conv" in name:
+                kernel, bias = next(convs)
+                weight_names = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
+                g.attrs["weight_names"] = weight_names
+                g[weight_names[0].decode()] = kernel
+                g[weight_names[1].decode()] = bias
+            else:
+                g.attrs["weight_names"] = []
+
+
+def write_keras1_vgg(path, convs_oihw):
+    """The original's vgg16_weights.h5: layer_{id} groups, nb_params, param_0/param_1."""
+    with h5py.File(path, "w") as f:
+        f.attrs["nb_layers"] = 37
+        convs = dict(zip(KERAS1_VGG_LAYER_IDS, convs_oihw))
+        for layer_id in range(37):
+            g = f.create_group(f"layer_{layer_id}")
+            if layer_id in convs:
+                g.attrs["nb_params"] = 2
+                g["param_0"], g["param_1"] = convs[layer_id]
+            else:
+                g.attrs["nb_params"] = 0
+
+
+def test_keras2_layout_converts_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    convs = [(np.transpose(k, (2, 3, 1, 0)).copy(), b) for k, b in random_oihw(rng)]
+    src = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    write_keras2(src, convs)
+    assert detect_format(src) == "keras"
+    dst = convert(tmp_path, src)
+    _, metadata = read_weights(dst)
+    assert metadata["preprocessing"] == "caffe"
+    x, got = features(dst)
+    want = ref.vgg_features(x[0], convs, "standard", true_conv=False)
+    for key in ("pool3", "pool4", "conv5_3"):
+        assert relative_error(got[key][0], want[key]) <= 1e-5, key
+
+
+def test_keras1_theano_layout_converts_exactly(tmp_path):
+    rng = np.random.default_rng(2)
+    convs = random_oihw(rng)
+    src = tmp_path / "vgg16_weights.h5"
+    write_keras1_vgg(src, convs)
+    assert detect_format(src) == "keras1"
+    dst = convert(tmp_path, src)
+    _, metadata = read_weights(dst)
+    assert (metadata["preprocessing"], metadata["pooling"]) == ("caffe", "keras1")
+    x, got = features(dst, "keras1")
+    # Reference: Theano's true convolution with the file's (unflipped) kernels.
+    want = ref.vgg_features(x[0], convs, "keras1", true_conv=True)
+    for key in ("pool3", "pool4", "conv5_3"):
+        assert relative_error(got[key][0], want[key]) <= 1e-5, key
+
+
+# --- Errors ---------------------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mlnet_jax.convert_weights", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_missing_key_is_named(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    state = {f"features.{i}.weight": k for i, (k, _) in zip(TORCHVISION_CONV_INDICES, random_oihw(np.random.default_rng(3)))}
+    src = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(state, str(src))
+    result = run_cli(src, tmp_path / "out.npz")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: {src}: missing key features.0.bias (expected shape (64,)); not a torchvision "
+        "VGG-16 state_dict (first keys: features.0.weight, ")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_wrong_shape_is_named_with_both_shapes(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    convs = random_oihw(np.random.default_rng(4))
+    state = {}
+    for i, (k, b) in zip(TORCHVISION_CONV_INDICES, convs):
+        state[f"features.{i}.weight"], state[f"features.{i}.bias"] = k, b
+    state["features.5.weight"] = np.zeros((128, 32, 3, 3), np.float32)
+    src = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(state, str(src))
+    result = run_cli(src, tmp_path / "out.npz")
+    assert result.returncode == 2
+    assert "features.5.weight has shape (128, 32, 3, 3), expected (128, 64, 3, 3)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, this is not a weights file\n"])
+def test_not_a_weights_file(tmp_path, content):
+    src = tmp_path / "vgg16.pth"
+    src.write_bytes(content)
+    result = run_cli(src, tmp_path / "out.npz")
+    assert result.returncode == 2 and str(src) in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_safetensors_is_reported(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file({"features.0.weight": np.zeros((64, 3, 3, 3), np.float32)}, str(src))
+    src.write_bytes(src.read_bytes()[:-100])
+    result = run_cli(src, tmp_path / "out.npz")
+    assert result.returncode == 2 and "truncated" in result.stderr
+
+
+def test_existing_output_survives_a_failed_conversion(tmp_path):
+    dst = tmp_path / "out.npz"
+    dst.write_bytes(b"previous")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    result = run_cli(bad, dst)
+    assert result.returncode == 2
+    assert dst.read_bytes() == b"previous"
+
+
+def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
+    import urllib.request
+    from mlnet_jax import download
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("MLNET_JAX_CACHE", str(tmp_path / "cache"))
+    code = convert_main(["--download", "timm", str(tmp_path / "out.npz")])
+    assert code == 2
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_download_uses_a_local_copy_in_the_cache(tmp_path, monkeypatch):
+    """A file put in the cache (e.g. copied from another machine) is used without network."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from mlnet_jax import download
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network used"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MLNET_JAX_CACHE", str(cache))
+    state = {}
+    for i, (k, b) in zip(TORCHVISION_CONV_INDICES, random_oihw(np.random.default_rng(5))):
+        state[f"features.{i}.weight"], state[f"features.{i}.bias"] = k, b
+    safetensors_numpy.save_file(state, str(cache / download.PUBLIC_WEIGHTS["timm"][1]))
+    assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 0
+    params, metadata = read_weights(tmp_path / "out.npz")
+    np.testing.assert_array_equal(params["backbone"]["conv1_1"]["kernel"],
+                                  np.transpose(state["features.0.weight"], (2, 3, 1, 0)))

@@ -1,0 +1,172 @@
+"""MLNet, VGG16, the head, the prior and the loss against NumPy transcriptions of SPEC §1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference_numpy as ref
+from mlnet_jax import MLNet, VGG16, mlnet_loss, prior_penalty
+from mlnet_jax.prior import apply_prior, interpolation_matrix, prior_shape, upsample_prior
+from mlnet_jax.vgg import max_pool_2x2
+
+
+def random_vgg_params(rng: np.random.Generator) -> dict:
+    params, cin = {}, 3
+    names = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+             "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
+    for name, cout in zip(names, ref.VGG_WIDTHS):
+        std = np.sqrt(2.0 / (9 * cin))
+        params[name] = {"kernel": rng.normal(0, std, (3, 3, cin, cout)).astype(np.float32),
+                        "bias": rng.normal(0, 0.1, cout).astype(np.float32)}
+        cin = cout
+    return params
+
+
+@pytest.mark.parametrize("size", [(8, 8), (32, 48), (48, 32), (80, 120), (96, 64)])
+def test_output_is_one_eighth_of_the_input(size):
+    model = MLNet()
+    x = jnp.zeros((1, *size, 3))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    out = jax.eval_shape(lambda v: model.apply(v, x), shapes)
+    assert out.shape == (1, size[0] // 8, size[1] // 8, 1)
+    assert shapes["params"]["prior"].shape == prior_shape(size[0] // 8, size[1] // 8)
+
+
+def test_input_not_divisible_by_8_is_refused():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        MLNet().init(jax.random.key(0), jnp.zeros((1, 36, 48, 3)))
+
+
+def test_real_vgg16_widths_and_head_init():
+    variables = MLNet().init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    params = variables["params"]
+    widths = [params["backbone"][n]["kernel"].shape[-1] for n in sorted(params["backbone"])]
+    assert widths == sorted(ref.VGG_WIDTHS)  # 64,64,128,128,256×3,512×6
+    assert params["head"]["conv"]["kernel"].shape == (3, 3, 1280, 64)
+    assert params["head"]["readout"]["kernel"].shape == (1, 1, 64, 1)
+    assert not np.any(params["prior"])
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    # Glorot normal: std = sqrt(2 / (fan_in + fan_out)).
+    k = np.asarray(params["head"]["conv"]["kernel"])
+    expected = np.sqrt(2.0 / (9 * 1280 + 9 * 64))
+    assert abs(k.std() / expected - 1) < 0.05
+
+
+@pytest.mark.parametrize("alignment", ["standard", "keras1"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pooling_alignment_matches_index_formula(alignment, stride):
+    x = np.random.default_rng(0).uniform(0, 1, (1, 6, 10, 3)).astype(np.float32)
+    got = np.asarray(max_pool_2x2(jnp.asarray(x), stride, alignment))[0]
+    np.testing.assert_allclose(got, ref.max_pool(x[0], stride, alignment), rtol=0, atol=0)
+
+
+def test_vgg16_features_match_numpy_reference():
+    rng = np.random.default_rng(1)
+    params = random_vgg_params(rng)
+    image = rng.normal(0, 50, (1, 32, 40, 3)).astype(np.float32)
+    convs = [(params[n]["kernel"], params[n]["bias"]) for n in params]
+    for alignment in ("standard", "keras1"):
+        got = VGG16(pooling=alignment).apply({"params": params}, image)
+        want = ref.vgg_features(image[0], convs, alignment, true_conv=False)
+        for key in ("pool3", "pool4", "conv5_3"):
+            scale = np.abs(want[key]).max()
+            np.testing.assert_allclose(np.asarray(got[key][0]), want[key], atol=1e-5 * scale)
+
+
+def test_prior_upsampling_is_linear_interpolation_on_the_theano_grid():
+    w = np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)
+    got = np.asarray(upsample_prior(jnp.asarray(w), 30, 40))
+    np.testing.assert_allclose(got, ref.upsample_linear(w, 30, 40), atol=1e-6)
+    # The grid is (i - 4)/10, not jax.image.resize's half-pixel (i - 4.5)/10.
+    half_pixel = np.asarray(jax.image.resize(jnp.asarray(w), (30, 40), "linear"))
+    assert np.abs(half_pixel - got).max() > 1e-3
+    assert np.allclose(interpolation_matrix(57, 5).sum(axis=1), 1.0)
+
+
+def test_zero_prior_leaves_the_map_unchanged():
+    saliency = jnp.asarray(np.random.default_rng(3).uniform(0, 2, (2, 20, 30, 1)), jnp.float32)
+    out = apply_prior(jnp.zeros((2, 3)), saliency)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(saliency))
+
+
+def test_prior_multiplies_by_one_plus_w_then_relu():
+    rng = np.random.default_rng(4)
+    saliency = rng.uniform(0, 1, (1, 20, 30, 1)).astype(np.float32)
+    w = rng.normal(0, 2, (2, 3)).astype(np.float32)  # large enough that 1 + W < 0 somewhere
+    got = np.asarray(apply_prior(jnp.asarray(w), jnp.asarray(saliency)))[0, ..., 0]
+    want = np.maximum(saliency[0, ..., 0] * ref.upsample_linear(1 + w, 20, 30), 0)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert (got == 0).any()
+
+
+def test_full_forward_matches_numpy_reference_with_prior():
+    model = MLNet(pooling="keras1")
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 50, (1, 80, 88, 3)).astype(np.float32)
+    params = model.init(jax.random.key(0), jnp.asarray(x))["params"]
+    params = jax.tree.map(np.asarray, params)
+    params["backbone"] = random_vgg_params(rng)
+    params["prior"] = rng.normal(0, 0.5, params["prior"].shape).astype(np.float32)
+    got = np.asarray(model.apply({"params": params}, x))[0, ..., 0]
+    convs = [(p["kernel"], p["bias"]) for p in params["backbone"].values()]
+    head = params["head"]
+    want = ref.mlnet_forward(x[0], convs, (head["conv"]["kernel"], head["conv"]["bias"]),
+                             (head["readout"]["kernel"], head["readout"]["bias"]),
+                             params["prior"], "keras1", true_conv=False)
+    assert want.max() > 0
+    np.testing.assert_allclose(got, want, atol=1e-5 * want.max())
+
+
+def test_dropout_changes_outputs_only_in_training():
+    model = MLNet()
+    x = jnp.asarray(np.random.default_rng(6).normal(0, 50, (2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    # A positive readout bias keeps the ReLU alive so dropout has something to change.
+    variables["params"]["head"]["readout"]["bias"] = jnp.ones((1,))
+    eval_a = model.apply(variables, x, train=False)
+    eval_b = model.apply(variables, x, train=False, rngs={"dropout": jax.random.key(9)})
+    train_a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    train_b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(train_a, eval_a)
+    assert not np.allclose(train_a, train_b)
+    with pytest.raises(Exception):  # training without a dropout RNG is an error, not silent
+        model.apply(variables, x, train=True)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    x = jnp.asarray(np.random.default_rng(7).normal(0, 50, (2, 48, 64, 3)), jnp.float32)
+    variables = MLNet().init(jax.random.key(3), x)
+    variables["params"]["head"]["readout"]["bias"] = jnp.full((1,), 0.5)
+    full = np.asarray(MLNet().apply(variables, x))
+    half = MLNet(dtype=jnp.bfloat16).apply(variables, x)
+    assert half.dtype == jnp.float32  # the map (and so the loss) stays float32
+    assert np.abs(np.asarray(half) - full).max() <= 2e-2 * np.abs(full).max()
+
+
+def test_loss_equals_numpy_transcription():
+    rng = np.random.default_rng(8)
+    pred = rng.uniform(0, 3, (3, 6, 8, 1)).astype(np.float32)
+    target = rng.uniform(0, 1, (3, 6, 8, 1)).astype(np.float32)
+    got = float(mlnet_loss(jnp.asarray(pred), jnp.asarray(target)))
+    assert got == pytest.approx(ref.mlnet_loss(pred.astype(np.float64), target.astype(np.float64)),
+                                rel=1e-6)
+
+
+def test_prior_penalty_is_sum_of_squares_over_grid_size():
+    w = np.random.default_rng(9).normal(size=(6, 8)).astype(np.float32)
+    assert float(prior_penalty(jnp.asarray(w))) == pytest.approx(float((w.astype(np.float64) ** 2).sum()) / 48,
+                                                                 rel=1e-6)
+
+
+def test_loss_guard_for_all_zero_prediction():
+    target = jnp.asarray(np.random.default_rng(10).uniform(0, 1, (2, 4, 4, 1)), jnp.float32)
+    pred = jnp.zeros((2, 4, 4, 1)).at[1].set(0.5)  # image 0 is all zero (dead ReLU)
+    loss, grad = jax.value_and_grad(mlnet_loss)(pred, target)
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(grad)))
+    # The dead image contributes y² / (α − y), i.e. ŷ/max ŷ is taken as 0.
+    t = np.asarray(target, np.float64)
+    expected = np.concatenate([(t[0] ** 2 / (1.1 - t[0])).ravel(),
+                               ((1 - t[1]) ** 2 / (1.1 - t[1])).ravel()]).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)

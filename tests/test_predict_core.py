@@ -1,0 +1,103 @@
+"""The prediction core: maps at every image's original size from one compilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlnet_jax import MLNet, load_model, make_predict_fn
+from mlnet_jax.errors import WeightsError
+from mlnet_jax.inference import Predictor
+from mlnet_jax.preprocessing import letterbox, letterbox_geometry, normalize, postprocess
+from mlnet_jax.weights_file import save_weights
+
+INPUT = (48, 64)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    model = MLNet()
+    params = model.init(jax.random.key(0), jnp.zeros((1, *INPUT, 3)))["params"]
+    params = jax.tree.map(np.asarray, params)
+    params["head"]["readout"]["bias"] = np.full((1,), 0.1, np.float32)
+    path = tmp_path_factory.mktemp("model") / "mlnet.npz"
+    save_weights(path, params, {"model": "mlnet", "source": "test", "preprocessing": "torch",
+                                "pooling": "standard", "prior": True, "input_size": list(INPUT)})
+    return path
+
+
+def test_load_model_returns_what_the_interface_promises(model_file):
+    model, variables, info = load_model(model_file)
+    assert info.preprocessing == "torch" and info.input_size == INPUT
+    x = np.asarray(normalize(np.zeros((2, *INPUT, 3), np.uint8), info.preprocessing))
+    assert model.apply(variables, x, train=False).shape == (2, 6, 8, 1)
+
+
+def test_predict_fn_normalises_uint8_on_device(model_file):
+    model, variables, info = load_model(model_file)
+    images = np.random.default_rng(0).integers(0, 256, (2, *INPUT, 3), dtype=np.uint8)
+    predict = make_predict_fn(model, info.preprocessing)
+    from_uint8 = np.asarray(predict(variables, images))
+    from_float = np.asarray(predict(variables, np.asarray(normalize(images, "torch"))))
+    np.testing.assert_allclose(from_uint8, from_float, rtol=1e-5, atol=1e-6)
+    assert from_uint8.shape == (2, 6, 8)
+
+
+def test_maps_have_the_original_sizes_with_one_compilation(model_file):
+    predictor = Predictor.load(model_file, batch_size=2)
+    rng = np.random.default_rng(1)
+    sizes = [(48, 64), (30, 100), (120, 40), (1, 1), (7, 301), (64, 64)]
+    images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in sizes]
+    images[1] = Image.fromarray(images[1][..., 0])          # greyscale PIL
+    images[2] = np.concatenate([images[2], np.full((120, 40, 1), 255, np.uint8)], -1)  # RGBA
+    maps = predictor(images)
+    assert [m.shape for m in maps] == sizes
+    for m in maps[:3]:
+        assert m.dtype == np.float32 and m.min() >= 0 and m.max() == pytest.approx(1.0)
+    assert predictor._predict._cache_size() == 1
+
+
+def test_a_single_image_gives_a_single_map(model_file):
+    predictor = Predictor.load(model_file, batch_size=1)
+    out = predictor(np.zeros((20, 30, 3), np.uint8))
+    assert isinstance(out, np.ndarray) and out.shape == (20, 30)
+
+
+@pytest.mark.parametrize("size", [(480, 640), (300, 640), (640, 300), (1080, 1920), (5, 5)])
+def test_letterbox_geometry_is_the_originals(size):
+    (rows, cols), (top, left) = letterbox_geometry(*size, (480, 640))
+    r, c = size
+    if r / 480 > c / 640:
+        assert (rows, cols) == (480, (c * 480) // r)
+    else:
+        assert (rows, cols) == ((r * 640) // c, 640)
+    assert top == (480 - rows) // 2 and left == (640 - cols) // 2
+
+
+def test_letterbox_centres_on_a_zero_canvas():
+    image = np.full((10, 40, 3), 200, np.uint8)
+    boxed = letterbox(image, (48, 64))
+    # 10×40 → 16×64, rows 16..31 filled.
+    assert boxed.shape == (48, 64, 3)
+    assert (boxed[16:32] == 200).all() and (boxed[:16] == 0).all() and (boxed[32:] == 0).all()
+
+
+def test_postprocess_undoes_the_letterbox():
+    """A map that is 1 exactly on the letterboxed image area comes back ~uniform."""
+    (rows, cols), (top, left) = letterbox_geometry(30, 120, (48, 64))
+    canvas = np.zeros((48, 64))
+    canvas[top:top + rows, left:left + cols] = 1.0
+    small = canvas.reshape(6, 8, 8, 8).mean(axis=(1, 3))
+    out = postprocess(small, (30, 120))
+    assert out.shape == (30, 120)
+    assert out[7:-7].min() == pytest.approx(1.0)  # the zero bands are cropped away
+    assert out.min() > 0.5
+
+
+def test_a_vgg_only_file_is_not_a_model(tmp_path):
+    path = tmp_path / "vgg.npz"
+    save_weights(path, {"backbone": {}}, {"model": "vgg16", "source": "x",
+                                          "preprocessing": "torch", "pooling": "standard"})
+    with pytest.raises(WeightsError, match="not a full ML-Net"):
+        load_model(path)
