@@ -1,0 +1,540 @@
+"""Saliency metrics with the semantics of the MIT saliency benchmark MATLAB code.
+
+Published SALICON / MIT300 numbers come from that code (``code_forMetrics`` of the MIT/Tuebingen
+benchmark), so every choice below copies it; where it differs from textbook definitions, the
+MATLAB behaviour wins. One image at a time (NumPy, float64): ``metric(saliency_2d, target_2d)``;
+the prediction is first resized to the ground-truth size (bilinear, half-pixel centres, no
+antialias, as ``cv2.resize``; the MATLAB code uses ``imresize``, whose default is bicubic with
+antialias). Maps must be finite and, for KLD/SIM, non-negative; a fixation map is "fixated"
+where it is > 0, each pixel counted once however many fixations landed on it.
+
+- **CC**: Pearson correlation of prediction and continuous ground truth; NaN if either is constant.
+- **KLD**: KL(GT ‖ pred) = Σ g·log(ε + g/(p + ε)) with g, p divided by their sums (a map with no
+  non-zero pixel is left as is) and ε = 2.2204e-16 (MATLAB's ``eps``); all-zero GT gives 0.
+- **NSS**: mean over fixated pixels of the prediction z-scored with its std (N−1); NaN for a
+  constant map or no fixations.
+- **SIM**: Σ min(p, g) after each map is min-max scaled to [0, 1] and divided by its sum; an
+  all-zero map stays zero (SIM 0), a constant non-zero map gives NaN.
+- **AUC-Judd**: ROC with one threshold per fixated pixel's value, negatives = all non-fixated
+  pixels, area by trapezoids; uniform jitter in [0, 1e-7) (seeded) is added first to break ties
+  (a constant map is then ranked at random); NaN with no fixations or no non-fixated pixel.
+- **AUC-Borji**: mean over 100 splits of the AUC with thresholds 0:0.1:max (MATLAB colon) on
+  the [0, 1]-scaled map, each split drawing as many uniformly random pixels (with replacement,
+  anywhere, fixated ones included) as there are fixated pixels as negatives; NaN with ≤ 1
+  fixated pixel or a constant map.
+- **sAUC** (shuffled AUC): as AUC-Borji, but each split's negatives are
+  min(#fixated, #other-fixated) pixels drawn *without* replacement (a fresh random permutation per
+  split) from the fixated pixels of ``other_fixation_map`` (in the benchmark: the union of the
+  fixation maps of other images, e.g. 10); NaN with no fixation, no other fixation or a
+  constant map.
+- **IG** (information gain): mean over fixated pixels of log2(ε + p) − log2(ε + b), p and b the
+  prediction and a baseline map min-max scaled then divided by their sums; NaN if either is
+  constant or there are no fixations.
+
+The ``batched_*`` functions are jit-compiled JAX versions for stacks (B, H, W) of same-size maps
+(resize beforehand), for evaluation on accelerators. They compute the same quantities in the
+default float dtype (float32 unless x64 is enabled). Their random parts are equal in
+distribution, not draw for draw: AUC-Judd breaks exact ties by a random secondary sort key
+instead of adding jitter (float32 cannot hold a 1e-7 jitter); AUC-Borji and sAUC draw, per split,
+how many negatives fall in each threshold bin (multinomial, resp. sequential draws without
+replacement), which gives the same ROC points as drawing the pixels themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlnet_jax.resize import resize_bilinear
+
+__all__ = [
+    "EPS", "JUDD_JITTER", "cc", "kld", "nss", "sim", "auc_judd", "auc_borji", "auc_shuffled",
+    "info_gain", "batched_cc", "batched_kld", "batched_nss", "batched_sim", "batched_auc_judd",
+    "batched_auc_borji", "batched_auc_shuffled", "matlab_colon",
+]
+
+#: MATLAB's ``eps`` as the benchmark prints it (2.220446e-16 exactly; the difference is immaterial).
+EPS = 2.2204e-16
+#: Scale of the uniform jitter AUC-Judd adds (MATLAB: ``rand(size(map))/10000000``).
+JUDD_JITTER = 1e-7
+
+
+# --------------------------------------------------------------------------------------------
+# Single image (NumPy, float64)
+# --------------------------------------------------------------------------------------------
+
+def _map2d(array: Any, name: str) -> np.ndarray:
+    a = np.asarray(array, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    return a
+
+
+def _prediction(saliency: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The prediction at the ground-truth size: MATLAB resizes before every metric."""
+    s = _map2d(saliency, "saliency")
+    if s.shape != tuple(shape):
+        s = resize_bilinear(s, (int(shape[0]), int(shape[1])))
+    return s
+
+
+def _fixated(fixation_map: Any) -> np.ndarray:
+    return _map2d(fixation_map, "fixation_map") > 0
+
+
+def _constant(a: np.ndarray) -> bool:
+    return bool(a.max() == a.min())
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    """(a - min) / (max - min); all NaN for a constant map (MATLAB divides 0 by 0 too)."""
+    lo, hi = a.min(), a.max()
+    if hi == lo:
+        return np.full_like(a, np.nan)
+    return (a - lo) / (hi - lo)
+
+
+def matlab_colon(a: float, d: float, b: float) -> np.ndarray:
+    """``a:d:b`` built as MATLAB builds it (symmetric from both ends), for d > 0.
+
+    Why: AUC-Borji/sAUC compare map values with ``>=`` against these thresholds, and maps read
+    from 8-bit files hit values such as 0.6 exactly; MATLAB's 0.6 here is ``1 - 4*0.1`` (the
+    double nearest 0.6), while ``6*0.1`` is one ulp above, which would change the counts.
+    """
+    if not d > 0:
+        raise ValueError("step must be positive")
+    if b < a:
+        return np.zeros(0)
+    tol = 2.0 * np.finfo(np.float64).eps * max(abs(a), abs(b))
+    if a == math.floor(a) and d == 1:
+        n = int(math.floor(b) - a)
+    elif a == math.floor(a) and d == math.floor(d):
+        q = math.floor(a / d)
+        n = int(math.floor((b - (a - q * d)) / d) - q)
+    else:
+        n = int(math.floor((b - a) / d + 0.5))  # MATLAB's round: halves away from zero
+        if a + n * d - b > tol:
+            n -= 1
+    last = a + n * d
+    if last - b > -tol:
+        last = b
+    v = np.zeros(n + 1)
+    k = np.arange(n // 2 + 1)
+    v[k] = a + k * d
+    v[n - k] = last - k * d
+    if n % 2 == 0:
+        v[n // 2] = (a + last) / 2
+    return v
+
+
+def cc(saliency: Any, ground_truth: Any) -> float:
+    """Pearson correlation coefficient between the prediction and a continuous GT map.
+
+    NaN if either map is constant (MATLAB divides by a zero std).
+    """
+    g = _map2d(ground_truth, "ground_truth")
+    p = _prediction(saliency, g.shape)
+    if _constant(p) or _constant(g):  # mean() rounding would leave a spurious ~1e-17 std
+        return float("nan")
+    p = p - p.mean()
+    g = g - g.mean()
+    return float(np.sum(p * g) / math.sqrt(float(np.sum(p * p)) * float(np.sum(g * g))))
+
+
+def kld(saliency: Any, ground_truth: Any) -> float:
+    """KL divergence of the prediction from the GT distribution, Σ g·log(ε + g/(p + ε)).
+
+    Each map is divided by its sum only if it has a non-zero pixel (MATLAB's ``any``), so an
+    all-zero GT gives 0.0 and an all-zero prediction gives the finite Σ g·log(ε + g/ε) ≈ 36·Σg.
+    """
+    g = _map2d(ground_truth, "ground_truth")
+    p = _prediction(saliency, g.shape)
+    if np.any(p):
+        p = p / p.sum()
+    if np.any(g):
+        g = g / g.sum()
+    return float(np.sum(g * np.log(EPS + g / (p + EPS))))
+
+
+def nss(saliency: Any, fixation_map: Any) -> float:
+    """Normalised scanpath saliency: mean z-scored prediction (std with N−1) at fixated pixels.
+
+    NaN for a constant (or one-pixel) map or when no pixel is fixated.
+    """
+    f = _fixated(fixation_map)
+    p = _prediction(saliency, f.shape)
+    if p.size < 2 or not f.any() or _constant(p):
+        return float("nan")
+    return float(np.mean((p[f] - p.mean()) / np.std(p, ddof=1)))
+
+
+def sim(saliency: Any, ground_truth: Any) -> float:
+    """Similarity (histogram intersection) Σ min(p, g) of the min-max scaled, sum-normalised maps.
+
+    An all-zero map is left at zero (SIM 0.0 against anything); a constant non-zero map
+    becomes NaN under min-max scaling, so SIM is NaN (as in MATLAB).
+    """
+    g = _map2d(ground_truth, "ground_truth")
+    p = _prediction(saliency, g.shape)
+    out = []
+    for m in (p, g):
+        if np.any(m):
+            m = _minmax(m)
+            m = m / m.sum()
+        out.append(m)
+    p, g = out
+    return float(np.sum(np.minimum(p, g)))
+
+
+def auc_judd(saliency: Any, fixation_map: Any, *, jitter: bool = True, seed: int = 0) -> float:
+    """AUC-Judd: ROC over thresholds at the fixated pixels' values, negatives = other pixels.
+
+    As MATLAB: jitter ``default_rng(seed).random(shape) * 1e-7`` is added (breaks ties, e.g.
+    in flat zero regions), the map is min-max scaled, and for the i-th largest fixated value
+    ``tp = i/Nf`` and ``fp = (#pixels >= it - i)/(N - Nf)``; points (0,0) and (1,1) close the
+    curve, area by trapezoids. With jitter a constant map is ranked at random: its expected
+    score is (Nf/2 + 1)/(Nf + 1) (Judd's curve gives half credit between thresholds), without
+    jitter it is NaN. NaN with no fixated pixel or no non-fixated pixel.
+    """
+    f = _fixated(fixation_map)
+    s = _prediction(saliency, f.shape)
+    if not f.any():
+        return float("nan")
+    if jitter:
+        s = s + np.random.default_rng(seed).random(s.shape) * JUDD_JITTER
+    s = _minmax(s)
+    if np.all(np.isnan(s)):
+        return float("nan")
+    n_pixels, n_fix = s.size, int(f.sum())
+    if n_pixels == n_fix:
+        return float("nan")
+    thresholds = np.sort(s[f])[::-1]
+    above = n_pixels - np.searchsorted(np.sort(s.ravel()), thresholds, side="left")
+    i = np.arange(1, n_fix + 1)
+    tp = np.concatenate([[0.0], i / n_fix, [1.0]])
+    fp = np.concatenate([[0.0], (above - i) / (n_pixels - n_fix), [1.0]])
+    return float(np.trapezoid(tp, fp))
+
+
+def _split_auc(s_fix_sorted: np.ndarray, negatives: np.ndarray, step: float) -> float:
+    """One split of AUC-Borji/sAUC: thresholds ``0:step:max`` descending, as MATLAB."""
+    top = max(float(s_fix_sorted[-1]), float(negatives.max()))
+    thresholds = matlab_colon(0.0, step, top)[::-1]
+    neg_sorted = np.sort(negatives)
+    tp = (s_fix_sorted.size - np.searchsorted(s_fix_sorted, thresholds, "left")) / s_fix_sorted.size
+    fp = (neg_sorted.size - np.searchsorted(neg_sorted, thresholds, "left")) / neg_sorted.size
+    tp = np.concatenate([[0.0], tp, [1.0]])
+    fp = np.concatenate([[0.0], fp, [1.0]])
+    return float(np.trapezoid(tp, fp))
+
+
+def auc_borji(saliency: Any, fixation_map: Any, *, n_splits: int = 100, step_size: float = 0.1,
+              seed: int = 0) -> float:
+    """AUC-Borji: mean AUC over ``n_splits`` sets of uniformly random negatives.
+
+    Per split, Nf (= #fixated pixels) pixel indices are drawn uniformly with replacement from
+    the whole map (``default_rng(seed).integers``, one (Nf, n_splits) draw as MATLAB's
+    ``randi``); thresholds ``0:step_size:max(fixated ∪ drawn values)`` on the min-max scaled
+    map. NaN with ≤ 1 fixated pixel (MATLAB's test) or a constant map.
+    """
+    f = _fixated(fixation_map)
+    s = _prediction(saliency, f.shape)
+    if int(f.sum()) <= 1:
+        return float("nan")
+    s = _minmax(s)
+    if np.all(np.isnan(s)):
+        return float("nan")
+    flat = s.ravel()
+    s_fix = np.sort(s[f])
+    r = np.random.default_rng(seed).integers(0, flat.size, size=(s_fix.size, n_splits))
+    rand_values = flat[r]
+    return float(np.mean([_split_auc(s_fix, rand_values[:, k], step_size)
+                          for k in range(n_splits)]))
+
+
+def auc_shuffled(saliency: Any, fixation_map: Any, other_fixation_map: Any, *,
+                 n_splits: int = 100, step_size: float = 0.1, seed: int = 0) -> float:
+    """Shuffled AUC: AUC-Borji whose negatives are fixated pixels of other images.
+
+    ``other_fixation_map`` (same size as ``fixation_map``; in the benchmark the union of the
+    fixation maps of other images) gives the candidate negatives: its pixels > 0, each once.
+    Per split, ``default_rng(seed).permutation`` of them is drawn and the first
+    m = min(Nf, N_other) are used (without replacement). NaN with no fixated pixel, no
+    other-fixated pixel or a constant map.
+    """
+    f = _fixated(fixation_map)
+    other = _fixated(other_fixation_map)
+    if other.shape != f.shape:
+        raise ValueError(f"other_fixation_map {other.shape} must match fixation_map {f.shape}")
+    s = _prediction(saliency, f.shape)
+    if not f.any():
+        return float("nan")
+    s = _minmax(s)
+    if np.all(np.isnan(s)):
+        return float("nan")
+    flat = s.ravel()
+    s_fix = np.sort(s[f])
+    candidates = np.flatnonzero(other.ravel())
+    m = min(s_fix.size, candidates.size)
+    if m == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    aucs = [_split_auc(s_fix, flat[candidates[rng.permutation(candidates.size)[:m]]], step_size)
+            for _ in range(n_splits)]
+    return float(np.mean(aucs))
+
+
+def info_gain(saliency: Any, fixation_map: Any, baseline_map: Any) -> float:
+    """Information gain (bits per fixation) of the prediction over a baseline map.
+
+    Both maps are resized to the fixation map, min-max scaled and divided by their sums; the
+    score is the mean over fixated pixels of log2(ε + p) − log2(ε + b). NaN if either map is
+    constant or no pixel is fixated.
+    """
+    f = _fixated(fixation_map)
+    p = _minmax(_prediction(saliency, f.shape))
+    b = _minmax(_prediction(baseline_map, f.shape))
+    if not f.any() or np.isnan(p).all() or np.isnan(b).all():
+        return float("nan")
+    p = p / p.sum()
+    b = b / b.sum()
+    return float(np.mean(np.log2(EPS + p[f]) - np.log2(EPS + b[f])))
+
+
+# --------------------------------------------------------------------------------------------
+# Batched (JAX, jit-compiled)
+# --------------------------------------------------------------------------------------------
+
+def _float(x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _stack(x: Any, name: str) -> jax.Array:
+    x = _float(x)
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be (B, H, W), got shape {x.shape}")
+    return x
+
+
+def _sum(x: jax.Array) -> jax.Array:
+    """Sum over (H, W) one axis at a time: shorter float32 accumulations, smaller error."""
+    return x.sum(axis=-1).sum(axis=-1)
+
+
+def _constant_j(m: jax.Array) -> jax.Array:
+    return m.max(axis=(1, 2)) == m.min(axis=(1, 2))
+
+
+def _key(key: Any) -> jax.Array:
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    return key
+
+
+@jax.jit
+def _cc(p: jax.Array, g: jax.Array) -> jax.Array:
+    bad = _constant_j(p) | _constant_j(g)
+    p = p - p.mean(axis=(1, 2), keepdims=True)
+    g = g - g.mean(axis=(1, 2), keepdims=True)
+    return jnp.where(bad, jnp.nan, _sum(p * g) / jnp.sqrt(_sum(p * p) * _sum(g * g)))
+
+
+@jax.jit
+def _kld(p: jax.Array, g: jax.Array) -> jax.Array:
+    def norm(m):
+        total = _sum(m)[:, None, None]
+        return jnp.where(jnp.any(m != 0, axis=(1, 2), keepdims=True), m / total, m)
+    p, g = norm(p), norm(g)
+    return _sum(g * jnp.log(EPS + g / (p + EPS)))
+
+
+@jax.jit
+def _nss(p: jax.Array, fix: jax.Array) -> jax.Array:
+    n = p.shape[1] * p.shape[2]
+    centred = p - p.mean(axis=(1, 2), keepdims=True)
+    sd = jnp.sqrt(_sum(centred * centred) / (n - 1))
+    f = (fix > 0).astype(p.dtype)
+    return jnp.where(_constant_j(p), jnp.nan, _sum(centred * f) / sd / _sum(f))
+
+
+def _minmax_j(m: jax.Array) -> jax.Array:
+    lo = m.min(axis=(1, 2), keepdims=True)
+    hi = m.max(axis=(1, 2), keepdims=True)
+    return (m - lo) / (hi - lo)
+
+
+@jax.jit
+def _sim(p: jax.Array, g: jax.Array) -> jax.Array:
+    def norm(m):
+        scaled = _minmax_j(m)
+        scaled = scaled / _sum(scaled)[:, None, None]
+        return jnp.where(jnp.any(m != 0, axis=(1, 2), keepdims=True), scaled, m)
+    return _sum(jnp.minimum(norm(p), norm(g)))
+
+
+@jax.jit
+def _auc_judd(p: jax.Array, fix: jax.Array, key: jax.Array) -> jax.Array:
+    b = p.shape[0]
+    values = p.reshape(b, -1)
+    f = (fix > 0).reshape(b, -1).astype(jnp.int32)
+    tie = jax.random.uniform(key, values.shape)
+    # Descending by value, exact ties in random order (what MATLAB's jitter achieves).
+    _, _, f_sorted = jax.lax.sort((-values, tie, f), dimension=1, num_keys=2)
+    n_fix = f.sum(axis=1)
+    n_neg = values.shape[1] - n_fix
+    above = jnp.cumsum(f_sorted, axis=1)  # fixated pixels ranked above each negative
+    # With distinct values, MATLAB's trapezoids give each negative the credit
+    # min((2·above + 1) / (2·Nf), 1): half a step between two thresholds, 1 after the last.
+    credit = jnp.minimum((2 * above + 1).astype(p.dtype) / (2 * n_fix[:, None]).astype(p.dtype),
+                         1.0)
+    credit = jnp.where(f_sorted == 0, credit, 0.0).reshape(p.shape)
+    auc = _sum(credit) / n_neg.astype(p.dtype)
+    return jnp.where((n_fix == 0) | (n_neg == 0), jnp.nan, auc)
+
+
+def _ge_counts(s: jax.Array, mask: jax.Array, thresholds: np.ndarray) -> jax.Array:
+    """(B, T): how many masked pixels have s >= each threshold."""
+    return jnp.stack([_sum(jnp.where((s >= float(t)) & mask, 1, 0)) for t in thresholds],
+                     axis=1)
+
+
+def _auc_from_counts(tp: jax.Array, fp: jax.Array) -> jax.Array:
+    """Trapezoid AUC of the curve (0,0), thresholds from high to low, (1,1); inputs (..., T) in
+    ascending-threshold order. Thresholds above the split's max give (0,0), adding no area,
+    so one fixed grid 0:step:1 reproduces MATLAB's per-split grid 0:step:max."""
+    zeros = jnp.zeros(tp.shape[:-1] + (1,), tp.dtype)
+    ones = jnp.ones_like(zeros)
+    x = jnp.concatenate([zeros, fp[..., ::-1], ones], axis=-1)
+    y = jnp.concatenate([zeros, tp[..., ::-1], ones], axis=-1)
+    return jnp.sum((x[..., 1:] - x[..., :-1]) * (y[..., 1:] + y[..., :-1]) / 2, axis=-1)
+
+
+def _scaled(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    lo = p.min(axis=(1, 2), keepdims=True)
+    hi = p.max(axis=(1, 2), keepdims=True)
+    return (p - lo) / jnp.where(hi > lo, hi - lo, 1), (hi > lo)[:, 0, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("n_splits", "step_size"))
+def _auc_borji(p: jax.Array, fix: jax.Array, key: jax.Array, n_splits: int,
+               step_size: float) -> jax.Array:
+    thresholds = matlab_colon(0.0, step_size, 1.0)
+    s, ok = _scaled(p)
+    f = fix > 0
+    everywhere = jnp.ones_like(f)
+    n_fix = _sum(f.astype(jnp.int32))
+    n_pix = p.shape[1] * p.shape[2]
+    tp = _ge_counts(s, f, thresholds) / n_fix[:, None]
+    ge_all = _ge_counts(s, everywhere, thresholds)  # (B, T)
+    # Pixels per threshold bin [t_k, t_{k+1}); uniform draws with replacement fall in them
+    # multinomially.
+    bins = ge_all - jnp.concatenate([ge_all[:, 1:], jnp.zeros_like(ge_all[:, :1])], axis=1)
+    probs = bins.astype(p.dtype) / n_pix
+    draws = jax.random.multinomial(key, n_fix[:, None].astype(p.dtype), probs[:, None, :],
+                                   shape=(p.shape[0], n_splits, thresholds.size),
+                                   dtype=p.dtype)  # (B, S, T)
+    fp = jnp.cumsum(draws[..., ::-1], axis=-1)[..., ::-1] / n_fix[:, None, None]
+    auc = _auc_from_counts(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
+    return jnp.where((n_fix <= 1) | ~ok, jnp.nan, auc)
+
+
+@functools.partial(jax.jit, static_argnames=("n_splits", "step_size"))
+def _auc_shuffled(p: jax.Array, fix: jax.Array, other: jax.Array, key: jax.Array,
+                  n_splits: int, step_size: float) -> jax.Array:
+    thresholds = matlab_colon(0.0, step_size, 1.0)
+    n_t = thresholds.size
+    batch = p.shape[0]
+    s, ok = _scaled(p)
+    f = fix > 0
+    o = other > 0
+    n_fix = _sum(f.astype(jnp.int32))
+    n_other = _sum(o.astype(jnp.int32))
+    m = jnp.minimum(n_fix, n_other)
+    tp = _ge_counts(s, f, thresholds) / n_fix[:, None]
+    ge_other = _ge_counts(s, o, thresholds)
+    bins = ge_other - jnp.concatenate([ge_other[:, 1:], jnp.zeros_like(ge_other[:, :1])], axis=1)
+
+    # m draws without replacement from the other-fixated pixels, tracked per threshold bin:
+    # draw t picks a uniformly random remaining pixel (a bin with probability remaining/total).
+    def body(t, state):
+        remaining, chosen = state
+        total = remaining.sum(axis=-1)
+        pick = jax.random.randint(jax.random.fold_in(key, t), total.shape, 0,
+                                  jnp.maximum(total, 1))
+        category = jnp.sum(jnp.cumsum(remaining, axis=-1) <= pick[..., None], axis=-1)
+        active = (t < m)[:, None, None]
+        hit = (jnp.arange(n_t) == category[..., None]) & active
+        return remaining - hit, chosen + hit
+
+    remaining = jnp.broadcast_to(bins[:, None, :], (batch, n_splits, n_t)).astype(jnp.int32)
+    chosen = jnp.zeros_like(remaining)
+    _, chosen = jax.lax.fori_loop(0, jnp.max(m), body, (remaining, chosen))
+    fp = (jnp.cumsum(chosen[..., ::-1], axis=-1)[..., ::-1].astype(p.dtype)
+          / m[:, None, None].astype(p.dtype))
+    auc = _auc_from_counts(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
+    return jnp.where((n_fix == 0) | (m == 0) | ~ok, jnp.nan, auc)
+
+
+def batched_cc(preds: Any, gts: Any) -> jax.Array:
+    """(B,) CC of each prediction with its continuous GT map; as :func:`cc`."""
+    return _cc(_stack(preds, "preds"), _stack(gts, "gts"))
+
+
+def batched_kld(preds: Any, gts: Any) -> jax.Array:
+    """(B,) KLD(GT ‖ prediction); as :func:`kld`."""
+    return _kld(_stack(preds, "preds"), _stack(gts, "gts"))
+
+
+def batched_nss(preds: Any, fixation_maps: Any) -> jax.Array:
+    """(B,) NSS at the fixated (> 0) pixels; as :func:`nss`."""
+    return _nss(_stack(preds, "preds"), _stack(fixation_maps, "fixation_maps"))
+
+
+def batched_sim(preds: Any, gts: Any) -> jax.Array:
+    """(B,) SIM (histogram intersection); as :func:`sim`."""
+    return _sim(_stack(preds, "preds"), _stack(gts, "gts"))
+
+
+def batched_auc_judd(preds: Any, fixation_maps: Any, key: Any = 0) -> jax.Array:
+    """(B,) AUC-Judd; ``key`` is a ``jax.random`` key or an int seed.
+
+    Sort/rank formulation: pixels sorted by value (descending, exact ties in random order from
+    ``key``); with MATLAB's thresholds each negative pixel contributes
+    min((2·#fixated above it + 1) / (2·Nf), 1) / #negatives. Equals :func:`auc_judd` up to how
+    ties are broken. NaN with no fixated or no non-fixated pixel; a constant map is ranked at
+    random (expected score (Nf/2 + 1)/(Nf + 1), as :func:`auc_judd` with jitter).
+    """
+    return _auc_judd(_stack(preds, "preds"), _stack(fixation_maps, "fixation_maps"), _key(key))
+
+
+def batched_auc_borji(preds: Any, fixation_maps: Any, key: Any = 0, *, n_splits: int = 100,
+                      step_size: float = 0.1) -> jax.Array:
+    """(B,) AUC-Borji; ``key`` is a ``jax.random`` key or an int seed.
+
+    Fixed-size: only how many negatives land at or above each threshold matters, so each split
+    draws the per-bin counts of Nf uniform pixels (multinomial over the bins' pixel fractions),
+    the same distribution as :func:`auc_borji`'s draws. NaN with ≤ 1 fixated pixel or a
+    constant map.
+    """
+    return _auc_borji(_stack(preds, "preds"), _stack(fixation_maps, "fixation_maps"),
+                      _key(key), n_splits=int(n_splits), step_size=float(step_size))
+
+
+def batched_auc_shuffled(preds: Any, fixation_maps: Any, other_fixation_maps: Any,
+                         key: Any = 0, *, n_splits: int = 100,
+                         step_size: float = 0.1) -> jax.Array:
+    """(B,) shuffled AUC; ``key`` is a ``jax.random`` key or an int seed.
+
+    Per split, m = min(Nf, N_other) of the pixels > 0 of ``other_fixation_maps`` are drawn
+    without replacement (as :func:`auc_shuffled`), tracked as per-threshold-bin counts in a loop
+    of max(m) steps. NaN with no fixated pixel, no other-fixated pixel or a constant map.
+    """
+    return _auc_shuffled(_stack(preds, "preds"), _stack(fixation_maps, "fixation_maps"),
+                         _stack(other_fixation_maps, "other_fixation_maps"), _key(key),
+                         n_splits=int(n_splits), step_size=float(step_size))
