@@ -33,15 +33,21 @@ class ModelInfo:
     pooling: str = "standard"
     prior: bool = True
     source: str = ""
+    width_multiplier: float = 1.0
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "ModelInfo":
         return cls(input_size=tuple(metadata.get("input_size", (480, 640))),
                    preprocessing=metadata["preprocessing"], pooling=metadata["pooling"],
-                   prior=bool(metadata.get("prior", True)), source=metadata.get("source", ""))
+                   prior=bool(metadata.get("prior", True)), source=metadata.get("source", ""),
+                   width_multiplier=float(metadata.get("width_multiplier", 1.0)))
+
+    def to_metadata(self) -> dict:
+        return {"model": "mlnet", **dataclasses.asdict(self), "input_size": list(self.input_size)}
 
     def build(self, dtype=jnp.float32) -> MLNet:
-        return MLNet(prior=self.prior, pooling=self.pooling, dtype=dtype)
+        return MLNet(prior=self.prior, pooling=self.pooling, dtype=dtype,
+                     width_multiplier=self.width_multiplier)
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32) -> tuple[MLNet, dict, ModelInfo]:

@@ -26,6 +26,7 @@ class MLNet(nn.Module):
     pooling: PoolingAlignment = "standard"
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.5
+    width_multiplier: float = 1.0  # < 1 only for the CPU demo
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -33,7 +34,8 @@ class MLNet(nn.Module):
         if rows % OUTPUT_STRIDE or cols % OUTPUT_STRIDE:
             raise ValueError(f"MLNet input height and width must be divisible by {OUTPUT_STRIDE}, "
                              f"got {rows}x{cols}")
-        features = VGG16(pooling=self.pooling, dtype=self.dtype, name="backbone")(x)
+        features = VGG16(pooling=self.pooling, dtype=self.dtype,
+                         width_multiplier=self.width_multiplier, name="backbone")(x)
         in_channels = sum(features[k].shape[-1] for k in ("pool3", "pool4", "conv5_3"))
         head_params = self.param("head", init_head_params, in_channels)
         dropout_rng = self.make_rng("dropout") if train and self.dropout_rate > 0 else None

@@ -47,17 +47,20 @@ class VGG16(nn.Module):
     """The 13 VGG-16 convolutions returning ``pool3``, ``pool4`` and ``conv5_3``.
 
     Parameters are float32 whatever ``dtype`` (the compute dtype) is, so bfloat16 runs keep
-    float32 master weights.
+    float32 master weights. ``width_multiplier`` < 1 narrows every layer; it exists only for
+    the CPU demo (converted VGG-16 weights need the real widths).
     """
 
     pooling: PoolingAlignment = "standard"
     dtype: jnp.dtype = jnp.float32
+    width_multiplier: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         x = x.astype(self.dtype)
         outputs = {}
         for name, features in VGG16_CONVS:
+            features = max(1, round(features * self.width_multiplier))
             x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                         param_dtype=jnp.float32, name=name)(x)
             x = nn.relu(x)

@@ -1,0 +1,108 @@
+"""Orbax checkpoints of a training run, and reading them back for prediction.
+
+A workdir holds ``checkpoints/`` (the last K, saved every N steps and at each epoch end) and
+``best/`` (the checkpoint with the lowest validation loss). Each checkpoint has three items:
+``state`` (step, parameters, optimiser state, RNG), ``data`` (the input iterator's position)
+and ``meta`` (the config, the model description that prediction needs, and the progress of
+early stopping). Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a checkpoint cut short by a crash is never taken as the latest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mlnet_jax.errors import UserError
+from mlnet_jax.optim import merge_params
+
+LATEST_DIR, BEST_DIR = "checkpoints", "best"
+
+
+def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           enable_async_checkpointing=False, read_only=read_only)
+    return ocp.CheckpointManager(directory.absolute(), options=options,
+                                 item_names=("state", "data", "meta"))
+
+
+class RunCheckpoints:
+    """The latest-K and best checkpoint managers of one training workdir."""
+
+    def __init__(self, workdir: str | Path, keep: int):
+        workdir = Path(workdir)
+        self.latest = _manager(workdir / LATEST_DIR, keep)
+        self.best = _manager(workdir / BEST_DIR, 1)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def save(self, step: int, state, data_state: dict, meta: dict, is_best: bool = False) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(meta))
+        if self.latest.latest_step() != step:
+            self.latest.save(step, args=args, force=True)
+        if is_best:
+            if self.best.latest_step() == step:
+                return
+            for old in self.best.all_steps():
+                self.best.delete(old)
+            self.best.save(step, args=args, force=True)
+
+    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, dict]:
+        """(state, data_state, meta) of ``step`` (default: the latest)."""
+        step = self.latest.latest_step() if step is None else step
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        return restored.state, restored.data, restored.meta
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self.latest.latest_step() if step is None else step
+        return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def _step_dir_for(path: Path) -> Path:
+    """A single checkpoint directory from a workdir (best, else latest) or a step directory."""
+    if (path / "state").is_dir() and (path / "meta").is_dir():
+        return path
+    for sub in (BEST_DIR, LATEST_DIR):
+        if (path / sub).is_dir():
+            steps = sorted((int(p.name) for p in (path / sub).iterdir()
+                            if p.name.isdigit() and (p / "state").is_dir()), reverse=True)
+            if steps:
+                return path / sub / str(steps[0])
+    raise UserError(f"{path}: no checkpoint found (expected a training workdir with {BEST_DIR}/ or "
+                    f"{LATEST_DIR}/, or one checkpoint directory with state/ and meta/)")
+
+
+def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
+    """(params as NumPy, model metadata) from a workdir or checkpoint directory."""
+    step_dir = _step_dir_for(Path(path).absolute())
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        meta = checkpointer.restore(step_dir / "meta")
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata_tree = checkpointer.metadata(step_dir / "state")
+        abstract = jax.tree.map(_abstract_on_host, _item_metadata(metadata_tree))
+        state = checkpointer.restore(step_dir / "state", abstract)
+    params = merge_params(state["trainable"], state["frozen"])
+    return jax.tree.map(np.asarray, params), meta["model"]
+
+
+def _item_metadata(metadata):
+    tree = getattr(metadata, "item_metadata", metadata)
+    return getattr(tree, "tree", tree)
+
+
+def _abstract_on_host(leaf_metadata):
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(leaf_metadata.shape, leaf_metadata.dtype, sharding=sharding)

@@ -1,0 +1,150 @@
+"""``python -m mlnet_jax.datasets.prepare NAME --manual_dir DIR [--data_dir DIR]``.
+
+Checks the manual download's layout, writes ``array_record`` files with a progress bar, prints
+the records per split, and warns (without failing) when a split's size differs from the
+official one — a subset may be prepared on purpose. Errors are one line; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+
+from mlnet_jax.datasets import DATASET_NAMES
+from mlnet_jax.errors import UserError
+
+log = logging.getLogger("mlnet_jax.datasets")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlnet_jax.datasets.prepare",
+        description="Prepare a manually downloaded saliency dataset as TFDS array_record files.")
+    p.add_argument("name", choices=DATASET_NAMES, help="dataset to prepare")
+    p.add_argument("--manual_dir", required=True,
+                   help="folder holding the download in its official layout")
+    p.add_argument("--data_dir", default=None,
+                   help="where prepared datasets live (default: $TFDS_DATA_DIR or "
+                        "~/tensorflow_datasets)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete and rebuild a dataset that is already prepared")
+    p.add_argument("--validation_fraction", type=float, default=None,
+                   help="folder only: fraction of images held out as 'validation' (default 0.1;"
+                        " 0 for none)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="threads reading and checking files (default: CPU count, at most 8)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    """``warning: ...`` like the ``error: ...`` lines, one per message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.levelname = record.levelname.lower()
+        return super().format(record).replace("\n", " ")
+
+
+@contextlib.contextmanager
+def _cli_logging():
+    """Warnings as ``warning: ...`` lines on stderr while the CLI runs; restored afterwards so
+    that callers in the same process (tests) keep their logging."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerLevelFormatter("%(levelname)s: %(message)s"))
+    saved = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:  # TFDS logs through absl; keep its INFO/WARNING chatter out of the way.
+        from absl import logging as absl_logging  # noqa: PLC0415
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.level, log.propagate = saved
+
+
+def check_split_sizes(name: str, sizes: dict[str, int]) -> list[str]:
+    """Warnings for split sizes that differ from the official dataset (none for ``folder``)."""
+    from mlnet_jax.datasets.layouts import EXPECTED_SPLITS  # noqa: PLC0415
+
+    expected = EXPECTED_SPLITS.get(name, {})
+    messages = []
+    for split, count in expected.items():
+        got = sizes.get(split, 0)
+        if got != count:
+            messages.append(f"{name} split '{split}' has {got} records; the official dataset "
+                            f"has {count} (fine if you prepared a subset on purpose)")
+    return messages
+
+
+def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrite: bool = False,
+            validation_fraction: float | None = None, workers: int = 0,
+            progress: bool = True) -> dict[str, int]:
+    """Build ``name`` from ``manual_dir``; returns records per split. Raises UserError."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    from mlnet_jax.datasets import builders, layouts  # noqa: PLC0415
+
+    if validation_fraction is not None and name != "folder":
+        raise UserError("--validation_fraction applies to the 'folder' dataset only")
+    manual = layouts.check_manual_dir(manual_dir)
+
+    def make_builder():
+        builder = builders.get_builder(name, data_dir, **(
+            {"validation_fraction": validation_fraction} if name == "folder" else {}))
+        builder.generation_workers = workers
+        builder.progress = progress
+        return builder
+
+    builder = make_builder()
+    if builder.is_prepared() and not overwrite:
+        log.info("%s is already prepared in %s (use --overwrite to rebuild)", name,
+                 builder.data_dir)
+    else:
+        builder.scan(manual)  # every layout problem, before anything is written
+        if builder.data_path.exists():  # --overwrite, or the remains of a failed run
+            shutil.rmtree(builder.data_path)
+            builder = make_builder()  # forget the deleted dataset's info
+        tfds.disable_progress_bar()  # ours counts images; TFDS's does not know the total
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
+    for message in check_split_sizes(name, sizes):
+        log.warning("%s", message)
+    return sizes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with _cli_logging():
+            sizes = prepare(args.name, args.manual_dir, args.data_dir, overwrite=args.overwrite,
+                            validation_fraction=args.validation_fraction, workers=args.workers)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    from mlnet_jax.datasets import builders  # noqa: PLC0415
+
+    where = builders.get_builder(args.name, args.data_dir).data_dir
+    print(f"{args.name}: prepared in {where}")
+    for split, count in sizes.items():
+        print(f"  {split:<12} {count:>7} records")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""One dataset record from its files: checked image bytes, a grey PNG map, 0-based fixations.
+
+Record schema (what the builders store and :mod:`mlnet_jax.input_pipeline` reads):
+``image`` encoded JPEG/PNG bytes as distributed (other formats are re-encoded as PNG);
+``image_size`` int32 (rows, cols); ``saliency_map`` PNG bytes of the uint8 grey map at the
+image size (empty for splits without maps); ``fixations`` int32 (N, 2) of 0-based (row, col),
+each fixated pixel once; ``file_name`` str; ``category`` str ('' when none).
+
+Conversions: 1-based (x, y) → (row, col) = (round(y) − 1, round(x) − 1); points outside the
+image are dropped with a warning. Binary fixation images (MIT1003 ``_fixPts``, which JPEG
+compression blurs) count a pixel as fixated when its grey value is > 127 — the midpoint, which
+keeps the centre of each compressed dot and drops its ringing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mlnet_jax.datasets.layouts import Item
+from mlnet_jax.errors import UserError
+
+log = logging.getLogger("mlnet_jax.datasets")
+
+BINARY_THRESHOLD = 127
+_KEPT_FORMATS = ("JPEG", "PNG")
+
+
+def _open(path: Path, what: str) -> tuple[bytes, Image.Image]:
+    """(raw bytes, fully decoded PIL image); truncated or corrupt files name themselves."""
+    try:
+        data = path.read_bytes()
+        pil = Image.open(io.BytesIO(data))
+        pil.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}") from None
+    return data, pil
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def read_image(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """Encoded image bytes (kept as distributed when JPEG/PNG) and (rows, cols)."""
+    data, pil = _open(path, "image")
+    if pil.format not in _KEPT_FORMATS:
+        rgb = pil.convert("RGB")
+        data = encode_png(np.asarray(rgb))
+    return data, (pil.height, pil.width)
+
+
+def grey_map(pil: Image.Image) -> np.ndarray:
+    """uint8 grey map; 16-bit and float maps are scaled by their maximum, colour maps → luma."""
+    if pil.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(pil, np.float64)
+        peak = values.max()
+        return (np.clip(values / peak, 0, 1) * 255 + 0.5).astype(np.uint8) if peak > 0 else \
+            np.zeros(values.shape, np.uint8)
+    return np.asarray(pil.convert("L"))
+
+
+def read_map(path: Path, image_size: tuple[int, int]) -> bytes:
+    """PNG bytes of the grey map at ``image_size`` (resized with a warning when it differs)."""
+    data, pil = _open(path, "saliency map")
+    grey = grey_map(pil)
+    changed = pil.format != "PNG" or pil.mode != "L"
+    if grey.shape != tuple(image_size):
+        log.warning("%s: map is %dx%d but its image is %dx%d; resized (bilinear) to the image",
+                    path, grey.shape[0], grey.shape[1], image_size[0], image_size[1])
+        grey = np.asarray(Image.fromarray(grey).resize(
+            (image_size[1], image_size[0]), Image.BILINEAR))
+        changed = True
+    if not grey.any():
+        log.warning("%s: map is all zero; kept (it trains towards a blank map)", path)
+    return encode_png(grey) if changed else data
+
+
+def xy1_to_rc0(points: np.ndarray, image_size: tuple[int, int], path: Path) -> np.ndarray:
+    """1-based (x, y) points → unique 0-based (row, col) int32 inside the image."""
+    points = np.asarray(points, np.float64)
+    if points.size == 0:
+        return np.zeros((0, 2), np.int32)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise UserError(f"{path}: fixations must be an N×2 array of (x, y), got shape "
+                        f"{points.shape}")
+    points = points[np.isfinite(points).all(axis=1)]
+    rc = np.rint(points[:, ::-1]).astype(np.int64) - 1
+    return _inside(rc, image_size, path)
+
+
+def _inside(rc: np.ndarray, image_size: tuple[int, int], path: Path) -> np.ndarray:
+    rows, cols = image_size
+    keep = (rc[:, 0] >= 0) & (rc[:, 0] < rows) & (rc[:, 1] >= 0) & (rc[:, 1] < cols)
+    if not keep.all():
+        log.warning("%s: %d fixations outside the %dx%d image dropped", path,
+                    int((~keep).sum()), rows, cols)
+    rc = rc[keep]
+    if len(rc) == 0:
+        return np.zeros((0, 2), np.int32)
+    return np.unique(rc, axis=0).astype(np.int32)
+
+
+def binary_to_rc0(mask: np.ndarray, image_size: tuple[int, int], path: Path) -> np.ndarray:
+    """Fixated pixels of a binary map as (row, col); a map of another size is rescaled."""
+    rc = np.argwhere(mask).astype(np.int64)
+    if mask.shape != tuple(image_size):
+        log.warning("%s: fixation map is %dx%d but its image is %dx%d; coordinates rescaled",
+                    path, mask.shape[0], mask.shape[1], image_size[0], image_size[1])
+        scale = np.asarray(image_size, np.float64) / np.asarray(mask.shape, np.float64)
+        rc = np.floor((rc + 0.5) * scale).astype(np.int64)
+    return _inside(rc, image_size, path)
+
+
+def _loadmat(path: Path) -> dict:
+    import scipy.io  # noqa: PLC0415 — only preparation needs it
+
+    try:
+        return scipy.io.loadmat(str(path))
+    except NotImplementedError as e:  # MATLAB v7.3 (HDF5) files
+        raise UserError(f"cannot read fixations {path}: {e} (save it as a v7 .mat)") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot read fixations {path}: {e}") from None
+
+
+def gaze_points(mat: dict, path: Path) -> np.ndarray:
+    """The union of every observer's ``gaze(i).fixations`` (1-based (x, y)) of a SALICON .mat."""
+    if "gaze" not in mat:
+        raise UserError(f"{path}: missing field 'gaze' (expected a SALICON fixations .mat "
+                        f"with gaze(i).fixations)")
+    gaze = np.asarray(mat["gaze"])
+    names = gaze.dtype.names or ()
+    if "fixations" not in names:
+        raise UserError(f"{path}: missing field 'gaze.fixations' (gaze has fields: "
+                        f"{', '.join(names) or 'none'})")
+    chunks = []
+    for observer in gaze.flat:
+        points = np.asarray(observer["fixations"], np.float64)
+        if points.size == 0:
+            continue
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise UserError(f"{path}: gaze.fixations must be N×2 (x, y), got shape "
+                            f"{points.shape}")
+        chunks.append(points)
+    return np.concatenate(chunks) if chunks else np.zeros((0, 2))
+
+
+def read_fixations(item: Item, image_size: tuple[int, int]) -> np.ndarray:
+    """0-based (row, col) int32 fixations of ``item`` in the format its layout names."""
+    path, fmt = item.fixations, item.fixation_format
+    if path is None:
+        return np.zeros((0, 2), np.int32)
+    if fmt == "gaze_mat":
+        return xy1_to_rc0(gaze_points(_loadmat(path), path), image_size, path)
+    if fmt == "points_mat":
+        mat = _loadmat(path)
+        if "fixations" in mat:
+            return xy1_to_rc0(mat["fixations"], image_size, path)
+        if "gaze" in mat:
+            return xy1_to_rc0(gaze_points(mat, path), image_size, path)
+        raise UserError(f"{path}: missing variable 'fixations' (an N×2 array of 1-based (x, y))")
+    if fmt == "fixlocs_mat":
+        mat = _loadmat(path)
+        variables = [k for k in mat if not k.startswith("__")]
+        name = "fixLocs" if "fixLocs" in mat else (variables[0] if len(variables) == 1 else None)
+        if name is None:
+            raise UserError(f"{path}: missing variable 'fixLocs' (a binary matrix of the image "
+                            f"size); found: {', '.join(variables) or 'none'}")
+        locs = np.asarray(mat[name])
+        if locs.ndim != 2:
+            raise UserError(f"{path}: '{name}' must be a 2-D binary matrix, got shape "
+                            f"{locs.shape}")
+        return binary_to_rc0(locs > 0, image_size, path)
+    if fmt == "binary_image":
+        _, pil = _open(path, "fixation map")
+        return binary_to_rc0(grey_map(pil) > BINARY_THRESHOLD, image_size, path)
+    raise ValueError(f"unknown fixation format {fmt!r}")
+
+
+def make_record(item: Item) -> dict:
+    """The stored example of ``item`` (see the module docstring for the schema)."""
+    image, size = read_image(item.image)
+    return {
+        "image": image,
+        "image_size": np.asarray(size, np.int32),
+        "saliency_map": read_map(item.saliency_map, size) if item.saliency_map else b"",
+        "fixations": read_fixations(item, size),
+        "file_name": item.file_name,
+        "category": item.category,
+    }

@@ -1,0 +1,47 @@
+"""The original optimiser and layer freezing.
+
+SGD with Nesterov momentum and Keras 1's time decay lr_t = lr / (1 + decay·t), t = update
+count (a learning-rate schedule, not weight decay). Frozen layers are split out of the
+parameters before differentiation, so they get no gradient, no backward pass and no
+optimiser state.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from mlnet_jax.vgg import VGG16_CONV_NAMES
+
+
+def keras1_decay_schedule(learning_rate: float, decay: float) -> optax.Schedule:
+    return lambda step: learning_rate / (1.0 + decay * jnp.asarray(step, jnp.float32))
+
+
+def make_optimizer(learning_rate: float, decay: float, momentum: float) -> optax.GradientTransformation:
+    return optax.sgd(keras1_decay_schedule(learning_rate, decay), momentum=momentum, nesterov=True)
+
+
+def frozen_layer_names(frozen_convs: int) -> tuple[str, ...]:
+    """The first ``frozen_convs`` VGG convolutions (10 = conv1_1…conv4_3, torchvision's first
+    23 ``features`` modules)."""
+    if not 0 <= frozen_convs <= len(VGG16_CONV_NAMES):
+        raise ValueError(f"config.frozen_convs must be in 0..{len(VGG16_CONV_NAMES)}, got {frozen_convs}")
+    return VGG16_CONV_NAMES[:frozen_convs]
+
+
+def split_frozen(params: dict, frozen_convs: int) -> tuple[dict, dict]:
+    """(trainable, frozen) nested dicts; together they hold every parameter once."""
+    frozen_names = set(frozen_layer_names(frozen_convs))
+    trainable, frozen = {}, {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        is_frozen = len(path) > 1 and path[0] == "backbone" and path[1] in frozen_names
+        (frozen if is_frozen else trainable)[path] = value
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    flat = traverse_util.flatten_dict(trainable)
+    flat.update(traverse_util.flatten_dict(frozen))
+    return traverse_util.unflatten_dict(flat)

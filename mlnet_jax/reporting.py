@@ -1,0 +1,89 @@
+"""What a training run writes for people: JSON lines, TensorBoard events and PNG figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mlnet_jax.atomic import atomic_path
+
+
+class MetricWriter:
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to
+    TensorBoard event files (tensorboardX: no TensorFlow needed)."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float, np.number))}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
+        for key, value in clean.items():
+            self._tb.add_scalar(f"{kind}/{key}", value, int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _heat(gray: np.ndarray) -> np.ndarray:
+    """[0, 1] map → RGB uint8 heat colours (black-red-yellow-white), no matplotlib needed."""
+    g = np.clip(gray, 0, 1)
+    return (np.stack([np.clip(3 * g, 0, 1), np.clip(3 * g - 1, 0, 1), np.clip(3 * g - 2, 0, 1)],
+                     axis=-1) * 255).astype(np.uint8)
+
+
+def save_prediction_grid(path: Path, images: list[np.ndarray], truths: list[np.ndarray],
+                         predictions: list[np.ndarray], cell: int = 160) -> None:
+    """One row per image: the image, its ground truth, the prediction (maps in [0, 1])."""
+    rows = []
+    for image, truth, pred in zip(images, truths, predictions):
+        scale = cell / max(image.shape[:2])
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        cells = [Image.fromarray(image).resize(size, Image.BILINEAR),
+                 Image.fromarray(_heat(truth)).resize(size, Image.BILINEAR),
+                 Image.fromarray(_heat(pred)).resize(size, Image.BILINEAR)]
+        row = Image.new("RGB", (3 * cell, cell))
+        for i, c in enumerate(cells):
+            row.paste(c, (i * cell + (cell - c.width) // 2, (cell - c.height) // 2))
+        rows.append(row)
+    grid = Image.new("RGB", (3 * cell, cell * max(len(rows), 1)))
+    for i, row in enumerate(rows):
+        grid.paste(row, (0, i * cell))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+def save_training_curves(path: Path, metrics_jsonl: Path) -> None:
+    """PNG with the training and validation loss and the validation CC against steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and "loss" in r]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, (ax_loss, ax_cc) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        ax_loss.plot(*zip(*train), label="train loss")
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation loss")
+        ax_cc.plot([r["step"] for r in evals], [r.get("cc", np.nan) for r in evals], "o-", color="C2")
+    ax_loss.set_xlabel("step"), ax_loss.set_ylabel("loss"), ax_loss.legend()
+    ax_cc.set_xlabel("step"), ax_cc.set_ylabel("validation CC")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,509 @@
+"""Train and evaluate ML-Net: ``python -m mlnet_jax.train --config configs/X.py --workdir DIR``.
+
+With no flags it runs the embedded demo (configs/demo.py) into ``runs/demo``.
+The step is one ``jax.jit`` over a 1-D device mesh: the global batch is split on the ``data``
+axis, parameters and optimiser state are replicated and donated. On several hosts each process
+feeds only its shard of every global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlnet_jax.errors import UserError
+from mlnet_jax.inference import ModelInfo
+from mlnet_jax.loss import mlnet_loss
+from mlnet_jax.models import OUTPUT_STRIDE, MLNet
+from mlnet_jax.optim import make_optimizer, merge_params, split_frozen
+from mlnet_jax.preprocessing import normalize
+from mlnet_jax.prior import prior_penalty
+from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.py"
+DEMO_WORKDIR = "runs/demo"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: dict          # parameters the optimiser updates
+    frozen: dict             # parameters held fixed (no gradient, no optimiser state)
+    opt_state: optax.OptState
+    rng: jax.Array           # raw uint32 key; dropout uses fold_in(rng, step)
+
+    @property
+    def params(self) -> dict:
+        return merge_params(self.trainable, self.frozen)
+
+
+# --------------------------------------------------------------------------- model and state
+
+def model_info_from_config(config, init_metadata: dict | None) -> ModelInfo:
+    """The model a config describes; 'auto' fields come from the initial weights."""
+    init_metadata = init_metadata or {}
+    pooling = config.pooling if config.pooling != "auto" else init_metadata.get("pooling", "standard")
+    preprocessing = (config.preprocessing if config.preprocessing != "auto"
+                     else init_metadata.get("preprocessing", "caffe"))
+    rows, cols = config.input_size
+    if rows % OUTPUT_STRIDE or cols % OUTPUT_STRIDE:
+        raise UserError(f"config.input_size must be divisible by {OUTPUT_STRIDE}, got {rows}x{cols}")
+    return ModelInfo(input_size=(rows, cols), preprocessing=preprocessing, pooling=pooling,
+                     prior=config.prior, source=init_metadata.get("source", "random"),
+                     width_multiplier=config.width_multiplier)
+
+
+def read_init_weights(path: str) -> tuple[dict | None, dict | None]:
+    """(params, metadata) from ``config.init_weights``: a converted .npz or a checkpoint dir."""
+    if not path:
+        return None, None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        from mlnet_jax.checkpointing import restore_for_inference
+        return restore_for_inference(p)
+    from mlnet_jax.weights_file import read_weights
+    if not p.exists():
+        raise UserError(f"config.init_weights: {p} does not exist (convert weights with "
+                        "python -m mlnet_jax.convert_weights, or set --config.init_weights='')")
+    return read_weights(p)
+
+
+def initial_params(model: MLNet, info: ModelInfo, rng: jax.Array, loaded: dict | None) -> dict:
+    """Random parameters, overwritten by whatever of backbone/head/prior ``loaded`` holds."""
+    rows, cols = info.input_size
+    params = jax.jit(model.init)(rng, jnp.zeros((1, rows, cols, 3)))["params"]
+    params = flax.core.unfreeze(params)
+    for key in ("backbone", "head", "prior"):
+        if loaded is not None and key in loaded:
+            expected = jax.tree.map(np.shape, params[key])
+            got = jax.tree.map(np.shape, loaded[key])
+            if expected != got:
+                raise UserError(f"config.init_weights: '{key}' parameters have shapes {got}, the "
+                                f"model needs {expected} (input size / width_multiplier differ?)")
+            params[key] = jax.tree.map(jnp.asarray, loaded[key])
+    return params
+
+
+def create_train_state(params: dict, tx: optax.GradientTransformation, frozen_convs: int,
+                       seed: int) -> TrainState:
+    trainable, frozen = split_frozen(params, frozen_convs)
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                      opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed))
+
+
+# --------------------------------------------------------------------------- steps
+
+def train_step(state: TrainState, batch: dict, *, model: MLNet, tx: optax.GradientTransformation,
+               preprocessing: str) -> tuple[TrainState, dict]:
+    """One SGD update on a global batch; a non-finite loss leaves the state unchanged."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    images = normalize(batch["image"], preprocessing)
+
+    def loss_fn(trainable):
+        params = merge_params(trainable, state.frozen)
+        pred = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+        loss = mlnet_loss(pred, batch["target"])
+        penalty = prior_penalty(params["prior"]) if "prior" in params else jnp.zeros(())
+        return loss + penalty, loss
+
+    (total, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    new_state = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
+                              opt_state=opt_state)
+    finite = jnp.isfinite(total)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state, {"loss": loss, "total_loss": total, "nonfinite": 1 - finite.astype(jnp.int32)}
+
+
+def eval_step(params: dict, batch: dict, *, model: MLNet, preprocessing: str) -> dict:
+    """Predicted maps and each image's loss (without the prior penalty)."""
+    pred = model.apply({"params": params}, normalize(batch["image"], preprocessing), train=False)
+    per_image = jax.vmap(lambda p, t: mlnet_loss(p[None], t[None]))(pred, batch["target"])
+    return {"pred": pred[..., 0], "loss": per_image}
+
+
+def compile_steps(model: MLNet, tx, preprocessing: str, mesh):
+    """jit the steps over ``mesh``: batch split on 'data', state replicated and donated."""
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    train = jax.jit(partial(train_step, model=model, tx=tx, preprocessing=preprocessing),
+                    in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+    evaluate = jax.jit(partial(eval_step, model=model, preprocessing=preprocessing),
+                       in_shardings=(rep, data), out_shardings=data)
+    return train, evaluate
+
+
+# --------------------------------------------------------------------------- data
+
+def make_sources(config):
+    """(train, evaluation) record sources for ``config.dataset``."""
+    from mlnet_jax.input_pipeline import RecordSource, open_source
+    if config.dataset == "synthetic":
+        from mlnet_jax.datasets.synthetic import synthetic_dataset
+        size = tuple(config.input_size)
+        return tuple(
+            RecordSource(synthetic_dataset(split, n, size, config.seed), f"synthetic {split}")
+            for split, n in (("train", config.synthetic_train_size),
+                             ("validation", config.synthetic_eval_size)))
+    data_dir = config.data_dir or None
+    return (open_source(config.dataset, config.train_split, data_dir),
+            open_source(config.dataset, config.eval_split, data_dir))
+
+
+def _encode_state(state) -> dict:
+    return {"iterator": state.decode() if isinstance(state, bytes) else state}
+
+
+def _decode_state(saved: dict):
+    value = saved["iterator"]
+    return value.encode() if isinstance(value, str) else value
+
+
+def _host_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    unique = {s.index[0].start: s for s in shards}
+    return np.concatenate([np.asarray(unique[k].data) for k in sorted(unique)])
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def fixation_map(fixations: np.ndarray, size) -> np.ndarray:
+    out = np.zeros(tuple(int(s) for s in size), np.float32)
+    if len(fixations):
+        out[fixations[:, 0], fixations[:, 1]] = 1.0
+    return out
+
+
+def evaluate(params, evaluate_fn, source, config, info: ModelInfo, mesh, *,
+             centre_bias: bool = False, grid_path: Path | None = None) -> dict:
+    """Mean validation loss and CC/KLD/NSS/SIM at ground-truth resolution (plus, with
+    ``centre_bias``, the same metrics of a Gaussian centre-bias map)."""
+    from mlnet_jax import metrics
+    from mlnet_jax.baselines import centre_bias_map
+    from mlnet_jax.input_pipeline import eval_batches
+    from mlnet_jax.preprocessing import postprocess
+    from mlnet_jax.sharding import shard_batch
+
+    per_process = -(-config.eval_batch_size // jax.local_device_count()) * jax.local_device_count()
+    scores: dict[str, list[float]] = {}
+    grid: tuple[list, list, list] = ([], [], [])
+    seen = 0
+    for batch in eval_batches(source, model_size=info.input_size, batch_size=per_process):
+        if 0 <= config.eval_max_images <= seen * jax.process_count():
+            break
+        out = evaluate_fn(params, shard_batch({"image": batch["image"], "target": batch["target"]}, mesh))
+        preds, losses = _host_rows(out["pred"]), _host_rows(out["loss"])
+        for i, size in enumerate(batch["image_size"]):
+            truth = batch["saliency_map_full"][i]
+            fix = fixation_map(batch["fixations"][i], size)
+            pred = postprocess(preds[i], tuple(size))
+            candidates = [("", pred)] + ([("centre_bias_", centre_bias_map(*size))] if centre_bias else [])
+            for prefix, saliency in candidates:
+                for name in ("cc", "kld", "sim"):
+                    scores.setdefault(prefix + name, []).append(getattr(metrics, name)(saliency, truth))
+                scores.setdefault(prefix + "nss", []).append(metrics.nss(saliency, fix) if fix.any() else np.nan)
+            scores.setdefault("loss", []).append(float(losses[i]))
+            if grid_path is not None and len(grid[0]) < config.grid_images:
+                from mlnet_jax.input_pipeline import decode_image
+                grid[0].append(np.asarray(decode_image(source[seen + i]).convert("RGB")))
+                grid[1].append(truth)
+                grid[2].append(pred)
+        seen += len(batch["image_size"])
+    totals = {k: (np.nansum(v), np.sum(np.isfinite(v))) for k, v in scores.items()}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        keys = sorted(totals)
+        gathered = multihost_utils.process_allgather(np.asarray([totals[k] for k in keys]))
+        totals = dict(zip(keys, gathered.sum(axis=0)))
+    result = {k: float(s / n) if n else float("nan") for k, (s, n) in totals.items()}
+    result["num_images"] = int(sum(int(n) for n in [totals["loss"][1]]))
+    if grid_path is not None and jax.process_index() == 0 and grid[0]:
+        from mlnet_jax.reporting import save_prediction_grid
+        save_prediction_grid(grid_path, *grid)
+    return result
+
+
+# --------------------------------------------------------------------------- the loop
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainingStopped(Exception):
+    """Raised after a signal (checkpoint saved) or a non-finite loss (last good kept)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def steps_per_epoch(config, num_train_records: int) -> int:
+    if config.steps_per_epoch > 0:
+        return config.steps_per_epoch
+    steps = num_train_records // config.global_batch_size
+    if steps < 1:
+        raise UserError(f"the training split has {num_train_records} records, fewer than one "
+                        f"global batch ({config.global_batch_size})")
+    return steps
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'key: saved → current' for every config field that differs."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, default=str) != json.dumps(b, default=str):
+            diffs.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return diffs
+
+
+def _jsonable_config(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def train_and_evaluate(config, workdir: str | Path, override_config: bool = False) -> dict:
+    """Train (resuming from the workdir's latest checkpoint), evaluate each epoch, and write
+    ``final_metrics.json`` with the held-out split's metrics. Returns those metrics."""
+    from mlnet_jax.checkpointing import RunCheckpoints
+    from mlnet_jax.input_pipeline import prefetch_to_device, train_loader
+    from mlnet_jax.reporting import MetricWriter, save_training_curves
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache(config.compilation_cache_dir)
+    mesh = data_mesh()
+    loaded, init_metadata = read_init_weights(config.init_weights)
+    info = model_info_from_config(config, init_metadata)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+    model = info.build(dtype).clone(dropout_rate=config.dropout_rate)
+    tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
+    train_source, eval_source = make_sources(config)
+    epoch_steps = steps_per_epoch(config, len(train_source))
+    total_steps = epoch_steps * config.num_epochs
+
+    checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
+    loader = prefetch_to_device(
+        train_loader(train_source, model_size=info.input_size, global_batch_size=config.global_batch_size,
+                     seed=config.seed, worker_count=config.worker_count),
+        size=2, sharding=batch_sharding(mesh))
+    config_json = _jsonable_config(config)
+    meta = {"config": config_json, "model": info.to_metadata(), "best_val_loss": None,
+            "best_step": None, "epochs_without_improvement": 0, "stopped_early": False}
+
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(lambda: create_train_state(
+        initial_params(model, info, rng, None), tx, config.frozen_convs, config.seed))
+    if checkpoints.latest_step() is not None:
+        saved_meta = checkpoints.read_meta()
+        diffs = config_differences(saved_meta["config"], config_json)
+        if diffs and not override_config:
+            raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+                            "use another --workdir, or pass --override_config to continue anyway")
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
+                                abstract)
+        state, data_state, meta = checkpoints.restore(abstract)
+        meta["config"] = config_json
+        loader.set_state(_decode_state(data_state))
+        _log(f"resuming from {workdir / 'checkpoints'} at step {int(state.step)}")
+    else:
+        params = initial_params(model, info, rng, loaded)
+        state = create_train_state(params, tx, config.frozen_convs, config.seed)
+        source = config.init_weights or "random weights (config.init_weights is empty)"
+        _log(f"initialised from {source}; preprocessing {info.preprocessing}, pooling {info.pooling}")
+    state = jax.device_put(state, replicated(mesh))
+    train_fn, evaluate_fn = compile_steps(model, tx, info.preprocessing, mesh)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    _log(f"{jax.device_count()} device(s) over {jax.process_count()} process(es); "
+         f"{epoch_steps} steps/epoch, {total_steps} steps; workdir {workdir}")
+
+    step = int(state.step)
+    last_good_step = checkpoints.latest_step()
+
+    def save(is_best: bool = False) -> None:
+        nonlocal last_good_step
+        checkpoints.save(step, state, _encode_state(loader.get_state()), meta, is_best=is_best)
+        last_good_step = step
+
+    try:
+        with _StopRequest() as stop, _progress(total_steps, step) as bar:
+            pending: list[dict] = []
+            window_start, window_images = time.perf_counter(), 0
+            while step < total_steps and not meta["stopped_early"]:
+                batch = next(loader)
+                state, step_metrics = train_fn(state, batch)
+                step += 1
+                pending.append(step_metrics)
+                window_images += config.global_batch_size
+                epoch_end = step % epoch_steps == 0
+                if step % config.log_every_steps == 0 or epoch_end or stop.signum is not None:
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    if any(int(m["nonfinite"]) for m in fetched):
+                        raise TrainingStopped(
+                            f"the loss became NaN/Inf before step {step}; training stopped (check "
+                            f"the data and the learning rate). The last good checkpoint "
+                            f"(step {last_good_step}) is kept in {workdir / 'checkpoints'}.", 1)
+                    rate = window_images / (time.perf_counter() - window_start)
+                    loss = float(np.mean([m["loss"] for m in fetched]))
+                    writer.write(step, "train", {"loss": loss, "images_per_second": rate,
+                                                 "learning_rate": config.learning_rate / (1 + config.lr_decay * step)})
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                    window_start, window_images = time.perf_counter(), 0
+                bar.update(1)
+                if stop.signum is not None:
+                    save()
+                    raise TrainingStopped(f"received signal {stop.signum}; saved a checkpoint at step "
+                                          f"{step} in {workdir / 'checkpoints'}; rerun the same command "
+                                          "to resume", 128 + stop.signum)
+                if epoch_end:
+                    result = evaluate(state.params, evaluate_fn, eval_source, config, info, mesh,
+                                      grid_path=workdir / f"eval_step{step:07d}.png")
+                    writer.write(step, "eval", result)
+                    best = meta["best_val_loss"]
+                    is_best = best is None or result["loss"] < best
+                    if is_best:
+                        meta.update(best_val_loss=result["loss"], best_step=step,
+                                    epochs_without_improvement=0)
+                    else:
+                        meta["epochs_without_improvement"] += 1
+                    patience = config.early_stopping_patience
+                    if patience > 0 and meta["epochs_without_improvement"] >= patience:
+                        meta["stopped_early"] = True
+                    bar.write(f"epoch {step // epoch_steps}: validation loss {result['loss']:.4f}, "
+                              f"CC {result['cc']:.3f}, KLD {result['kld']:.3f}, NSS {result['nss']:.3f}, "
+                              f"SIM {result['sim']:.3f}" + (" (best)" if is_best else ""))
+                    save(is_best)
+                elif step % config.checkpoint_every_steps == 0:
+                    save()
+        if step == total_steps or meta["stopped_early"]:
+            save()
+        final = final_evaluation(workdir, state, evaluate_fn, eval_source, config, info, mesh)
+        if jax.process_index() == 0:
+            writer.write(step, "final", final)
+            save_training_curves(workdir / "training_curves.png", writer.path)
+        return final
+    finally:
+        writer.close()
+        checkpoints.close()
+
+
+def final_evaluation(workdir: Path, state: TrainState, evaluate_fn, eval_source, config,
+                     info: ModelInfo, mesh) -> dict:
+    """Metrics of the best checkpoint (else the last state) and of a centre-bias map on the
+    held-out split, written to ``final_metrics.json``."""
+    from mlnet_jax.atomic import atomic_path
+    from mlnet_jax.checkpointing import BEST_DIR, restore_for_inference
+
+    params = state.params
+    source = "last"
+    if (workdir / BEST_DIR).is_dir() and any((workdir / BEST_DIR).iterdir()):
+        best_params, _ = restore_for_inference(workdir / BEST_DIR / "..")
+        params = jax.device_put(best_params, replicated(mesh))
+        source = "best"
+    result = evaluate(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True)
+    result["checkpoint"] = source
+    result["step"] = int(state.step)
+    if jax.process_index() == 0:
+        with atomic_path(workdir / "final_metrics.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        _log(f"held-out ({result['num_images']} images, {source} checkpoint): CC {result['cc']:.3f} "
+             f"vs centre bias {result['centre_bias_cc']:.3f}; metrics in {workdir / 'final_metrics.json'}")
+    return result
+
+
+def _progress(total: int, initial: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0, file=sys.stdout)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persistent XLA compilation cache, so a restart compiles in seconds."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+# --------------------------------------------------------------------------- command line
+
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", str(DEMO_CONFIG), "Training configuration file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", DEMO_WORKDIR, "Directory for checkpoints, logs and figures.")
+    flags.DEFINE_bool("override_config", False, "Resume even if the config differs from the checkpoint's.")
+    flags.DEFINE_bool("debug", False, "Show tracebacks for errors.")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-host runs.")
+    flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection "
+                      "(TPU pod slices, SLURM).")
+
+    def run(_):
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+        FLAGS = flags.FLAGS
+        try:
+            if FLAGS.coordinator_address:
+                jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            elif FLAGS.distributed:
+                jax.distributed.initialize()
+            train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.override_config)
+        except TrainingStopped as e:
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+        except UserError as e:
+            if FLAGS.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    try:
+        app.run(lambda args: sys.exit(run(args)), argv=argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
