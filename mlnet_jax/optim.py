@@ -20,7 +20,13 @@ def keras1_decay_schedule(learning_rate: float, decay: float) -> optax.Schedule:
 
 
 def make_optimizer(learning_rate: float, decay: float, momentum: float) -> optax.GradientTransformation:
-    return optax.sgd(keras1_decay_schedule(learning_rate, decay), momentum=momentum, nesterov=True)
+    """Keras 1 SGD exactly: v = μ·v − lr_t·g; update = μ·v − lr_t·g.
+
+    The learning rate scales the gradient *before* the momentum trace (``optax.sgd`` scales
+    after it, which differs once lr_t changes over time).
+    """
+    return optax.chain(optax.scale_by_learning_rate(keras1_decay_schedule(learning_rate, decay)),
+                       optax.trace(decay=momentum, nesterov=True))
 
 
 def frozen_layer_names(frozen_convs: int) -> tuple[str, ...]:

@@ -282,10 +282,17 @@ def steps_per_epoch(config, num_train_records: int) -> int:
     return steps
 
 
+# Fields a resumed run may change freely (e.g. to train for more epochs).
+RESUMABLE_CHANGES = frozenset({
+    "num_epochs", "early_stopping_patience", "log_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "eval_max_images", "eval_batch_size", "grid_images",
+    "compilation_cache_dir", "data_dir"})
+
+
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'key: saved → current' for every config field that differs."""
+    """'key: saved → current' for every config field that differs and matters for resuming."""
     diffs = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted((set(saved) | set(current)) - RESUMABLE_CHANGES):
         a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += config_differences(a, b, f"{prefix}{key}.")

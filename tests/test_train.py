@@ -1,0 +1,193 @@
+"""Training: the optimiser, freezing, data parallelism on 1/2 devices and 2 processes,
+exact resume across a process exit, and an end-to-end run of the train command."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from mlnet_jax.inference import ModelInfo
+from mlnet_jax.optim import keras1_decay_schedule, make_optimizer
+from mlnet_jax.train import create_train_state, initial_params, train_step
+
+TESTS = Path(__file__).parent
+TINY_CONFIG = TESTS / "configs" / "tiny.py"
+STEP_SCRIPT = TESTS / "scripts" / "one_train_step.py"
+
+
+def run(*args, timeout=600, check=True):
+    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, cwd=TESTS.parent)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.mark.parametrize("t", [0, 1, 10, 999, 20000])
+def test_learning_rate_is_keras1_time_decay(t):
+    assert float(keras1_decay_schedule(1e-3, 5e-4)(t)) == pytest.approx(1e-3 / (1 + 5e-4 * t), rel=1e-6)
+
+
+def test_optimizer_is_keras1_nesterov_sgd():
+    """Several updates equal a NumPy transcription of Keras 1's SGD(momentum, nesterov, decay)."""
+    tx = make_optimizer(0.1, 0.05, 0.9)
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=5).astype(np.float32)
+    params, state = jnp.asarray(p), tx.init(jnp.asarray(p))
+    ref_p, v = p.astype(np.float64), np.zeros(5)
+    for t in range(6):
+        g = rng.normal(size=5)
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+        lr = 0.1 / (1 + 0.05 * t)                 # Keras 1: lr · 1/(1 + decay · iterations)
+        v = 0.9 * v - lr * g                      # v = momentum·m − lr·g
+        ref_p = ref_p + 0.9 * v - lr * g          # nesterov: p + momentum·v − lr·g
+    np.testing.assert_allclose(np.asarray(params), ref_p, rtol=1e-5)
+
+
+def test_frozen_layers_are_bit_identical_and_have_no_optimizer_state():
+    info = ModelInfo(input_size=(32, 32), preprocessing="caffe")
+    model = info.build()
+    tx = make_optimizer(1e-2, 5e-4, 0.9)
+    params = initial_params(model, info, jax.random.PRNGKey(0), None)
+    state = create_train_state(params, tx, frozen_convs=10, seed=0)
+    opt_paths = {"/".join(str(getattr(k, "key", k)) for k in path)
+                 for path, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
+    assert not any(f"conv{b}_" in p for p in opt_paths for b in (1, 2, 3, 4))
+    assert any("conv5_1" in p for p in opt_paths) and any("head" in p for p in opt_paths)
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)),
+             "target": jnp.asarray(rng.uniform(0, 1, (2, 4, 4, 1)), jnp.float32)}
+    step = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, preprocessing="caffe"))
+    before = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    for _ in range(2):
+        state, _ = step(state, batch)
+    after = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    for key, value in before.items():
+        frozen = key.startswith("backbone/conv") and key.split("/")[1][:5] in (
+            "conv1", "conv2", "conv3", "conv4")
+        if frozen:
+            np.testing.assert_array_equal(after[key], value, err_msg=key)
+        elif key.endswith("kernel"):
+            assert not np.array_equal(after[key], value), key
+    # No backward compute for frozen layers: the step has 15 forward convolutions plus, for the
+    # 5 trainable ones (conv5_1…3, head conv, readout), a kernel gradient each and an input
+    # gradient for all but conv5_1, whose input comes from the frozen part.
+    def conv_count(frozen_convs):
+        s = create_train_state(params, tx, frozen_convs=frozen_convs, seed=0)
+        jaxpr = jax.make_jaxpr(lambda s, b: train_step(s, b, model=model, tx=tx, preprocessing="caffe"))(s, batch)
+        return str(jaxpr).count("conv_general_dilated[")
+    assert conv_count(10) == 15 + 5 + 4
+    assert conv_count(0) == 15 + 15 + 14
+
+
+def _compare_params(a_path, b_path):
+    a, b = np.load(a_path), np.load(b_path)
+    assert set(a.files) == set(b.files)
+    for key in a.files:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.timeout(300)
+def test_two_devices_take_the_same_step_as_one(tmp_path):
+    run(STEP_SCRIPT, tmp_path / "one.npz", "--devices", "1", timeout=240)
+    run(STEP_SCRIPT, tmp_path / "two.npz", "--devices", "2", timeout=240)
+    _compare_params(tmp_path / "one.npz", tmp_path / "two.npz")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_take_the_same_step_as_one(tmp_path):
+    run(STEP_SCRIPT, tmp_path / "one.npz", "--devices", "1", timeout=240)
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(STEP_SCRIPT), str(tmp_path / f"multi{k}.npz"),
+                               "--coordinator", address, "--num_processes", "2", "--process_id", str(k)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
+             for k in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
+    _compare_params(tmp_path / "one.npz", tmp_path / "multi0.npz")
+
+
+def train_cli(workdir, *overrides, check=True):
+    return run("-m", "mlnet_jax.train", f"--config={TINY_CONFIG}", f"--workdir={workdir}", *overrides,
+               check=check)
+
+
+def latest_state(workdir):
+    from mlnet_jax.checkpointing import RunCheckpoints
+    import orbax.checkpoint as ocp
+    checkpoints = RunCheckpoints(workdir, 2)
+    step = checkpoints.latest_step()
+    restored = checkpoints.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+    checkpoints.close()
+    return step, jax.tree.map(np.asarray, restored.state), restored.data
+
+
+@pytest.mark.timeout(600)
+def test_resume_after_process_exit_is_exact(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_cli(straight, "--config.num_epochs=2")
+    train_cli(resumed, "--config.num_epochs=1")           # N steps, then the process exits
+    out = train_cli(resumed, "--config.num_epochs=2")     # restart: N more steps
+    assert "resuming" in out.stdout + out.stderr
+    step_a, state_a, data_a = latest_state(straight)
+    step_b, state_b, data_b = latest_state(resumed)
+    assert step_a == step_b == 6
+    assert data_a == data_b
+    flat_a = jax.tree_util.tree_flatten_with_path(state_a)[0]
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(state_b)[0])
+    assert len(flat_a) == len(flat_b)
+    for path, value in flat_a:  # parameters, optimiser state, step, RNG
+        np.testing.assert_array_equal(flat_b[path], value, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.timeout(600)
+def test_train_command_writes_everything_and_learns(tmp_path):
+    workdir = tmp_path / "run"
+    train_cli(workdir, "--config.num_epochs=3")
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["8", "9"]  # saved at 2, 3, 4, 6, 8, 9; keep 2
+    assert [p.name for p in (workdir / "best").iterdir()] and (workdir / "best").is_dir()
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6, 9]
+    assert {"loss", "cc", "kld", "nss", "sim"} <= set(evals[0])
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 9 and all(r["images_per_second"] > 0 for r in train)
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    for png in ["eval_step0000003.png", "eval_step0000009.png", "training_curves.png"]:
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    assert {"cc", "centre_bias_cc", "num_images"} <= set(final) and final["num_images"] == 8
+    # The checkpoint is self-describing: prediction needs only the directory.
+    from mlnet_jax import load_model
+    model, variables, info = load_model(workdir)
+    assert info.input_size == (32, 32) and info.preprocessing == "caffe"
+
+
+@pytest.mark.timeout(300)
+def test_a_different_config_is_refused_on_resume(tmp_path):
+    workdir = tmp_path / "run"
+    train_cli(workdir, "--config.num_epochs=1")
+    result = train_cli(workdir, "--config.learning_rate=0.5", check=False)
+    assert result.returncode == 2
+    assert "learning_rate: 0.01 → 0.5" in result.stderr and "--override_config" in result.stderr
