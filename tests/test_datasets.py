@@ -1,0 +1,340 @@
+"""TFDS builders and the prepare CLI on tiny fakes in the exact official layouts."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+import fake_datasets as fake
+from mlnet_jax.datasets import layouts, prepare as prepare_cli, records
+from mlnet_jax.datasets.prepare import main, prepare
+from mlnet_jax.errors import UserError
+from mlnet_jax.input_pipeline import open_source
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _read_all(name: str, split: str, data_dir: Path) -> dict[str, dict]:
+    source = open_source(name, split, str(data_dir))
+    out = {}
+    for i in range(len(source)):
+        record = source[i]
+        assert record["file_name"] not in out
+        out[record["file_name"]] = record
+    return out
+
+
+def _check_records(got: dict[str, dict], truth: dict[str, dict]) -> None:
+    """Every record's image bytes, map pixels and fixation pixels are what was written."""
+    assert set(got) == set(truth)
+    for file_name, record in got.items():
+        expected = truth[file_name]
+        assert record["image"] == expected["image"], file_name
+        rows, cols = _decode(expected["image"]).shape[:2]
+        np.testing.assert_array_equal(record["image_size"], [rows, cols])
+        assert record["fixations"].dtype == np.int32 and record["fixations"].shape[1] == 2
+        assert {tuple(p) for p in record["fixations"].tolist()} == expected["fixations"]
+        assert len(record["fixations"]) == len(expected["fixations"])  # each pixel once
+        if expected["map"] is None:
+            assert record["saliency_map"] == b""
+        else:
+            np.testing.assert_array_equal(_decode(record["saliency_map"]), expected["map"])
+        assert record["category"] == expected.get("category", "")
+
+
+# --------------------------------------------------------------------------- builders
+
+@pytest.mark.parametrize("name", ["salicon2015", "salicon2017"])
+def test_salicon_prepare_and_read_back(tmp_path, name):
+    truth = fake.write_salicon(tmp_path / "manual", {"train": 5, "validation": 3, "test": 2})
+    sizes = prepare(name, str(tmp_path / "manual"), str(tmp_path / "tfds"), progress=False)
+    assert sizes == {"train": 5, "validation": 3, "test": 2}
+    for split in ("train", "validation", "test"):
+        _check_records(_read_all(name, split, tmp_path / "tfds"), truth[split])
+
+
+def test_salicon_fixations_are_the_union_of_observers_converted_to_row_col(tmp_path):
+    manual = tmp_path / "manual"
+    fake.write_salicon(manual, {"train": 1, "validation": 1})
+    # One observer fixates (x=1, y=1) → (0, 0) and (x=32, y=2) → (1, 31); the other repeats
+    # (1, 1) and adds (x=5, y=24) → (23, 4): the union has each pixel once.
+    stem = "COCO_train2014_000000000001"
+    fake.salicon_mat(manual / "fixations" / "train" / f"{stem}.mat",
+                     [np.array([[1, 1], [32, 2]]), np.array([[1, 1], [5, 24]])], (24, 32))
+    prepare("salicon2015", str(manual), str(tmp_path / "tfds"), progress=False)
+    record = open_source("salicon2015", "train", str(tmp_path / "tfds"))[0]
+    assert sorted(map(tuple, record["fixations"].tolist())) == [(0, 0), (1, 31), (23, 4)]
+
+
+def test_mit1003_prepare_and_read_back(tmp_path):
+    truth = fake.write_mit1003(tmp_path / "manual", n=10)
+    sizes = prepare("mit1003", str(tmp_path / "manual"), str(tmp_path / "tfds"), progress=False)
+    # A subset is split in the official 103/1003 proportion (at least one).
+    assert sizes == {"train": 9, "validation": 1}
+    got = {**_read_all("mit1003", "train", tmp_path / "tfds"),
+           **_read_all("mit1003", "validation", tmp_path / "tfds")}
+    _check_records(got, truth)
+    portrait = next(r for r in got.values() if r["image_size"][0] == 40)
+    np.testing.assert_array_equal(portrait["image_size"], [40, 30])
+
+
+def test_mit1003_and_cat2000_full_size_splits(tmp_path):
+    """Scanning only lists files, so empty files in the full layouts give the official splits."""
+    mit = tmp_path / "mit"
+    (mit / "ALLSTIMULI").mkdir(parents=True)
+    (mit / "ALLFIXATIONMAPS").mkdir()
+    for i in range(1003):
+        (mit / "ALLSTIMULI" / f"s{i}.jpeg").touch()
+        (mit / "ALLFIXATIONMAPS" / f"s{i}_fixMap.jpg").touch()
+        (mit / "ALLFIXATIONMAPS" / f"s{i}_fixPts.jpg").touch()
+    splits = layouts.mit1003(mit)
+    assert (len(splits["train"]), len(splits["validation"])) == (900, 103)
+    again = layouts.mit1003(mit)
+    assert [i.key for i in again["validation"]] == [i.key for i in splits["validation"]]
+    assert {i.key for i in layouts.mit1003(mit, seed=1)["validation"]} != {
+        i.key for i in splits["validation"]}
+
+    cat = tmp_path / "cat" / "trainSet"
+    for category in (f"Cat{c:02d}" for c in range(20)):
+        for sub, ext in (("Stimuli", "jpg"), ("FIXATIONMAPS", "jpg"), ("FIXATIONLOCS", "mat")):
+            (cat / sub / category).mkdir(parents=True)
+            for i in range(100):
+                (cat / sub / category / f"{i + 1:03d}.{ext}").touch()
+    splits = layouts.cat2000(tmp_path / "cat")
+    assert (len(splits["train"]), len(splits["validation"])) == (1800, 200)
+    per_category = {}
+    for item in splits["validation"]:
+        per_category[item.category] = per_category.get(item.category, 0) + 1
+    assert per_category == {f"Cat{c:02d}": 10 for c in range(20)}
+
+
+def test_cat2000_prepare_and_read_back(tmp_path):
+    truth = fake.write_cat2000(tmp_path / "manual", per_category=4)
+    sizes = prepare("cat2000", str(tmp_path / "manual"), str(tmp_path / "tfds"), progress=False)
+    assert sizes == {"train": 9, "validation": 3}
+    validation = _read_all("cat2000", "validation", tmp_path / "tfds")
+    assert sorted(r["category"] for r in validation.values()) == ["Action", "Affective", "Art"]
+    got = {**_read_all("cat2000", "train", tmp_path / "tfds"), **validation}
+    _check_records(got, truth)
+    assert "Action/001.jpg" in got
+
+
+@pytest.mark.parametrize("fixations", ["mat", "png", None])
+def test_folder_prepare_and_read_back(tmp_path, fixations):
+    truth = fake.write_folder(tmp_path / "manual", n=5, fixations=fixations)
+    sizes = prepare("folder", str(tmp_path / "manual"), str(tmp_path / "tfds"), progress=False)
+    assert sizes == {"train": 4, "validation": 1}
+    got = {**_read_all("folder", "train", tmp_path / "tfds"),
+           **_read_all("folder", "validation", tmp_path / "tfds")}
+    _check_records(got, truth)
+
+
+def test_folder_without_validation_and_overwrite(tmp_path, capsys):
+    fake.write_folder(tmp_path / "manual", n=3)
+    args = ["folder", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
+            str(tmp_path / "tfds")]
+    assert main(args) == 0
+    assert prepare("folder", str(tmp_path / "manual"), str(tmp_path / "tfds"),
+                   progress=False) == {"train": 2, "validation": 1}
+    # Already prepared: reused, even with another fraction, until --overwrite.
+    assert main(args + ["--validation_fraction", "0"]) == 0
+    assert "already prepared" in capsys.readouterr().err
+    assert main(args + ["--validation_fraction", "0", "--overwrite"]) == 0
+    summary = [line.split() for line in capsys.readouterr().out.splitlines()
+               if line.startswith("  ")]
+    assert summary == [["train", "3", "records"]]
+
+
+def test_fixation_conversion_from_one_based_xy(caplog):
+    got = records.xy1_to_rc0(np.array([[1.0, 1.0], [32, 24], [3.4, 2.6], [0, 5], [33, 1]]),
+                             (24, 32), Path("f.mat"))
+    # (x=1, y=1) → (0, 0); (32, 24) → (23, 31); (3.4, 2.6) rounds to (x=3, y=3) → (2, 2);
+    # x=0 and x=33 are outside a 32-column image.
+    assert sorted(map(tuple, got.tolist())) == [(0, 0), (2, 2), (23, 31)]
+    assert got.dtype == np.int32
+    assert "2 fixations outside the 24x32 image dropped" in caplog.text
+
+
+def test_builders_are_not_registered_and_reimport_cleanly():
+    import tensorflow_datasets as tfds
+
+    from mlnet_jax.datasets import builders
+
+    importlib.reload(builders)
+    importlib.reload(builders)
+    assert "salicon2015" not in tfds.list_builders(with_community_datasets=False)
+    assert set(builders.BUILDERS) == {"salicon2015", "salicon2017", "mit1003", "cat2000",
+                                      "folder"}
+
+
+def test_no_tensorflow_needed_to_import_build_or_read(tmp_path):
+    """In a fresh interpreter: importing is TFDS-free, and building/reading never imports TF."""
+    fake.write_folder(tmp_path / "manual", n=2)
+    code = f"""
+import sys
+import mlnet_jax.datasets, mlnet_jax.input_pipeline
+assert "tensorflow_datasets" not in sys.modules
+from mlnet_jax.datasets.prepare import prepare
+from mlnet_jax.input_pipeline import open_source
+prepare("folder", {str(tmp_path / 'manual')!r}, {str(tmp_path / 'tfds')!r}, progress=False)
+assert len(open_source("folder", "train", {str(tmp_path / 'tfds')!r})[0]["image"]) > 0
+assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+print("ok")
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+# --------------------------------------------------------------------------- CLI messages
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_summary_and_split_size_warning(tmp_path, capsys):
+    fake.write_salicon(tmp_path / "manual", {"train": 3, "validation": 2, "test": 1})
+    code, out, err = _cli(["salicon2015", "--manual_dir", str(tmp_path / "manual"),
+                           "--data_dir", str(tmp_path / "tfds")], capsys)
+    assert code == 0
+    assert "train" in out and "3 records" in out and "2 records" in out and "1 records" in out
+    warning = next(line for line in err.splitlines() if "split 'train'" in line)
+    assert warning.startswith("warning: ") and "has 3 records" in warning and "10000" in warning
+    assert "salicon2015 train" in err  # the progress bar
+
+
+def test_cli_wrong_and_empty_manual_dir(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code, _, err = _cli(["mit1003", "--manual_dir", str(missing)], capsys)
+    assert code == 2 and str(missing) in _error_line(err) and "does not exist" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = _cli(["cat2000", "--manual_dir", str(empty)], capsys)
+    assert code == 2 and str(empty) in _error_line(err) and "is empty" in err
+
+
+def test_cli_missing_folder_names_expected_path(tmp_path, capsys):
+    fake.write_salicon(tmp_path / "manual", {"train": 2, "validation": 1})
+    import shutil
+
+    shutil.rmtree(tmp_path / "manual" / "maps" / "val")
+    code, _, err = _cli(["salicon2015", "--manual_dir", str(tmp_path / "manual")], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(tmp_path / "manual" / "maps" / "val") in line
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_cli_images_without_maps_and_maps_without_images(tmp_path, capsys):
+    manual = tmp_path / "manual"
+    fake.write_folder(manual, n=9, fixations=None)
+    for i in range(7):
+        (manual / "maps" / f"img{i:02d}.png").unlink()
+    fake.save(np.zeros((4, 4), np.uint8), manual / "maps" / "orphan.png")
+    code, _, err = _cli(["folder", "--manual_dir", str(manual), "--data_dir",
+                         str(tmp_path / "tfds")], capsys)
+    line = _error_line(err)
+    assert code == 2
+    assert "7 images in" in line and "img00.png, img01.png" in line and "and 2 more" in line
+    assert "1 maps in" in line and "orphan.png" in line
+
+
+def test_cli_mit1003_missing_fixpts(tmp_path, capsys):
+    manual = tmp_path / "manual"
+    fake.write_mit1003(manual, n=3)
+    (manual / "ALLFIXATIONMAPS" / "i0001_scene_fixPts.jpg").unlink()
+    code, _, err = _cli(["mit1003", "--manual_dir", str(manual)], capsys)
+    assert code == 2 and "_fixPts" in _error_line(err) and "i0001_scene.jpeg" in err
+
+
+def test_cli_corrupt_image_is_named(tmp_path, capsys):
+    manual = tmp_path / "manual"
+    fake.write_salicon(manual, {"train": 3, "validation": 1})
+    bad = manual / "images" / "train" / "COCO_train2014_000000000002.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    code, _, err = _cli(["salicon2015", "--manual_dir", str(manual), "--data_dir",
+                         str(tmp_path / "tfds")], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(bad) in line and "cannot read image" in line
+    bad.write_bytes(b"not an image at all")
+    code, _, err = _cli(["salicon2015", "--manual_dir", str(manual), "--data_dir",
+                         str(tmp_path / "tfds")], capsys)
+    assert code == 2 and str(bad) in _error_line(err)
+
+
+@pytest.mark.parametrize("fields, missing", [(("location",), "'gaze.fixations'"),
+                                             (None, "'gaze'")])
+def test_cli_mat_without_gaze_fields(tmp_path, capsys, fields, missing):
+    manual = tmp_path / "manual"
+    fake.write_salicon(manual, {"train": 2, "validation": 1})
+    mat = manual / "fixations" / "train" / "COCO_train2014_000000000001.mat"
+    if fields is None:
+        scipy.io.savemat(str(mat), {"image": "x", "resolution": np.array([[24, 32]])})
+    else:
+        fake.salicon_mat(mat, [np.array([[1, 1]])], (24, 32), fields=fields)
+    code, _, err = _cli(["salicon2015", "--manual_dir", str(manual), "--data_dir",
+                         str(tmp_path / "tfds")], capsys)
+    line = _error_line(err)
+    assert code == 2 and str(mat) in line and missing in line
+
+
+def test_cli_debug_shows_traceback(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        main(["folder", "--manual_dir", str(tmp_path / "nowhere"), "--debug"])
+
+
+def test_map_of_other_size_is_resized_and_blank_map_accepted(tmp_path, caplog):
+    manual = tmp_path / "manual"
+    fake.write_folder(manual, n=3, fixations=None)
+    fake.save(np.full((12, 16), 200, np.uint8), manual / "maps" / "img00.png")
+    fake.save(np.zeros((24, 32), np.uint8), manual / "maps" / "img01.png")
+    with caplog.at_level(logging.WARNING, logger="mlnet_jax.datasets"):
+        prepare("folder", str(manual), str(tmp_path / "tfds"), validation_fraction=0.0,
+                progress=False)
+    assert "img00.png: map is 12x16 but its image is 24x32; resized" in caplog.text
+    assert "img01.png: map is all zero" in caplog.text
+    got = _read_all("folder", "train", tmp_path / "tfds")
+    resized = _decode(got["img00.png"]["saliency_map"])
+    assert resized.shape == (24, 32) and (resized == 200).all()
+    assert not _decode(got["img01.png"]["saliency_map"]).any()
+
+
+def test_open_source_not_prepared_names_data_dir_and_command(tmp_path):
+    with pytest.raises(UserError) as info:
+        open_source("salicon2015", "train", str(tmp_path / "tfds"))
+    message = str(info.value)
+    assert str(tmp_path / "tfds") in message
+    assert "python -m mlnet_jax.datasets.prepare salicon2015" in message
+
+
+def test_validation_fraction_only_for_folder(tmp_path, capsys):
+    fake.write_mit1003(tmp_path / "manual", n=2)
+    code, _, err = _cli(["mit1003", "--manual_dir", str(tmp_path / "manual"),
+                         "--validation_fraction", "0.5"], capsys)
+    assert code == 2 and "folder" in _error_line(err)
+
+
+def test_check_split_sizes_is_silent_for_official_sizes():
+    assert prepare_cli.check_split_sizes("mit1003", {"train": 900, "validation": 103}) == []
+    assert len(prepare_cli.check_split_sizes("cat2000", {"train": 1800})) == 1
