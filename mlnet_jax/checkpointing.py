@@ -91,18 +91,6 @@ def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
         meta = checkpointer.restore(step_dir / "meta")
     with ocp.StandardCheckpointer() as checkpointer:
-        metadata_tree = checkpointer.metadata(step_dir / "state")
-        abstract = jax.tree.map(_abstract_on_host, _item_metadata(metadata_tree))
-        state = checkpointer.restore(step_dir / "state", abstract)
+        state = checkpointer.restore(step_dir / "state")
     params = merge_params(state["trainable"], state["frozen"])
     return jax.tree.map(np.asarray, params), meta["model"]
-
-
-def _item_metadata(metadata):
-    tree = getattr(metadata, "item_metadata", metadata)
-    return getattr(tree, "tree", tree)
-
-
-def _abstract_on_host(leaf_metadata):
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.ShapeDtypeStruct(leaf_metadata.shape, leaf_metadata.dtype, sharding=sharding)

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from mlnet_jax.errors import UserError
+from mlnet_jax.evaluation import evaluate_split
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.loss import mlnet_loss
 from mlnet_jax.models import OUTPUT_STRIDE, MLNet
@@ -166,73 +167,6 @@ def _encode_state(state) -> dict:
 def _decode_state(saved: dict):
     value = saved["iterator"]
     return value.encode() if isinstance(value, str) else value
-
-
-def _host_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    unique = {s.index[0].start: s for s in shards}
-    return np.concatenate([np.asarray(unique[k].data) for k in sorted(unique)])
-
-
-# --------------------------------------------------------------------------- evaluation
-
-def fixation_map(fixations: np.ndarray, size) -> np.ndarray:
-    out = np.zeros(tuple(int(s) for s in size), np.float32)
-    if len(fixations):
-        out[fixations[:, 0], fixations[:, 1]] = 1.0
-    return out
-
-
-def evaluate(params, evaluate_fn, source, config, info: ModelInfo, mesh, *,
-             centre_bias: bool = False, grid_path: Path | None = None) -> dict:
-    """Mean validation loss and CC/KLD/NSS/SIM at ground-truth resolution (plus, with
-    ``centre_bias``, the same metrics of a Gaussian centre-bias map)."""
-    from mlnet_jax import metrics
-    from mlnet_jax.baselines import centre_bias_map
-    from mlnet_jax.input_pipeline import eval_batches
-    from mlnet_jax.preprocessing import postprocess
-    from mlnet_jax.sharding import shard_batch
-
-    per_process = -(-config.eval_batch_size // jax.local_device_count()) * jax.local_device_count()
-    scores: dict[str, list[float]] = {}
-    grid: tuple[list, list, list] = ([], [], [])
-    seen = 0
-    for batch in eval_batches(source, model_size=info.input_size, batch_size=per_process):
-        if 0 <= config.eval_max_images <= seen * jax.process_count():
-            break
-        out = evaluate_fn(params, shard_batch({"image": batch["image"], "target": batch["target"]}, mesh))
-        preds, losses = _host_rows(out["pred"]), _host_rows(out["loss"])
-        for i, size in enumerate(batch["image_size"]):
-            truth = batch["saliency_map_full"][i]
-            fix = fixation_map(batch["fixations"][i], size)
-            pred = postprocess(preds[i], tuple(size))
-            candidates = [("", pred)] + ([("centre_bias_", centre_bias_map(*size))] if centre_bias else [])
-            for prefix, saliency in candidates:
-                for name in ("cc", "kld", "sim"):
-                    scores.setdefault(prefix + name, []).append(getattr(metrics, name)(saliency, truth))
-                scores.setdefault(prefix + "nss", []).append(metrics.nss(saliency, fix) if fix.any() else np.nan)
-            scores.setdefault("loss", []).append(float(losses[i]))
-            if grid_path is not None and len(grid[0]) < config.grid_images:
-                from mlnet_jax.input_pipeline import decode_image
-                grid[0].append(np.asarray(decode_image(source[seen + i]).convert("RGB")))
-                grid[1].append(truth)
-                grid[2].append(pred)
-        seen += len(batch["image_size"])
-    totals = {k: (np.nansum(v), np.sum(np.isfinite(v))) for k, v in scores.items()}
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        keys = sorted(totals)
-        gathered = multihost_utils.process_allgather(np.asarray([totals[k] for k in keys]))
-        totals = dict(zip(keys, gathered.sum(axis=0)))
-    result = {k: float(s / n) if n else float("nan") for k, (s, n) in totals.items()}
-    result["num_images"] = int(sum(int(n) for n in [totals["loss"][1]]))
-    if grid_path is not None and jax.process_index() == 0 and grid[0]:
-        from mlnet_jax.reporting import save_prediction_grid
-        save_prediction_grid(grid_path, *grid)
-    return result
 
 
 # --------------------------------------------------------------------------- the loop
@@ -400,7 +334,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                                           f"{step} in {workdir / 'checkpoints'}; rerun the same command "
                                           "to resume", 128 + stop.signum)
                 if epoch_end:
-                    result = evaluate(state.params, evaluate_fn, eval_source, config, info, mesh,
+                    result = evaluate_split(state.params, evaluate_fn, eval_source, config, info, mesh,
                                       grid_path=workdir / f"eval_step{step:07d}.png")
                     writer.write(step, "eval", result)
                     best = meta["best_val_loss"]
@@ -441,10 +375,10 @@ def final_evaluation(workdir: Path, state: TrainState, evaluate_fn, eval_source,
     params = state.params
     source = "last"
     if (workdir / BEST_DIR).is_dir() and any((workdir / BEST_DIR).iterdir()):
-        best_params, _ = restore_for_inference(workdir / BEST_DIR / "..")
+        best_params, _ = restore_for_inference(workdir)  # a workdir resolves to its best
         params = jax.device_put(best_params, replicated(mesh))
         source = "best"
-    result = evaluate(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True)
+    result = evaluate_split(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True)
     result["checkpoint"] = source
     result["step"] = int(state.step)
     if jax.process_index() == 0:
