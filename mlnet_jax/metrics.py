@@ -34,10 +34,10 @@ where it is > 0, each pixel counted once however many fixations landed on it.
 The ``batched_*`` functions are jit-compiled JAX versions for stacks (B, H, W) of same-size maps
 (resize beforehand), for evaluation on accelerators. They compute the same quantities in the
 default float dtype (float32 unless x64 is enabled). Their random parts are equal in
-distribution, not draw for draw: AUC-Judd breaks exact ties by a random secondary sort key
-instead of adding jitter (float32 cannot hold a 1e-7 jitter); AUC-Borji and sAUC draw, per split,
-how many negatives fall in each threshold bin (multinomial, resp. sequential draws without
-replacement), which gives the same ROC points as drawing the pixels themselves.
+distribution, not draw for draw: AUC-Judd orders exactly tied pixels by a seeded pseudo-random
+per-pixel key instead of adding jitter (float32 cannot hold a 1e-7 jitter); AUC-Borji and sAUC
+draw, per split, how many negatives fall in each threshold bin (multinomial, resp. sequential
+draws without replacement), which gives the same ROC points as drawing the pixels themselves.
 """
 
 from __future__ import annotations
@@ -378,33 +378,129 @@ def _sim(p: jax.Array, g: jax.Array) -> jax.Array:
     return _sum(jnp.minimum(norm(p), norm(g)))
 
 
-@jax.jit
-def _auc_judd(p: jax.Array, fix: jax.Array, key: jax.Array) -> jax.Array:
+def _hash32(x: jax.Array) -> jax.Array:
+    """An integer hash (Wellons' lowbias32) of uint32: cheap per-pixel pseudo-random tie keys
+    (``jax.random`` over every pixel costs more than the metric on CPU)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _take(table: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(table, index, axis=1)
+
+
+def _search(lo: jax.Array, hi: jax.Array, greater: Any, size: int) -> jax.Array:
+    """Per-element binary search on a descending table: the first index in [lo, hi) whose
+    entry is not ``greater`` than the element (``greater(index)`` compares), i.e. how many
+    entries exceed it. Runs as many halvings as the widest range needs."""
+    def body(state):
+        lo, hi = state
+        mid = (lo + hi) // 2
+        above = greater(jnp.minimum(mid, size - 1))
+        active = lo < hi
+        return jnp.where(active & above, mid + 1, lo), jnp.where(active & ~above, mid, hi)
+    return jax.lax.while_loop(lambda st: jnp.any(st[0] < st[1]), body, (lo, hi))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n_buckets"))
+def _auc_judd(p: jax.Array, fix: jax.Array, key: jax.Array, k: int,
+              n_buckets: int) -> jax.Array:
     b = p.shape[0]
-    values = p.reshape(b, -1)
-    f = (fix > 0).reshape(b, -1).astype(jnp.int32)
-    tie = jax.random.uniform(key, values.shape)
-    # Descending by value, exact ties in random order (what MATLAB's jitter achieves).
-    _, _, f_sorted = jax.lax.sort((-values, tie, f), dimension=1, num_keys=2)
+    v = p.reshape(b, -1)
+    n = v.shape[1]
+    f = fix.reshape(b, -1) > 0
     n_fix = f.sum(axis=1)
-    n_neg = values.shape[1] - n_fix
-    above = jnp.cumsum(f_sorted, axis=1)  # fixated pixels ranked above each negative
-    # With distinct values, MATLAB's trapezoids give each negative the credit
-    # min((2·above + 1) / (2·Nf), 1): half a step between two thresholds, 1 after the last.
-    credit = jnp.minimum((2 * above + 1).astype(p.dtype) / (2 * n_fix[:, None]).astype(p.dtype),
+    n_neg = n - n_fix
+    rows = jnp.arange(b)[:, None]
+    j = jnp.arange(k)
+    # Pseudo-random tie key per pixel: ties in value are ordered by it (MATLAB: jitter).
+    seed = _hash32(jax.random.bits(key, (), jnp.uint32))
+    tie = _hash32(jnp.arange(b * n, dtype=jnp.uint32).reshape(b, n) ^ seed)
+    # The fixated pixels (at most k), sorted by (value, tie key), descending.
+    top, index = jax.lax.top_k(jnp.where(f, v, -jnp.inf), k)
+    valid = j < n_fix[:, None]
+    fv, ft = jax.lax.sort((jnp.where(valid, top, -jnp.inf),
+                           jnp.where(valid, _take(tie, index), jnp.uint32(0))),
+                          dimension=1, num_keys=2)
+    fv, ft = fv[:, ::-1], ft[:, ::-1]
+    # Their distinct values, and where each value's run starts (= #fixated strictly above).
+    first = valid & ((j == 0) | (fv != jnp.roll(fv, 1, axis=1)))
+    n_distinct = first.sum(axis=1, keepdims=True)
+    slot = jnp.where(first, jnp.cumsum(first, axis=1) - 1, k)
+    distinct = jnp.full((b, k), -jnp.inf, v.dtype).at[rows, slot].set(fv, mode="drop")
+    run_start = jnp.broadcast_to(n_fix[:, None], (b, k + 1)).at[rows, slot].set(
+        jnp.broadcast_to(j, (b, k)), mode="drop")
+    # Value buckets (monotone in the value) narrow each pixel's search to a few candidates.
+    lo_v = v.min(axis=1, keepdims=True)
+    hi_v = v.max(axis=1, keepdims=True)
+    scale = jnp.where(hi_v > lo_v, n_buckets / jnp.where(hi_v > lo_v, hi_v - lo_v, 1), 0)
+
+    def bucket(x):
+        return jnp.clip(jnp.floor((x - lo_v) * scale), 0, n_buckets - 1).astype(jnp.int32)
+
+    is_distinct = j < n_distinct
+    distinct_bucket = jnp.where(is_distinct, bucket(jnp.where(is_distinct, distinct, lo_v)),
+                                n_buckets)
+    per_bucket = jnp.zeros((b, n_buckets + 1), jnp.int32).at[rows, distinct_bucket].add(1)
+    per_bucket = per_bucket[:, :n_buckets]
+    higher = jnp.cumsum(per_bucket[:, ::-1], axis=1)[:, ::-1] - per_bucket
+    pixel_bucket = bucket(v)
+    lo = _take(higher, pixel_bucket)
+    hi = lo + _take(per_bucket, pixel_bucket)
+    # Distinct fixated values above each pixel → fixated strictly above it (c0); if its value
+    # equals a fixated one, add the tied fixated pixels whose tie key is larger.
+    d = _search(lo, hi, lambda m: _take(distinct, m) > v, k)
+    c0 = _take(run_start, d)
+    tied = (d < n_distinct) & (_take(distinct, jnp.minimum(d, k - 1)) == v)
+    c1 = jnp.where(tied, _take(run_start, jnp.minimum(d + 1, k)), c0)
+    above = _search(c0, c1, lambda m: _take(ft, m) > tie, k)
+    # MATLAB's trapezoids credit each negative min((2·above + 1) / (2·Nf), 1): half a step
+    # between two fixated thresholds, 1 below the last one.
+    credit = jnp.minimum((2 * above + 1).astype(v.dtype) / (2 * n_fix[:, None]).astype(v.dtype),
                          1.0)
-    credit = jnp.where(f_sorted == 0, credit, 0.0).reshape(p.shape)
-    auc = _sum(credit) / n_neg.astype(p.dtype)
-    return jnp.where((n_fix == 0) | (n_neg == 0), jnp.nan, auc)
+    credit = jnp.where(f, 0.0, credit).reshape(p.shape)
+    auc = _sum(credit) / n_neg.astype(v.dtype)
+    return jnp.where((n_fix == 0) | (n_neg == 0) | (n_fix > k), jnp.nan, auc)
 
 
-def _ge_counts(s: jax.Array, mask: jax.Array, thresholds: np.ndarray) -> jax.Array:
-    """(B, T): how many masked pixels have s >= each threshold."""
-    return jnp.stack([_sum(jnp.where((s >= float(t)) & mask, 1, 0)) for t in thresholds],
-                     axis=1)
+def _threshold_bins(p: jax.Array, step_size: float) -> tuple[jax.Array, jax.Array, int]:
+    """Per pixel, the index of the highest threshold of 0:step:1 it reaches on the min-max
+    scaled map (so ``s >= t_k`` ⇔ bin >= k), and whether the map is non-constant."""
+    thresholds = matlab_colon(0.0, step_size, 1.0)
+    lo = p.min(axis=(1, 2), keepdims=True)
+    hi = p.max(axis=(1, 2), keepdims=True)
+    s = (p - lo) / jnp.where(hi > lo, hi - lo, 1)
+    bins = sum((s >= float(t)).astype(jnp.int32) for t in thresholds) - 1
+    return bins.reshape(p.shape[0], -1), (hi > lo)[:, 0, 0], thresholds.size
 
 
-def _auc_from_counts(tp: jax.Array, fp: jax.Array) -> jax.Array:
+def _histograms(bins: jax.Array, groups: list[jax.Array], n_bins: int) -> list[jax.Array]:
+    """(B, n_bins) counts of ``bins`` over all pixels and over each boolean mask in
+    ``groups``, from one scatter-add over a combined code (one pass over the pixels)."""
+    b = bins.shape[0]
+    code = bins
+    for g, mask in enumerate(groups):
+        code = code + mask.reshape(b, -1).astype(jnp.int32) * (n_bins << g)
+    size = n_bins << len(groups)
+    hist = jnp.zeros((b, size), jnp.int32).at[jnp.arange(b)[:, None], code].add(1)
+    hist = hist.reshape(b, *([2] * len(groups)), n_bins)  # (B, [in g_last]..., [in g_0], bins)
+    out = [hist.sum(axis=tuple(range(1, 1 + len(groups))))]
+    for g in range(len(groups)):
+        axis = len(groups) - g  # bit g of the code is axis ``len(groups) - g`` of ``hist``
+        sel = jnp.take(hist, 1, axis=axis)
+        out.append(sel.sum(axis=tuple(range(1, len(groups)))))
+    return out
+
+
+def _rate_at_or_above(counts: jax.Array, total: jax.Array) -> jax.Array:
+    """Bin counts (..., T) → fraction at or above each threshold (reverse cumulative sum)."""
+    return jnp.cumsum(counts[..., ::-1], axis=-1)[..., ::-1].astype(jnp.float32) / total
+
+
+def _auc_from_rates(tp: jax.Array, fp: jax.Array) -> jax.Array:
     """Trapezoid AUC of the curve (0,0), thresholds from high to low, (1,1); inputs (..., T) in
     ascending-threshold order. Thresholds above the split's max give (0,0), adding no area,
     so one fixed grid 0:step:1 reproduces MATLAB's per-split grid 0:step:max."""
@@ -415,69 +511,68 @@ def _auc_from_counts(tp: jax.Array, fp: jax.Array) -> jax.Array:
     return jnp.sum((x[..., 1:] - x[..., :-1]) * (y[..., 1:] + y[..., :-1]) / 2, axis=-1)
 
 
-def _scaled(p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    lo = p.min(axis=(1, 2), keepdims=True)
-    hi = p.max(axis=(1, 2), keepdims=True)
-    return (p - lo) / jnp.where(hi > lo, hi - lo, 1), (hi > lo)[:, 0, 0]
-
-
 @functools.partial(jax.jit, static_argnames=("n_splits", "step_size"))
 def _auc_borji(p: jax.Array, fix: jax.Array, key: jax.Array, n_splits: int,
                step_size: float) -> jax.Array:
-    thresholds = matlab_colon(0.0, step_size, 1.0)
-    s, ok = _scaled(p)
-    f = fix > 0
-    everywhere = jnp.ones_like(f)
-    n_fix = _sum(f.astype(jnp.int32))
-    n_pix = p.shape[1] * p.shape[2]
-    tp = _ge_counts(s, f, thresholds) / n_fix[:, None]
-    ge_all = _ge_counts(s, everywhere, thresholds)  # (B, T)
-    # Pixels per threshold bin [t_k, t_{k+1}); uniform draws with replacement fall in them
-    # multinomially.
-    bins = ge_all - jnp.concatenate([ge_all[:, 1:], jnp.zeros_like(ge_all[:, :1])], axis=1)
-    probs = bins.astype(p.dtype) / n_pix
-    draws = jax.random.multinomial(key, n_fix[:, None].astype(p.dtype), probs[:, None, :],
-                                   shape=(p.shape[0], n_splits, thresholds.size),
-                                   dtype=p.dtype)  # (B, S, T)
-    fp = jnp.cumsum(draws[..., ::-1], axis=-1)[..., ::-1] / n_fix[:, None, None]
-    auc = _auc_from_counts(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
+    bins, ok, n_t = _threshold_bins(p, step_size)
+    every, fixated = _histograms(bins, [fix > 0], n_t)
+    n_fix = fixated.sum(axis=1)
+    n_pix = bins.shape[1]
+    tp = _rate_at_or_above(fixated, n_fix[:, None])
+    # Nf pixels drawn uniformly with replacement fall in the bins multinomially.
+    draws = jax.random.multinomial(key, n_fix[:, None].astype(jnp.float32),
+                                   (every.astype(jnp.float32) / n_pix)[:, None, :],
+                                   shape=(p.shape[0], n_splits, n_t), dtype=jnp.float32)
+    fp = _rate_at_or_above(draws, n_fix[:, None, None])
+    auc = _auc_from_rates(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
     return jnp.where((n_fix <= 1) | ~ok, jnp.nan, auc)
+
+
+_DRAW_BLOCK = 32
+
+
+def _draw_without_replacement(key: jax.Array, counts: jax.Array, m: jax.Array,
+                              n_splits: int) -> jax.Array:
+    """(B, S, T) bin counts of m[b] items drawn without replacement from a population with
+    ``counts[b]`` items per bin, for S independent splits: m sequential draws, each picking a
+    uniformly random remaining item (random numbers made a block of draws at a time)."""
+    b, n_t = counts.shape
+    remaining = jnp.broadcast_to(counts[:, None, :], (b, n_splits, n_t)).astype(jnp.int32)
+    n_blocks = (jnp.max(m) + _DRAW_BLOCK - 1) // _DRAW_BLOCK
+
+    def block(state):
+        i, remaining, chosen = state
+        u = jax.random.uniform(jax.random.fold_in(key, i), (_DRAW_BLOCK, b, n_splits))
+
+        def draw(t, st):
+            remaining, chosen = st
+            total = remaining.sum(axis=-1)
+            target = jnp.minimum(jnp.floor(u[t] * total.astype(jnp.float32)).astype(jnp.int32),
+                                 total - 1)
+            pick = jnp.sum(jnp.cumsum(remaining, axis=-1) <= target[..., None], axis=-1)
+            live = (i * _DRAW_BLOCK + t < m)[:, None, None]
+            hit = ((jnp.arange(n_t) == pick[..., None]) & live).astype(jnp.int32)
+            return remaining - hit, chosen + hit
+
+        remaining, chosen = jax.lax.fori_loop(0, _DRAW_BLOCK, draw, (remaining, chosen))
+        return i + 1, remaining, chosen
+
+    _, _, chosen = jax.lax.while_loop(lambda st: st[0] < n_blocks, block,
+                                      (jnp.int32(0), remaining, jnp.zeros_like(remaining)))
+    return chosen
 
 
 @functools.partial(jax.jit, static_argnames=("n_splits", "step_size"))
 def _auc_shuffled(p: jax.Array, fix: jax.Array, other: jax.Array, key: jax.Array,
                   n_splits: int, step_size: float) -> jax.Array:
-    thresholds = matlab_colon(0.0, step_size, 1.0)
-    n_t = thresholds.size
-    batch = p.shape[0]
-    s, ok = _scaled(p)
-    f = fix > 0
-    o = other > 0
-    n_fix = _sum(f.astype(jnp.int32))
-    n_other = _sum(o.astype(jnp.int32))
-    m = jnp.minimum(n_fix, n_other)
-    tp = _ge_counts(s, f, thresholds) / n_fix[:, None]
-    ge_other = _ge_counts(s, o, thresholds)
-    bins = ge_other - jnp.concatenate([ge_other[:, 1:], jnp.zeros_like(ge_other[:, :1])], axis=1)
-
-    # m draws without replacement from the other-fixated pixels, tracked per threshold bin:
-    # draw t picks a uniformly random remaining pixel (a bin with probability remaining/total).
-    def body(t, state):
-        remaining, chosen = state
-        total = remaining.sum(axis=-1)
-        pick = jax.random.randint(jax.random.fold_in(key, t), total.shape, 0,
-                                  jnp.maximum(total, 1))
-        category = jnp.sum(jnp.cumsum(remaining, axis=-1) <= pick[..., None], axis=-1)
-        active = (t < m)[:, None, None]
-        hit = (jnp.arange(n_t) == category[..., None]) & active
-        return remaining - hit, chosen + hit
-
-    remaining = jnp.broadcast_to(bins[:, None, :], (batch, n_splits, n_t)).astype(jnp.int32)
-    chosen = jnp.zeros_like(remaining)
-    _, chosen = jax.lax.fori_loop(0, jnp.max(m), body, (remaining, chosen))
-    fp = (jnp.cumsum(chosen[..., ::-1], axis=-1)[..., ::-1].astype(p.dtype)
-          / m[:, None, None].astype(p.dtype))
-    auc = _auc_from_counts(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
+    bins, ok, n_t = _threshold_bins(p, step_size)
+    _, fixated, others = _histograms(bins, [fix > 0, other > 0], n_t)
+    n_fix = fixated.sum(axis=1)
+    m = jnp.minimum(n_fix, others.sum(axis=1))
+    tp = _rate_at_or_above(fixated, n_fix[:, None])
+    chosen = _draw_without_replacement(key, others, m, n_splits)
+    fp = _rate_at_or_above(chosen, m[:, None, None])
+    auc = _auc_from_rates(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
     return jnp.where((n_fix == 0) | (m == 0) | ~ok, jnp.nan, auc)
 
 
@@ -501,16 +596,39 @@ def batched_sim(preds: Any, gts: Any) -> jax.Array:
     return _sim(_stack(preds, "preds"), _stack(gts, "gts"))
 
 
-def batched_auc_judd(preds: Any, fixation_maps: Any, key: Any = 0) -> jax.Array:
+def _fixation_bound(fixation_maps: jax.Array, max_fixations: int | None) -> int:
+    """Static bound on fixated pixels per map: given, or the batch's maximum rounded up to a
+    power of two (so a new compilation is needed only when it doubles)."""
+    n_pix = fixation_maps.shape[1] * fixation_maps.shape[2]
+    if max_fixations is None:
+        try:
+            most = int(jnp.max(jnp.sum(fixation_maps > 0, axis=(1, 2))))
+        except jax.errors.ConcretizationTypeError as e:
+            raise ValueError("inside jit, pass max_fixations= (a static bound on the number "
+                             "of fixated pixels per map)") from e
+        max_fixations = 1 << max(most - 1, 0).bit_length()
+    return int(min(max(max_fixations, 16), n_pix))
+
+
+def batched_auc_judd(preds: Any, fixation_maps: Any, key: Any = 0, *,
+                     max_fixations: int | None = None) -> jax.Array:
     """(B,) AUC-Judd; ``key`` is a ``jax.random`` key or an int seed.
 
-    Sort/rank formulation: pixels sorted by value (descending, exact ties in random order from
-    ``key``); with MATLAB's thresholds each negative pixel contributes
-    min((2·#fixated above it + 1) / (2·Nf), 1) / #negatives. Equals :func:`auc_judd` up to how
-    ties are broken. NaN with no fixated or no non-fixated pixel; a constant map is ranked at
-    random (expected score (Nf/2 + 1)/(Nf + 1), as :func:`auc_judd` with jitter).
+    Sort-free rank formulation (sorting every pixel is slow outside GPUs): with MATLAB's
+    thresholds each non-fixated pixel is credited min((2·#fixated above it + 1) / (2·Nf), 1),
+    the AUC being the mean credit. "Above" compares values, and exact ties by a per-pixel
+    pseudo-random key drawn from ``key`` (a uniformly random order of tied pixels, as MATLAB's
+    jitter gives; 1e-7 jitter itself cannot be held in float32). Counting uses the sorted
+    fixated values (at most ``max_fixations``: by default the batch's largest count, read back
+    to the host, rounded up to a power of two; pass it explicitly inside ``jit``). Equals
+    :func:`auc_judd` on maps without ties; in distribution otherwise. NaN with no fixated or
+    no non-fixated pixel, or more fixated pixels than ``max_fixations``; a constant map is
+    ranked at random (mean (Nf/2 + 1)/(Nf + 1)).
     """
-    return _auc_judd(_stack(preds, "preds"), _stack(fixation_maps, "fixation_maps"), _key(key))
+    p = _stack(preds, "preds")
+    f = _stack(fixation_maps, "fixation_maps")
+    k = _fixation_bound(f, max_fixations)
+    return _auc_judd(p, f, _key(key), k=k, n_buckets=max(1024, 4 * k))
 
 
 def batched_auc_borji(preds: Any, fixation_maps: Any, key: Any = 0, *, n_splits: int = 100,

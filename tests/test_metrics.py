@@ -493,6 +493,21 @@ def test_batched_auc_judd_equals_single():
     assert (np.abs(b.mean(0) - s.mean(0)) < 4 * spread).all()
 
 
+def test_batched_auc_judd_constant_map_and_fixation_bound():
+    import jax
+    pred, _, fix, _ = CASES[0]
+    const = np.full((1, H, W), 0.3)
+    nf = fix.sum()
+    vals = np.array([float(M.batched_auc_judd(const, fix[None], s)[0]) for s in range(40)])
+    assert vals.std() > 0  # tie order really is random
+    assert vals.mean() == pytest.approx((nf / 2 + 1) / (nf + 1), abs=0.03)
+    # An explicit bound gives the same numbers and works under jit; too small a bound is NaN.
+    default = np.asarray(M.batched_auc_judd(PREDS, FIXS, 2))
+    explicit = jax.jit(lambda p, f: M.batched_auc_judd(p, f, 2, max_fixations=64))(PREDS, FIXS)
+    np.testing.assert_array_equal(default, np.asarray(explicit))
+    assert np.isnan(np.asarray(M.batched_auc_judd(PREDS, FIXS, 2, max_fixations=16))).all()
+
+
 def test_batched_auc_borji_and_shuffled_equal_single_in_distribution():
     n = 10
     b = np.array([np.asarray(M.batched_auc_borji(PREDS, FIXS, k)) for k in range(n)])
