@@ -106,7 +106,8 @@ def create_train_state(params: dict, tx: optax.GradientTransformation, frozen_co
 
 def train_step(state: TrainState, batch: dict, *, model: MLNet, tx: optax.GradientTransformation,
                preprocessing: str) -> tuple[TrainState, dict]:
-    """One SGD update on a global batch; a non-finite loss leaves the state unchanged."""
+    """One SGD update on a global batch; a non-finite loss or update leaves the state unchanged
+    (and is reported in the metrics), so the last good state is never overwritten."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     images = normalize(batch["image"], preprocessing)
 
@@ -121,7 +122,8 @@ def train_step(state: TrainState, batch: dict, *, model: MLNet, tx: optax.Gradie
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     new_state = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
                               opt_state=opt_state)
-    finite = jnp.isfinite(total)
+    finite = jnp.isfinite(total) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.trainable)]))
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, {"loss": loss, "total_loss": total, "nonfinite": 1 - finite.astype(jnp.int32)}
 

@@ -191,3 +191,61 @@ def test_a_different_config_is_refused_on_resume(tmp_path):
     result = train_cli(workdir, "--config.learning_rate=0.5", check=False)
     assert result.returncode == 2
     assert "learning_rate: 0.01 → 0.5" in result.stderr and "--override_config" in result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_salicon_config_trains_from_a_prepared_salicon2015(tmp_path):
+    """The real data path: TFDS array_record files read with grain, letterboxed 24×32 → 32×32."""
+    from fake_datasets import prepared_salicon
+    data_dir = prepared_salicon(tmp_path, counts={"train": 8, "validation": 4, "test": 0})
+    workdir = tmp_path / "run"
+    train_cli(workdir, "--config.dataset=salicon2015", f"--config.data_dir={data_dir}",
+              "--config.num_epochs=1", "--config.steps_per_epoch=2")
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    assert final["num_images"] == 4 and np.isfinite(final["cc"])
+
+
+def _wait_for(predicate, timeout, proc):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
+    import signal
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mlnet_jax.train", f"--config={TINY_CONFIG}",
+                             f"--workdir={workdir}", "--config.num_epochs=50",
+                             "--config.checkpoint_every_steps=1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
+    metrics = workdir / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count('"train"') >= 4, 240, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "saved a checkpoint" in stderr
+    step, _, _ = latest_state(workdir)
+    assert 4 <= step < 150  # saved where it stopped, not at a scheduled save
+
+
+@pytest.mark.timeout(300)
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    train_cli(workdir, "--config.num_epochs=1")
+    result = train_cli(workdir, "--config.num_epochs=3", "--override_config",
+                       "--config.learning_rate=1e30", check=False)
+    assert result.returncode == 1
+    import re
+    match = re.search(r"NaN/Inf before step (\d+).*last good checkpoint \(step (\d+)\)", result.stderr)
+    assert match, result.stderr[-2000:]
+    bad_step, good_step = int(match[1]), int(match[2])
+    step, state, _ = latest_state(workdir)
+    assert step == good_step < bad_step  # nothing saved after the failure
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
