@@ -45,14 +45,13 @@ class RunCheckpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
-        if self.latest.latest_step() != step:
-            self.latest.save(step, args=args, force=True)
-        if is_best:
-            if self.best.latest_step() == step:
-                return
+        # Best first: a crash between the two saves then replays this step, saving both.
+        if is_best and self.best.latest_step() != step:
             for old in self.best.all_steps():
                 self.best.delete(old)
             self.best.save(step, args=args, force=True)
+        if self.latest.latest_step() != step:
+            self.latest.save(step, args=args, force=True)
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of ``step`` (default: the latest)."""
