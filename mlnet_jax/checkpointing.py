@@ -46,9 +46,8 @@ class RunCheckpoints:
                                   data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
         # Best first: a crash between the two saves then replays this step, saving both.
+        # best/ keeps one checkpoint: Orbax removes the previous best after the new one is saved.
         if is_best and self.best.latest_step() != step:
-            for old in self.best.all_steps():
-                self.best.delete(old)
             self.best.save(step, args=args, force=True)
         if self.latest.latest_step() != step:
             self.latest.save(step, args=args, force=True)
