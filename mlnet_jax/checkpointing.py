@@ -25,6 +25,7 @@ LATEST_DIR, BEST_DIR = "checkpoints", "best"
 
 def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           cleanup_tmp_directories=not read_only,
                                            enable_async_checkpointing=False, read_only=read_only)
     return ocp.CheckpointManager(directory.absolute(), options=options,
                                  item_names=("state", "data", "meta"))

@@ -1,0 +1,50 @@
+"""Training survives SIGKILL at any moment: restarted with the same command, it ends with
+exactly the parameters of an uninterrupted run."""
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).parent
+COMMAND = [sys.executable, "-m", "mlnet_jax.train", f"--config={TESTS / 'configs' / 'tiny.py'}",
+           "--config.num_epochs=3", "--config.checkpoint_every_steps=2"]
+
+
+def final_state(workdir: Path):
+    from test_train import latest_state
+    step, state, _ = latest_state(workdir)
+    return step, state
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_at_three_random_moments_then_restart_gives_identical_parameters(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*COMMAND, f"--workdir={straight}"], check=True, capture_output=True,
+                   timeout=300, cwd=TESTS.parent)
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(3):
+        proc = subprocess.Popen([*COMMAND, f"--workdir={killed}"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=TESTS.parent)
+        time.sleep(rng.uniform(4.0, 20.0))  # start-up, mid-step, mid-checkpoint or mid-evaluation
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait(timeout=60)
+    assert kills >= 2  # the moments fell inside the run
+    result = subprocess.run([*COMMAND, f"--workdir={killed}"], capture_output=True, text=True,
+                            timeout=300, cwd=TESTS.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step_a, state_a = final_state(straight)
+    step_b, state_b = final_state(killed)
+    assert step_a == step_b == 9
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state_a)[0], jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert not [p for p in (killed / "checkpoints").iterdir() if not p.name.isdigit()]
+    assert (killed / "final_metrics.json").exists()
