@@ -47,11 +47,17 @@ class RunCheckpoints:
                                   data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
         # Best first: a crash between the two saves then replays this step, saving both.
-        # best/ keeps one checkpoint: Orbax removes the previous best after the new one is saved.
-        if is_best and self.best.latest_step() != step:
-            self.best.save(step, args=args, force=True)
-        if self.latest.latest_step() != step:
-            self.latest.save(step, args=args, force=True)
+        try:
+            # best/ keeps one checkpoint: Orbax retires the previous best once the new one is saved.
+            if is_best and self.best.latest_step() != step:
+                self.best.save(step, args=args, force=True)
+            if self.latest.latest_step() != step:
+                self.latest.save(step, args=args, force=True)
+        except OSError as e:
+            previous = self.latest.latest_step()
+            raise UserError(f"could not write the checkpoint of step {step} in "
+                            f"{self.latest.directory} ({e.strerror or e}); the previous checkpoint "
+                            f"(step {previous}) is intact: free space and rerun to resume") from None
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of ``step`` (default: the latest)."""

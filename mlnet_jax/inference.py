@@ -106,13 +106,20 @@ def make_predict_fn(model: MLNet, preprocessing: str, mesh=None) -> Callable:
 
 
 def to_rgb_array(image) -> np.ndarray:
-    """uint8 H×W×3 RGB from a PIL image or array (greyscale, RGBA, float 0–1 or 0–255)."""
+    """uint8 H×W×3 RGB from a PIL image or array (greyscale, RGBA, float 0–1 or 0–255).
+
+    PIL images of any mode go through :func:`mlnet_jax.image_io.to_rgb` (16-bit scaled, not
+    clipped; transparency on white).
+    """
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        from mlnet_jax.image_io import to_rgb
+        return to_rgb(image)
     array = np.asarray(image)
     if array.dtype != np.uint8:
-        scale = 255.0 if array.size and float(np.nanmax(array)) <= 1.0 else 1.0
-        array = np.clip(np.nan_to_num(array.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+        if not np.isfinite(array).all():
+            raise ValueError("image array contains NaN or Inf values; expected finite pixel values")
+        scale = 255.0 if array.size and float(array.max()) <= 1.0 else 1.0
+        array = np.clip(array.astype(np.float32) * scale, 0, 255).astype(np.uint8)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
@@ -141,6 +148,11 @@ class Predictor:
     def load(cls, path: str | os.PathLike, batch_size: int = 8, dtype=jnp.float32) -> "Predictor":
         model, variables, info = load_model(path, dtype)
         return cls(model, variables, info, batch_size)
+
+    @property
+    def num_compilations(self) -> int:
+        """How many times the batch function was compiled (1 after any number of image sizes)."""
+        return self._predict._cache_size()
 
     def predict_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Raw maps (n, h/8, w/8) for n ≤ batch_size letterboxed uint8 images."""

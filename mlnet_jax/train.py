@@ -86,13 +86,24 @@ def initial_params(model: MLNet, info: ModelInfo, rng: jax.Array, loaded: dict |
     params = flax.core.unfreeze(params)
     for key in ("backbone", "head", "prior"):
         if loaded is not None and key in loaded:
-            expected = jax.tree.map(np.shape, params[key])
-            got = jax.tree.map(np.shape, loaded[key])
-            if expected != got:
-                raise UserError(f"config.init_weights: '{key}' parameters have shapes {got}, the "
-                                f"model needs {expected} (input size / width_multiplier differ?)")
+            _check_same_shapes(params[key], loaded[key], key)
             params[key] = jax.tree.map(jnp.asarray, loaded[key])
     return params
+
+
+def _check_same_shapes(expected: dict, got: dict, prefix: str) -> None:
+    """One-line error naming the first parameter of ``got`` that does not fit ``expected``."""
+    from flax import traverse_util
+    flat_expected = traverse_util.flatten_dict({prefix: expected}, sep="/")
+    flat_got = traverse_util.flatten_dict({prefix: got}, sep="/")
+    for name, value in flat_expected.items():
+        if name not in flat_got:
+            raise UserError(f"config.init_weights: missing parameter {name} (expected shape "
+                            f"{tuple(np.shape(value))})")
+        if np.shape(flat_got[name]) != np.shape(value):
+            raise UserError(f"config.init_weights: parameter {name} has shape "
+                            f"{tuple(np.shape(flat_got[name]))}, this config's model needs "
+                            f"{tuple(np.shape(value))} (different input_size or width_multiplier?)")
 
 
 def create_train_state(params: dict, tx: optax.GradientTransformation, frozen_convs: int,
@@ -249,7 +260,12 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     from mlnet_jax.reporting import MetricWriter, save_training_curves
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / ".write_test").touch()
+        (workdir / ".write_test").unlink()
+    except OSError as e:
+        raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from None
     enable_compilation_cache(config.compilation_cache_dir)
     mesh = data_mesh()
     loaded, init_metadata = read_init_weights(config.init_weights)

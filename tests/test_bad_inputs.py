@@ -1,0 +1,129 @@
+"""The bad-input matrix for weights, checkpoints and the runtime: each gets one clear line
+naming the file or field and what was expected, and nothing already written is harmed.
+(Images and datasets have their rows in test_predict_cli.py and test_datasets.py.)"""
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlnet_jax.atomic import atomic_path
+from mlnet_jax.errors import UserError, WeightsError
+
+TESTS = Path(__file__).parent
+TINY = TESTS / "configs" / "tiny.py"
+
+
+def tiny_config(**overrides):
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+    config = tiny.get_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=TESTS.parent)
+
+
+def test_truncated_converted_weights_are_named(tmp_path):
+    from mlnet_jax.weights_file import save_weights, load_vgg16
+    path = tmp_path / "vgg.npz"
+    save_weights(path, {"backbone": {"conv1_1": {"kernel": np.zeros((3, 3, 3, 64))}}},
+                 {"model": "vgg16", "source": "x", "preprocessing": "torch", "pooling": "standard"})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(WeightsError, match=str(path)):
+        load_vgg16(path)
+
+
+def test_truncated_hdf5_is_named(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    src = tmp_path / "vgg16_weights.h5"
+    with h5py.File(src, "w") as f:
+        f["layer_1/param_0"] = np.zeros((64, 3, 3, 3), np.float32)
+    src.write_bytes(src.read_bytes()[:300])
+    one_line_error(cli("mlnet_jax.convert_weights", src, tmp_path / "out.npz"), str(src))
+
+
+def test_weights_of_another_model_name_the_first_misfit(tmp_path):
+    """A ResNet-like state_dict is refused with the first VGG key it lacks."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "resnet.safetensors"
+    safetensors_numpy.save_file({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}, str(src))
+    one_line_error(cli("mlnet_jax.convert_weights", src, tmp_path / "out.npz"),
+                   "missing key features.0.weight", "first keys: conv1.weight")
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "mlnet_jax.train", f"--config={TINY}", f"--workdir={run}",
+                    "--config.num_epochs=1"], check=True, capture_output=True, timeout=300,
+                   cwd=TESTS.parent)
+    result = cli("mlnet_jax.train", f"--config={TINY}", f"--workdir={tmp_path / 'other'}",
+                 f"--config.init_weights={run}", "--config.width_multiplier=0.5")
+    one_line_error(result, "config.init_weights: parameter backbone/conv1_1/bias has shape "
+                           "(64,), this config's model needs (32,)")
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = cli("mlnet_jax.train", f"--config={TINY}", f"--workdir={blocker / 'run'}")
+    one_line_error(result, f"--workdir {blocker / 'run'}: cannot write there")
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+    from mlnet_jax.train import train_and_evaluate
+    from test_train import latest_state
+
+    real_save, calls = ocp.CheckpointManager.save, []
+
+    def save(self, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError, match=r"could not write the checkpoint of step \d+ .*No space left "
+                                        r"on device.*previous checkpoint \(step 2\) is intact"):
+        train_and_evaluate(tiny_config(num_epochs=1), workdir)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    step, state, _ = latest_state(workdir)
+    assert step == 2 and all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(state))
+
+
+def test_failed_output_write_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "final_metrics.json"
+    target.write_text("previous")
+    with pytest.raises(OSError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new conte")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["final_metrics.json"]  # no temp file left
+
+
+def test_nan_image_array_is_refused_by_the_predictor(tmp_path):
+    from mlnet_jax.inference import to_rgb_array
+    image = np.random.default_rng(0).uniform(0, 1, (8, 8, 3)).astype(np.float32)
+    image[2, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        to_rgb_array(image)
