@@ -321,6 +321,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
         last_good_step = step
 
     try:
+        first_step = step + 1
         with _StopRequest() as stop, _progress(total_steps, step) as bar:
             pending: list[dict] = []
             window_start, window_images = time.perf_counter(), 0
@@ -329,7 +330,11 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                 state, step_metrics = train_fn(state, batch)
                 step += 1
                 pending.append(step_metrics)
-                window_images += config.global_batch_size
+                if step == first_step:  # keep compilation out of images/s
+                    jax.block_until_ready(step_metrics)
+                    window_start = time.perf_counter()
+                else:
+                    window_images += config.global_batch_size
                 epoch_end = step % epoch_steps == 0
                 if step % config.log_every_steps == 0 or epoch_end or stop.signum is not None:
                     fetched = jax.device_get(pending)
@@ -339,11 +344,12 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                             f"the loss became NaN/Inf before step {step}; training stopped (check "
                             f"the data and the learning rate). The last good checkpoint "
                             f"(step {last_good_step}) is kept in {workdir / 'checkpoints'}.", 1)
-                    rate = window_images / (time.perf_counter() - window_start)
                     loss = float(np.mean([m["loss"] for m in fetched]))
-                    writer.write(step, "train", {"loss": loss, "images_per_second": rate,
-                                                 "learning_rate": config.learning_rate / (1 + config.lr_decay * step)})
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                    record = {"loss": loss, "learning_rate": config.learning_rate / (1 + config.lr_decay * step)}
+                    if window_images:
+                        record["images_per_second"] = window_images / (time.perf_counter() - window_start)
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_second']:.1f}")
+                    writer.write(step, "train", record)
                     window_start, window_images = time.perf_counter(), 0
                 bar.update(1)
                 if stop.signum is not None:
