@@ -58,7 +58,7 @@ __all__ = [
     "batched_auc_borji", "batched_auc_shuffled", "matlab_colon",
 ]
 
-#: MATLAB's ``eps`` as the benchmark prints it (2.220446e-16 exactly; the difference is immaterial).
+#: MATLAB's ``eps`` as printed (2.220446…e-16 exactly; the difference is immaterial).
 EPS = 2.2204e-16
 #: Scale of the uniform jitter AUC-Judd adds (MATLAB: ``rand(size(map))/10000000``).
 JUDD_JITTER = 1e-7
@@ -226,8 +226,9 @@ def _split_auc(s_fix_sorted: np.ndarray, negatives: np.ndarray, step: float) -> 
     top = max(float(s_fix_sorted[-1]), float(negatives.max()))
     thresholds = matlab_colon(0.0, step, top)[::-1]
     neg_sorted = np.sort(negatives)
-    tp = (s_fix_sorted.size - np.searchsorted(s_fix_sorted, thresholds, "left")) / s_fix_sorted.size
-    fp = (neg_sorted.size - np.searchsorted(neg_sorted, thresholds, "left")) / neg_sorted.size
+    n_fix, n_neg = s_fix_sorted.size, neg_sorted.size
+    tp = (n_fix - np.searchsorted(s_fix_sorted, thresholds, "left")) / n_fix
+    fp = (n_neg - np.searchsorted(neg_sorted, thresholds, "left")) / n_neg
     tp = np.concatenate([[0.0], tp, [1.0]])
     fp = np.concatenate([[0.0], fp, [1.0]])
     return float(np.trapezoid(tp, fp))
