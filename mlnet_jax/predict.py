@@ -1,0 +1,403 @@
+"""Saliency maps for images, folders and videos: ``python -m mlnet_jax.predict``.
+
+    python -m mlnet_jax.predict --checkpoint DIR --input FILE_OR_DIR --output DIR
+        [--overlay] [--map-video] [--batch-size N] [--blur SIGMA] [--max-pixels N]
+        [--compilation-cache DIR] [--workers N] [--debug]
+
+Outputs mirror the input: ``--input photos`` with ``photos/a/b/x.jpg`` writes
+``OUT/a/b/x.png`` (8-bit grey map at the image's size) and, with ``--overlay``,
+``OUT/a/b/x_overlay.png`` (the image with a colour heatmap blended over it). A single file
+writes ``OUT/<stem>.png``. A video ``clip.mp4`` writes ``OUT/clip_overlay.mp4`` (same frame
+rate and size, H.264, no audio) and, with ``--map-video``, the grey map video ``OUT/clip.mp4``.
+Hidden files and folders and the output folder itself (when inside the input) are skipped.
+When two inputs would write the same file (``x.jpg`` and ``x.png`` in one folder; names are
+compared ignoring case), the later one in sorted order is named after its full file name
+(``x.png.png``, ``x.png_overlay.png``) and a note says so; the same happens to an output that
+would replace an input (``--output`` equal to the input folder).
+
+A bad file never stops the run: each failure is one ``error: FILE: reason`` line, every good
+file is written, and the exit status is 2 if anything failed. Every file is written under a
+temporary name and renamed when complete, so an existing output is never left half-replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from mlnet_jax.atomic import atomic_path
+from mlnet_jax.errors import UserError
+from mlnet_jax.image_io import MAX_PIXELS, ImageError, is_image_path, load_image
+from mlnet_jax.overlay import blur_map, map_to_uint8, overlay
+from mlnet_jax.video import OUTPUT_SUFFIX as VIDEO_SUFFIX
+from mlnet_jax.video import is_video_path
+
+DEFAULT_CACHE = "~/.cache/mlnet_jax/jax_cache"  # the training configs' default too
+OVERLAY_SUFFIX = "_overlay"
+MAP_SUFFIX = ".png"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One input and the files it writes."""
+
+    source: Path
+    is_video: bool
+    map_path: Path | None        # grey map PNG; for a video only with --map-video
+    overlay_path: Path | None    # overlay PNG with --overlay; always for a video
+    renamed: bool = False        # named after the full file name (its stem's outputs were taken)
+
+
+@dataclasses.dataclass
+class Report:
+    """What happened, for the summary line and the exit status."""
+
+    done: int = 0
+    failed: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+    frames: int = 0
+
+    def fail(self, source: Path, message: str, write=None) -> None:
+        self.failed.append((source, message))
+        line = f"error: {_one_line(message)}"
+        (write or (lambda s: print(s, file=sys.stderr, flush=True)))(line)
+
+
+# --------------------------------------------------------------------------- inputs and names
+
+def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(images and videos under ``input_path`` in sorted order, other files skipped).
+
+    Hidden files and folders, and ``output_dir`` when it lies inside the input, are not
+    walked, so a rerun never predicts on its own outputs.
+    """
+    if input_path.is_file():
+        return [input_path], []
+    if not input_path.is_dir():
+        raise UserError(f"--input {input_path}: no such file or folder")
+    out_resolved = output_dir.resolve()
+    found, skipped = [], []
+    for folder, dirs, files in os.walk(input_path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (Path(folder) / d).resolve() != out_resolved)
+        for name in sorted(files):
+            path = Path(folder) / name
+            if name.startswith("."):
+                continue
+            (found if is_image_path(path) or is_video_path(path) else skipped).append(path)
+    return found, skipped
+
+
+def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay: bool,
+                 map_video: bool) -> list[Job]:
+    """Output paths mirroring each source's path relative to ``root``.
+
+    A source whose outputs are already claimed by an earlier source, or would replace an input
+    file, is named after its full file name instead (names compared ignoring case, as on
+    macOS and Windows file systems).
+    """
+    sources = list(sources)
+    claimed = {_key(s) for s in sources}
+    jobs = []
+    for source in sources:
+        relative = source.relative_to(root) if source != root else Path(source.name)
+        video = is_video_path(source)
+        suffix = VIDEO_SUFFIX if video else MAP_SUFFIX
+        want_map = map_video if video else True
+        want_overlay = True if video else overlay
+        folder = output_dir / relative.parent
+        for attempt in itertools.count():
+            base = (relative.stem, relative.name)[attempt] if attempt < 2 else f"{relative.name}~{attempt}"
+            map_path = folder / f"{base}{suffix}" if want_map else None
+            overlay_path = folder / f"{base}{OVERLAY_SUFFIX}{suffix}" if want_overlay else None
+            keys = {_key(p) for p in (map_path, overlay_path) if p is not None}
+            if not keys & claimed:
+                claimed |= keys
+                jobs.append(Job(source, video, map_path, overlay_path, renamed=attempt > 0))
+                break
+    return jobs
+
+
+def _key(path: Path) -> str:
+    return str(path.resolve()).casefold()
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` and prove it is writable now, rather than failing on every file."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output {output_dir}: cannot create the folder "
+                        f"({e.strerror or e})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mlnet_write_test.", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--output {output_dir}: the folder is not writable "
+                        f"({e.strerror or e})") from None
+
+
+# --------------------------------------------------------------------------- images
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """PNG written under a temporary name, renamed into place when complete."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=4)
+
+
+def write_image_outputs(job: Job, image: np.ndarray, saliency: np.ndarray) -> None:
+    if job.map_path is not None:
+        write_png(job.map_path, map_to_uint8(saliency))
+    if job.overlay_path is not None:
+        write_png(job.overlay_path, overlay(image, saliency))
+
+
+def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 0.0,
+                   max_pixels: int = MAX_PIXELS, workers: int = 4, progress: bool = True) -> None:
+    """Decode in ``workers`` threads ahead of the device, predict in padded batches (one
+    compilation), post-process and write in the threads; failures go to ``report``."""
+    from tqdm import tqdm
+
+    if not jobs:
+        return
+    depth = 2 * predictor.batch_size + workers  # images decoded ahead of the device
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(jobs), unit="img", disable=not progress, dynamic_ncols=True,
+                 file=sys.stderr) as bar:
+        pending_loads = _prefetch(pool, jobs, lambda job: load_image(job.source, max_pixels), depth)
+        waiting: collections.deque[tuple[Job, np.ndarray]] = collections.deque()
+
+        def say(line: str) -> None:  # above the progress bar, on stderr like the bar
+            bar.write(line, file=sys.stderr)
+
+        writes: collections.deque[tuple[Job, concurrent.futures.Future]] = collections.deque()
+
+        def finish_write(job: Job, future: concurrent.futures.Future) -> None:
+            try:
+                future.result()
+                report.done += 1
+            except OSError as e:
+                report.fail(job.source, f"{job.source}: cannot write its output "
+                                        f"({e.strerror or e})", say)
+            except Exception as e:  # noqa: BLE001
+                report.fail(job.source, f"{job.source}: cannot write its output "
+                                        f"({type(e).__name__}: {e})", say)
+            bar.update(1)
+
+        def decoded() -> Iterator[np.ndarray]:
+            for job, future in pending_loads:
+                try:
+                    image = future.result()
+                except ImageError as e:
+                    report.fail(job.source, str(e), say)
+                    bar.update(1)
+                    continue
+                except Exception as e:  # noqa: BLE001 — one bad file must not stop the run
+                    report.fail(job.source, f"{job.source}: {type(e).__name__}: {e}", say)
+                    bar.update(1)
+                    continue
+                waiting.append((job, image))
+                yield image
+
+        for saliency in predictor.iter_maps(decoded()):
+            job, image = waiting.popleft()
+            if blur > 0:
+                saliency = blur_map(saliency, blur)
+            writes.append((job, pool.submit(write_image_outputs, job, image, saliency)))
+            while writes and (writes[0][1].done() or len(writes) > 2 * max(1, workers)):
+                finish_write(*writes.popleft())
+        while writes:
+            finish_write(*writes.popleft())
+
+
+def _prefetch(pool, items: list, fn, depth: int) -> Iterator[tuple]:
+    """(item, future of fn(item)) in order, keeping ``depth`` calls in flight."""
+    queue: collections.deque = collections.deque()
+    iterator = iter(items)
+    for item in itertools.islice(iterator, depth):
+        queue.append((item, pool.submit(fn, item)))
+    while queue:
+        item, future = queue.popleft()
+        following = next(iterator, None)
+        if following is not None:
+            queue.append((following, pool.submit(fn, following)))
+        yield item, future
+
+
+# --------------------------------------------------------------------------- videos
+
+def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
+                  progress: bool = True) -> None:
+    """Overlay video (and grey map video) at the input's rate and size, frames in batches."""
+    import contextlib
+
+    from tqdm import tqdm
+
+    from mlnet_jax.video import VideoWriter, open_video
+
+    start = time.perf_counter()
+    count = 0
+    try:
+        with contextlib.ExitStack() as stack:
+            info, frames = stack.enter_context(open_video(job.source))
+            writers = [stack.enter_context(VideoWriter(path, info.width, info.height, info.rate))
+                       if path is not None else None for path in (job.overlay_path, job.map_path)]
+            bar = stack.enter_context(tqdm(total=info.frames, unit="frame", disable=not progress,
+                                           dynamic_ncols=True, file=sys.stderr,
+                                           desc=job.source.name))
+            waiting: collections.deque[np.ndarray] = collections.deque()
+
+            def feed() -> Iterator[np.ndarray]:
+                for frame in frames:
+                    waiting.append(frame)
+                    yield frame
+
+            overlay_writer, map_writer = writers
+            for saliency in predictor.iter_maps(feed()):
+                frame = waiting.popleft()
+                if blur > 0:
+                    saliency = blur_map(saliency, blur)
+                if overlay_writer is not None:
+                    overlay_writer.write(overlay(frame, saliency))
+                if map_writer is not None:
+                    map_writer.write(np.repeat(map_to_uint8(saliency)[..., None], 3, axis=-1))
+                count += 1
+                bar.update(1)
+    except UserError as e:
+        report.fail(job.source, str(e) if str(job.source) in str(e) else f"{job.source}: {e}")
+        return
+    except Exception as e:  # noqa: BLE001 — FFmpeg errors, a frame size change, a full disk
+        report.fail(job.source, f"{job.source}: {type(e).__name__}: {e}")
+        return
+    seconds = time.perf_counter() - start
+    report.done += 1
+    report.frames += count
+    print(f"{job.source}: {count} frames in {seconds:.1f} s ({count / max(seconds, 1e-9):.1f} "
+          f"frames/s) → {job.overlay_path}" + (f", {job.map_path}" if job.map_path else ""),
+          file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlnet_jax.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="training workdir, checkpoint directory or converted full-model .npz")
+    p.add_argument("--input", required=True, help="an image, a video, or a folder (walked recursively)")
+    p.add_argument("--output", required=True, help="folder for the outputs (created if missing)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write each image with the heatmap blended over it (<stem>_overlay.png)")
+    p.add_argument("--map-video", action="store_true",
+                   help="for videos, also write the grey map video (<stem>.mp4)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per device batch (rounded up to a multiple of the devices; default 8)")
+    p.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
+                   help="Gaussian blur of the maps, sigma in pixels of the original image "
+                        "(default 0: none, as the original)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse images with more pixels than this (decompression bombs; "
+                        f"default {MAX_PIXELS:,})")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="threads decoding and writing images (default: CPU count, at most 8)")
+    p.add_argument("--compilation-cache", default=DEFAULT_CACHE, metavar="DIR",
+                   help=f"persistent XLA compilation cache (default {DEFAULT_CACHE}; '' disables)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command without its error handling; returns the exit status."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.blur < 0:
+        raise UserError(f"--blur must be ≥ 0, got {args.blur}")
+    if args.max_pixels < 1:
+        raise UserError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    input_path, output_dir = Path(args.input).expanduser(), Path(args.output).expanduser()
+    sources, skipped = find_inputs(input_path, output_dir)
+    if not sources:
+        raise UserError(f"--input {input_path}: no images or videos found (extensions: images "
+                        ".jpg .png .bmp .webp .tif .gif, videos .mp4 .avi .mov .mkv)")
+    root = input_path if input_path.is_dir() else input_path.parent
+    jobs = plan_outputs(sources, root, output_dir, args.overlay, args.map_video)
+    check_output_dir(output_dir)
+    # Pillow's own bomb check must not refuse what --max-pixels allows.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < args.max_pixels:
+        Image.MAX_IMAGE_PIXELS = args.max_pixels
+
+    from mlnet_jax.inference import Predictor
+    from mlnet_jax.train import enable_compilation_cache
+
+    enable_compilation_cache(args.compilation_cache)
+    predictor = Predictor.load(Path(args.checkpoint).expanduser(), batch_size=args.batch_size)
+    report = Report()
+    image_jobs = [j for j in jobs if not j.is_video]
+    video_jobs = [j for j in jobs if j.is_video]
+    start = time.perf_counter()
+    predict_images(predictor, image_jobs, report=report, blur=args.blur,
+                   max_pixels=args.max_pixels, workers=args.workers,
+                   progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    if image_jobs:
+        images_ok = report.done
+        print(f"{images_ok} of {len(image_jobs)} images in {seconds:.1f} s "
+              f"({images_ok / max(seconds, 1e-9):.1f} images/s) → {output_dir}",
+              file=sys.stderr, flush=True)
+    for job in video_jobs:
+        predict_video(predictor, job, report=report, blur=args.blur, progress=not args.no_progress)
+    if skipped:
+        kinds = sorted({p.suffix.lower() or "(none)" for p in skipped})
+        print(f"skipped {len(skipped)} file(s) that are not images or videos by their extension "
+              f"({', '.join(kinds[:8])}{', …' if len(kinds) > 8 else ''})", file=sys.stderr)
+    for job in (j for j in jobs if j.renamed):
+        print(f"note: {job.source} shares its name with another input; its outputs are named "
+              f"{(job.map_path or job.overlay_path).name}", file=sys.stderr)
+    if report.failed:
+        print(f"{len(report.failed)} of {len(jobs)} inputs failed", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted; finished outputs are complete, none is half-written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — one line for people; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {_one_line(str(e))} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

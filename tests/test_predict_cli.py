@@ -1,0 +1,332 @@
+"""``python -m mlnet_jax.predict`` on images and folders: sizes, modes, EXIF, mirrored paths,
+overlays, bad files, limits, atomic outputs; and the image reading and overlay helpers."""
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlnet_jax import MLNet
+from mlnet_jax.image_io import ImageError, load_image, to_rgb
+from mlnet_jax.inference import Predictor
+from mlnet_jax.overlay import blur_map, overlay
+from mlnet_jax.predict import Job, Report, main, plan_outputs, predict_images
+from mlnet_jax.weights_file import save_weights
+
+INPUT = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A full ML-Net (VGG ¼ wide, 32×32 input: quick to compile) with a positive readout bias
+    so that maps are never all zero. Weights are drawn with NumPy (fan-average normal, zero
+    biases and prior): compiling ``model.init`` costs ~20 s on a CPU."""
+    model = MLNet(width_multiplier=0.25)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *INPUT, 3)))["params"]
+    rng = np.random.default_rng(0)
+
+    def draw(spec):
+        if len(spec.shape) != 4:
+            return np.zeros(spec.shape, np.float32)
+        *window, fan_in, fan_out = spec.shape
+        std = np.sqrt(2.0 / (np.prod(window) * (fan_in + fan_out)))
+        return rng.normal(0.0, std, spec.shape).astype(np.float32)
+
+    params = jax.tree.map(draw, shapes)
+    params["head"]["readout"]["bias"] = np.full((1,), 0.1, np.float32)
+    path = tmp_path_factory.mktemp("model") / "mlnet.npz"
+    save_weights(path, params, {"model": "mlnet", "source": "test", "preprocessing": "caffe",
+                                "pooling": "standard", "prior": True, "input_size": list(INPUT),
+                                "width_multiplier": 0.25})
+    return path
+
+
+def _noise(rows, cols, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (rows, cols) if channels == 1 else (rows, cols, channels)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A tiny PNG file that declares ``width`` × ``height`` 1-bit pixels (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _exif_rotated_jpeg(path: Path, rows: int, cols: int) -> None:
+    """A JPEG stored as rows×cols whose EXIF orientation 6 says: display turned 90° (cols×rows)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_noise(rows, cols, seed=5)).save(path, format="JPEG", exif=exif.tobytes())
+
+
+def _predict(model_file, input_path, output, *extra):
+    return main(["--checkpoint", str(model_file), "--input", str(input_path), "--output", str(output),
+                 "--batch-size", "4", "--compilation-cache", "", "--workers", "2", *extra])
+
+
+# --------------------------------------------------------------------------- folders of images
+
+def test_a_folder_of_modes_sizes_and_orientations(model_file, tmp_path, capsys):
+    src, out = tmp_path / "photos", tmp_path / "maps"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "c").mkdir()
+    expected = {}  # relative stem path → (rows, cols) as displayed
+
+    def add(relative, image, size, **save):
+        (src / relative).parent.mkdir(parents=True, exist_ok=True)
+        image.save(src / relative, **save)
+        expected[str(Path(relative).with_suffix(""))] = size
+
+    add("rgb.jpg", Image.fromarray(_noise(30, 50)), (30, 50))
+    add("a/grey.png", Image.fromarray(_noise(17, 9, 1)), (17, 9))
+    add("a/b/rgba.png", Image.fromarray(_noise(24, 40, 4)), (24, 40))
+    add("a/b/palette.gif", Image.fromarray(_noise(20, 20)).convert("P"), (20, 20))
+    add("c/cmyk.jpg", Image.fromarray(_noise(16, 28)).convert("CMYK"), (16, 28))
+    add("c/sixteen.png", Image.fromarray((_noise(21, 13, 1).astype(np.uint16) * 257)), (21, 13))
+    add("c/photo.tiff", Image.fromarray(_noise(33, 12)), (33, 12))
+    add("c/web.webp", Image.fromarray(_noise(14, 26)), (14, 26))
+    add("tiny.bmp", Image.fromarray(_noise(1, 1)), (1, 1))
+    _exif_rotated_jpeg(src / "a" / "turned.jpg", 20, 44)
+    expected["a/turned"] = (44, 20)
+    (src / "notes.txt").write_text("not an image, skipped by extension")
+
+    assert _predict(model_file, src, out, "--overlay") == 0
+    err = capsys.readouterr().err
+    assert "error" not in err and "skipped 1 file" in err
+
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted([f"{k}.png" for k in expected] + [f"{k}_overlay.png" for k in expected])
+    for stem, (rows, cols) in expected.items():
+        saliency = Image.open(out / f"{stem}.png")
+        assert saliency.mode == "L" and saliency.size == (cols, rows), stem
+        values = np.asarray(saliency)
+        if rows * cols > 1:
+            assert values.max() > values.min(), f"{stem}: constant map"
+        assert values.max() == 255, stem  # maps are scaled to a maximum of 1
+        blended = Image.open(out / f"{stem}_overlay.png")
+        assert blended.mode == "RGB" and blended.size == (cols, rows), stem
+
+
+def test_one_compilation_serves_every_size(model_file, tmp_path):
+    predictor = Predictor.load(model_file, batch_size=3)
+    sizes = [(30, 50), (7, 300), (300, 7), (1, 1), (64, 48), (32, 32), (5, 9)]
+    sources = []
+    for i, (rows, cols) in enumerate(sizes):
+        sources.append(tmp_path / f"im{i}.png")
+        Image.fromarray(_noise(rows, cols, seed=i)).save(sources[-1])
+    jobs = plan_outputs(sources, tmp_path, tmp_path / "out", overlay=False, map_video=False)
+    report = Report()
+    predict_images(predictor, jobs, report=report, workers=2, progress=False)
+    assert report.done == len(sizes) and not report.failed
+    assert predictor.num_compilations == 1
+    for job, (rows, cols) in zip(jobs, sizes):
+        assert Image.open(job.map_path).size == (cols, rows)
+
+
+def test_bad_files_are_named_once_and_the_good_ones_written(model_file, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(_noise(20, 30)).save(src / "good1.jpg")
+    Image.fromarray(_noise(12, 8)).save(src / "good2.png")
+    buffer = io.BytesIO()
+    Image.fromarray(_noise(64, 64)).save(buffer, format="JPEG")
+    (src / "corrupt.jpg").write_bytes(buffer.getvalue()[:300])
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.jpg").write_text("this is a text file with an image's name\n")
+
+    assert _predict(model_file, src, out) == 2
+    err = capsys.readouterr().err
+    for bad in ("corrupt.jpg", "empty.png", "text.jpg"):
+        assert err.count(bad) == 1, (bad, err)
+        line = next(l for l in err.splitlines() if bad in l)
+        assert line.startswith("error: ") and str(src / bad) in line
+    assert "Traceback" not in err and "3 of 5 inputs failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["good1.png", "good2.png"]
+
+
+def test_a_decompression_bomb_is_refused_by_the_limit(model_file, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    _png_header_only(src / "bomb.png", 30000, 30000)     # past Pillow's own limit too
+    _png_header_only(src / "large.png", 13000, 12000)    # past ours (150 MP), not Pillow's
+    Image.fromarray(_noise(10, 10)).save(src / "fine.png")
+    assert _predict(model_file, src, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    for name, size in (("bomb.png", "900,000,000 pixels"), ("large.png", "13000×12000 pixels")):
+        lines = [l for l in err.splitlines() if name in l]
+        assert len(lines) == 1 and size in lines[0] and "150,000,000" in lines[0], err
+    assert (tmp_path / "out" / "fine.png").is_file()
+    # The limit is an option: a low one refuses an ordinary image.
+    assert _predict(model_file, src / "fine.png", tmp_path / "out2", "--max-pixels", "99") == 2
+    assert "over the limit of 99 pixels" in capsys.readouterr().err
+
+
+def test_same_stems_do_not_overwrite_and_outputs_inside_the_input_are_not_inputs(
+        model_file, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(10, 20)).save(src / "x.jpg")
+    Image.fromarray(_noise(30, 6)).save(src / "x.png")
+    out = src / "maps"
+    for _ in range(2):  # the second run must not treat the first run's maps as inputs
+        assert _predict(model_file, src, out, "--overlay") == 0
+    err = capsys.readouterr().err
+    assert "note: " in err and "x.png.png" in err
+    assert sorted(p.name for p in out.rglob("*")) == [
+        "x.png", "x.png.png", "x.png_overlay.png", "x_overlay.png"]
+    assert Image.open(out / "x.png").size == (20, 10)
+    assert Image.open(out / "x.png.png").size == (6, 30)
+
+
+def test_an_existing_output_survives_a_failed_write(model_file, tmp_path, capsys, monkeypatch):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    Image.fromarray(_noise(10, 10)).save(src / "x.png")
+    (out / "x.png").write_bytes(b"previous map")
+    real_save = Image.Image.save
+
+    def disk_full(self, fp, *args, **kwargs):
+        if Path(fp).name.startswith(".x.png."):
+            Path(fp).write_bytes(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    assert _predict(model_file, src, out) == 2
+    err = capsys.readouterr().err
+    assert "x.png" in err and "No space left on device" in err and "Traceback" not in err
+    assert (out / "x.png").read_bytes() == b"previous map"
+    assert [p.name for p in out.iterdir()] == ["x.png"]  # no temporary file left behind
+
+
+def test_blur_is_applied_to_the_map_at_image_size(model_file, tmp_path):
+    src = tmp_path / "x.png"
+    Image.fromarray(_noise(40, 60)).save(src)
+    assert _predict(model_file, src, tmp_path / "sharp", "--no-progress") == 0
+    assert _predict(model_file, src, tmp_path / "soft", "--blur", "6", "--no-progress") == 0
+    sharp = np.asarray(Image.open(tmp_path / "sharp" / "x.png"), np.float32)
+    soft = np.asarray(Image.open(tmp_path / "soft" / "x.png"), np.float32)
+    assert soft.shape == sharp.shape == (40, 60)
+    assert np.abs(soft - sharp).max() > 10
+    np.testing.assert_allclose(soft, 255 * blur_map(sharp / 255, 6.0), atol=2)
+
+
+# --------------------------------------------------------------------------- user errors
+
+def test_an_unwritable_output_folder_is_one_line(model_file, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.fromarray(_noise(8, 8)).save(image)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert _predict(model_file, image, blocker / "maps") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --output") and "a_file" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "{tmp}/missing"], "no such file or folder"),
+    (["--input", "{tmp}/empty_dir"], "no images or videos found"),
+    (["--input", "{tmp}/x.png", "--batch-size", "0"], "--batch-size"),
+])
+def test_input_errors_are_one_line(model_file, tmp_path, capsys, args, message):
+    (tmp_path / "empty_dir").mkdir()
+    Image.fromarray(_noise(8, 8)).save(tmp_path / "x.png")
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["--checkpoint", str(model_file), "--output", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_the_module_runs_and_hides_tracebacks_unless_debug(tmp_path):
+    Image.fromarray(_noise(8, 8)).save(tmp_path / "x.png")
+    command = [sys.executable, "-m", "mlnet_jax.predict", "--checkpoint", str(tmp_path / "nope.npz"),
+               "--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "o"),
+               "--compilation-cache", ""]
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1].startswith("error: ") and "nope.npz" in quiet.stderr
+    loud = subprocess.run(command + ["--debug"], capture_output=True, text=True, timeout=120)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+# --------------------------------------------------------------------------- helpers
+
+def test_image_modes_keep_their_value_range():
+    sixteen = Image.fromarray(np.full((2, 3), 40000, np.uint16))            # I;16
+    assert (to_rgb(sixteen) == round(40000 / 257)).all()                    # not clipped to 255
+    wide = Image.fromarray(np.full((2, 2), 1000, np.int32))                 # I, 16-bit data
+    assert (to_rgb(wide) == round(1000 * 255 / 65535)).all()
+    floats = Image.fromarray(np.full((2, 2), 0.5, np.float32))              # F in 0–1
+    assert (to_rgb(floats) == 128).all()
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[0, 1] = (10, 20, 30, 255)                                          # pixel 0 transparent
+    assert to_rgb(Image.fromarray(rgba)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+    cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))                      # pure red
+    assert to_rgb(cmyk).tolist() == [[[255, 0, 0]]]
+    binary = Image.new("1", (2, 1), 1)
+    assert to_rgb(binary).shape == (1, 2, 3) and (to_rgb(binary) == 255).all()
+
+
+def test_load_image_honours_exif_and_names_bad_files(tmp_path):
+    _exif_rotated_jpeg(tmp_path / "turned.jpg", 10, 30)
+    assert load_image(tmp_path / "turned.jpg").shape == (30, 10, 3)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    for name, reason in (("empty.jpg", "empty file"), ("text.png", "not an image"),
+                         ("absent.png", "no such file")):
+        with pytest.raises(ImageError, match=reason) as caught:
+            load_image(tmp_path / name)
+        assert str(tmp_path / name) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_python_api_takes_pil_images_of_any_mode(model_file):
+    predictor = Predictor.load(model_file, batch_size=2)
+    sixteen = Image.fromarray((_noise(12, 20, 1).astype(np.uint16) * 257))
+    maps = predictor([sixteen, _noise(9, 4)])
+    assert [m.shape for m in maps] == [(12, 20), (9, 4)]
+    # 16-bit input is scaled like its 8-bit twin, not clipped to white.
+    twin = predictor(Image.fromarray(_noise(12, 20, 1)))
+    np.testing.assert_allclose(maps[0], twin, atol=1e-5)
+
+
+def test_overlay_colours_only_where_salient():
+    image = np.full((4, 6, 3), 100, np.uint8)
+    saliency = np.zeros((4, 6), np.float32)
+    saliency[1, 2] = 1.0
+    out = overlay(image, saliency)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    untouched = np.ones((4, 6), bool)
+    untouched[1, 2] = False
+    assert (out[untouched] == 100).all() and not (out[1, 2] == 100).all()
+    # A map at another size is resized to the image.
+    assert overlay(image, np.ones((2, 3), np.float32)).shape == image.shape
+
+
+def test_blur_map_is_a_gaussian_and_fast_path_agrees():
+    delta = np.zeros((101, 101), np.float32)
+    delta[50, 50] = 1
+    blurred = blur_map(delta, 5.0)
+    assert blurred.max() == pytest.approx(1.0)
+    profile = blurred[50] / blurred[50].sum()
+    spread = np.sqrt((profile * (np.arange(101) - 50) ** 2).sum())
+    assert spread == pytest.approx(5.0, rel=0.02)
+    # A large smooth map: the reduced-size path matches a full-size blur.
+    yy, xx = np.mgrid[0:1200, 0:1600].astype(np.float32)
+    smooth = np.exp(-((yy - 500) ** 2 + (xx - 900) ** 2) / (2 * 150.0 ** 2)).astype(np.float32)
+    from scipy import ndimage
+    full = ndimage.gaussian_filter(smooth, 40, mode="nearest")
+    np.testing.assert_allclose(blur_map(smooth, 40), full / full.max(), atol=0.01)
+    assert (blur_map(np.zeros((3, 3)), 2) == 0).all()
