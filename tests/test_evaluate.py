@@ -1,0 +1,237 @@
+"""``python -m mlnet_jax.evaluate``: JSON/CSV/table on a prepared fake SALICON, every checkpoint
+form, the baselines, one-line errors, and a briefly trained demo model beating the centre bias
+on the demo data; plus the shared scoring loop in-process (NaN handling, sAUC negatives,
+numpy vs jax metric backends)."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+DEMO_CONFIG = ROOT / "configs" / "demo.py"
+SALICON_CONFIG = ROOT / "configs" / "salicon.py"
+METRICS = ("cc", "kld", "nss", "sim", "auc_judd", "auc_borji", "auc_shuffled")
+# The demo config, cut to ~45 s of training on a 2-core CPU (CC ≈ 0.92 on its validation).
+SHORT_DEMO = ("--config.num_epochs=1", "--config.steps_per_epoch=20",
+              "--config.global_batch_size=8", "--config.synthetic_train_size=160",
+              "--config.synthetic_eval_size=16", "--config.compilation_cache_dir=")
+
+
+def run(*args, cwd=ROOT, check=True, timeout=300):
+    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, cwd=cwd)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def evaluate_cli(*args, **kwargs):
+    return run("-m", "mlnet_jax.evaluate", "--noprogress", *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo") / "run"
+    run("-m", "mlnet_jax.train", f"--config={DEMO_CONFIG}", f"--workdir={workdir}", *SHORT_DEMO,
+        timeout=480)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def salicon(tmp_path_factory):
+    from fake_datasets import prepared_salicon
+    return prepared_salicon(tmp_path_factory.mktemp("salicon"),
+                            counts={"train": 2, "validation": 6, "test": 0})
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_outputs(json_path, num_images, with_loss):
+    """JSON has every metric with finite mean/std and n; the CSV's column means equal them."""
+    summary = json.loads(Path(json_path).read_text())
+    assert summary["num_images"] == num_images
+    assert set(summary["metrics"]) == set(METRICS)
+    rows = read_csv(Path(json_path).with_suffix(".csv"))
+    assert summary["per_image_csv"] == Path(json_path).with_suffix(".csv").name
+    assert len(rows) == num_images and len({r["file_name"] for r in rows}) == num_images
+    for name in METRICS:
+        stats = summary["metrics"][name]
+        assert math.isfinite(stats["mean"]) and math.isfinite(stats["std"]), name
+        values = np.asarray([float(r[name]) for r in rows])
+        finite = values[np.isfinite(values)]
+        assert stats["n"] == finite.size
+        assert stats["mean"] == pytest.approx(finite.mean(), rel=1e-9, abs=1e-12), name
+        assert stats["std"] == pytest.approx(finite.std(), rel=1e-6, abs=1e-9), name
+    assert (summary["loss"] is not None) == with_loss
+    if with_loss:
+        losses = np.asarray([float(r["loss"]) for r in rows])
+        assert summary["loss"]["mean"] == pytest.approx(losses.mean(), rel=1e-6)
+    return summary
+
+
+def check_table(stdout, num_images):
+    lines = stdout.splitlines()
+    assert any(line.split()[:4] == ["metric", "mean", "std", "n"] for line in lines), stdout
+    for label in ("CC", "KLD", "NSS", "SIM", "AUC-Judd", "AUC-Borji", "sAUC"):
+        row = next(line for line in lines if line.split()[:1] == [label])
+        assert row.split()[-1] == str(num_images), row
+    assert f"{num_images} images" in stdout
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_a_checkpoint_on_a_prepared_salicon(demo_run, salicon, tmp_path):
+    """Workdir, checkpoint directory and converted .npz give the same scores; outputs agree."""
+    data = f"--config.data_dir={salicon}"
+    out = evaluate_cli("--checkpoint", demo_run, "--config", SALICON_CONFIG, data,
+                       "--output", tmp_path / "workdir.json")
+    check_table(out.stdout, 6)
+    by_workdir = check_outputs(tmp_path / "workdir.json", 6, with_loss=True)
+    assert by_workdir["split"] == "validation" and by_workdir["dataset"] == "salicon2015"
+    assert by_workdir["checkpoint_resolved"].endswith("best/20")
+    assert by_workdir["model"]["input_size"] == [96, 128]
+
+    # One checkpoint directory: default output in its workdir, named after it.
+    step_dir = demo_run / "checkpoints" / "20"
+    evaluate_cli("--checkpoint", step_dir, "--config", SALICON_CONFIG, data)
+    by_step = check_outputs(demo_run / "eval_validation_checkpoints20.json", 6, with_loss=True)
+
+    # A full-model .npz (what convert_weights writes): default output beside it.
+    from mlnet_jax.checkpointing import restore_for_inference
+    from mlnet_jax.weights_file import save_weights
+    params, metadata = restore_for_inference(demo_run)
+    save_weights(tmp_path / "model.npz", params, metadata)
+    evaluate_cli("--checkpoint", tmp_path / "model.npz", "--config", SALICON_CONFIG, data)
+    by_npz = check_outputs(tmp_path / "model_eval_validation.json", 6, with_loss=True)
+    for name in METRICS:  # best and latest are both step 20 here
+        assert by_step["metrics"][name] == pytest.approx(by_workdir["metrics"][name], rel=1e-5)
+        assert by_npz["metrics"][name] == pytest.approx(by_workdir["metrics"][name], rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("baseline", ["centre", "spectral_residual"])
+def test_baselines_need_no_checkpoint(salicon, tmp_path, baseline):
+    out = evaluate_cli("--baseline", baseline, "--config", SALICON_CONFIG,
+                       f"--config.data_dir={salicon}", cwd=tmp_path)
+    check_table(out.stdout, 6)
+    summary = check_outputs(tmp_path / f"eval_salicon2015_validation_{baseline}.json", 6,
+                            with_loss=False)
+    assert summary["baseline"] == baseline and summary["checkpoint"] is None
+
+
+@pytest.mark.timeout(600)
+def test_trained_demo_model_beats_the_centre_bias_on_the_demo_data(demo_run, tmp_path):
+    args = ("--config", DEMO_CONFIG, "--config.synthetic_eval_size=16")
+    out = evaluate_cli("--checkpoint", demo_run, *args)
+    check_table(out.stdout, 16)
+    model = check_outputs(demo_run / "eval_validation.json", 16, with_loss=True)["metrics"]
+    evaluate_cli("--baseline", "centre", "--output", tmp_path / "centre.json", *args)
+    centre = check_outputs(tmp_path / "centre.json", 16, with_loss=False)["metrics"]
+    # Training's own evaluation of the same split and checkpoint agrees on the shared metrics.
+    final = json.loads((demo_run / "final_metrics.json").read_text())
+    for name in ("cc", "kld", "nss", "sim"):
+        assert model[name]["mean"] == pytest.approx(final[name], rel=1e-4), name
+        assert centre[name]["mean"] == pytest.approx(final[f"centre_bias_{name}"], rel=1e-4)
+    assert model["cc"]["mean"] > centre["cc"]["mean"] + 0.3
+    assert model["kld"]["mean"] < centre["kld"]["mean"]
+    for name in ("nss", "sim", "auc_judd", "auc_borji", "auc_shuffled"):
+        assert model[name]["mean"] > centre[name]["mean"], name
+
+
+@pytest.mark.timeout(300)
+def test_errors_are_one_line_with_exit_code_2(salicon, tmp_path):
+    cases = {
+        "not prepared": ("--baseline", "centre", "--config", SALICON_CONFIG,
+                         f"--config.data_dir={tmp_path / 'empty'}"),
+        "no such file": ("--checkpoint", tmp_path / "missing", "--config", SALICON_CONFIG,
+                         f"--config.data_dir={salicon}"),
+        "--checkpoint": ("--config", SALICON_CONFIG, f"--config.data_dir={salicon}"),
+    }
+    for expected, args in cases.items():
+        result = evaluate_cli(*args, check=False, cwd=tmp_path)
+        assert result.returncode == 2, (expected, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], \
+            result.stderr
+        assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
+# --------------------------------------------------------------------------- in-process
+
+def _synthetic_records(n, size=(24, 32)):
+    from mlnet_jax.datasets.synthetic import synthetic_dataset
+    return synthetic_dataset("validation", n, size, seed=3)
+
+
+def test_images_without_fixations_are_nan_and_excluded_from_means():
+    from mlnet_jax.evaluation import score_split
+    records = _synthetic_records(5)
+    records[1] = dict(records[1], fixations=np.zeros((0, 2), np.int32))
+    scores = score_split(records, model_size=(32, 32), batch_size=2,
+                         baselines={"": "centre"}, metric_names=METRICS, backend="numpy")
+    assert scores.num_images == 5 and [r["index"] for r in scores.rows] == list(range(5))
+    row = scores.rows[1]
+    assert row["num_fixations"] == 0
+    for name in ("nss", "auc_judd", "auc_borji", "auc_shuffled"):
+        assert math.isnan(row[name]) and scores.summary[name]["n"] == 4
+        assert scores.summary[name]["mean"] == pytest.approx(
+            np.mean([r[name] for i, r in enumerate(scores.rows) if i != 1]))
+    for name in ("cc", "kld", "sim"):
+        assert math.isfinite(row[name]) and scores.summary[name]["n"] == 5
+    # The per-image seeds make the random metrics independent of the batch size.
+    again = score_split(records, model_size=(32, 32), batch_size=3, baselines={"": "centre"},
+                        metric_names=METRICS, backend="numpy", max_images=4)
+    assert again.num_images == 4
+    for a, b in zip(again.rows, scores.rows):
+        for name in METRICS:
+            np.testing.assert_equal(a[name], b[name])
+
+
+def test_sauc_negatives_are_other_images_fixations_scaled_to_this_image():
+    from mlnet_jax.evaluation import FixationTable
+    records = [{"image": b"", "fixations": np.asarray([[i, 2 * i]]), "image_size": (10, 20),
+                "file_name": f"{i}", "saliency_map": b""} for i in range(6)]
+    records[2] = dict(records[2], fixations=np.zeros((0, 2), np.int32))
+    records[5] = dict(records[5], fixations=np.asarray([[2, 3]]), image_size=(5, 10))
+    table = FixationTable(records)
+    others = table.others(0, n_others=3, seed=7)
+    assert len(others) == 3 and 0 not in others and 2 not in others
+    np.testing.assert_array_equal(others, table.others(0, n_others=3, seed=7))  # fixed
+    assert sorted(table.others(0, n_others=10, seed=7)) == [1, 3, 4, 5]  # all there are
+    m = table.other_fixation_map(0, (10, 20), n_others=10, seed=7)
+    # Image 5's (2, 3) of 5×10 lands on ((2 + ½)·2, (3 + ½)·2) = (5, 7) of 10×20.
+    assert sorted(zip(*np.nonzero(m))) == [(1, 2), (3, 6), (4, 8), (5, 7)]
+    m = table.other_fixation_map(5, (5, 10), n_others=10, seed=7)  # from 10×20 to 5×10
+    assert sorted(zip(*np.nonzero(m))) == [(0, 0), (0, 1), (1, 3), (2, 4)]
+
+
+def test_numpy_and_jax_metric_backends_agree():
+    """Deterministic metrics to float32 precision, with images of two sizes in one batch; the
+    random ones in distribution (close on average). Compiling every batched metric takes
+    seconds per image size on a CPU, so those run on one size."""
+    from mlnet_jax.evaluation import FAST_METRICS, score_split
+    mixed = _synthetic_records(4) + _synthetic_records(3, size=(32, 24))
+    for records, names in ((mixed, FAST_METRICS), (mixed[:4], METRICS)):
+        kwargs = dict(model_size=(32, 32), batch_size=7, baselines={"": "spectral_residual"},
+                      metric_names=names)
+        a = score_split(records, backend="numpy", **kwargs)
+        b = score_split(records, backend="jax", **kwargs)
+        assert [r["file_name"] for r in a.rows] == [r["file_name"] for r in b.rows]
+        for ra, rb in zip(a.rows, b.rows):
+            for name in FAST_METRICS:
+                assert rb[name] == pytest.approx(ra[name], rel=1e-4, abs=1e-5), name
+    for ra, rb in zip(a.rows, b.rows):
+        assert rb["auc_judd"] == pytest.approx(ra["auc_judd"], abs=0.02)
+    for name in ("auc_borji", "auc_shuffled"):
+        assert b.summary[name]["mean"] == pytest.approx(a.summary[name]["mean"], abs=0.05)
