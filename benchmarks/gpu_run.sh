@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The one device command: mlnet_jax's throughput and the PyTorch peer on the same card, one run,
+# inside 9 minutes (BUDGET_S), so the ratios compare numbers from one card and one lease.
+#
+# Here, once per checkout (copies ../shared/bench/torch_peer.py and the wheels --pipeline needs,
+# grain and array_record for Python 3.12, into .bench/, which .git/info/exclude ignores; ../shared
+# does not travel to the device machine, .bench does when carried):
+#     bash benchmarks/gpu_run.sh --prepare
+# Then one call of the device tool's run:  command "bash benchmarks/gpu_run.sh",
+#     carry [".bench"], timeout_s 600
+# It writes into $OUT: peer_torch.json (the peer), jax_throughput.json (ours), <date>-<card>.json
+# (merged: card, train/predict ratios vs torch.compile, every target with pass/fail), run.log
+# and env.txt (versions, nvidia-smi before and after); the comparison table is printed last.
+# Order: the peer first (bounded by its own --deadline and a timeout), then ours with a
+# --deadline from the time left, so an overrun loses only the lowest-priority measurements.
+# Knobs: BUDGET_S (540), CASES (16x240x320,32x480x640), PEER_DEADLINE (150),
+# PIPELINE_WORKERS (0,4), JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BENCH=.bench
+CASES=${CASES:-16x240x320,32x480x640}
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  mkdir -p "$BENCH/wheels"
+  exclude=$(git rev-parse --git-path info/exclude)
+  mkdir -p "$(dirname "$exclude")"
+  grep -qxF "/$BENCH/" "$exclude" 2>/dev/null || echo "/$BENCH/" >> "$exclude"
+  cp "${PEER_SOURCE:-../shared/bench/torch_peer.py}" "$BENCH/torch_peer.py"
+  # The device image has absl, cloudpickle, etils, numpy, protobuf and psutil; not these three.
+  ${PYTHON:-python3} -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+    -d "$BENCH/wheels" grain==0.2.18 array_record==0.8.6 portpicker==1.6.0
+  git check-ignore -q "$BENCH/torch_peer.py" || { echo "$BENCH is not ignored" >&2; exit 1; }
+  du -sh "$BENCH"; ls "$BENCH" "$BENCH/wheels"
+  echo "ready: run tool, command 'bash benchmarks/gpu_run.sh', carry [\"$BENCH\"], timeout_s 600"
+  exit 0
+fi
+
+: "${OUT:=$(mktemp -d)}"
+export OUT PYTHONUNBUFFERED=1
+BUDGET=${BUDGET_S:-540}
+START=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
+
+{
+  date -u; uname -a; nproc
+  nvidia-smi || true
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv || true
+  python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|numpy|pillow|torch|triton|nvidia-cudnn|grain)' || true
+  echo "XLA_FLAGS=${XLA_FLAGS:-}"
+} > "$OUT/env.txt" 2>&1
+
+PIPE_ARGS=(--pipeline --pipeline-workers "${PIPELINE_WORKERS:-0,4}")
+if compgen -G "$BENCH/wheels/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$BENCH"/wheels/*.whl >> "$OUT/env.txt" 2>&1 \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! python3 -c "import grain, array_record" >> "$OUT/env.txt" 2>&1; then
+  log "grain is not importable (carry .bench after --prepare): --pipeline skipped"
+  PIPE_ARGS=()
+fi
+
+PEER=$BENCH/torch_peer.py
+[ -f "$PEER" ] || PEER=../shared/bench/torch_peer.py
+if [ -f "$PEER" ]; then
+  PD=${PEER_DEADLINE:-150}
+  log "PyTorch peer: $PEER --cases $CASES --deadline $PD"
+  timeout -k 5 $(( PD + 60 )) python3 "$PEER" --cases "$CASES" --deadline "$PD" 2>&1 | tee -a "$OUT/run.log"
+else
+  log "no torch_peer.py (run 'bash benchmarks/gpu_run.sh --prepare' here first): ratios will be null"
+fi
+
+L=$(left)
+KILL=$(( L - 20 > 60 ? L - 20 : 60 ))     # leave time to merge; never 0 (= no limit)
+DEADLINE=$(( L - 120 > 30 ? L - 120 : 30 ))  # a case started by then has >= 100 s to finish
+log "mlnet_jax throughput: ${L}s left, --deadline $DEADLINE, killed after ${KILL}s"
+# shellcheck disable=SC2086
+timeout -k 5 "$KILL" python3 benchmarks/throughput.py --cases "$CASES" \
+  --dtypes bfloat16,float32 --modes full,frozen --batch-sweep "${PIPE_ARGS[@]}" \
+  --deadline "$DEADLINE" --output "$OUT/jax_throughput.json" ${JAX_ARGS:-} 2>&1 | tee -a "$OUT/run.log"
+
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv >> "$OUT/env.txt" 2>&1 || true
+if [ -f "$OUT/jax_throughput.json" ]; then
+  python3 benchmarks/merge_results.py --jax "$OUT/jax_throughput.json" \
+    --torch "$OUT/peer_torch.json" --out-dir "$OUT" 2>&1 | tee -a "$OUT/run.log"
+else
+  log "no jax_throughput.json: see run.log"
+fi
+log "done in $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

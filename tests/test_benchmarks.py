@@ -1,0 +1,178 @@
+"""benchmarks/throughput.py and merge_results.py: a CPU smoke run at a tiny size writes every
+promised field with positive numbers, the deadline stops new work but keeps the JSON, and the
+FLOP model equals an independent count over the real steps' jaxprs and the peer's formula."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+throughput = _load("throughput")
+merge_results = _load("merge_results")
+
+
+# --------------------------------------------------------------------------- FLOP model
+
+def test_forward_flops_equal_the_torch_peer_and_the_anchors():
+    # torch_peer.conv_flops (../shared/bench) gives exactly these; ANCHORS.md rounds to 246 / 61.6.
+    assert throughput.forward_flops(480, 640) == 245_957_222_400
+    assert throughput.forward_flops(240, 320) == 61_489_305_600
+    assert throughput.forward_flops(480, 640) == pytest.approx(246e9, rel=5e-3)
+    assert throughput.forward_flops(240, 320) == pytest.approx(61.6e9, rel=5e-3)
+
+
+def test_jaxpr_counter_on_hand_counted_ops():
+    x, k = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+    conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert throughput.jaxpr_flops(jax.make_jaxpr(conv)(x, k)) == {"conv": 2 * 25 * 4 * 18, "dot": 0}
+    a, b = jnp.ones((3, 4)), jnp.ones((4, 5))
+    assert throughput.jaxpr_flops(jax.make_jaxpr(jnp.matmul)(a, b))["dot"] == 2 * 3 * 5 * 4
+
+    def scanned(a, b):  # nested jaxprs count, a scan's body once per iteration
+        return jax.lax.scan(lambda c, _: (jax.jit(jnp.matmul)(c, b[:, :4]), None), a, None, length=7)[0]
+    assert throughput.jaxpr_flops(jax.make_jaxpr(scanned)(a, jnp.ones((4, 4))))["dot"] == 7 * 2 * 3 * 4 * 4
+
+
+@pytest.mark.parametrize("width, frozen", [(1.0, 0), (1.0, 10), (0.25, 13), (0.25, 5)])
+def test_train_flops_equal_the_real_train_steps_jaxpr(width, frozen):
+    from mlnet_jax.inference import ModelInfo
+    from mlnet_jax.optim import make_optimizer
+    from mlnet_jax.train import create_train_state, train_step
+
+    rows, cols, batch_size = 32, 48, 2
+    info = ModelInfo(input_size=(rows, cols), width_multiplier=width)
+    model, tx = info.build(jnp.bfloat16), make_optimizer(1e-3, 5e-4, 0.9)
+    state = create_train_state(throughput.random_params(rows, cols, width), tx, frozen, seed=0)
+    batch = {"image": jnp.zeros((batch_size, rows, cols, 3), jnp.uint8),
+             "target": jnp.zeros((batch_size, rows // 8, cols // 8, 1))}
+    step = partial(train_step, model=model, tx=tx, preprocessing="caffe")
+    counted = throughput.jaxpr_flops(jax.make_jaxpr(step)(state, batch))
+    assert counted["conv"] == batch_size * throughput.train_flops(rows, cols, frozen, width)
+
+
+def test_forward_flops_equal_the_real_predict_fns_jaxpr():
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+
+    info = ModelInfo(input_size=(40, 56))
+    predict = make_predict_fn(info.build(), "caffe")
+    variables = {"params": throughput.random_params(40, 56, 1.0)}
+    counted = throughput.jaxpr_flops(jax.make_jaxpr(predict)(variables, jnp.zeros((3, 40, 56, 3), jnp.uint8)))
+    assert counted["conv"] == 3 * throughput.forward_flops(40, 56)
+
+
+def test_full_training_is_three_forwards_less_conv1_1_input_gradient():
+    ratio = throughput.train_flops(480, 640, 0) / throughput.forward_flops(480, 640)
+    assert 2.99 < ratio < 3.0
+    frozen = throughput.train_flops(480, 640, 10) / throughput.forward_flops(480, 640)
+    assert 1.5 < frozen < 1.53  # so frozen ≥ 2× full needs better efficiency, not fewer FLOPs
+
+
+# --------------------------------------------------------------------------- runs
+
+def _run(tmp_path, *args, timeout=600):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), *args,
+                           "--output", str(out)], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def _positive(value):
+    return isinstance(value, int | float) and value > 0 and np.isfinite(value)
+
+
+def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
+    result, stdout = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
+                          "--modes", "full,frozen", "--width-multiplier", "0.25", "--batch-sweep",
+                          "--sweep-batches", "1", "--pipeline", "--pipeline-records", "4")
+    assert result["complete"] and not result["skipped"] and "errors" not in result
+    assert result["card"] and result["backend"] == "cpu" and result["software"]["jax"]
+    assert isinstance(result["xla_flags"], str) and "jax_default_matmul_precision" in result["jax_config"]
+    assert _positive(result["matmul_ceiling"]["float32"]["tflops"])
+    assert _positive(result["floors"]["2x32x32"]["frozen"]["train_flops_per_image"])
+
+    rows = {(r["task"], r["mode"], r["case"]): r for r in result["results"]}
+    assert set(rows) == {("train", "full", "2x32x32"), ("train", "frozen", "2x32x32"),
+                         ("predict", None, "2x32x32"), ("train", "full", "1x32x32"),
+                         ("predict", None, "1x32x32")}
+    assert rows[("train", "full", "1x32x32")]["sweep"] and not rows[("train", "full", "2x32x32")]["sweep"]
+    for row in rows.values():
+        for key in ("images_per_s", "step_ms", "tflops", "ceiling_fraction", "first_step_s",
+                    "flops_per_image"):
+            assert _positive(row[key]), (row["label"], key, row[key])
+        assert row["compile_s"] >= 0 and len(row["step_ms_repeats"]) == row["repeats"]
+        assert _positive(row["executable_memory"]["peak_estimate_bytes"])
+        assert "peak_bytes_in_use" in row["device_memory"]  # None on CPU, bytes on a GPU
+
+    cache = result["compile_cache"]
+    for label in ("cold", "warm"):
+        for key in ("first_step_s", "process_to_first_step_s", "process_wall_s"):
+            assert _positive(cache[label][key]), (label, key)
+    assert cache["warm"]["cache_files"] > 0
+
+    pipeline = result["pipeline"]
+    for key in ("images_per_s", "synthetic_images_per_s", "ratio_to_synthetic"):
+        assert _positive(pipeline[key]), key
+    assert _positive(pipeline["runs"][0]["loader_only_images_per_s"])
+
+    assert "img/s" in stdout and "compile cache" in stdout and "pipeline" in stdout
+    assert stdout.rstrip().splitlines()[-1].startswith("JSON:")
+
+
+def test_deadline_stops_new_work_and_keeps_the_json(tmp_path):
+    result, stdout = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
+                          "--width-multiplier", "0.25", "--deadline", "0")
+    assert not result["results"] and not result["complete"]
+    assert "train float32 full 2x32x32" in result["skipped"]
+    assert result["compile_cache"]["cold"] == {"skipped": "deadline"}
+    assert "not started" in stdout
+
+
+# --------------------------------------------------------------------------- merging
+
+def test_merge_computes_the_ratio_fields_and_targets():
+    def row(task, dtype, mode, rate, sweep=False):
+        return {"task": task, "dtype": dtype, "mode": mode, "case": "32x480x640",
+                "images_per_s": rate, "sweep": sweep}
+
+    jax_result = {
+        "date": "2026-11-27", "card": "NVIDIA H200", "args": {"cases": [[32, 480, 640]]},
+        "results": [row("train", "bfloat16", "full", 900.0), row("train", "bfloat16", "full", 1.0, True),
+                    row("train", "bfloat16", "frozen", 1700.0), row("predict", "bfloat16", None, 2400.0)],
+        "pipeline": {"ratio_to_synthetic": 0.95},
+        "compile_cache": {"cold": {"first_step_s": 60.0}, "warm": {"first_step_s": 9.0}}}
+    torch_rows = [{"fw": "torch", "task": "train", "mode": "bf16_cl_compile", "bs": 32, "h": 480,
+                   "w": 640, "img_s": 600.0},
+                  {"fw": "torch", "task": "infer", "mode": "bf16_cl_compile", "bs": 32, "h": 480,
+                   "w": 640, "img_s": 2000.0},
+                  {"fw": "torch", "mode": "fp32", "bs": 32, "h": 480, "w": 640, "error": "OOM"}]
+    merged = merge_results.merge(jax_result, torch_rows)
+    assert merged["card"] == "NVIDIA H200"
+    assert merged["train_ratio_vs_torch_compile"] == pytest.approx(1.5)
+    assert merged["predict_ratio_vs_torch_compile"] == pytest.approx(1.2)
+    t = merged["targets"]
+    assert t["train_ratio_vs_torch_compile"]["met"] and not t["predict_ratio_vs_torch_compile"]["met"]
+    assert not t["frozen_over_full"]["met"] and t["frozen_over_full"]["value"] == pytest.approx(1700 / 900)
+    assert t["pipeline_over_synthetic"]["met"] and t["warm_cache_first_step_s"]["met"]
+    assert merged["torch"] == torch_rows and merged["jax"] is jax_result
+    assert merge_results.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
