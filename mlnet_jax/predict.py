@@ -41,6 +41,7 @@ from mlnet_jax.atomic import atomic_path
 from mlnet_jax.errors import UserError
 from mlnet_jax.image_io import MAX_PIXELS, ImageError, is_image_path, load_image
 from mlnet_jax.overlay import blur_map, map_to_uint8, overlay
+from mlnet_jax.preprocessing import letterbox, postprocess
 from mlnet_jax.video import OUTPUT_SUFFIX as VIDEO_SUFFIX
 from mlnet_jax.video import is_video_path
 
@@ -157,34 +158,77 @@ def write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=4)
 
 
-def write_image_outputs(job: Job, image: np.ndarray, saliency: np.ndarray) -> None:
+def full_size_map(raw: np.ndarray, size: tuple[int, int], blur: float = 0.0) -> np.ndarray:
+    """Model-resolution map → [0, 1] map at ``size`` (rows, cols), optionally blurred."""
+    saliency = postprocess(raw, size)
+    return blur_map(saliency, blur) if blur > 0 else saliency
+
+
+def _finish_image(job: Job, image: np.ndarray, raw: np.ndarray, blur: float) -> None:
+    saliency = full_size_map(raw, image.shape[:2], blur)
     if job.map_path is not None:
         write_png(job.map_path, map_to_uint8(saliency))
     if job.overlay_path is not None:
         write_png(job.overlay_path, overlay(image, saliency))
 
 
+def _batched(predictor, items: Iterable[tuple]) -> Iterator[tuple]:
+    """(key, image, letterboxed) in order → (key, image, raw map), through the device in padded
+    batches of ``predictor.batch_size`` (one compilation for every image size)."""
+    batch: list[tuple] = []
+
+    def run() -> Iterator[tuple]:
+        raw = predictor.predict_letterboxed(np.stack([boxed for _, _, boxed in batch]))
+        for (key, image, _), saliency in zip(batch, raw):
+            yield key, image, saliency
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == predictor.batch_size:
+            yield from run()
+            batch = []
+    if batch:
+        yield from run()
+
+
 def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 0.0,
                    max_pixels: int = MAX_PIXELS, workers: int = 4, progress: bool = True) -> None:
-    """Decode in ``workers`` threads ahead of the device, predict in padded batches (one
-    compilation), post-process and write in the threads; failures go to ``report``."""
+    """Decode and letterbox in ``workers`` threads ahead of the device, predict in padded
+    batches, then resize, blur, colour and write in the threads; the device thread only feeds
+    the device. Failures go to ``report``, one line each."""
     from tqdm import tqdm
 
     if not jobs:
         return
-    depth = 2 * predictor.batch_size + workers  # images decoded ahead of the device
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+    workers = max(1, workers)
+    size = predictor.info.input_size
+
+    def load(job: Job) -> tuple[np.ndarray, np.ndarray]:
+        image = load_image(job.source, max_pixels)
+        return image, letterbox(image, size)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
             tqdm(total=len(jobs), unit="img", disable=not progress, dynamic_ncols=True,
                  file=sys.stderr) as bar:
-        pending_loads = _prefetch(pool, jobs, lambda job: load_image(job.source, max_pixels), depth)
-        waiting: collections.deque[tuple[Job, np.ndarray]] = collections.deque()
 
         def say(line: str) -> None:  # above the progress bar, on stderr like the bar
             bar.write(line, file=sys.stderr)
 
-        writes: collections.deque[tuple[Job, concurrent.futures.Future]] = collections.deque()
+        def decoded() -> Iterator[tuple]:
+            for job, future in _prefetch(pool, jobs, load, 2 * predictor.batch_size + workers):
+                try:
+                    image, boxed = future.result()
+                except ImageError as e:
+                    report.fail(job.source, str(e), say)
+                    bar.update(1)
+                    continue
+                except Exception as e:  # noqa: BLE001 — one bad file must not stop the run
+                    report.fail(job.source, f"{job.source}: {type(e).__name__}: {e}", say)
+                    bar.update(1)
+                    continue
+                yield job, image, boxed
 
-        def finish_write(job: Job, future: concurrent.futures.Future) -> None:
+        def finish(job: Job, future: concurrent.futures.Future) -> None:
             try:
                 future.result()
                 report.done += 1
@@ -196,30 +240,13 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
                                         f"({type(e).__name__}: {e})", say)
             bar.update(1)
 
-        def decoded() -> Iterator[np.ndarray]:
-            for job, future in pending_loads:
-                try:
-                    image = future.result()
-                except ImageError as e:
-                    report.fail(job.source, str(e), say)
-                    bar.update(1)
-                    continue
-                except Exception as e:  # noqa: BLE001 — one bad file must not stop the run
-                    report.fail(job.source, f"{job.source}: {type(e).__name__}: {e}", say)
-                    bar.update(1)
-                    continue
-                waiting.append((job, image))
-                yield image
-
-        for saliency in predictor.iter_maps(decoded()):
-            job, image = waiting.popleft()
-            if blur > 0:
-                saliency = blur_map(saliency, blur)
-            writes.append((job, pool.submit(write_image_outputs, job, image, saliency)))
-            while writes and (writes[0][1].done() or len(writes) > 2 * max(1, workers)):
-                finish_write(*writes.popleft())
+        writes: collections.deque[tuple[Job, concurrent.futures.Future]] = collections.deque()
+        for job, image, raw in _batched(predictor, decoded()):
+            writes.append((job, pool.submit(_finish_image, job, image, raw, blur)))
+            while writes and (writes[0][1].done() or len(writes) > 2 * workers):
+                finish(*writes.popleft())
         while writes:
-            finish_write(*writes.popleft())
+            finish(*writes.popleft())
 
 
 def _prefetch(pool, items: list, fn, depth: int) -> Iterator[tuple]:
@@ -238,9 +265,18 @@ def _prefetch(pool, items: list, fn, depth: int) -> Iterator[tuple]:
 
 # --------------------------------------------------------------------------- videos
 
+def _video_frames(frame: np.ndarray, raw: np.ndarray, blur: float, want_map: bool):
+    """(overlay frame, grey map frame or None) for one video frame."""
+    saliency = full_size_map(raw, frame.shape[:2], blur)
+    grey = np.repeat(map_to_uint8(saliency)[..., None], 3, axis=-1) if want_map else None
+    return overlay(frame, saliency), grey
+
+
 def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
-                  progress: bool = True) -> None:
-    """Overlay video (and grey map video) at the input's rate and size, frames in batches."""
+                  progress: bool = True, workers: int = 4) -> None:
+    """Overlay video (and grey map video) at the input's rate and size. Frames go through the
+    device in batches; resizing and colouring run in ``workers`` threads; frames are encoded
+    in order."""
     import contextlib
 
     from tqdm import tqdm
@@ -249,32 +285,37 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
 
     start = time.perf_counter()
     count = 0
+    size = predictor.info.input_size
+    workers = max(1, workers)
     try:
         with contextlib.ExitStack() as stack:
             info, frames = stack.enter_context(open_video(job.source))
-            writers = [stack.enter_context(VideoWriter(path, info.width, info.height, info.rate))
-                       if path is not None else None for path in (job.overlay_path, job.map_path)]
+            overlay_writer, map_writer = (
+                stack.enter_context(VideoWriter(path, info.width, info.height, info.rate))
+                if path is not None else None for path in (job.overlay_path, job.map_path))
             bar = stack.enter_context(tqdm(total=info.frames, unit="frame", disable=not progress,
                                            dynamic_ncols=True, file=sys.stderr,
                                            desc=job.source.name))
-            waiting: collections.deque[np.ndarray] = collections.deque()
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
+            pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
-            def feed() -> Iterator[np.ndarray]:
-                for frame in frames:
-                    waiting.append(frame)
-                    yield frame
-
-            overlay_writer, map_writer = writers
-            for saliency in predictor.iter_maps(feed()):
-                frame = waiting.popleft()
-                if blur > 0:
-                    saliency = blur_map(saliency, blur)
+            def encode_oldest() -> None:
+                nonlocal count
+                blended, grey = pending.popleft().result()
                 if overlay_writer is not None:
-                    overlay_writer.write(overlay(frame, saliency))
+                    overlay_writer.write(blended)
                 if map_writer is not None:
-                    map_writer.write(np.repeat(map_to_uint8(saliency)[..., None], 3, axis=-1))
+                    map_writer.write(grey)
                 count += 1
                 bar.update(1)
+
+            boxed = ((None, frame, letterbox(frame, size)) for frame in frames)
+            for _, frame, raw in _batched(predictor, boxed):
+                pending.append(pool.submit(_video_frames, frame, raw, blur, map_writer is not None))
+                while len(pending) > 2 * max(workers, predictor.batch_size):
+                    encode_oldest()
+            while pending:
+                encode_oldest()
     except UserError as e:
         report.fail(job.source, str(e) if str(job.source) in str(e) else f"{job.source}: {e}")
         return
@@ -294,23 +335,24 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlnet_jax.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="training workdir, checkpoint directory or converted full-model .npz")
-    p.add_argument("--input", required=True, help="an image, a video, or a folder (walked recursively)")
-    p.add_argument("--output", required=True, help="folder for the outputs (created if missing)")
+    p.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="an image, a video, or a folder (walked recursively)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs (created if missing)")
     p.add_argument("--overlay", action="store_true",
                    help="also write each image with the heatmap blended over it (<stem>_overlay.png)")
     p.add_argument("--map-video", action="store_true",
                    help="for videos, also write the grey map video (<stem>.mp4)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="images per device batch (rounded up to a multiple of the devices; default 8)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="images per batch, split over all devices (rounded up to a multiple of "
+                        "the device count; default 8)")
     p.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
                    help="Gaussian blur of the maps, sigma in pixels of the original image "
                         "(default 0: none, as the original)")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse images with more pixels than this (decompression bombs; "
                         f"default {MAX_PIXELS:,})")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                    help="threads decoding and writing images (default: CPU count, at most 8)")
     p.add_argument("--compilation-cache", default=DEFAULT_CACHE, metavar="DIR",
                    help=f"persistent XLA compilation cache (default {DEFAULT_CACHE}; '' disables)")
@@ -358,7 +400,8 @@ def run(args: argparse.Namespace) -> int:
               f"({images_ok / max(seconds, 1e-9):.1f} images/s) → {output_dir}",
               file=sys.stderr, flush=True)
     for job in video_jobs:
-        predict_video(predictor, job, report=report, blur=args.blur, progress=not args.no_progress)
+        predict_video(predictor, job, report=report, blur=args.blur, progress=not args.no_progress,
+                      workers=args.workers)
     if skipped:
         kinds = sorted({p.suffix.lower() or "(none)" for p in skipped})
         print(f"skipped {len(skipped)} file(s) that are not images or videos by their extension "

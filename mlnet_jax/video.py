@@ -103,7 +103,6 @@ class VideoWriter:
                  crf: int = 18):
         self.path, self.width, self.height, self.rate, self.crf = Path(path), width, height, rate, crf
         self._stack = contextlib.ExitStack()
-        self._count = 0
 
     def __enter__(self) -> "VideoWriter":
         av = require_av()
@@ -115,7 +114,6 @@ class VideoWriter:
             self._stream = self._container.add_stream("libx264", rate=self.rate)
             self._stream.width, self._stream.height = self.width, self.height
             self._stream.pix_fmt = "yuv420p" if even else "yuv444p"
-            self._stream.time_base = 1 / Fraction(self.rate)
             self._stream.options = {"crf": str(self.crf), "preset": "veryfast"}
         except Exception:
             self._stack.close()
@@ -126,10 +124,9 @@ class VideoWriter:
         av = require_av()
         if rgb.shape != (self.height, self.width, 3):
             raise ValueError(f"frame of shape {rgb.shape}, the video is {self.height}×{self.width}×3")
+        # No pts: PyAV numbers frames at the stream rate (explicit pts at a 1/rate time base
+        # upset the MP4 muxer once B-frames are reordered).
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, np.uint8), format="rgb24")
-        frame.pts = self._count
-        frame.time_base = self._stream.time_base
-        self._count += 1
         self._container.mux(self._stream.encode(frame))
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -18,7 +18,7 @@ from mlnet_jax import MLNet
 from mlnet_jax.image_io import ImageError, load_image, to_rgb
 from mlnet_jax.inference import Predictor
 from mlnet_jax.overlay import blur_map, overlay
-from mlnet_jax.predict import Job, Report, main, plan_outputs, predict_images
+from mlnet_jax.predict import Report, main, plan_outputs, predict_images
 from mlnet_jax.weights_file import save_weights
 
 INPUT = (32, 32)
