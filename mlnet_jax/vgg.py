@@ -33,13 +33,19 @@ def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.
     ``keras1`` (Theano, the original ML-Net): output i covers x[s·i−1], x[s·i]; one row and
     column of padding at the start. Inputs are post-ReLU, so −inf padding equals zero padding.
     """
+    if alignment not in ("standard", "keras1"):
+        raise ValueError(f"pooling alignment must be 'standard' or 'keras1', got {alignment!r}")
+    rows, cols = x.shape[1:3]
+    if stride == 2 and rows % 2 == 0 and cols % 2 == 0:
+        # Reshape-and-max: exact for even sizes, and its gradient avoids XLA's select_and_scatter.
+        if alignment == "keras1":  # windows (2i − 1, 2i): shift down/right by one, zero-filled
+            x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :rows, :cols]
+        b, _, _, c = x.shape
+        return jnp.max(x.reshape(b, rows // 2, 2, cols // 2, 2, c), axis=(2, 4))
     if alignment == "keras1":
         pad = ((1, 0), (1, 0))
-    elif alignment == "standard":
-        h, w = x.shape[1:3]
-        pad = tuple((0, max((-(-n // stride) - 1) * stride + 2 - n, 0)) for n in (h, w))
     else:
-        raise ValueError(f"pooling alignment must be 'standard' or 'keras1', got {alignment!r}")
+        pad = tuple((0, max((-(-n // stride) - 1) * stride + 2 - n, 0)) for n in (rows, cols))
     return nn.max_pool(x, (2, 2), strides=(stride, stride), padding=pad)
 
 

@@ -55,8 +55,9 @@ def test_real_vgg16_widths_and_head_init():
 
 @pytest.mark.parametrize("alignment", ["standard", "keras1"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_pooling_alignment_matches_index_formula(alignment, stride):
-    x = np.random.default_rng(0).uniform(0, 1, (1, 6, 10, 3)).astype(np.float32)
+@pytest.mark.parametrize("size", [(6, 10), (7, 5)])  # even sizes take the reshape path
+def test_pooling_alignment_matches_index_formula(alignment, stride, size):
+    x = np.random.default_rng(0).uniform(0, 1, (1, *size, 3)).astype(np.float32)
     got = np.asarray(max_pool_2x2(jnp.asarray(x), stride, alignment))[0]
     np.testing.assert_allclose(got, ref.max_pool(x[0], stride, alignment), rtol=0, atol=0)
 
