@@ -27,7 +27,7 @@ def _encode_png(array: np.ndarray) -> bytes:
 def _smooth_noise(rng: np.random.Generator, rows: int, cols: int, cells: int) -> np.ndarray:
     """Low-frequency noise in [0, 1]: a coarse random grid upsampled bilinearly."""
     coarse = rng.uniform(0, 1, (cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(coarse, mode="F").resize((cols, rows), Image.BILINEAR))
+    return np.asarray(Image.fromarray(coarse).resize((cols, rows), Image.BILINEAR))
 
 
 def synthetic_example(rng: np.random.Generator, size: tuple[int, int], index: int,
