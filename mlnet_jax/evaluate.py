@@ -30,6 +30,7 @@ from pathlib import Path
 
 import jax
 
+from mlnet_jax.cli import run_absl
 from mlnet_jax.errors import UserError
 from mlnet_jax.evaluation import (ALL_METRICS, BACKENDS, SAUC_OTHER_IMAGES, per_process_batch,
                                   resolve_backend, score_split)
@@ -259,31 +260,21 @@ def main(argv=None) -> int:
     flags.DEFINE_bool("progress", True, "Show a progress bar (on a terminal).")
     flags.DEFINE_bool("debug", False, "Show tracebacks for errors.")
 
-    def run(_):
+    def run() -> int:
         from absl import logging
         FLAGS = flags.FLAGS
         # TFDS and Orbax log warnings through absl (e.g. when probing an unprepared data_dir);
         # errors are reported as one line, so only --debug shows them.
         logging.set_verbosity(logging.WARNING if FLAGS.debug else logging.ERROR)
-        try:
-            evaluate(FLAGS.config, checkpoint=FLAGS.checkpoint, split=FLAGS.split,
-                     output=FLAGS.output,
-                     baseline=None if FLAGS.baseline == "none" else FLAGS.baseline,
-                     metrics_backend=FLAGS.metrics_backend, sauc_others=FLAGS.sauc_others,
-                     seed=FLAGS.seed, config_file=config_flags.get_config_filename(FLAGS["config"]),
-                     progress=FLAGS.progress)
-        except UserError as e:
-            if FLAGS.debug:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        evaluate(FLAGS.config, checkpoint=FLAGS.checkpoint, split=FLAGS.split,
+                 output=FLAGS.output,
+                 baseline=None if FLAGS.baseline == "none" else FLAGS.baseline,
+                 metrics_backend=FLAGS.metrics_backend, sauc_others=FLAGS.sauc_others,
+                 seed=FLAGS.seed, config_file=config_flags.get_config_filename(FLAGS["config"]),
+                 progress=FLAGS.progress)
         return 0
 
-    try:
-        app.run(lambda args: sys.exit(run(args)), argv=argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 0
-    return 0
+    return run_absl(run, argv)
 
 
 if __name__ == "__main__":

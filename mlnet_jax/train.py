@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mlnet_jax.cli import run_absl
 from mlnet_jax.errors import UserError
 from mlnet_jax.evaluation import evaluate_split
 from mlnet_jax.inference import ModelInfo
@@ -268,6 +269,10 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
         raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from None
     enable_compilation_cache(config.compilation_cache_dir)
     mesh = data_mesh()
+    if config.global_batch_size % mesh.size:
+        suggestion = -(-config.global_batch_size // mesh.size) * mesh.size
+        raise UserError(f"config.global_batch_size={config.global_batch_size} cannot be split over "
+                        f"{mesh.size} devices; use a multiple of {mesh.size} (e.g. {suggestion})")
     loaded, init_metadata = read_init_weights(config.init_weights)
     info = model_info_from_config(config, init_metadata)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
@@ -443,32 +448,22 @@ def main(argv=None) -> int:
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection "
                       "(TPU pod slices, SLURM).")
 
-    def run(_):
+    def run() -> int:
         from absl import logging
         logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
         FLAGS = flags.FLAGS
+        if FLAGS.coordinator_address:
+            jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        elif FLAGS.distributed:
+            jax.distributed.initialize()
         try:
-            if FLAGS.coordinator_address:
-                jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-            elif FLAGS.distributed:
-                jax.distributed.initialize()
             train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.override_config)
         except TrainingStopped as e:
             print(str(e), file=sys.stderr)
             return e.exit_code
-        except UserError as e:
-            if FLAGS.debug:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         return 0
 
-    try:
-        app.run(lambda args: sys.exit(run(args)), argv=argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 0
-    return 0
-
+    return run_absl(run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -127,3 +127,14 @@ def test_nan_image_array_is_refused_by_the_predictor(tmp_path):
     image[2, 3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         to_rgb_array(image)
+
+
+@pytest.mark.timeout(120)
+def test_batch_not_divisible_by_the_devices(tmp_path):
+    script = ("import jax, sys; jax.config.update('jax_num_cpu_devices', 2); "
+              "from mlnet_jax.train import main; sys.exit(main(sys.argv))")
+    result = subprocess.run([sys.executable, "-c", script, f"--config={TINY}",
+                             f"--workdir={tmp_path / 'run'}", "--config.global_batch_size=5"],
+                            capture_output=True, text=True, timeout=120, cwd=TESTS.parent)
+    one_line_error(result, "config.global_batch_size=5 cannot be split over 2 devices; use a "
+                           "multiple of 2 (e.g. 6)")

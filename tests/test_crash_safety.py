@@ -13,7 +13,7 @@ import pytest
 
 TESTS = Path(__file__).parent
 COMMAND = [sys.executable, "-m", "mlnet_jax.train", f"--config={TESTS / 'configs' / 'tiny.py'}",
-           "--config.num_epochs=3", "--config.checkpoint_every_steps=2"]
+           "--config.num_epochs=4", "--config.checkpoint_every_steps=2"]
 
 
 def final_state(workdir: Path):
@@ -28,22 +28,33 @@ def test_sigkill_at_three_random_moments_then_restart_gives_identical_parameters
     subprocess.run([*COMMAND, f"--workdir={straight}"], check=True, capture_output=True,
                    timeout=300, cwd=TESTS.parent)
     rng = random.Random(1234)
+    metrics = killed / "metrics.jsonl"
+
+    def records() -> int:
+        return metrics.read_text().count("\n") if metrics.exists() else 0
+
     kills = 0
     for attempt in range(3):
         proc = subprocess.Popen([*COMMAND, f"--workdir={killed}"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, cwd=TESTS.parent)
-        time.sleep(rng.uniform(4.0, 20.0))  # start-up, mid-step, mid-checkpoint or mid-evaluation
+        # A seeded moment: after 1-3 more logged steps/evaluations, plus up to 0.6 s, so the kill
+        # lands mid-step, mid-checkpoint or mid-evaluation (the first may land in start-up).
+        target = records() + rng.randint(0 if attempt == 0 else 1, 3)
+        deadline = time.time() + 120
+        while records() < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
             proc.kill()
             kills += 1
         proc.wait(timeout=60)
-    assert kills >= 2  # the moments fell inside the run
+    assert kills == 3  # every moment fell inside the run
     result = subprocess.run([*COMMAND, f"--workdir={killed}"], capture_output=True, text=True,
                             timeout=300, cwd=TESTS.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     step_a, state_a = final_state(straight)
     step_b, state_b = final_state(killed)
-    assert step_a == step_b == 9
+    assert step_a == step_b == 12
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state_a)[0], jax.tree.leaves(state_b)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     assert not [p for p in (killed / "checkpoints").iterdir() if not p.name.isdigit()]
