@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from mlnet_jax.atomic import atomic_path
+from mlnet_jax.overlay import heatmap
 
 
 class MetricWriter:
@@ -38,13 +39,6 @@ class MetricWriter:
             self._tb.close()
 
 
-def _heat(gray: np.ndarray) -> np.ndarray:
-    """[0, 1] map → RGB uint8 heat colours (black-red-yellow-white), no matplotlib needed."""
-    g = np.clip(gray, 0, 1)
-    return (np.stack([np.clip(3 * g, 0, 1), np.clip(3 * g - 1, 0, 1), np.clip(3 * g - 2, 0, 1)],
-                     axis=-1) * 255).astype(np.uint8)
-
-
 def save_prediction_grid(path: Path, images: list[np.ndarray], truths: list[np.ndarray],
                          predictions: list[np.ndarray], cell: int = 160) -> None:
     """One row per image: the image, its ground truth, the prediction (maps in [0, 1])."""
@@ -53,8 +47,8 @@ def save_prediction_grid(path: Path, images: list[np.ndarray], truths: list[np.n
         scale = cell / max(image.shape[:2])
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
         cells = [Image.fromarray(image).resize(size, Image.BILINEAR),
-                 Image.fromarray(_heat(truth)).resize(size, Image.BILINEAR),
-                 Image.fromarray(_heat(pred)).resize(size, Image.BILINEAR)]
+                 Image.fromarray(heatmap(truth)).resize(size, Image.BILINEAR),
+                 Image.fromarray(heatmap(pred)).resize(size, Image.BILINEAR)]
         row = Image.new("RGB", (3 * cell, cell))
         for i, c in enumerate(cells):
             row.paste(c, (i * cell + (cell - c.width) // 2, (cell - c.height) // 2))
