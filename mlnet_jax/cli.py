@@ -7,14 +7,41 @@ so it is reported as ``error: <message>`` (``--debug`` shows the traceback inste
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 from mlnet_jax.errors import UserError
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_packaged_config(argv: list[str]) -> list[str]:
+    """Let ``--config configs/X.py`` name the configs shipped in the package when there is no
+    such file here (a pip install without a checkout, e.g. on Colab)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            index, path = i, arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            index, path = i + 1, argv[i + 1]
+        else:
+            continue
+        file, sep, rest = path.partition(":")  # config_flags allows 'file.py:argument'
+        parts = Path(file).parts
+        if not Path(file).exists() and len(parts) == 2 and parts[0] == "configs":
+            packaged = PACKAGED_CONFIGS / parts[1]
+            if packaged.exists():
+                resolved = f"{packaged}{sep}{rest}"
+                argv[index] = f"--config={resolved}" if index == i else resolved
+    return argv
+
+
 def run_absl(body: Callable[[], int | None], argv: list[str] | None = None) -> int:
     """Parse absl flags, run ``body()`` and return its exit status (``--debug`` must be defined)."""
     from absl import app, flags
+
+    argv = resolve_packaged_config(sys.argv if argv is None else argv)
 
     def run(_):
         try:

@@ -250,3 +250,16 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     step, state, _ = latest_state(workdir)
     assert step == good_step < bad_step  # nothing saved after the failure
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+
+
+def test_packaged_configs_are_found_without_a_checkout(tmp_path, monkeypatch):
+    """`--config configs/salicon.py` works from any folder (pip install without a clone)."""
+    from mlnet_jax.cli import PACKAGED_CONFIGS, resolve_packaged_config
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--config=configs/salicon.py", "--config", "configs/demo.py", "--workdir=x"]
+    assert resolve_packaged_config(argv) == [
+        "train", f"--config={PACKAGED_CONFIGS / 'salicon.py'}", "--config",
+        str(PACKAGED_CONFIGS / "demo.py"), "--workdir=x"]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "salicon.py").write_text("# a local file wins")
+    assert resolve_packaged_config(argv)[1] == "--config=configs/salicon.py"
