@@ -90,6 +90,16 @@ def _step_dir_for(path: Path) -> Path:
                     f"{LATEST_DIR}/, or one checkpoint directory with state/ and meta/)")
 
 
+def stored_config(path: str | Path) -> dict | None:
+    """The training config saved with a workdir's or checkpoint directory's checkpoint."""
+    try:
+        step_dir = _step_dir_for(Path(path).absolute())
+    except UserError:
+        return None
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(step_dir / "meta").get("config")
+
+
 def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
     """(params as NumPy, model metadata) from a workdir or checkpoint directory."""
     step_dir = _step_dir_for(Path(path).absolute())

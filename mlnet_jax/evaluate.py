@@ -237,6 +237,27 @@ def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
 
 # --------------------------------------------------------------------------- command line
 
+def _config_for(FLAGS):
+    """``--config`` if given; else the config the checkpoint was trained with (so a SALICON
+    checkpoint is scored on SALICON), with any ``--config.key=value`` overrides applied; else
+    the demo config."""
+    if FLAGS["config"].present or not FLAGS.checkpoint or not Path(FLAGS.checkpoint).is_dir():
+        return FLAGS.config
+    from mlnet_jax.checkpointing import stored_config  # noqa: PLC0415
+    stored = stored_config(FLAGS.checkpoint)
+    if stored is None:
+        return FLAGS.config
+    import ml_collections  # noqa: PLC0415
+    config = ml_collections.ConfigDict(stored)
+    for name in FLAGS:
+        if name.startswith("config.") and FLAGS[name].present:
+            node, *path = config, *name.split(".")[1:]
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = FLAGS[name].value
+    return config
+
+
 def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
@@ -266,7 +287,7 @@ def main(argv=None) -> int:
         # TFDS and Orbax log warnings through absl (e.g. when probing an unprepared data_dir);
         # errors are reported as one line, so only --debug shows them.
         logging.set_verbosity(logging.WARNING if FLAGS.debug else logging.ERROR)
-        evaluate(FLAGS.config, checkpoint=FLAGS.checkpoint, split=FLAGS.split,
+        evaluate(_config_for(FLAGS), checkpoint=FLAGS.checkpoint, split=FLAGS.split,
                  output=FLAGS.output,
                  baseline=None if FLAGS.baseline == "none" else FLAGS.baseline,
                  metrics_backend=FLAGS.metrics_backend, sauc_others=FLAGS.sauc_others,

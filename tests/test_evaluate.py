@@ -235,3 +235,18 @@ def test_numpy_and_jax_metric_backends_agree():
         assert rb["auc_judd"] == pytest.approx(ra["auc_judd"], abs=0.02)
     for name in ("auc_borji", "auc_shuffled"):
         assert b.summary[name]["mean"] == pytest.approx(a.summary[name]["mean"], abs=0.05)
+
+
+@pytest.mark.timeout(300)
+def test_without_config_the_checkpoints_training_config_is_used(salicon, tmp_path):
+    """A model trained on SALICON is scored on SALICON when --config is left out; overrides
+    such as --config.eval_max_images still apply."""
+    workdir = tmp_path / "run"
+    run("-m", "mlnet_jax.train", f"--config={TESTS / 'configs' / 'tiny.py'}", f"--workdir={workdir}",
+        "--config.dataset=salicon2015", f"--config.data_dir={salicon}", "--config.num_epochs=1",
+        "--config.steps_per_epoch=1", "--config.global_batch_size=2")
+    out = evaluate_cli("--checkpoint", workdir, "--config.eval_max_images=4",
+                       "--output", tmp_path / "eval.json")
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["dataset"] == "salicon2015" and summary["num_images"] == 4
+    assert "salicon2015/validation: 4 images" in out.stdout
