@@ -259,7 +259,7 @@ def _config_for(FLAGS):
 
 
 def main(argv=None) -> int:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", str(DEMO_CONFIG),

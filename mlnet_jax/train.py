@@ -434,7 +434,7 @@ def enable_compilation_cache(directory: str) -> None:
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", str(DEMO_CONFIG), "Training configuration file.",

@@ -255,7 +255,6 @@ def test_existing_output_survives_a_failed_conversion(tmp_path):
 
 def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
     import urllib.request
-    from mlnet_jax import download
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network is unreachable")
