@@ -147,17 +147,11 @@ class Salicon2015(_SaliencyBuilder, skip_registration=True):
         return layouts.salicon(manual_dir)
 
 
-class Salicon2017(_SaliencyBuilder, skip_registration=True):
-    """SALICON, 2017 (LSUN'17) edition: same images, re-processed maps and fixations."""
+class Salicon2017(Salicon2015, skip_registration=True):
+    """SALICON, 2017 (LSUN'17) edition: same images and layout, re-processed maps and fixations."""
 
     name = "salicon2017"
-    MANUAL_DOWNLOAD_INSTRUCTIONS = _SALICON_INSTRUCTIONS
-    HOMEPAGE = _HOMEPAGE["salicon"]
-    CITATION = _CITATION["salicon"]
     DESCRIPTION = "SALICON 2017: 10000 train / 5000 validation / 5000 test (no maps) images."
-
-    def _layout(self, manual_dir: Path) -> dict[str, list[Item]]:
-        return layouts.salicon(manual_dir)
 
 
 class Mit1003(_SaliencyBuilder, skip_registration=True):
