@@ -376,9 +376,10 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                     patience = config.early_stopping_patience
                     if patience > 0 and meta["epochs_without_improvement"] >= patience:
                         meta["stopped_early"] = True
-                    bar.write(f"epoch {step // epoch_steps}: validation loss {result['loss']:.4f}, "
-                              f"CC {result['cc']:.3f}, KLD {result['kld']:.3f}, NSS {result['nss']:.3f}, "
-                              f"SIM {result['sim']:.3f}" + (" (best)" if is_best else ""))
+                    if jax.process_index() == 0:
+                        bar.write(f"epoch {step // epoch_steps}: validation loss {result['loss']:.4f}, "
+                                  f"CC {result['cc']:.3f}, KLD {result['kld']:.3f}, NSS {result['nss']:.3f}, "
+                                  f"SIM {result['sim']:.3f}" + (" (best)" if is_best else ""))
                     save(is_best)
                 elif step % config.checkpoint_every_steps == 0:
                     save()
@@ -412,7 +413,9 @@ def final_evaluation(workdir: Path, state: TrainState, evaluate_fn, eval_source,
     result["step"] = int(state.step)
     if jax.process_index() == 0:
         with atomic_path(workdir / "final_metrics.json") as tmp:
-            tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+            strict = {k: None if isinstance(v, float) and not np.isfinite(v) else v
+                      for k, v in result.items()}  # NaN (e.g. CC of a constant map) → null
+            tmp.write_text(json.dumps(strict, indent=2, sort_keys=True, allow_nan=False) + "\n")
         _log(f"held-out ({result['num_images']} images, {source} checkpoint): CC {result['cc']:.3f} "
              f"vs centre bias {result['centre_bias_cc']:.3f}; metrics in {workdir / 'final_metrics.json'}")
     return result
