@@ -267,7 +267,7 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     maps as a PNG grid. ``progress(n)`` is called with each batch's image count.
     """
     from mlnet_jax.baselines import baseline_map  # noqa: PLC0415
-    from mlnet_jax.input_pipeline import _shard_range, as_source, decode_image, eval_batches
+    from mlnet_jax.input_pipeline import as_source, decode_image, eval_batches, shard_range
     from mlnet_jax.preprocessing import postprocess  # noqa: PLC0415
 
     unknown = sorted(set(metric_names) - set(ALL_METRICS))
@@ -279,7 +279,7 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     if not prefixes:
         raise ValueError("nothing to score: pass predict and/or baselines")
     src = as_source(source)
-    start, _ = _shard_range(len(src), jax.process_index(), jax.process_count())
+    start, _ = shard_range(len(src), jax.process_index(), jax.process_count())
     local_limit = (math.ceil(max_images / jax.process_count()) if max_images >= 0
                    else len(src))
     table = FixationTable(src) if "auc_shuffled" in metric_names else None

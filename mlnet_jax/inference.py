@@ -21,7 +21,7 @@ from mlnet_jax.errors import WeightsError
 from mlnet_jax.models import MLNet
 from mlnet_jax.preprocessing import letterbox, normalize, postprocess
 from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
-from mlnet_jax.weights_file import read_weights
+from mlnet_jax.weights_file import check_param_shapes, read_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +70,10 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> tuple[MLNet, dict,
     info = ModelInfo.from_metadata(metadata)
     model = info.build(dtype)
     variables = {"params": jax.tree.map(jnp.asarray, params)}
-    _check_params(model, variables, info, str(path))
-    return model, variables, info
-
-
-def _check_params(model: MLNet, variables: dict, info: ModelInfo, where: str) -> None:
     rows, cols = info.input_size
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, rows, cols, 3)))
-    exp_flat = dict(jax.tree_util.tree_flatten_with_path(expected["params"])[0])
-    got_flat = dict(jax.tree_util.tree_flatten_with_path(variables["params"])[0])
-    for key, spec in exp_flat.items():
-        name = jax.tree_util.keystr(key, simple=True, separator="/")
-        if key not in got_flat:
-            raise WeightsError(f"{where}: missing parameter {name} (expected shape {spec.shape})")
-        if got_flat[key].shape != spec.shape:
-            raise WeightsError(f"{where}: parameter {name} has shape {got_flat[key].shape}, "
-                               f"expected {spec.shape}")
+    check_param_shapes(expected["params"], variables["params"], str(path))
+    return model, variables, info
 
 
 def make_predict_fn(model: MLNet, preprocessing: str, mesh=None) -> Callable:

@@ -279,7 +279,8 @@ def train_loader(source, *, model_size: Sequence[int], global_batch_size: int, s
     return iter(loader)
 
 
-def _shard_range(n: int, shard_index: int, shard_count: int) -> tuple[int, int]:
+def shard_range(n: int, shard_index: int, shard_count: int) -> tuple[int, int]:
+    """[start, stop) of the contiguous records process ``shard_index`` of ``shard_count`` evaluates."""
     return shard_index * n // shard_count, (shard_index + 1) * n // shard_count
 
 
@@ -318,7 +319,7 @@ def eval_batches(source, *, model_size: Sequence[int], batch_size: int,
         raise UserError(f"batch size must be positive, got {batch_size}")
     src = as_source(source)
     n = len(src)
-    start, stop = _shard_range(n, shard_index, shard_count)
+    start, stop = shard_range(n, shard_index, shard_count)
     num_batches = math.ceil(math.ceil(n / shard_count) / batch_size)
     return _eval_iterator(src, model_size, batch_size, start, stop, num_batches, worker_count,
                           _threads(read_threads, worker_count))

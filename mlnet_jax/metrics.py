@@ -234,6 +234,15 @@ def _split_auc(s_fix_sorted: np.ndarray, negatives: np.ndarray, step: float) -> 
     return float(np.trapezoid(tp, fp))
 
 
+def _scaled_values(saliency: Any, fixated: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(all values, sorted fixated values) of the min-max scaled prediction at the fixation
+    map's size, or None for a constant map: what AUC-Borji and sAUC threshold."""
+    s = _minmax(_prediction(saliency, fixated.shape))
+    if np.all(np.isnan(s)):
+        return None
+    return s.ravel(), np.sort(s[fixated])
+
+
 def auc_borji(saliency: Any, fixation_map: Any, *, n_splits: int = 100, step_size: float = 0.1,
               seed: int = 0) -> float:
     """AUC-Borji: mean AUC over ``n_splits`` sets of uniformly random negatives.
@@ -244,14 +253,12 @@ def auc_borji(saliency: Any, fixation_map: Any, *, n_splits: int = 100, step_siz
     map. NaN with ≤ 1 fixated pixel (MATLAB's test) or a constant map.
     """
     f = _fixated(fixation_map)
-    s = _prediction(saliency, f.shape)
     if int(f.sum()) <= 1:
         return float("nan")
-    s = _minmax(s)
-    if np.all(np.isnan(s)):
+    scaled = _scaled_values(saliency, f)
+    if scaled is None:
         return float("nan")
-    flat = s.ravel()
-    s_fix = np.sort(s[f])
+    flat, s_fix = scaled
     r = np.random.default_rng(seed).integers(0, flat.size, size=(s_fix.size, n_splits))
     rand_values = flat[r]
     return float(np.mean([_split_auc(s_fix, rand_values[:, k], step_size)
@@ -272,14 +279,12 @@ def auc_shuffled(saliency: Any, fixation_map: Any, other_fixation_map: Any, *,
     other = _fixated(other_fixation_map)
     if other.shape != f.shape:
         raise ValueError(f"other_fixation_map {other.shape} must match fixation_map {f.shape}")
-    s = _prediction(saliency, f.shape)
     if not f.any():
         return float("nan")
-    s = _minmax(s)
-    if np.all(np.isnan(s)):
+    scaled = _scaled_values(saliency, f)
+    if scaled is None:
         return float("nan")
-    flat = s.ravel()
-    s_fix = np.sort(s[f])
+    flat, s_fix = scaled
     candidates = np.flatnonzero(other.ravel())
     m = min(s_fix.size, candidates.size)
     if m == 0:

@@ -27,10 +27,11 @@ from mlnet_jax.evaluation import evaluate_split
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.loss import mlnet_loss
 from mlnet_jax.models import OUTPUT_STRIDE, MLNet
-from mlnet_jax.optim import make_optimizer, merge_params, split_frozen
+from mlnet_jax.optim import keras1_decay_schedule, make_optimizer, merge_params, split_frozen
 from mlnet_jax.preprocessing import normalize
 from mlnet_jax.prior import prior_penalty
 from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
+from mlnet_jax.weights_file import check_param_shapes
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.py"
 DEMO_WORKDIR = "runs/demo"
@@ -87,24 +88,11 @@ def initial_params(model: MLNet, info: ModelInfo, rng: jax.Array, loaded: dict |
     params = flax.core.unfreeze(params)
     for key in ("backbone", "head", "prior"):
         if loaded is not None and key in loaded:
-            _check_same_shapes(params[key], loaded[key], key)
+            check_param_shapes({key: params[key]}, {key: loaded[key]}, "config.init_weights",
+                               needs="this config's model needs",
+                               hint=" (different input_size or width_multiplier?)")
             params[key] = jax.tree.map(jnp.asarray, loaded[key])
     return params
-
-
-def _check_same_shapes(expected: dict, got: dict, prefix: str) -> None:
-    """One-line error naming the first parameter of ``got`` that does not fit ``expected``."""
-    from flax import traverse_util
-    flat_expected = traverse_util.flatten_dict({prefix: expected}, sep="/")
-    flat_got = traverse_util.flatten_dict({prefix: got}, sep="/")
-    for name, value in flat_expected.items():
-        if name not in flat_got:
-            raise UserError(f"config.init_weights: missing parameter {name} (expected shape "
-                            f"{tuple(np.shape(value))})")
-        if np.shape(flat_got[name]) != np.shape(value):
-            raise UserError(f"config.init_weights: parameter {name} has shape "
-                            f"{tuple(np.shape(flat_got[name]))}, this config's model needs "
-                            f"{tuple(np.shape(value))} (different input_size or width_multiplier?)")
 
 
 def create_train_state(params: dict, tx: optax.GradientTransformation, frozen_convs: int,
@@ -278,6 +266,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
     model = info.build(dtype).clone(dropout_rate=config.dropout_rate)
     tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
+    learning_rate = keras1_decay_schedule(config.learning_rate, config.lr_decay)
     train_source, eval_source = make_sources(config)
     epoch_steps = steps_per_epoch(config, len(train_source))
     total_steps = epoch_steps * config.num_epochs
@@ -292,14 +281,14 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
             "best_step": None, "epochs_without_improvement": 0, "stopped_early": False}
 
     rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(lambda: create_train_state(
-        initial_params(model, info, rng, None), tx, config.frozen_convs, config.seed))
     if checkpoints.latest_step() is not None:
         saved_meta = checkpoints.read_meta()
         diffs = config_differences(saved_meta["config"], config_json)
         if diffs and not override_config:
             raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
                             "use another --workdir, or pass --override_config to continue anyway")
+        abstract = jax.eval_shape(lambda: create_train_state(
+            initial_params(model, info, rng, None), tx, config.frozen_convs, config.seed))
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
                                 abstract)
         state, data_state, meta = checkpoints.restore(abstract)
@@ -350,7 +339,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                             f"the data and the learning rate). The last good checkpoint "
                             f"(step {last_good_step}) is kept in {workdir / 'checkpoints'}.", 1)
                     loss = float(np.mean([m["loss"] for m in fetched]))
-                    record = {"loss": loss, "learning_rate": config.learning_rate / (1 + config.lr_decay * step)}
+                    record = {"loss": loss, "learning_rate": float(learning_rate(step))}
                     if window_images:
                         record["images_per_second"] = window_images / (time.perf_counter() - window_start)
                         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_second']:.1f}")
@@ -363,8 +352,8 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                                           f"{step} in {workdir / 'checkpoints'}; rerun the same command "
                                           "to resume", 128 + stop.signum)
                 if epoch_end:
-                    result = evaluate_split(state.params, evaluate_fn, eval_source, config, info, mesh,
-                                      grid_path=workdir / f"eval_step{step:07d}.png")
+                    result = evaluate_split(state.params, evaluate_fn, eval_source, config, info,
+                                            mesh, grid_path=workdir / f"eval_step{step:07d}.png")
                     writer.write(step, "eval", result)
                     best = meta["best_val_loss"]
                     is_best = best is None or result["loss"] < best
@@ -385,7 +374,8 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                     save()
         if step == total_steps or meta["stopped_early"]:
             save()
-        final = final_evaluation(workdir, state, evaluate_fn, eval_source, config, info, mesh)
+        final = final_evaluation(workdir, state, meta["best_step"], evaluate_fn, eval_source,
+                                 config, info, mesh)
         if jax.process_index() == 0:
             writer.write(step, "final", final)
             save_training_curves(workdir / "training_curves.png", writer.path)
@@ -395,19 +385,18 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
         checkpoints.close()
 
 
-def final_evaluation(workdir: Path, state: TrainState, evaluate_fn, eval_source, config,
-                     info: ModelInfo, mesh) -> dict:
+def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, evaluate_fn,
+                     eval_source, config, info: ModelInfo, mesh) -> dict:
     """Metrics of the best checkpoint (else the last state) and of a centre-bias map on the
     held-out split, written to ``final_metrics.json``."""
     from mlnet_jax.atomic import atomic_path
-    from mlnet_jax.checkpointing import BEST_DIR, restore_for_inference
+    from mlnet_jax.checkpointing import restore_for_inference
 
     params = state.params
-    source = "last"
-    if (workdir / BEST_DIR).is_dir() and any((workdir / BEST_DIR).iterdir()):
+    source = "last" if best_step is None else "best"
+    if best_step is not None and best_step != int(state.step):
         best_params, _ = restore_for_inference(workdir)  # a workdir resolves to its best
         params = jax.device_put(best_params, replicated(mesh))
-        source = "best"
     result = evaluate_split(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True)
     result["checkpoint"] = source
     result["step"] = int(state.step)

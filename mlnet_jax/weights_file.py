@@ -73,6 +73,22 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     return unflatten(flat), metadata
 
 
+def check_param_shapes(expected: dict, got: dict, where: str, *,
+                       needs: str = "expected", hint: str = "") -> None:
+    """One-line WeightsError naming the first parameter of ``expected`` (arrays or
+    ShapeDtypeStructs) that ``got`` lacks or holds with another shape."""
+    from flax import traverse_util
+
+    got_flat = traverse_util.flatten_dict(got, sep="/")
+    for name, spec in traverse_util.flatten_dict(expected, sep="/").items():
+        shape = tuple(spec.shape)
+        if name not in got_flat:
+            raise WeightsError(f"{where}: missing parameter {name} (expected shape {shape})")
+        if tuple(np.shape(got_flat[name])) != shape:
+            raise WeightsError(f"{where}: parameter {name} has shape "
+                               f"{tuple(np.shape(got_flat[name]))}, {needs} {shape}{hint}")
+
+
 def check_vgg16_params(backbone: dict, where: str) -> None:
     """Raise a one-line WeightsError unless ``backbone`` holds the 13 convs with VGG-16 shapes."""
     in_channels = 3

@@ -109,13 +109,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(300)
-def test_two_processes_take_the_same_step_as_one(tmp_path):
-    run(STEP_SCRIPT, tmp_path / "one.npz", "--devices", "1", timeout=240)
+def run_two_processes(args_for) -> list[tuple[str, str]]:
+    """Start ``python *args_for(coordinator_address, k)`` for k = 0, 1 on localhost and return
+    their (stdout, stderr); both must succeed."""
     address = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(STEP_SCRIPT), str(tmp_path / f"multi{k}.npz"),
-                               "--coordinator", address, "--num_processes", "2", "--process_id", str(k)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
+    procs = [subprocess.Popen([sys.executable, *args_for(address, k)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
              for k in range(2)]
     try:
         outputs = [p.communicate(timeout=240) for p in procs]
@@ -123,6 +122,15 @@ def test_two_processes_take_the_same_step_as_one(tmp_path):
         for p in procs:
             p.kill()
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
+    return outputs
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_take_the_same_step_as_one(tmp_path):
+    run(STEP_SCRIPT, tmp_path / "one.npz", "--devices", "1", timeout=240)
+    run_two_processes(lambda address, k: [
+        str(STEP_SCRIPT), str(tmp_path / f"multi{k}.npz"), "--coordinator", address,
+        "--num_processes", "2", "--process_id", str(k)])
     _compare_params(tmp_path / "one.npz", tmp_path / "multi0.npz")
 
 
@@ -270,20 +278,11 @@ def test_two_process_training_run_end_to_end(tmp_path):
     """The whole command on 2 processes (gloo): sharded data, Orbax saves from both, and the
     evaluation gathered over processes covers every held-out image."""
     workdir = tmp_path / "run"
-    address = f"127.0.0.1:{_free_port()}"
     script = ("import jax, sys; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
               "from mlnet_jax.train import main; sys.exit(main(sys.argv))")
-    procs = [subprocess.Popen([sys.executable, "-c", script, f"--config={TINY_CONFIG}",
-                               f"--workdir={workdir}", f"--coordinator_address={address}",
-                               "--num_processes=2", f"--process_id={k}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent)
-             for k in range(2)]
-    try:
-        outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outputs]
+    outputs = run_two_processes(lambda address, k: [
+        "-c", script, f"--config={TINY_CONFIG}", f"--workdir={workdir}",
+        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={k}"])
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6"]
     final = json.loads((workdir / "final_metrics.json").read_text())
     assert final["num_images"] == 8 and final["step"] == 6
