@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -251,8 +252,8 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / ".write_test").touch()
-        (workdir / ".write_test").unlink()
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+            pass  # a unique name: every process of a multi-host run checks at once
     except OSError as e:
         raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from None
     enable_compilation_cache(config.compilation_cache_dir)
