@@ -253,6 +253,56 @@ def software_versions() -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- variants
+# Earlier versions of levers, re-created for a side-by-side measurement in the same run (each
+# patch lives only while the step is traced). Rows measured under one carry "variant".
+
+def _v0_pool(x, stride, alignment):
+    """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
+    import flax.linen as nn
+    if stride != 1:
+        return _ORIGINAL["pool"](x, stride, alignment)
+    return nn.max_pool(x, (2, 2), strides=(1, 1),
+                       padding=((1, 0), (1, 0)) if alignment == "keras1" else ((0, 1), (0, 1)))
+
+
+def _v0_dropout(rng, rate, shape):
+    """v0's dropout mask: one random word per element."""
+    import jax
+    return jax.random.bernoulli(rng, 1.0 - rate, shape)
+
+
+_ORIGINAL: dict = {}
+VARIANTS = {  # name -> {(module, attribute): replacement}
+    "v0": {("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool,
+           ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
+    "v0_pool4": {("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool},
+    "v0_dropout": {("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
+}
+
+
+class patched:
+    """Context manager applying one of VARIANTS (None: the code as it is)."""
+
+    def __init__(self, variant: str | None):
+        self.patches = VARIANTS[variant] if variant else {}
+        self.saved = []
+
+    def __enter__(self):
+        import importlib
+        from mlnet_jax import vgg
+        _ORIGINAL.setdefault("pool", vgg.max_pool_2x2)
+        for (module_name, attribute), replacement in self.patches.items():
+            module = importlib.import_module(module_name)
+            self.saved.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, replacement)
+        return self
+
+    def __exit__(self, *exc):
+        for module, attribute, value in reversed(self.saved):
+            setattr(module, attribute, value)
+
+
 # --------------------------------------------------------------------------- JAX parts
 
 def _jax():
@@ -424,7 +474,7 @@ def _row(bench: Bench, task: str, dtype: str, mode: str | None, b: int, h: int, 
 
 
 def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
-                  sweep: bool = False, keep: bool = False) -> dict:
+                  sweep: bool = False, keep: bool = False, variant: str | None = None) -> dict:
     """images/s of the real jitted train step on a fixed device-resident batch."""
     jax, jnp = _jax()
     from mlnet_jax.inference import ModelInfo
@@ -439,7 +489,8 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
     state = jax.device_put(create_train_state(bench.params(h, w), tx, frozen, seed=0), bench.rep)
     batch = synthetic_batch(b, h, w, bench.data)
     train_fn, _ = compile_steps(model, tx, info.preprocessing, bench.mesh)
-    compiled, t_lower, t_compile = compile_timed(train_fn, state, batch)
+    with patched(variant):
+        compiled, t_lower, t_compile = compile_timed(train_fn, state, batch)
 
     t = time.perf_counter()
     state, metrics = compiled(state, batch)
@@ -459,13 +510,15 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
     row = _row(bench, "train", dtype, mode, b, h, w, per_step, first, t_lower, t_compile, flops,
                compiled, sweep)
     row["frozen_convs"] = frozen
+    row["variant"] = variant
     row["nonfinite_last_step"] = int(metrics["nonfinite"])
     if keep:
         bench.kept[(case_name(b, h, w), dtype, mode)] = [compiled, state, row["images_per_s"]]
     return row
 
 
-def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: bool = False) -> dict:
+def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: bool = False,
+                    variant: str | None = None) -> dict:
     """images/s of ``make_predict_fn`` (uint8 in, normalised on the device, float32 maps out)."""
     jax, jnp = _jax()
     from mlnet_jax.inference import ModelInfo, make_predict_fn
@@ -476,7 +529,8 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     variables = {"params": bench.params(h, w)}
     images = synthetic_batch(b, h, w, bench.data)["image"]
     predict = make_predict_fn(model, info.preprocessing, bench.mesh)
-    compiled, t_lower, t_compile = compile_timed(predict, variables, images)
+    with patched(variant):
+        compiled, t_lower, t_compile = compile_timed(predict, variables, images)
     t = time.perf_counter()
     out = compiled(variables, images)
     out.block_until_ready()
@@ -492,8 +546,10 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
         out.block_until_ready()
         per_step.append((time.perf_counter() - t) / bench.steps)
     flops = forward_flops(h, w, bench.args.width_multiplier)
-    return _row(bench, "predict", dtype, None, b, h, w, per_step, first, t_lower, t_compile,
-                flops, compiled, sweep)
+    row = _row(bench, "predict", dtype, None, b, h, w, per_step, first, t_lower, t_compile,
+               flops, compiled, sweep)
+    row["variant"] = variant
+    return row
 
 
 # --------------------------------------------------------------------------- compile probes
@@ -721,6 +777,13 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
         return items
 
     tasks += for_case(head, primary, True)
+    for variant in args.variants:  # the same headline steps with an earlier lever re-created
+        if "full" in args.modes:
+            tasks.append((f"train {primary} full {case_name(*head)} [{variant}]",
+                          lambda v=variant: measure_train(bench, *head, primary, "full", variant=v)))
+        if not args.no_predict and variant == args.variants[0]:
+            tasks.append((f"predict {primary} {case_name(*head)} [{variant}]",
+                          lambda v=variant: measure_predict(bench, *head, primary, variant=v)))
     if args.pipeline and "full" in args.modes:
         key = (case_name(*head), primary, "full")
         tasks.append((f"pipeline {primary} full {case_name(*head)}",
@@ -761,7 +824,8 @@ def print_table(result: dict) -> None:
             continue
         mem = (r.get("executable_memory") or {}).get("peak_estimate_bytes")
         frac = r.get("ceiling_fraction")
-        print(f"{r['task'] + ('*' if r.get('sweep') else ''):8} {r['dtype']:9} {r['mode'] or '-':6} "
+        mode = (r['mode'] or '-') + (f"[{r['variant']}]" if r.get('variant') else '')
+        print(f"{r['task'] + ('*' if r.get('sweep') else ''):8} {r['dtype']:9} {mode:6} "
               f"{r['case']:>12} {r['images_per_s']:10.1f} {r['step_ms']:9.2f} {r['tflops']:8.2f} "
               f"{(100 * frac if frac else float('nan')):6.1f} {r['compile_s']:9.1f} "
               f"{(mem / 2**30 if mem else float('nan')):8.2f}")
@@ -822,6 +886,9 @@ def parse_args(argv=None):
                    help="end-to-end training through train_loader on fake SALICON records")
     p.add_argument("--pipeline-records", type=int, default=128)
     p.add_argument("--pipeline-workers", default="0", help="grain worker_count values to try")
+    p.add_argument("--variants", default="",
+                   help=f"also the headline train step (and predict for the first) with earlier "
+                        f"levers re-created: comma-separated of {', '.join(VARIANTS)}")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="skip the cold/warm compilation-cache probes")
     p.add_argument("--no-predict", action="store_true")
@@ -838,6 +905,10 @@ def parse_args(argv=None):
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.sweep_batches = [int(v) for v in args.sweep_batches.split(",") if v.strip()]
     args.pipeline_workers = [int(v) for v in args.pipeline_workers.split(",") if v.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
     for d in args.dtypes:
         if d not in ("float32", "bfloat16"):
             p.error(f"--dtypes: {d!r} is not float32 or bfloat16")

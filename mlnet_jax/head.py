@@ -36,6 +36,20 @@ def _conv_same(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     return y + bias.astype(x.dtype)
 
 
+def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+    """Boolean keep mask, each element kept independently with probability 1 − ``rate``.
+
+    At ML-Net's rate 0.5 every random bit is one element's coin (32 elements per 32-bit word):
+    exact, and 32× less random-number work than ``bernoulli``'s one word per element, which
+    matters at 32 × 60 × 80 × 1280 elements per step.
+    """
+    if rate == 0.5 and shape[-1] % 32 == 0:
+        words = jax.random.bits(rng, (*shape[:-1], shape[-1] // 32), jnp.uint32)
+        bits = (words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+        return bits.reshape(shape).astype(bool)
+    return jax.random.bernoulli(rng, 1.0 - rate, shape)
+
+
 def multilevel_head(params: dict, features: dict[str, jax.Array], *,
                     dropout_rng: jax.Array | None = None, dropout_rate: float = 0.5) -> jax.Array:
     """Saliency map before the prior, (B, h/8, w/8, 1), in the features' dtype.
@@ -44,7 +58,7 @@ def multilevel_head(params: dict, features: dict[str, jax.Array], *,
     """
     x = jnp.concatenate([features[name] for name in HEAD_FEATURES], axis=-1)
     if dropout_rng is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
+        keep = dropout_keep_mask(dropout_rng, dropout_rate, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout_rate), jnp.zeros_like(x))
     x = jax.nn.relu(_conv_same(x, params["conv"]["kernel"], params["conv"]["bias"]))
     return jax.nn.relu(_conv_same(x, params["readout"]["kernel"], params["readout"]["bias"]))

@@ -42,6 +42,13 @@ def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.
             x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :rows, :cols]
         b, _, _, c = x.shape
         return jnp.max(x.reshape(b, rows // 2, 2, cols // 2, 2, c), axis=(2, 4))
+    if stride == 1:
+        # Maximum of shifted views (rows, then columns): the same values as reduce_window, and a
+        # gradient of fusable selects instead of XLA's select_and_scatter (pool4, 60×80×512).
+        edge = (1, 0) if alignment == "keras1" else (0, 1)
+        x = jnp.pad(x, ((0, 0), edge, edge, (0, 0)), constant_values=-jnp.inf)
+        x = jnp.maximum(x[:, :-1], x[:, 1:])
+        return jnp.maximum(x[:, :, :-1], x[:, :, 1:])
     if alignment == "keras1":
         pad = ((1, 0), (1, 0))
     else:

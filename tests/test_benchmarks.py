@@ -104,17 +104,20 @@ def _positive(value):
 def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     result, stdout = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
                           "--modes", "full,frozen", "--width-multiplier", "0.25", "--batch-sweep",
-                          "--sweep-batches", "1", "--pipeline", "--pipeline-records", "4")
+                          "--sweep-batches", "1", "--pipeline", "--pipeline-records", "4",
+                          "--variants", "v0")
     assert result["complete"] and not result["skipped"] and "errors" not in result
     assert result["card"] and result["backend"] == "cpu" and result["software"]["jax"]
     assert isinstance(result["xla_flags"], str) and "jax_default_matmul_precision" in result["jax_config"]
     assert _positive(result["matmul_ceiling"]["float32"]["tflops"])
     assert _positive(result["floors"]["2x32x32"]["frozen"]["train_flops_per_image"])
 
-    rows = {(r["task"], r["mode"], r["case"]): r for r in result["results"]}
-    assert set(rows) == {("train", "full", "2x32x32"), ("train", "frozen", "2x32x32"),
-                         ("predict", None, "2x32x32"), ("train", "full", "1x32x32"),
-                         ("predict", None, "1x32x32")}
+    rows = {(r["task"], r["mode"], r["case"], r.get("variant")): r for r in result["results"]}
+    assert set(rows) == {("train", "full", "2x32x32", None), ("train", "frozen", "2x32x32", None),
+                         ("predict", None, "2x32x32", None), ("train", "full", "1x32x32", None),
+                         ("predict", None, "1x32x32", None), ("train", "full", "2x32x32", "v0"),
+                         ("predict", None, "2x32x32", "v0")}
+    rows = {key[:3]: row for key, row in rows.items() if not key[3]}
     assert rows[("train", "full", "1x32x32")]["sweep"] and not rows[("train", "full", "2x32x32")]["sweep"]
     for row in rows.values():
         for key in ("images_per_s", "step_ms", "tflops", "ceiling_fraction", "first_step_s",
@@ -148,6 +151,32 @@ def test_deadline_stops_new_work_and_keeps_the_json(tmp_path):
     assert "not started" in stdout
 
 
+def _train_step_hlo(width=0.25, size=16):
+    from mlnet_jax.inference import ModelInfo
+    from mlnet_jax.optim import make_optimizer
+    from mlnet_jax.train import create_train_state, train_step
+
+    info = ModelInfo(input_size=(size, size), preprocessing="caffe", width_multiplier=width)
+    model, tx = info.build(), make_optimizer(1e-3, 5e-4, 0.9)
+    params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
+    state = create_train_state(params, tx, 0, seed=0)
+    batch = {"image": jnp.zeros((2, size, size, 3), jnp.uint8),
+             "target": jnp.zeros((2, size // 8, size // 8, 1))}
+    step = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe"))
+    return step.lower(state, batch).as_text()
+
+
+def test_variants_recreate_the_earlier_levers_only_while_tracing():
+    # The code as it is has no reduce_window (so no select_and_scatter in the gradient); the
+    # v0 variant puts it back while tracing, and only then.
+    current = _train_step_hlo(width=1 / 2)  # 640 head channels: divisible by 32
+    assert "reduce_window" not in current and "select_and_scatter" not in current
+    with throughput.patched("v0"):
+        v0 = _train_step_hlo(width=1 / 2)
+    assert "reduce_window" in v0 and "select_and_scatter" in v0
+    assert _train_step_hlo(width=1 / 2) == current  # the patch is gone after the block
+
+
 # --------------------------------------------------------------------------- merging
 
 def test_merge_computes_the_ratio_fields_and_targets():
@@ -158,6 +187,7 @@ def test_merge_computes_the_ratio_fields_and_targets():
     jax_result = {
         "date": "2026-11-27", "card": "NVIDIA H200", "args": {"cases": [[32, 480, 640]]},
         "results": [row("train", "bfloat16", "full", 900.0), row("train", "bfloat16", "full", 1.0, True),
+                    {**row("train", "bfloat16", "full", 5000.0), "variant": "v0"},
                     row("train", "bfloat16", "frozen", 1700.0), row("predict", "bfloat16", None, 2400.0)],
         "pipeline": {"ratio_to_synthetic": 0.95},
         "compile_cache": {"cold": {"first_step_s": 60.0}, "warm": {"first_step_s": 9.0}}}

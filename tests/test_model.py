@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 import reference_numpy as ref
 from mlnet_jax import MLNet, VGG16, mlnet_loss, prior_penalty
 from mlnet_jax.prior import apply_prior, interpolation_matrix, prior_shape, upsample_prior
+from mlnet_jax.head import dropout_keep_mask
 from mlnet_jax.vgg import max_pool_2x2
 
 
@@ -60,6 +62,34 @@ def test_pooling_alignment_matches_index_formula(alignment, stride, size):
     x = np.random.default_rng(0).uniform(0, 1, (1, *size, 3)).astype(np.float32)
     got = np.asarray(max_pool_2x2(jnp.asarray(x), stride, alignment))[0]
     np.testing.assert_allclose(got, ref.max_pool(x[0], stride, alignment), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alignment", ["standard", "keras1"])
+def test_stride_one_pooling_gradient_matches_reduce_window(alignment):
+    # Shifted maxima replace reduce_window for pool4; on tie-free inputs the gradients agree.
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 9, 4)), jnp.float32)
+    pad = ((1, 0), (1, 0)) if alignment == "keras1" else ((0, 1), (0, 1))
+    cotangent = jnp.asarray(np.random.default_rng(4).normal(size=(2, 7, 9, 4)), jnp.float32)
+    ours = jax.grad(lambda v: jnp.sum(max_pool_2x2(v, 1, alignment) * cotangent))(x)
+    want = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), (1, 1), pad) * cotangent))(x)
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3])
+def test_dropout_keep_mask_is_independent_bernoulli(rate):
+    shape = (64, 4, 4, 128)  # 128 channels: the packed-bit path at rate 0.5
+    masks = np.asarray(dropout_keep_mask(jax.random.key(0), rate, shape), np.float64)
+    other = np.asarray(dropout_keep_mask(jax.random.key(1), rate, shape))
+    assert masks.shape == shape and other.dtype == bool
+    n = masks[..., 0].size
+    tolerance = 5 * np.sqrt(rate * (1 - rate) / n)  # 5 sigma per channel
+    per_channel = masks.reshape(-1, shape[-1]).mean(axis=0)
+    assert np.all(np.abs(per_channel - (1 - rate)) < tolerance), per_channel
+    flat = masks.reshape(-1, shape[-1]) - (1 - rate)
+    for lag in (1, 31, 32):  # neighbouring bits of a word, and the next word
+        corr = (flat[:, :-lag] * flat[:, lag:]).mean() / (rate * (1 - rate))
+        assert abs(corr) < 5 / np.sqrt(flat[:, lag:].size), (lag, corr)
+    assert (masks != other).mean() > 0.3  # another key, another mask
 
 
 def test_vgg16_features_match_numpy_reference():
