@@ -13,8 +13,10 @@
 # and env.txt (versions, nvidia-smi before and after); the comparison table is printed last.
 # Order: the peer first (bounded by its own --deadline and a timeout), then ours with a
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
-# Knobs: BUDGET_S (540), CASES (16x240x320,32x480x640), PEER_DEADLINE (150),
-# PIPELINE_WORKERS (0,4), JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
+# Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_DEADLINE (120),
+# PIPELINE_WORKERS (0,4), VARIANTS (v0,v0_pool4,v0_dropout: earlier levers side by side),
+# DUMP (1: optimised HLO of each executable and XLA's per-convolution autotuning results, as
+# $OUT/dumps.tar.gz), JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BENCH=.bench
@@ -41,10 +43,23 @@ fi
 
 : "${OUT:=$(mktemp -d)}"
 export OUT PYTHONUNBUFFERED=1
-BUDGET=${BUDGET_S:-540}
+BUDGET=${BUDGET_S:-560}
 START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
+
+EXTRA_ARGS=()
+[ -n "${VARIANTS-v0,v0_pool4,v0_dropout}" ] && EXTRA_ARGS+=(--variants "${VARIANTS-v0,v0_pool4,v0_dropout}")
+if [ "${DUMP:-1}" = 1 ]; then
+  mkdir -p "$OUT/dumps"
+  EXTRA_ARGS+=(--dump-dir "$OUT/dumps")
+  # One value for every process of the run: XLA_FLAGS is part of the compilation-cache key.
+  FLAGS="${XLA_FLAGS:-} --xla_gpu_dump_autotune_results_to=$OUT/dumps/autotune.textproto"
+  # An XLA that does not know a flag aborts every process: check once, drop it if so.
+  if XLA_FLAGS="$FLAGS" timeout 120 python3 -c "import jax; jax.devices()" > /dev/null 2>&1; then
+    export XLA_FLAGS="$FLAGS"
+  fi
+fi
 
 {
   date -u; uname -a; nproc
@@ -68,7 +83,7 @@ fi
 PEER=$BENCH/torch_peer.py
 [ -f "$PEER" ] || PEER=../shared/bench/torch_peer.py
 if [ -f "$PEER" ]; then
-  PD=${PEER_DEADLINE:-150}
+  PD=${PEER_DEADLINE:-120}
   log "PyTorch peer: $PEER --cases $CASES --deadline $PD"
   timeout -k 5 $(( PD + 60 )) python3 "$PEER" --cases "$CASES" --deadline "$PD" 2>&1 | tee -a "$OUT/run.log"
 else
@@ -82,7 +97,8 @@ log "mlnet_jax throughput: ${L}s left, --deadline $DEADLINE, killed after ${KILL
 # shellcheck disable=SC2086
 timeout -k 5 "$KILL" python3 benchmarks/throughput.py --cases "$CASES" \
   --dtypes bfloat16,float32 --modes full,frozen --batch-sweep "${PIPE_ARGS[@]}" \
-  --deadline "$DEADLINE" --output "$OUT/jax_throughput.json" ${JAX_ARGS:-} 2>&1 | tee -a "$OUT/run.log"
+  --deadline "$DEADLINE" --output "$OUT/jax_throughput.json" "${EXTRA_ARGS[@]}" ${JAX_ARGS:-} \
+  2>&1 | tee -a "$OUT/run.log"
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv >> "$OUT/env.txt" 2>&1 || true
 if [ -f "$OUT/jax_throughput.json" ]; then
@@ -90,5 +106,8 @@ if [ -f "$OUT/jax_throughput.json" ]; then
     --torch "$OUT/peer_torch.json" --out-dir "$OUT" 2>&1 | tee -a "$OUT/run.log"
 else
   log "no jax_throughput.json: see run.log"
+fi
+if [ -d "$OUT/dumps" ]; then  # one file back instead of one per executable
+  tar -C "$OUT" -czf "$OUT/dumps.tar.gz" dumps && rm -rf "$OUT/dumps"
 fi
 log "done in $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

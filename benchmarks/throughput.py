@@ -473,6 +473,20 @@ def _row(bench: Bench, task: str, dtype: str, mode: str | None, b: int, h: int, 
     }
 
 
+def dump_hlo(bench: Bench, compiled, name: str, variant: str | None, sweep: bool) -> None:
+    """The optimised HLO (fusions, cuDNN calls, layouts) of each non-sweep executable, gzipped
+    into --dump-dir: what to read, at no device time, before choosing the next lever."""
+    if not bench.args.dump_dir or sweep:
+        return
+    import gzip
+    path = Path(bench.args.dump_dir) / f"hlo_{name}{'_' + variant if variant else ''}.txt.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.write_bytes(gzip.compress(compiled.as_text().encode()))
+    except Exception as e:  # noqa: BLE001 — a dump must never cost the measurement
+        print(f"HLO dump {path.name} failed: {e!r}", flush=True)
+
+
 def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
                   sweep: bool = False, keep: bool = False, variant: str | None = None) -> dict:
     """images/s of the real jitted train step on a fixed device-resident batch."""
@@ -511,6 +525,7 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
                compiled, sweep)
     row["frozen_convs"] = frozen
     row["variant"] = variant
+    dump_hlo(bench, compiled, f"train_{dtype}_{mode}_{case_name(b, h, w)}", variant, sweep)
     row["nonfinite_last_step"] = int(metrics["nonfinite"])
     if keep:
         bench.kept[(case_name(b, h, w), dtype, mode)] = [compiled, state, row["images_per_s"]]
@@ -549,6 +564,7 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     row = _row(bench, "predict", dtype, None, b, h, w, per_step, first, t_lower, t_compile,
                flops, compiled, sweep)
     row["variant"] = variant
+    dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", variant, sweep)
     return row
 
 
@@ -776,21 +792,28 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
                           lambda: measure_train(bench, b, h, w, dtype, "frozen")))
         return items
 
-    tasks += for_case(head, primary, True)
-    for variant in args.variants:  # the same headline steps with an earlier lever re-created
+    def variant_items(variant, with_predict):  # the headline steps with an earlier lever re-created
+        items = []
         if "full" in args.modes:
-            tasks.append((f"train {primary} full {case_name(*head)} [{variant}]",
-                          lambda v=variant: measure_train(bench, *head, primary, "full", variant=v)))
-        if not args.no_predict and variant == args.variants[0]:
-            tasks.append((f"predict {primary} {case_name(*head)} [{variant}]",
-                          lambda v=variant: measure_predict(bench, *head, primary, variant=v)))
+            items.append((f"train {primary} full {case_name(*head)} [{variant}]",
+                          lambda: measure_train(bench, *head, primary, "full", variant=variant)))
+        if with_predict and not args.no_predict:
+            items.append((f"predict {primary} {case_name(*head)} [{variant}]",
+                          lambda: measure_predict(bench, *head, primary, variant=variant)))
+        return items
+
+    tasks += for_case(head, primary, True)
     if args.pipeline and "full" in args.modes:
         key = (case_name(*head), primary, "full")
         tasks.append((f"pipeline {primary} full {case_name(*head)}",
                       lambda: ("pipeline", measure_pipeline(bench, key, *head))
                       if key in bench.kept else ("pipeline", {"skipped": "headline train step missing"})))
+    if args.variants:
+        tasks += variant_items(args.variants[0], True)
     for case in reversed(cases[:-1]):
         tasks += for_case(case, primary, False)
+    for variant in args.variants[1:]:
+        tasks += variant_items(variant, False)
     if args.batch_sweep:
         _, h, w = head
         measured = {c[0] for c in cases if c[1:] == (h, w)}
@@ -889,6 +912,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="",
                    help=f"also the headline train step (and predict for the first) with earlier "
                         f"levers re-created: comma-separated of {', '.join(VARIANTS)}")
+    p.add_argument("--dump-dir", default=None,
+                   help="write each executable's optimised HLO here (gzipped)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="skip the cold/warm compilation-cache probes")
     p.add_argument("--no-predict", action="store_true")
