@@ -13,8 +13,9 @@
 # and env.txt (versions, nvidia-smi before and after); the comparison table is printed last.
 # Order: the peer first (bounded by its own --deadline and a timeout), then ours with a
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
-# Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_DEADLINE (120),
-# PIPELINE_WORKERS (0,4), VARIANTS (v0,v0_pool4,v0_dropout: earlier levers side by side),
+# Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
+# (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
+# end), PIPELINE_WORKERS (0,4), VARIANTS (v1,v1_relu,v1_pool,v0: earlier levers side by side),
 # DUMP (1: optimised HLO of each executable and XLA's per-convolution autotuning results, as
 # $OUT/dumps.tar.gz), JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
 set -uo pipefail
@@ -49,7 +50,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-[ -n "${VARIANTS-v0,v0_pool4,v0_dropout}" ] && EXTRA_ARGS+=(--variants "${VARIANTS-v0,v0_pool4,v0_dropout}")
+[ -n "${VARIANTS-v1,v1_relu,v1_pool,v0}" ] && EXTRA_ARGS+=(--variants "${VARIANTS-v1,v1_relu,v1_pool,v0}")
 if [ "${DUMP:-1}" = 1 ]; then
   mkdir -p "$OUT/dumps"
   EXTRA_ARGS+=(--dump-dir "$OUT/dumps")
@@ -84,15 +85,17 @@ PEER=$BENCH/torch_peer.py
 [ -f "$PEER" ] || PEER=../shared/bench/torch_peer.py
 if [ -f "$PEER" ]; then
   PD=${PEER_DEADLINE:-120}
-  log "PyTorch peer: $PEER --cases $CASES --deadline $PD"
-  timeout -k 5 $(( PD + 60 )) python3 "$PEER" --cases "$CASES" --deadline "$PD" 2>&1 | tee -a "$OUT/run.log"
+  log "PyTorch peer: $PEER --cases ${PEER_CASES:-$CASES} --deadline $PD"
+  timeout -k 5 $(( PD + 60 )) python3 "$PEER" --cases "${PEER_CASES:-$CASES}" --deadline "$PD" \
+    2>&1 | tee -a "$OUT/run.log"
 else
   log "no torch_peer.py (run 'bash benchmarks/gpu_run.sh --prepare' here first): ratios will be null"
 fi
 
 L=$(left)
 KILL=$(( L - 20 > 60 ? L - 20 : 60 ))     # leave time to merge; never 0 (= no limit)
-DEADLINE=$(( L - 120 > 30 ? L - 120 : 30 ))  # a case started by then has >= 100 s to finish
+MARGIN=${DEADLINE_MARGIN:-120}
+DEADLINE=$(( L - MARGIN > 30 ? L - MARGIN : 30 ))  # a case started by then has MARGIN-20 s to finish
 log "mlnet_jax throughput: ${L}s left, --deadline $DEADLINE, killed after ${KILL}s"
 # shellcheck disable=SC2086
 timeout -k 5 "$KILL" python3 benchmarks/throughput.py --cases "$CASES" \

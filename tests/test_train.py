@@ -178,9 +178,13 @@ def test_train_command_writes_everything_and_learns(tmp_path):
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [3, 6, 9]
     assert {"loss", "cc", "kld", "nss", "sim"} <= set(evals[0])
-    assert evals[-1]["loss"] < evals[0]["loss"]
+    assert all(np.isfinite(r["loss"]) for r in evals)
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 9 and all(r["images_per_second"] > 0 for r in train[1:])
+    # It learns: the training objective falls. (At 4×4 output maps the held-out loss is no
+    # such signal: an all-zero map scores 0.08 there, so a collapsed readout "improves" it;
+    # test_demo.py checks what the model learns, by CC against the centre bias.)
+    assert np.mean([r["loss"] for r in train[-3:]]) < 0.7 * np.mean([r["loss"] for r in train[:3]])
     assert "images_per_second" not in train[0]  # the first step is compilation, not throughput
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     for png in ["eval_step0000003.png", "eval_step0000009.png", "training_curves.png"]:
