@@ -16,8 +16,8 @@
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
 # (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
 # end), PIPELINE_WORKERS (0,4), VARIANTS (v1,v1_relu,v1_pool,v0: earlier levers side by side),
-# DUMP (1: optimised HLO of each executable and XLA's per-convolution autotuning results, as
-# $OUT/dumps.tar.gz), JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
+# DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz),
+# JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BENCH=.bench
@@ -54,12 +54,6 @@ EXTRA_ARGS=()
 if [ "${DUMP:-1}" = 1 ]; then
   mkdir -p "$OUT/dumps"
   EXTRA_ARGS+=(--dump-dir "$OUT/dumps")
-  # One value for every process of the run: XLA_FLAGS is part of the compilation-cache key.
-  FLAGS="${XLA_FLAGS:-} --xla_gpu_dump_autotune_results_to=$OUT/dumps/autotune.textproto"
-  # An XLA that does not know a flag aborts every process: check once, drop it if so.
-  if XLA_FLAGS="$FLAGS" timeout 120 python3 -c "import jax; jax.devices()" > /dev/null 2>&1; then
-    export XLA_FLAGS="$FLAGS"
-  fi
 fi
 
 {
