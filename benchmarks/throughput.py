@@ -256,22 +256,9 @@ def software_versions() -> dict:
 # --------------------------------------------------------------------------- variants
 # Earlier versions of levers, re-created for a side-by-side measurement in the same run (each
 # patch lives only while the step is traced). Rows measured under one carry "variant".
-# v0: the first measured code; v1: + pool4 as shifted maxima and packed-bit dropout;
-# v2 (the code as it is): + output-masked ReLU and pooling gradients (memory_lean_grads).
-# v0_pool4 / v0_dropout are v1 with one of its levers undone; v1_relu / v1_pool are v2 likewise.
-
-def _v1_pool_stride_2(x):
-    """v0/v1's 2×2/2 pool: plain reshape-max, whose autodiff stores argmax masks."""
-    import jax.numpy as jnp
-    b, rows, cols, c = x.shape
-    return jnp.max(x.reshape(b, rows // 2, 2, cols // 2, 2, c), axis=(2, 4))
-
-
-def _v1_relu(x):
-    """v0/v1's ReLU: jax.nn.relu, whose gradient keeps the pre-activation."""
-    import jax
-    return jax.nn.relu(x)
-
+# v0: the code before the first GPU measurement (pool4 by reduce_window, one random word per
+# dropout element); the code as it is (v1) has pool4 as shifted maxima and the packed-bit
+# dropout mask; v0_pool4 / v0_dropout undo one of the two.
 
 def _v0_pool(x, stride, alignment):
     """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
@@ -289,17 +276,11 @@ def _v0_dropout(rng, rate, shape):
 
 
 _ORIGINAL: dict = {}
-_V1_RELU = {("mlnet_jax.vgg", "relu"): _v1_relu, ("mlnet_jax.head", "relu"): _v1_relu}
-_V1_POOL = {("mlnet_jax.vgg", "max_pool_2x2_stride_2"): _v1_pool_stride_2}
-_V1 = {**_V1_RELU, **_V1_POOL}
 VARIANTS = {  # name -> {(module, attribute): replacement}
-    "v1": _V1,
-    "v1_relu": _V1_RELU,
-    "v1_pool": _V1_POOL,
-    "v0": {**_V1, ("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool,
+    "v0": {("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool,
            ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
-    "v0_pool4": {**_V1, ("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool},
-    "v0_dropout": {**_V1, ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
+    "v0_pool4": {("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool},
+    "v0_dropout": {("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
 }
 
 

@@ -12,8 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlnet_jax.memory_lean_grads import max_pool_2x2_stride_2, relu
-
 PoolingAlignment = Literal["standard", "keras1"]
 
 # (name, output channels) in network order; a pool follows the last conv of blocks 1-4.
@@ -39,11 +37,11 @@ def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.
         raise ValueError(f"pooling alignment must be 'standard' or 'keras1', got {alignment!r}")
     rows, cols = x.shape[1:3]
     if stride == 2 and rows % 2 == 0 and cols % 2 == 0:
-        # Reshape-and-max: exact for even sizes; its gradient is a fusable compare/select
-        # (no select_and_scatter) computed from the pool's input and output.
+        # Reshape-and-max: exact for even sizes, and its gradient avoids XLA's select_and_scatter.
         if alignment == "keras1":  # windows (2i − 1, 2i): shift down/right by one, zero-filled
             x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :rows, :cols]
-        return max_pool_2x2_stride_2(x)
+        b, _, _, c = x.shape
+        return jnp.max(x.reshape(b, rows // 2, 2, cols // 2, 2, c), axis=(2, 4))
     if stride == 1:
         # Maximum of shifted views (rows, then columns): the same values as reduce_window, and a
         # gradient of fusable selects instead of XLA's select_and_scatter (pool4, 60×80×512).
@@ -78,7 +76,7 @@ class VGG16(nn.Module):
             features = max(1, round(features * self.width_multiplier))
             x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                         param_dtype=jnp.float32, name=name)(x)
-            x = relu(x)
+            x = nn.relu(x)
             if name in _POOL_STRIDE_AFTER:
                 x = max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling)
                 if name in ("conv3_3", "conv4_3"):

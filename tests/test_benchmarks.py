@@ -176,13 +176,6 @@ def test_variants_recreate_the_earlier_levers_only_while_tracing():
     assert "reduce_window" in v0 and "select_and_scatter" in v0
     assert _train_step_hlo(width=1 / 2) == current  # the patch is gone after the block
 
-    from mlnet_jax import head, memory_lean_grads, vgg
-    with throughput.patched("v1"):  # v1: JAX's own ReLU and pooling gradients
-        assert vgg.relu is not memory_lean_grads.relu and head.relu is vgg.relu
-        assert vgg.max_pool_2x2_stride_2 is not memory_lean_grads.max_pool_2x2_stride_2
-    assert vgg.relu is head.relu is memory_lean_grads.relu
-    assert vgg.max_pool_2x2_stride_2 is memory_lean_grads.max_pool_2x2_stride_2
-
 
 # --------------------------------------------------------------------------- merging
 
