@@ -15,7 +15,8 @@
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
 # (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
-# end), PIPELINE_WORKERS (0,4), VARIANTS (v0,v0_pool4,v0_dropout: earlier levers side by side),
+# end), PIPELINE_WORKERS (0,4), VARIANTS (cand,cand_relu,cand_pool,v0:
+# unmeasured candidates and earlier levers, side by side),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz),
 # JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
 set -uo pipefail
@@ -50,7 +51,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-[ -n "${VARIANTS-v0,v0_pool4,v0_dropout}" ] && EXTRA_ARGS+=(--variants "${VARIANTS-v0,v0_pool4,v0_dropout}")
+[ -n "${VARIANTS-cand,cand_relu,cand_pool,v0}" ] && EXTRA_ARGS+=(--variants "${VARIANTS-cand,cand_relu,cand_pool,v0}")
 if [ "${DUMP:-1}" = 1 ]; then
   mkdir -p "$OUT/dumps"
   EXTRA_ARGS+=(--dump-dir "$OUT/dumps")

@@ -258,7 +258,8 @@ def software_versions() -> dict:
 # patch lives only while the step is traced). Rows measured under one carry "variant".
 # v0: the code before the first GPU measurement (pool4 by reduce_window, one random word per
 # dropout element); the code as it is (v1) has pool4 as shifted maxima and the packed-bit
-# dropout mask; v0_pool4 / v0_dropout undo one of the two.
+# dropout mask; v0_pool4 / v0_dropout undo one of the two. cand_relu / cand_pool / cand
+# put in benchmarks/candidates.py's levers, not yet measured.
 
 def _v0_pool(x, stride, alignment):
     """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
@@ -275,12 +276,43 @@ def _v0_dropout(rng, rate, shape):
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
 
 
+def _candidate_relu(x):
+    """benchmarks/candidates.py's ReLU (gradient from the output, behind a barrier)."""
+    return _candidates().relu(x)
+
+
+def _candidate_pool(x, stride, alignment):
+    """benchmarks/candidates.py's 2×2/2 pool for the stride-2 pools; pool4 as it is."""
+    import jax.numpy as jnp
+    rows, cols = x.shape[1:3]
+    if stride != 2 or rows % 2 or cols % 2:
+        return _ORIGINAL["pool"](x, stride, alignment)
+    if alignment == "keras1":
+        x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :rows, :cols]
+    return _candidates().max_pool_2x2_stride_2(x)
+
+
+def _candidates():
+    if "candidates" not in _ORIGINAL:
+        spec = importlib.util.spec_from_file_location("_mlnet_bench_candidates", HERE / "candidates.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _ORIGINAL["candidates"] = module
+    return _ORIGINAL["candidates"]
+
+
 _ORIGINAL: dict = {}
+_CANDIDATE_RELU = {("mlnet_jax.vgg", "relu"): _candidate_relu,
+                   ("mlnet_jax.head", "relu"): _candidate_relu}
+_CANDIDATE_POOL = {("mlnet_jax.vgg", "max_pool_2x2"): _candidate_pool}
 VARIANTS = {  # name -> {(module, attribute): replacement}
     "v0": {("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool,
            ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
     "v0_pool4": {("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool},
     "v0_dropout": {("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
+    "cand_relu": _CANDIDATE_RELU,
+    "cand_pool": _CANDIDATE_POOL,
+    "cand": {**_CANDIDATE_RELU, **_CANDIDATE_POOL},
 }
 
 

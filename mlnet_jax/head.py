@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.nn import relu
 
 HEAD_FEATURES = ("pool3", "pool4", "conv5_3")
 HEAD_CHANNELS = 64
@@ -60,5 +61,5 @@ def multilevel_head(params: dict, features: dict[str, jax.Array], *,
     if dropout_rng is not None and dropout_rate > 0.0:
         keep = dropout_keep_mask(dropout_rng, dropout_rate, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout_rate), jnp.zeros_like(x))
-    x = jax.nn.relu(_conv_same(x, params["conv"]["kernel"], params["conv"]["bias"]))
-    return jax.nn.relu(_conv_same(x, params["readout"]["kernel"], params["readout"]["bias"]))
+    x = relu(_conv_same(x, params["conv"]["kernel"], params["conv"]["bias"]))
+    return relu(_conv_same(x, params["readout"]["kernel"], params["readout"]["bias"]))

@@ -246,7 +246,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     """Train (resuming from the workdir's latest checkpoint), evaluate each epoch, and write
     ``final_metrics.json`` with the held-out split's metrics. Returns those metrics."""
     from mlnet_jax.checkpointing import RunCheckpoints
-    from mlnet_jax.input_pipeline import prefetch_to_device, train_loader
+    from mlnet_jax.input_pipeline import auto_worker_count, prefetch_to_device, train_loader
     from mlnet_jax.reporting import MetricWriter, save_training_curves
 
     workdir = Path(workdir)
@@ -273,17 +273,21 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     total_steps = epoch_steps * config.num_epochs
 
     checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
+    saved_meta = checkpoints.read_meta() if checkpoints.latest_step() is not None else None
+    worker_count = config.worker_count
+    if worker_count < 0:  # auto, fixed at the first start: the data position depends on it
+        worker_count = (saved_meta or {}).get("worker_count", auto_worker_count(jax.default_backend()))
     loader = prefetch_to_device(
         train_loader(train_source, model_size=info.input_size, global_batch_size=config.global_batch_size,
-                     seed=config.seed, worker_count=config.worker_count),
+                     seed=config.seed, worker_count=worker_count),
         size=2, sharding=batch_sharding(mesh))
     config_json = _jsonable_config(config)
     meta = {"config": config_json, "model": info.to_metadata(), "best_val_loss": None,
-            "best_step": None, "epochs_without_improvement": 0, "stopped_early": False}
+            "best_step": None, "epochs_without_improvement": 0, "stopped_early": False,
+            "worker_count": worker_count}
 
     rng = jax.random.PRNGKey(config.seed)
-    if checkpoints.latest_step() is not None:
-        saved_meta = checkpoints.read_meta()
+    if saved_meta is not None:
         diffs = config_differences(saved_meta["config"], config_json)
         if diffs and not override_config:
             raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
@@ -293,7 +297,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
                                 abstract)
         state, data_state, meta = checkpoints.restore(abstract)
-        meta["config"] = config_json
+        meta.update(config=config_json, worker_count=worker_count)
         loader.set_state(_decode_state(data_state))
         _log(f"resuming from {workdir / 'checkpoints'} at step {int(state.step)}")
     else:

@@ -11,6 +11,7 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.nn import relu
 
 PoolingAlignment = Literal["standard", "keras1"]
 
@@ -76,7 +77,7 @@ class VGG16(nn.Module):
             features = max(1, round(features * self.width_multiplier))
             x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                         param_dtype=jnp.float32, name=name)(x)
-            x = nn.relu(x)
+            x = relu(x)
             if name in _POOL_STRIDE_AFTER:
                 x = max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling)
                 if name in ("conv3_3", "conv4_3"):

@@ -27,6 +27,7 @@ def _load(name):
 
 throughput = _load("throughput")
 merge_results = _load("merge_results")
+candidates = _load("candidates")
 
 
 # --------------------------------------------------------------------------- FLOP model
@@ -175,6 +176,65 @@ def test_variants_recreate_the_earlier_levers_only_while_tracing():
         v0 = _train_step_hlo(width=1 / 2)
     assert "reduce_window" in v0 and "select_and_scatter" in v0
     assert _train_step_hlo(width=1 / 2) == current  # the patch is gone after the block
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_candidate_relu_equals_jax_nn_relu_in_value_and_gradient(dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 7, 8)), dtype).at[0, 0, 0, :].set(0)  # exact zeros
+    g = jnp.asarray(rng.normal(size=x.shape), dtype)
+    y, vjp = jax.vjp(candidates.relu, x)
+    y_ref, vjp_ref = jax.vjp(jax.nn.relu, x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float32),
+                                  np.asarray(vjp_ref(g)[0], np.float32))
+
+
+@pytest.mark.parametrize("values", ["continuous", "many_ties"])
+def test_candidate_pool_equals_autodiff_of_reshape_max(values):
+    def reference(x):
+        b, r, c, ch = x.shape
+        return jnp.max(x.reshape(b, r // 2, 2, c // 2, 2, ch), axis=(2, 4))
+
+    rng = np.random.default_rng(1)
+    shape = (2, 6, 8, 5)
+    x = jnp.asarray(rng.normal(size=shape) if values == "continuous" else rng.integers(0, 3, shape),
+                    jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+    y, vjp = jax.vjp(candidates.max_pool_2x2_stride_2, x)
+    y_ref, vjp_ref = jax.vjp(reference, x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_candidate_variant_trains_the_same_step_behind_barriers():
+    # Same update as the code as it is (the candidates compute JAX's own gradients), and the
+    # program carries the barriers that keep XLA from folding the masks back.
+    current = _train_step_hlo(width=1 / 2)
+    with throughput.patched("cand"):
+        cand = _train_step_hlo(width=1 / 2)
+    assert "optimization_barrier" not in current
+    assert cand.count("optimization_barrier") == 15 + 3  # every ReLU (13 + 2 head), 3 stride-2 pools
+
+    def one_step(variant):
+        from mlnet_jax.inference import ModelInfo
+        from mlnet_jax.optim import make_optimizer
+        from mlnet_jax.train import create_train_state, train_step
+        info = ModelInfo(input_size=(16, 16), preprocessing="caffe", width_multiplier=0.25)
+        model, tx = info.build(), make_optimizer(1e-2, 5e-4, 0.9)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+        rng = np.random.default_rng(2)
+        batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)), jnp.uint8),
+                 "target": jnp.asarray(rng.uniform(size=(2, 2, 2, 1)), jnp.float32)}
+        with throughput.patched(variant):
+            state, metrics = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe"))(
+                create_train_state(params, tx, 0, seed=0), batch)
+        return state, metrics
+
+    (a, ma), (b, mb) = one_step(None), one_step("cand")
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- merging

@@ -193,3 +193,9 @@ def test_record_source_repr_is_stable_for_checkpoints():
         b"Art", dtype=object), "fixations": []}])[0]
     assert record["file_name"] == "a.jpg" and record["category"] == "Art"
     assert record["fixations"].shape == (0, 2) and record["saliency_map"] == b""
+
+
+def test_auto_worker_count_uses_processes_only_beside_an_accelerator():
+    assert ip.auto_worker_count("cpu", 64) == 0  # the cores train: no decoding processes
+    assert [ip.auto_worker_count("gpu", n) for n in (2, 8, 16, 96)] == [0, 2, 4, 4]
+    assert ip.auto_worker_count("tpu", 12) == 3

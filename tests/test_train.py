@@ -161,6 +161,10 @@ def test_resume_after_process_exit_is_exact(tmp_path):
     step_b, state_b, data_b = latest_state(resumed)
     assert step_a == step_b == 6
     assert data_a == data_b
+    from mlnet_jax.checkpointing import RunCheckpoints
+    checkpoints = RunCheckpoints(resumed, 2)
+    assert checkpoints.read_meta()["worker_count"] == 0  # auto (-1) on CPU, kept on resume
+    checkpoints.close()
     flat_a = jax.tree_util.tree_flatten_with_path(state_a)[0]
     flat_b = dict(jax.tree_util.tree_flatten_with_path(state_b)[0])
     assert len(flat_a) == len(flat_b)

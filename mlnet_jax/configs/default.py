@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_split = "validation"
     config.synthetic_train_size = 0       # records of the synthetic dataset (dataset='synthetic')
     config.synthetic_eval_size = 0
-    config.worker_count = 0               # grain decoding processes (0: in the main process)
+    config.worker_count = -1              # grain decoding processes (0: in the main process;
+                                          # -1: none on CPU, else cores/4 up to 4)
 
     # Model.
     config.input_size = (480, 640)        # rows, cols; divisible by 8
