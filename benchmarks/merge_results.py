@@ -37,7 +37,8 @@ def ours(jax_result: dict, task: str, dtype: str, mode: str | None, case: str) -
     """Our row for one measurement of the code as it is (no variant); the non-sweep row when
     both exist."""
     rows = [r for r in jax_result.get("results", []) if "images_per_s" in r
-            and not r.get("variant") and r["task"] == task and r["dtype"] == dtype and r["mode"] == mode and r["case"] == case]
+            and not r.get("variant") and r["task"] == task and r["dtype"] == dtype
+            and r["mode"] == mode and r["case"] == case]
     rows.sort(key=lambda r: r.get("sweep", False))
     return rows[0] if rows else None
 

@@ -254,8 +254,9 @@ def software_versions() -> dict:
 
 
 # --------------------------------------------------------------------------- variants
-# Earlier versions of levers, re-created for a side-by-side measurement in the same run (each
-# patch lives only while the step is traced). Rows measured under one carry "variant".
+# Other versions of the levers (earlier ones re-created, or candidates), for a side-by-side
+# measurement in the same run; each patch lives only while the step is traced. Rows measured
+# under one carry "variant".
 # v0: the code before the first GPU measurement (pool4 by reduce_window, one random word per
 # dropout element); the code as it is (v1) has pool4 as shifted maxima and the packed-bit
 # dropout mask; v0_pool4 / v0_dropout undo one of the two. cand_relu / cand_pool / cand
@@ -265,7 +266,7 @@ def _v0_pool(x, stride, alignment):
     """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
     import flax.linen as nn
     if stride != 1:
-        return _ORIGINAL["pool"](x, stride, alignment)
+        return _LOADED["pool"](x, stride, alignment)
     return nn.max_pool(x, (2, 2), strides=(1, 1),
                        padding=((1, 0), (1, 0)) if alignment == "keras1" else ((0, 1), (0, 1)))
 
@@ -286,22 +287,22 @@ def _candidate_pool(x, stride, alignment):
     import jax.numpy as jnp
     rows, cols = x.shape[1:3]
     if stride != 2 or rows % 2 or cols % 2:
-        return _ORIGINAL["pool"](x, stride, alignment)
+        return _LOADED["pool"](x, stride, alignment)
     if alignment == "keras1":
         x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :rows, :cols]
     return _candidates().max_pool_2x2_stride_2(x)
 
 
 def _candidates():
-    if "candidates" not in _ORIGINAL:
+    if "candidates" not in _LOADED:
         spec = importlib.util.spec_from_file_location("_mlnet_bench_candidates", HERE / "candidates.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        _ORIGINAL["candidates"] = module
-    return _ORIGINAL["candidates"]
+        _LOADED["candidates"] = module
+    return _LOADED["candidates"]
 
 
-_ORIGINAL: dict = {}
+_LOADED: dict = {}  # "pool": the package's own max_pool_2x2; "candidates": candidates.py
 _CANDIDATE_RELU = {("mlnet_jax.vgg", "relu"): _candidate_relu,
                    ("mlnet_jax.head", "relu"): _candidate_relu}
 _CANDIDATE_POOL = {("mlnet_jax.vgg", "max_pool_2x2"): _candidate_pool}
@@ -326,7 +327,7 @@ class patched:
     def __enter__(self):
         import importlib
         from mlnet_jax import vgg
-        _ORIGINAL.setdefault("pool", vgg.max_pool_2x2)
+        _LOADED.setdefault("pool", vgg.max_pool_2x2)
         for (module_name, attribute), replacement in self.patches.items():
             module = importlib.import_module(module_name)
             self.saved.append((module, attribute, getattr(module, attribute)))
@@ -827,7 +828,7 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
                           lambda: measure_train(bench, b, h, w, dtype, "frozen")))
         return items
 
-    def variant_items(variant, with_predict):  # the headline steps with an earlier lever re-created
+    def variant_items(variant, with_predict):  # the headline steps with a variant's levers
         items = []
         if "full" in args.modes:
             items.append((f"train {primary} full {case_name(*head)} [{variant}]",
@@ -943,8 +944,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-records", type=int, default=128)
     p.add_argument("--pipeline-workers", default="0", help="grain worker_count values to try")
     p.add_argument("--variants", default="",
-                   help=f"also the headline train step (and predict for the first) with earlier "
-                        f"levers re-created: comma-separated of {', '.join(VARIANTS)}")
+                   help=f"also the headline train step (and predict for the first) with other "
+                        f"levers: comma-separated of {', '.join(VARIANTS)}")
     p.add_argument("--dump-dir", default=None,
                    help="write each executable's optimised HLO here (gzipped)")
     p.add_argument("--no-compile-cache", action="store_true",
