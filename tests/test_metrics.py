@@ -398,12 +398,16 @@ def test_prediction_is_resized_to_ground_truth():
 # Degenerate inputs
 # ------------------------------------------------------------------------------------------
 
-def test_degenerate_inputs_single():
+def _degenerate_maps():
+    """CASES[0] plus a constant map, an all-zero map and a single fixation."""
     pred, gt, fix, other = CASES[0]
-    const = np.full((H, W), 0.3)
-    zeros = np.zeros((H, W))
     one_fix = np.zeros((H, W))
     one_fix[3, 4] = 1
+    return pred, gt, fix, other, np.full((H, W), 0.3), np.zeros((H, W)), one_fix
+
+
+def test_degenerate_inputs_single():
+    pred, gt, fix, other, const, zeros, one_fix = _degenerate_maps()
     nan = math.isnan
     assert nan(M.cc(const, gt)) and nan(M.cc(pred, const))
     assert nan(M.nss(const, fix)) and nan(M.nss(pred, zeros))
@@ -430,11 +434,7 @@ def test_degenerate_inputs_single():
 
 
 def test_degenerate_inputs_batched():
-    pred, gt, fix, other = CASES[0]
-    const = np.full((H, W), 0.3)
-    zeros = np.zeros((H, W))
-    one_fix = np.zeros((H, W))
-    one_fix[3, 4] = 1
+    pred, gt, fix, other, const, zeros, one_fix = _degenerate_maps()
     p = np.stack([pred, const, pred, zeros])
     g = np.stack([gt, gt, zeros, gt])
     f = np.stack([fix, fix, zeros, fix])
