@@ -14,15 +14,22 @@ from mlnet_jax.overlay import heatmap
 
 class MetricWriter:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to
-    TensorBoard event files (tensorboardX: no TensorFlow needed)."""
+    TensorBoard event files (tensorboardX: no TensorFlow needed).
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    A run resumed at ``resume_step`` replays the steps after it, so records past that step
+    (written before a crash, or torn by it) are dropped from both, not duplicated:
+    ``replayed`` counts the JSON lines dropped.
+    """
+
+    def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
+        self.replayed = 0
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self.replayed = _keep_records_up_to(self.path, resume_step)
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
@@ -37,6 +44,27 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _keep_records_up_to(path: Path, last_step: int) -> int:
+    """Rewrite the JSON-lines file at ``path`` without records after ``last_step`` (and without
+    a line a crash cut short); returns how many lines went."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += bool(line.strip())
+    if dropped:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept))
+    return dropped
 
 
 def save_prediction_grid(path: Path, images: list[np.ndarray], truths: list[np.ndarray],

@@ -1,6 +1,7 @@
 """Training survives SIGKILL at any moment: restarted with the same command, it ends with
 exactly the parameters of an uninterrupted run."""
 
+import json
 import random
 import subprocess
 import sys
@@ -59,3 +60,10 @@ def test_sigkill_at_three_random_moments_then_restart_gives_identical_parameters
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     assert not [p for p in (killed / "checkpoints").iterdir() if not p.name.isdigit()]
     assert (killed / "final_metrics.json").exists()
+    # The log tells the same story: replayed steps are not logged twice, losses are the same.
+    assert logged_losses(killed) == logged_losses(straight)
+
+
+def logged_losses(workdir: Path) -> list[tuple[int, str, float]]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["kind"], r["loss"]) for r in map(json.loads, lines) if r["kind"] != "final"]

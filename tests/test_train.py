@@ -201,6 +201,24 @@ def test_train_command_writes_everything_and_learns(tmp_path):
     assert info.input_size == (32, 32) and info.preprocessing == "caffe"
 
 
+def test_resumed_metric_log_drops_the_records_of_replayed_steps(tmp_path):
+    from mlnet_jax.reporting import MetricWriter
+    writer = MetricWriter(tmp_path)
+    for step in range(1, 6):
+        writer.write(step, "train", {"loss": step / 10})
+    writer.write(5, "eval", {"loss": 0.5, "cc": 0.1})
+    writer.close()
+    with open(writer.path, "a") as f:
+        f.write('{"step": 6, "kind": "tr')  # a line cut short by a crash
+    resumed = MetricWriter(tmp_path, resume_step=3)  # the checkpoint was at step 3
+    resumed.write(4, "train", {"loss": 0.04})
+    resumed.close()
+    records = [json.loads(line) for line in writer.path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.04)]
+    assert resumed.replayed == 4
+    assert MetricWriter(tmp_path, resume_step=4).replayed == 0  # nothing to drop: untouched
+
+
 @pytest.mark.timeout(300)
 def test_a_different_config_is_refused_on_resume(tmp_path):
     workdir = tmp_path / "run"
