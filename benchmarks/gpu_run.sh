@@ -17,7 +17,8 @@
 # (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
 # end), PIPELINE_WORKERS (0,4), VARIANTS (cand,cand_relu,cand_pool,v0:
 # unmeasured candidates and earlier levers, side by side),
-# DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz),
+# DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
+# device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
 # JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,7 @@ log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log";
 
 EXTRA_ARGS=()
 [ -n "${VARIANTS-cand,cand_relu,cand_pool,v0}" ] && EXTRA_ARGS+=(--variants "${VARIANTS-cand,cand_relu,cand_pool,v0}")
+[ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$OUT/profile")
 if [ "${DUMP:-1}" = 1 ]; then
   mkdir -p "$OUT/dumps"
   EXTRA_ARGS+=(--dump-dir "$OUT/dumps")
@@ -105,7 +107,7 @@ if [ -f "$OUT/jax_throughput.json" ]; then
 else
   log "no jax_throughput.json: see run.log"
 fi
-if [ -d "$OUT/dumps" ]; then  # one file back instead of one per executable
-  tar -C "$OUT" -czf "$OUT/dumps.tar.gz" dumps && rm -rf "$OUT/dumps"
-fi
+for d in dumps profile; do  # one file back instead of one per executable or trace
+  [ -d "$OUT/$d" ] && tar -C "$OUT" -czf "$OUT/$d.tar.gz" "$d" && rm -rf "${OUT:?}/$d"
+done
 log "done in $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

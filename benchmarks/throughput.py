@@ -279,7 +279,7 @@ def _v0_dropout(rng, rate, shape):
 
 def _candidate_relu(x):
     """benchmarks/candidates.py's ReLU (gradient from the output, behind a barrier)."""
-    return _candidates().relu(x)
+    return sibling("candidates").relu(x)
 
 
 def _candidate_pool(x, stride, alignment):
@@ -290,19 +290,21 @@ def _candidate_pool(x, stride, alignment):
         return _LOADED["pool"](x, stride, alignment)
     if alignment == "keras1":
         x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :rows, :cols]
-    return _candidates().max_pool_2x2_stride_2(x)
+    return sibling("candidates").max_pool_2x2_stride_2(x)
 
 
-def _candidates():
-    if "candidates" not in _LOADED:
-        spec = importlib.util.spec_from_file_location("_mlnet_bench_candidates", HERE / "candidates.py")
+def sibling(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is no package), loaded once."""
+    if name not in _SIBLINGS:
+        spec = importlib.util.spec_from_file_location(f"_mlnet_bench_{name}", HERE / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        _LOADED["candidates"] = module
-    return _LOADED["candidates"]
+        _SIBLINGS[name] = module
+    return _SIBLINGS[name]
 
 
-_LOADED: dict = {}  # "pool": the package's own max_pool_2x2; "candidates": candidates.py
+_SIBLINGS: dict = {}
+_LOADED: dict = {}  # "pool": the package's own max_pool_2x2
 _CANDIDATE_RELU = {("mlnet_jax.vgg", "relu"): _candidate_relu,
                    ("mlnet_jax.head", "relu"): _candidate_relu}
 _CANDIDATE_POOL = {("mlnet_jax.vgg", "max_pool_2x2"): _candidate_pool}
@@ -443,7 +445,8 @@ class Bench:
         self.on_accelerator = self.platform != "cpu"
         self._params: dict = {}
         self.ceilings: dict = {}
-        self.kept: dict = {}  # (case, dtype, mode) -> [compiled train step, state, rate]
+        self.kept: dict = {}  # (case, dtype, mode or "predict") -> [compiled, state or inputs, rate]
+        self.profiles: dict = {}  # "case dtype mode" -> kernel_profile.summarize
         q = args.quick
         self.warmup = 1 if q else 3
         self.steps = 2 if q else 10
@@ -569,7 +572,7 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
 
 
 def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: bool = False,
-                    variant: str | None = None) -> dict:
+                    keep: bool = False, variant: str | None = None) -> dict:
     """images/s of ``make_predict_fn`` (uint8 in, normalised on the device, float32 maps out)."""
     jax, jnp = _jax()
     from mlnet_jax.inference import ModelInfo, make_predict_fn
@@ -601,7 +604,41 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
                flops, compiled, sweep)
     row["variant"] = variant
     dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", variant, sweep)
+    if keep:
+        bench.kept[(case_name(b, h, w), dtype, "predict")] = [compiled, (variables, images),
+                                                              row["images_per_s"]]
     return row
+
+
+def profile_kept(bench: Bench, key: tuple, b: int, h: int, w: int) -> tuple[str, dict]:
+    """Per-kernel device time of a kept executable over a few traced steps
+    (``kernel_profile.py``); the trace itself stays in --profile DIR. Returns
+    ("profile", every summary so far) for the result JSON."""
+    jax, _ = _jax()
+    label = " ".join(key)
+    if key not in bench.kept:
+        bench.profiles[label] = {"skipped": "its measurement did not run"}
+        return "profile", bench.profiles
+    profiler = sibling("kernel_profile")
+    kept = bench.kept[key]
+    compiled, rate = kept[0], kept[2]
+    if key[2] == "predict":
+        def run_step():
+            compiled(*kept[1]).block_until_ready()
+    else:
+        batch = synthetic_batch(b, h, w, bench.data)
+
+        def run_step():  # the state is donated: keep the new one for the next user
+            kept[1], metrics = compiled(kept[1], batch)
+            jax.block_until_ready(metrics)
+    steps = 2 if bench.args.quick else 5
+    run_step()
+    t = time.perf_counter()
+    events = profiler.trace_steps(run_step, steps, Path(bench.args.profile) / "_".join(key))
+    summary = profiler.summarize(events, compiled.as_text(), steps, step_ms=1e3 * b / rate)
+    summary.update(case=key[0], dtype=key[1], mode=key[2], traced_s=time.perf_counter() - t)
+    bench.profiles[label] = summary
+    return "profile", bench.profiles
 
 
 # --------------------------------------------------------------------------- compile probes
@@ -678,19 +715,10 @@ def compile_cache_probes(args, case, dtype: str, mode: str, cache_dir: str, budg
 
 # --------------------------------------------------------------------------- input pipeline
 
-def _load_pipeline_bench():
-    """benchmarks/input_pipeline.py's SALICON-like generators (one definition of 'like')."""
-    spec = importlib.util.spec_from_file_location("_mlnet_bench_input_pipeline",
-                                                  HERE / "input_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_fake_salicon(root: Path, n: int, rows: int = 480, cols: int = 640) -> list[dict]:
     """n SALICON-like records (640×480 JPEG q90, ~130 kB; PNG map) written under ``root``
     as images/*.jpg and maps/*.png, returned as records in the pipeline's schema."""
-    gen = _load_pipeline_bench()
+    gen = sibling("input_pipeline")
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "maps").mkdir(parents=True, exist_ok=True)
 
@@ -822,7 +850,7 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
                           lambda: measure_train(bench, b, h, w, dtype, "full", keep=keep_head)))
         if not args.no_predict:
             items.append((f"predict {dtype} {case_name(*case)}",
-                          lambda: measure_predict(bench, b, h, w, dtype)))
+                          lambda: measure_predict(bench, b, h, w, dtype, keep=keep_head)))
         if "frozen" in args.modes:
             items.append((f"train {dtype} frozen {case_name(*case)}",
                           lambda: measure_train(bench, b, h, w, dtype, "frozen")))
@@ -842,10 +870,15 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
     if args.pipeline and "full" in args.modes:
         key = (case_name(*head), primary, "full")
         tasks.append((f"pipeline {primary} full {case_name(*head)}",
-                      lambda: ("pipeline", measure_pipeline(bench, key, *head))
+                      lambda key=key: ("pipeline", measure_pipeline(bench, key, *head))
                       if key in bench.kept else ("pipeline", {"skipped": "headline train step missing"})))
     for i, variant in enumerate(args.variants):
         tasks += variant_items(variant, i == 0)
+    if args.profile:
+        for mode in ("full", "predict"):
+            profiled = (case_name(*head), primary, mode)
+            tasks.append((f"profile {' '.join(profiled)}",
+                          lambda profiled=profiled: profile_kept(bench, profiled, *head)))
     for case in reversed(cases[:-1]):
         tasks += for_case(case, primary, False)
     if args.batch_sweep:
@@ -905,6 +938,8 @@ def print_table(result: dict) -> None:
                           for r in pipe["runs"]) + " img/s")
     elif pipe:
         print(f"pipeline: {pipe.get('skipped') or pipe.get('error') or pipe}")
+    for label, summary in (result.get("profile") or {}).items():
+        sibling("kernel_profile").print_summary(label, summary)
     if result.get("skipped"):
         print(f"not started (deadline {result['args']['deadline']} s): {', '.join(result['skipped'])}")
     print("(* = batch sweep; mem = XLA's estimate for the executable)")
@@ -946,6 +981,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="",
                    help=f"also the headline train step (and predict for the first) with other "
                         f"levers: comma-separated of {', '.join(VARIANTS)}")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="trace a few steps of the headline train step and predict, print where "
+                        "the device time goes (kernel_profile.py), keep the traces in DIR")
     p.add_argument("--dump-dir", default=None,
                    help="write each executable's optimised HLO here (gzipped)")
     p.add_argument("--no-compile-cache", action="store_true",

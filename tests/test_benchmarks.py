@@ -28,6 +28,7 @@ def _load(name):
 throughput = _load("throughput")
 merge_results = _load("merge_results")
 candidates = _load("candidates")
+kernel_profile = _load("kernel_profile")
 
 
 # --------------------------------------------------------------------------- FLOP model
@@ -106,7 +107,7 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     result, stdout = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
                           "--modes", "full,frozen", "--width-multiplier", "0.25", "--batch-sweep",
                           "--sweep-batches", "1", "--pipeline", "--pipeline-records", "4",
-                          "--variants", "v0")
+                          "--variants", "v0", "--profile", str(tmp_path / "profile"))
     assert result["complete"] and not result["skipped"] and "errors" not in result
     assert result["card"] and result["backend"] == "cpu" and result["software"]["jax"]
     assert isinstance(result["xla_flags"], str) and "jax_default_matmul_precision" in result["jax_config"]
@@ -139,6 +140,13 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
         assert _positive(pipeline[key]), key
     assert _positive(pipeline["runs"][0]["loader_only_images_per_s"])
 
+    # CPU traces have no device kernels: the summary says so; the trace itself is kept.
+    assert set(result["profile"]) == {"2x32x32 float32 full", "2x32x32 float32 predict"}
+    assert all(p["kernels_traced"] == 0 and "no device kernel" in p["note"]
+               for p in result["profile"].values())
+    kept = sorted(f.name for f in (tmp_path / "profile").rglob("*") if f.is_file())
+    assert kept == ["perfetto_trace.json.gz"] * 2
+
     assert "img/s" in stdout and "compile cache" in stdout and "pipeline" in stdout
     assert stdout.rstrip().splitlines()[-1].startswith("JSON:")
 
@@ -152,7 +160,7 @@ def test_deadline_stops_new_work_and_keeps_the_json(tmp_path):
     assert "not started" in stdout
 
 
-def _train_step_hlo(width=0.25, size=16):
+def _train_step_hlo(width=0.25, size=16, compiled=False):
     from mlnet_jax.inference import ModelInfo
     from mlnet_jax.optim import make_optimizer
     from mlnet_jax.train import create_train_state, train_step
@@ -164,7 +172,8 @@ def _train_step_hlo(width=0.25, size=16):
     batch = {"image": jnp.zeros((2, size, size, 3), jnp.uint8),
              "target": jnp.zeros((2, size // 8, size // 8, 1))}
     step = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe"))
-    return step.lower(state, batch).as_text()
+    lowered = step.lower(state, batch)
+    return lowered.compile().as_text() if compiled else lowered.as_text()
 
 
 def test_variants_recreate_the_earlier_levers_only_while_tracing():
@@ -176,6 +185,72 @@ def test_variants_recreate_the_earlier_levers_only_while_tracing():
         v0 = _train_step_hlo(width=1 / 2)
     assert "reduce_window" in v0 and "select_and_scatter" in v0
     assert _train_step_hlo(width=1 / 2) == current  # the patch is gone after the block
+
+
+# --------------------------------------------------------------------------- kernel profile
+
+GPU_HLO = """
+ENTRY %main.9 (p0: bf16[4,8,8,3], p1: bf16[3,3,3,64]) -> bf16[4,8,8,64] {
+  %custom-call.3 = (bf16[4,8,8,64]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), window={size=3x3}, custom_call_target="__cudnn$convBiasActivationForward", backend_config={"x":(1)}
+  %custom-call.4 = (bf16[4,8,8,3]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), custom_call_target="__cudnn$convBackwardInput"
+  %loop_select_fusion.2 = bf16[4,8,8,64]{3,2,1,0} fusion(%p0), kind=kLoop, calls=%fused_computation.2
+  %input_reduce_fusion = f32[64]{0} fusion(%p0), kind=kInput, calls=%fused_computation.3
+  ROOT %copy.1 = bf16[4,8,8,64]{3,2,1,0} copy(%loop_select_fusion.2)
+}
+"""
+
+
+def _gpu_like_trace():
+    """The shape of a CUPTI trace as the profiler's perfetto file writes it: a device process
+    with stream lines and derived lines, and a host process."""
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 2, "tid": 1, "name": "thread_name", "args": {"name": "python"}}]
+
+    def kernel(name, us, hlo_op, tid=7, pid=1):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": us, "name": name,
+                "args": {"hlo_op": hlo_op, "hlo_module": "jit_train_step"}}
+
+    per_step = [kernel("sm90_xmma_fprop_implicit_gemm_bf16", 600.0, "custom-call.3"),
+                kernel("sm90_xmma_dgrad_implicit_gemm_bf16", 300.0, "command_buffer.1"),  # in a graph
+                kernel("loop_select_fusion_2", 150.0, "command_buffer.1"),
+                kernel("input_reduce_fusion", 50.0, "input_reduce_fusion"),
+                kernel("copy_1", 20.0, "copy.1"),
+                kernel("Memcpy DtoD", 30.0, ""),
+                kernel("loop_select_fusion.2", 999.0, "loop_select_fusion.2", tid=8),  # derived line
+                kernel("PjitFunction(train_step)", 5000.0, "", tid=1, pid=2)]          # host
+    return meta + per_step * 2
+
+
+def test_kernel_profile_sums_device_stream_time_by_category():
+    summary = kernel_profile.summarize(_gpu_like_trace(), GPU_HLO, steps=2, step_ms=1.6)
+    assert summary["kernels_traced"] == 12  # 6 stream kernels × 2 steps; derived and host lines out
+    ms = {c["category"]: c["ms_per_step"] for c in summary["categories"]}
+    assert ms == pytest.approx({"conv forward": 0.6, "conv input grad": 0.3,
+                                "element-wise fusion": 0.15, "reduction fusion": 0.05,
+                                "copy/transpose": 0.02, "memory operation": 0.03})
+    assert summary["busy_ms_per_step"] == pytest.approx(1.15)
+    assert summary["busy_fraction"] == pytest.approx(1.15 / 1.6)
+    assert sum(c["share_of_busy"] for c in summary["categories"]) == pytest.approx(1.0)
+    top = summary["top_kernels"][0]
+    assert top["kernel"].startswith("sm90_xmma_fprop") and top["per_step"] == 1
+    assert top["shape"].startswith("(bf16[4,8,8,64]")  # named through hlo_op
+    assert summary["mapped_by"] == {"kernel name": 6, "hlo_op": 2, "kernel name heuristics": 4}
+
+
+def test_hlo_categories_parses_every_instruction_of_a_real_train_step():
+    import re
+    text = _train_step_hlo(width=1.0, compiled=True)
+    names = kernel_profile.hlo_categories(text)
+    defined = re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", text, re.M)
+    assert len(defined) > 100 and all(name in names for name in defined)
+    convolutions = [n for n in defined if names[n]["category"] == "convolution"]
+    assert len(convolutions) == text.count(" convolution(")
+    assert any(names[n]["category"] == "element-wise fusion" for n in defined)
+    assert kernel_profile.kernel_name("loop_add_fusion.2") == "loop_add_fusion_2"
+    assert names[kernel_profile.kernel_name(convolutions[0])] is names[convolutions[0]]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

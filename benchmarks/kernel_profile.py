@@ -1,0 +1,191 @@
+"""Where a step's device time goes: its kernels, timed by the profiler, grouped by what they do.
+
+``throughput.py --profile DIR`` traces a few steps of the headline train step and of ``predict``
+(``jax.profiler.trace``, CUPTI on a GPU), keeps each trace's ``perfetto_trace.json.gz`` in DIR
+for later reading, and summarises it here: milliseconds per step by category (cuDNN
+convolution forward / input gradient / weight gradient, element-wise loop fusions, reduction
+fusions, copies, memory operations), the busy fraction of the step, and the kernels that take
+most time. This replaces estimates read off the HLO ("Where the time goes" in NOTES.md) with
+measurement.
+
+Kernels are named to HLO instructions two ways, whichever the trace allows: XLA names the kernel
+of a fusion after the instruction (``loop_add_fusion.2`` launches ``loop_add_fusion_2``), and
+CUPTI tags kernels with the ``hlo_op`` they ran for (inside a CUDA graph that is the command
+buffer, so the kernel name decides). cuDNN's own kernels say ``fprop``/``dgrad``/``wgrad``.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+from pathlib import Path
+
+CONV_FORWARD, CONV_INPUT_GRAD, CONV_WEIGHT_GRAD = "conv forward", "conv input grad", "conv weight grad"
+_CUSTOM_CALLS = {
+    "__cudnn$convForward": CONV_FORWARD,
+    "__cudnn$convBiasActivationForward": CONV_FORWARD,
+    "__cudnn$convBackwardInput": CONV_INPUT_GRAD,
+    "__cudnn$convBackwardFilter": CONV_WEIGHT_GRAD,
+    "__cublas$gemm": "gemm",
+    "__cublas$lt$matmul": "gemm",
+}
+_FUSION_KINDS = {"kLoop": "element-wise fusion", "kInput": "reduction fusion",
+                 "kOutput": "output fusion"}
+# One HLO instruction: `[ROOT] %name = shape opcode(operands), attributes`.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\((.*)$")
+
+
+def kernel_name(instruction: str) -> str:
+    """The name XLA gives the kernel it emits for ``instruction`` ('.' and '-' become '_')."""
+    return re.sub(r"[^\w]", "_", instruction)
+
+
+def hlo_categories(hlo_text: str) -> dict[str, dict]:
+    """Instruction name → {"category", "shape"} for every instruction of an optimised HLO
+    module; kernel names (:func:`kernel_name`) map to the same entries."""
+    out: dict[str, dict] = {}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        if opcode == "custom-call":
+            target = re.search(r'custom_call_target="([^"]+)"', rest)
+            category = _CUSTOM_CALLS.get(target.group(1) if target else "", "custom call")
+        elif opcode == "fusion":
+            kind = re.search(r"kind=(k\w+)", rest)
+            kind = kind.group(1) if kind else ""
+            if "__cudnn$fusion" in rest:
+                category = "cuDNN fusion"
+            elif "__triton" in rest:
+                category = "triton fusion"
+            else:
+                category = _FUSION_KINDS.get(kind, "fusion")
+        elif opcode == "convolution":
+            category = "convolution"
+        elif opcode in ("copy", "transpose"):
+            category = "copy/transpose"
+        else:
+            category = opcode
+        entry = {"category": category, "shape": shape[:120]}
+        out[name] = entry
+        out.setdefault(kernel_name(name), entry)
+    return out
+
+
+def _category_from_kernel(name: str) -> str:
+    """A kernel no HLO instruction names: cuDNN/CUTLASS and driver kernels by their names."""
+    low = name.lower()
+    if "memcpy" in low or "memset" in low:
+        return "memory operation"
+    if "dgrad" in low:
+        return CONV_INPUT_GRAD
+    if "wgrad" in low:
+        return CONV_WEIGHT_GRAD
+    if "fprop" in low or "conv" in low:
+        return CONV_FORWARD
+    if "gemm" in low or "xmma" in low or "cutlass" in low:
+        return "gemm"
+    return "unmapped"
+
+
+def load_trace(trace_dir: str | Path) -> list[dict]:
+    """The events of the newest ``perfetto_trace.json.gz`` under ``trace_dir``."""
+    files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1], "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_kernels(events: list[dict]) -> list[dict]:
+    """Complete ('X') events on the device's stream lines: one per kernel or copy run. The
+    derived lines the profiler adds ('XLA Ops', 'XLA Modules', 'Steps', …) repeat the same
+    time and are left out."""
+    process, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e.get("pid")] = str(e.get("args", {}).get("name", ""))
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
+    devices = {pid for pid, name in process.items() if name.startswith("/device:")}
+    return [e for e in events
+            if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e
+            and thread.get((e["pid"], e.get("tid")), "").startswith("Stream")]
+
+
+def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | None = None,
+              top: int = 20) -> dict:
+    """Per-step device time by category and the ``top`` kernels; ``step_ms`` (the measured
+    step) gives the busy fraction, i.e. how much of the step the device spends in kernels."""
+    kernels = device_kernels(events)
+    if not kernels:
+        return {"kernels_traced": 0,
+                "note": "no device kernel events in the trace (CPU backend, or CUPTI unavailable)"}
+    names = hlo_categories(hlo_text)
+    by_category: collections.Counter = collections.Counter()
+    by_kernel: dict[str, dict] = {}
+    mapped_by = collections.Counter()
+    for e in kernels:
+        name = str(e.get("name", ""))
+        hlo_op = str(e.get("args", {}).get("hlo_op", ""))
+        entry = names.get(name) or names.get(kernel_name(name))
+        if entry:
+            mapped_by["kernel name"] += 1
+        elif hlo_op in names and not hlo_op.startswith("command_buffer"):
+            entry = names[hlo_op]
+            mapped_by["hlo_op"] += 1
+        category = entry["category"] if entry else _category_from_kernel(name)
+        if not entry:
+            mapped_by["kernel name heuristics"] += 1
+        us = float(e["dur"])
+        by_category[category] += us
+        k = by_kernel.setdefault(name, {"kernel": name[:100], "category": category, "us": 0.0,
+                                        "count": 0, "hlo_op": hlo_op,
+                                        "shape": entry["shape"] if entry else ""})
+        k["us"] += us
+        k["count"] += 1
+    busy_ms = sum(by_category.values()) / 1e3 / steps
+    categories = [{"category": c, "ms_per_step": us / 1e3 / steps,
+                   "share_of_busy": us / 1e3 / steps / busy_ms if busy_ms else None}
+                  for c, us in by_category.most_common()]
+    ranked = sorted(by_kernel.values(), key=lambda k: -k["us"])[:top]
+    for k in ranked:
+        k["ms_per_step"] = k.pop("us") / 1e3 / steps
+        k["per_step"] = k.pop("count") / steps
+    return {"kernels_traced": len(kernels), "steps": steps, "busy_ms_per_step": busy_ms,
+            "step_ms": step_ms, "busy_fraction": busy_ms / step_ms if step_ms else None,
+            "mapped_by": dict(mapped_by), "categories": categories, "top_kernels": ranked}
+
+
+def trace_steps(run_step, steps: int, trace_dir: str | Path) -> list[dict]:
+    """Trace ``steps`` calls of ``run_step`` (already compiled and warm; it must block until
+    the device is done) and return the trace's events."""
+    import jax
+
+    trace_dir = Path(trace_dir)
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _ in range(steps):
+            run_step()
+    for copy in [*trace_dir.rglob("*.xplane.pb"), *trace_dir.rglob("*.trace.json.gz")]:
+        copy.unlink()  # other encodings of the same trace: the perfetto file is what we read
+    return load_trace(trace_dir)
+
+
+def print_summary(label: str, summary: dict, rows: int = 12) -> None:
+    if not summary.get("kernels_traced"):
+        print(f"profile {label}: {summary.get('note') or summary.get('skipped')}")
+        return
+    frac = summary.get("busy_fraction")
+    print(f"profile {label}: {summary['busy_ms_per_step']:.2f} ms of kernels per step"
+          + (f" = {100 * frac:.1f} % of the {summary['step_ms']:.2f} ms step" if frac else ""))
+    for c in summary["categories"]:
+        print(f"  {c['category']:22} {c['ms_per_step']:8.3f} ms {100 * c['share_of_busy']:5.1f} %")
+    print(f"  top kernels ({rows}):")
+    for k in summary["top_kernels"][:rows]:
+        print(f"  {k['ms_per_step']:8.3f} ms x{k['per_step']:<4.0f} {k['category']:18} "
+              f"{k['kernel'][:60]} {k['shape'][:40]}")
