@@ -320,6 +320,24 @@ def test_map_of_other_size_is_resized_and_blank_map_accepted(tmp_path, caplog):
     assert not _decode(got["img01.png"]["saliency_map"]).any()
 
 
+def test_exif_orientation_is_named_and_the_stored_grid_kept(tmp_path, caplog):
+    # Maps and fixations refer to the image as the eye tracker showed it: as stored.
+    manual = tmp_path / "manual"
+    truth = fake.write_folder(manual, n=2, fixations="mat")
+    turned = manual / "images" / "img00.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "display turned 90°"
+    Image.open(turned).save(turned, exif=exif.tobytes())
+    with caplog.at_level(logging.WARNING, logger="mlnet_jax.datasets"):
+        prepare("folder", str(manual), str(tmp_path / "tfds"), validation_fraction=0.0,
+                progress=False)
+    assert "img00.png: EXIF orientation 6 ignored" in caplog.text and "img01.png" not in caplog.text
+    got = _read_all("folder", "train", tmp_path / "tfds")
+    assert tuple(got["img00.png"]["image_size"]) == (24, 32)
+    assert got["img00.png"]["image"] == turned.read_bytes()
+    assert {tuple(p) for p in got["img00.png"]["fixations"].tolist()} == truth["img00.png"]["fixations"]
+
+
 def test_open_source_not_prepared_names_data_dir_and_command(tmp_path):
     with pytest.raises(UserError) as info:
         open_source("salicon2015", "train", str(tmp_path / "tfds"))

@@ -48,12 +48,29 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def read_image(path: Path) -> tuple[bytes, tuple[int, int]]:
-    """Encoded image bytes (kept as distributed when JPEG/PNG) and (rows, cols)."""
+    """Encoded image bytes (kept as distributed when JPEG/PNG) and (rows, cols).
+
+    The stored pixel grid is the one maps and fixations refer to: eye-tracking software
+    (MATLAB, Psychtoolbox) shows images without applying EXIF orientation, so a turned image
+    is kept as stored, and said so.
+    """
     data, pil = _open(path, "image")
+    orientation = _exif_orientation(pil)
+    if orientation not in (None, 1):
+        log.warning("%s: EXIF orientation %s ignored: the image, its map and its fixations are "
+                    "taken as stored (%dx%d), as eye trackers show them", path, orientation,
+                    pil.height, pil.width)
     if pil.format not in _KEPT_FORMATS:
         rgb = pil.convert("RGB")
         data = encode_png(np.asarray(rgb))
     return data, (pil.height, pil.width)
+
+
+def _exif_orientation(pil: Image.Image):
+    try:
+        return pil.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 — a malformed EXIF block is no orientation
+        return None
 
 
 def grey_map(pil: Image.Image) -> np.ndarray:
