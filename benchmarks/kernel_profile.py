@@ -8,6 +8,10 @@ fusions, copies, memory operations), the busy fraction of the step, and the kern
 most time. This replaces estimates read off the HLO ("Where the time goes" in NOTES.md) with
 measurement.
 
+Read a trace again, here, at no device time (HLO from ``--dump-dir``):
+
+    python benchmarks/kernel_profile.py TRACE_DIR HLO.txt.gz --steps 5 [--step-ms 47]
+
 Kernels are named to HLO instructions two ways, whichever the trace allows: XLA names the kernel
 of a fusion after the instruction (``loop_add_fusion.2`` launches ``loop_add_fusion_2``), and
 CUPTI tags kernels with the ``hlo_op`` they ran for (inside a CUDA graph that is the command
@@ -118,7 +122,7 @@ def device_kernels(events: list[dict]) -> list[dict]:
 
 
 def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | None = None,
-              top: int = 20) -> dict:
+              top: int = 40) -> dict:
     """Per-step device time by category and the ``top`` kernels; ``step_ms`` (the measured
     step) gives the busy fraction, i.e. how much of the step the device spends in kernels."""
     kernels = device_kernels(events)
@@ -127,7 +131,7 @@ def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | No
                 "note": "no device kernel events in the trace (CPU backend, or CUPTI unavailable)"}
     names = hlo_categories(hlo_text)
     by_category: collections.Counter = collections.Counter()
-    by_kernel: dict[str, dict] = {}
+    by_kernel: dict[tuple[str, str], dict] = {}
     mapped_by = collections.Counter()
     for e in kernels:
         name = str(e.get("name", ""))
@@ -143,9 +147,10 @@ def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | No
             mapped_by["kernel name heuristics"] += 1
         us = float(e["dur"])
         by_category[category] += us
-        k = by_kernel.setdefault(name, {"kernel": name[:100], "category": category, "us": 0.0,
-                                        "count": 0, "hlo_op": hlo_op,
-                                        "shape": entry["shape"] if entry else ""})
+        # One row per kernel and instruction: cuDNN runs the same kernel for several layers.
+        k = by_kernel.setdefault((name, hlo_op), {
+            "kernel": name[:100], "category": category, "hlo_op": hlo_op,
+            "shape": entry["shape"] if entry else "", "us": 0.0, "count": 0})
         k["us"] += us
         k["count"] += 1
     busy_ms = sum(by_category.values()) / 1e3 / steps
@@ -187,5 +192,25 @@ def print_summary(label: str, summary: dict, rows: int = 12) -> None:
         print(f"  {c['category']:22} {c['ms_per_step']:8.3f} ms {100 * c['share_of_busy']:5.1f} %")
     print(f"  top kernels ({rows}):")
     for k in summary["top_kernels"][:rows]:
-        print(f"  {k['ms_per_step']:8.3f} ms x{k['per_step']:<4.0f} {k['category']:18} "
+        print(f"  {k['ms_per_step']:8.3f} ms x{k['per_step']:<4.0f} {k['category']:19} "
               f"{k['kernel'][:60]} {k['shape'][:40]}")
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace_dir", help="a directory holding perfetto_trace.json.gz (searched below)")
+    p.add_argument("hlo", help="the executable's optimised HLO text (.txt or .txt.gz)")
+    p.add_argument("--steps", type=int, required=True, help="how many steps the trace holds")
+    p.add_argument("--step-ms", type=float, default=None, help="the measured step time")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args(argv)
+    hlo = Path(args.hlo)
+    text = gzip.open(hlo, "rt").read() if hlo.suffix == ".gz" else hlo.read_text()
+    summary = summarize(load_trace(args.trace_dir), text, args.steps, args.step_ms)
+    print_summary(str(Path(args.trace_dir).name), summary, rows=args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

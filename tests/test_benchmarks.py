@@ -240,6 +240,20 @@ def test_kernel_profile_sums_device_stream_time_by_category():
     assert summary["mapped_by"] == {"kernel name": 6, "hlo_op": 2, "kernel name heuristics": 4}
 
 
+def test_kernel_profile_reads_a_kept_trace_offline(tmp_path, capsys):
+    import gzip
+    trace_dir = tmp_path / "trace" / "plugins" / "profile" / "run"
+    trace_dir.mkdir(parents=True)
+    with gzip.open(trace_dir / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": _gpu_like_trace()}, f)
+    (tmp_path / "hlo.txt.gz").write_bytes(gzip.compress(GPU_HLO.encode()))
+    assert kernel_profile.main([str(tmp_path / "trace"), str(tmp_path / "hlo.txt.gz"),
+                                "--steps", "2", "--step-ms", "1.6"]) == 0
+    out = capsys.readouterr().out
+    assert "1.15 ms of kernels per step = 71.9 % of the 1.60 ms step" in out
+    assert "conv forward" in out and "sm90_xmma_fprop" in out
+
+
 def test_hlo_categories_parses_every_instruction_of_a_real_train_step():
     import re
     text = _train_step_hlo(width=1.0, compiled=True)
