@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import math
 import re
 from pathlib import Path
 
@@ -46,18 +47,61 @@ def kernel_name(instruction: str) -> str:
     return re.sub(r"[^\w]", "_", instruction)
 
 
+def _dims(shape: str) -> list[int]:
+    """Dimensions of an HLO shape (of a tuple's first element): 'bf16[32,60,80,512]{…}' → […]."""
+    m = re.search(r"\[([\d,]*)\]", shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _operands(rest: str) -> list[str]:
+    """Operand names of an instruction, from the text after 'opcode('."""
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            end = i
+            break
+    return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def conv_flops(category: str, result: str, operands: list[str], rest: str) -> int | None:
+    """2·MAC of a cuDNN convolution call, from the forward convolution it stands for:
+    2 × (batch and spatial size of the forward output) × (filter elements), padding included
+    (the convention of ``throughput.py``). ``operands`` are their shapes. XLA's calls are
+    forward (x, w) → y, input gradient (dy, w) → dx, weight gradient (x, dy) → dw."""
+    labels = re.search(r"dim_labels=\w+_\w+->(\w+)", rest)
+    if not labels or len(operands) < 2:
+        return None
+    output, filt = {CONV_FORWARD: (result, operands[1]),
+                    CONV_INPUT_GRAD: (operands[0], operands[1]),
+                    CONV_WEIGHT_GRAD: (operands[1], result)}.get(category, (None, None))
+    if output is None:
+        return None
+    out_dims, label = _dims(output), labels.group(1)
+    if len(out_dims) != len(label):
+        return None
+    batch_and_space = math.prod(d for d, c in zip(out_dims, label) if c != "f")
+    return 2 * batch_and_space * math.prod(_dims(filt))
+
+
 def hlo_categories(hlo_text: str) -> dict[str, dict]:
-    """Instruction name → {"category", "shape"} for every instruction of an optimised HLO
-    module; kernel names (:func:`kernel_name`) map to the same entries."""
+    """Instruction name → {"category", "shape", "flops"} for every instruction of an optimised
+    HLO module (``flops`` for cuDNN convolutions, else None); kernel names
+    (:func:`kernel_name`) map to the same entries."""
     out: dict[str, dict] = {}
+    shapes: dict[str, str] = {}
     for line in hlo_text.splitlines():
         m = _INSTRUCTION.match(line)
         if not m:
             continue
         name, shape, opcode, rest = m.groups()
+        shapes[name] = shape
+        flops = None
         if opcode == "custom-call":
             target = re.search(r'custom_call_target="([^"]+)"', rest)
             category = _CUSTOM_CALLS.get(target.group(1) if target else "", "custom call")
+            operands = [shapes.get(o, "") for o in _operands(rest)]
+            flops = conv_flops(category, shape, operands, rest)
         elif opcode == "fusion":
             kind = re.search(r"kind=(k\w+)", rest)
             kind = kind.group(1) if kind else ""
@@ -73,7 +117,7 @@ def hlo_categories(hlo_text: str) -> dict[str, dict]:
             category = "copy/transpose"
         else:
             category = opcode
-        entry = {"category": category, "shape": shape[:120]}
+        entry = {"category": category, "shape": shape[:120], "flops": flops}
         out[name] = entry
         out.setdefault(kernel_name(name), entry)
     return out
@@ -150,20 +194,30 @@ def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | No
         # One row per kernel and instruction: cuDNN runs the same kernel for several layers.
         k = by_kernel.setdefault((name, hlo_op), {
             "kernel": name[:100], "category": category, "hlo_op": hlo_op,
-            "shape": entry["shape"] if entry else "", "us": 0.0, "count": 0})
+            "shape": entry["shape"] if entry else "", "flops": entry["flops"] if entry else None,
+            "us": 0.0, "count": 0})
         k["us"] += us
         k["count"] += 1
     busy_ms = sum(by_category.values()) / 1e3 / steps
+    flops = collections.Counter()  # per step, from the HLO: each instruction once
+    for entry in {id(e): e for e in names.values()}.values():
+        flops[entry["category"]] += entry["flops"] or 0
     categories = [{"category": c, "ms_per_step": us / 1e3 / steps,
-                   "share_of_busy": us / 1e3 / steps / busy_ms if busy_ms else None}
+                   "share_of_busy": us / 1e3 / steps / busy_ms if busy_ms else None,
+                   "tflops": _tflops(flops[c], us / steps)}
                   for c, us in by_category.most_common()]
     ranked = sorted(by_kernel.values(), key=lambda k: -k["us"])[:top]
     for k in ranked:
-        k["ms_per_step"] = k.pop("us") / 1e3 / steps
+        k["ms_per_step"] = k["us"] / 1e3 / steps
         k["per_step"] = k.pop("count") / steps
+        k["tflops"] = _tflops((k.pop("flops") or 0) * k["per_step"], k.pop("us") / steps)
     return {"kernels_traced": len(kernels), "steps": steps, "busy_ms_per_step": busy_ms,
             "step_ms": step_ms, "busy_fraction": busy_ms / step_ms if step_ms else None,
             "mapped_by": dict(mapped_by), "categories": categories, "top_kernels": ranked}
+
+
+def _tflops(flops: float, us: float) -> float | None:
+    return flops / us / 1e6 if flops and us else None
 
 
 def trace_steps(run_step, steps: int, trace_dir: str | Path) -> list[dict]:
@@ -188,12 +242,16 @@ def print_summary(label: str, summary: dict, rows: int = 12) -> None:
     frac = summary.get("busy_fraction")
     print(f"profile {label}: {summary['busy_ms_per_step']:.2f} ms of kernels per step"
           + (f" = {100 * frac:.1f} % of the {summary['step_ms']:.2f} ms step" if frac else ""))
+    def rate(entry):
+        return f"{entry['tflops']:6.0f} TFLOP/s" if entry.get("tflops") else " " * 14
+
     for c in summary["categories"]:
-        print(f"  {c['category']:22} {c['ms_per_step']:8.3f} ms {100 * c['share_of_busy']:5.1f} %")
+        print(f"  {c['category']:22} {c['ms_per_step']:8.3f} ms {100 * c['share_of_busy']:5.1f} % "
+              f"{rate(c)}")
     print(f"  top kernels ({rows}):")
     for k in summary["top_kernels"][:rows]:
-        print(f"  {k['ms_per_step']:8.3f} ms x{k['per_step']:<4.0f} {k['category']:19} "
-              f"{k['kernel'][:60]} {k['shape'][:40]}")
+        print(f"  {k['ms_per_step']:8.3f} ms x{k['per_step']:<3.0f} {rate(k)} {k['category']:19} "
+              f"{k['kernel'][:56]} {k['shape'][:40]}")
 
 
 def main(argv=None) -> int:
