@@ -1,19 +1,22 @@
 """Levers not yet measured on a GPU, ready for ``throughput.py --variants cand_*``.
 
 They live here, not in the package, until a measurement says they help (benchmarks/NOTES.md,
-"Next levers"). Each computes exactly what the package computes: values and gradients equal
-JAX's own (tests/test_benchmarks.py).
+"Next levers"). The ReLU computes exactly JAX's gradient; the pooling computes the original
+ML-Net's (Theano's), which differs from JAX's only at ties (tests/test_benchmarks.py).
 
 The idea: autodiff of ``max(x, 0)`` keeps the pre-activation ``x`` for the backward pass, so
 XLA cannot fold the ReLU into cuDNN's conv+bias+activation call when training, and a
-reshape-and-max pool's autodiff builds argmax masks in the forward pass and stores them.
-Gradients computed from the ReLU's *output* need neither. A first try (v2, 2026-11-26) with
+reshape-and-max pool's autodiff builds argmax masks in the forward pass, stores them (1 byte
+per input element) and counts ties in the backward pass. Gradients computed from the ReLU's
+*output* and the pool's input and output need neither. A first try (v2, 2026-11-26) with
 plain ``custom_vjp`` compiled to the very same program: XLA's simplifier rewrote
-``max(x, 0) > 0`` back into ``x > 0``. Here the saved tensors pass through
+``max(x, 0) > 0`` back into ``x > 0``. Here the ReLU's saved output passes through
 ``optimization_barrier``, which the simplifier cannot see through.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -37,28 +40,48 @@ def _relu_bwd(y, g):
 relu.defvjp(_relu_fwd, _relu_bwd)
 
 
-def _windows(x: jax.Array) -> jax.Array:
-    b, rows, cols, c = x.shape
-    return x.reshape(b, rows // 2, 2, cols // 2, 2, c)
+def pool_with_original_gradient(pool):
+    """``pool(x, stride, alignment)`` (the package's 2×2 max pooling) with the gradient of
+    the original ML-Net's Theano ``MaxPoolGrad``: every input equal to its window's maximum
+    receives that window's whole gradient, summed over the windows it belongs to.
+
+    JAX's own gradients split ties instead (``jnp.max`` shares, ``jnp.maximum`` halves).
+    After a ReLU the two differ only where two positive inputs tie for a maximum (all-zero
+    windows are masked by the ReLU's gradient either way). This one needs no tie count: one
+    compare-and-select per window offset, computed in the backward pass from ``x`` and the
+    pooled ``y``, so no mask is built in the forward pass and stored.
+    """
+
+    @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+    def pooled(x, stride, alignment):
+        return pool(x, stride, alignment)
+
+    def forward(x, stride, alignment):
+        y = pool(x, stride, alignment)
+        return y, (x, y)
+
+    def backward(stride, alignment, residuals, g):
+        x, y = residuals
+        start = -1 if alignment == "keras1" else 0  # window i covers s·i + start + {0, 1}
+        grad = jnp.zeros_like(x)
+        for a in (0, 1):
+            for b in (0, 1):
+                y_ab = _spread(y, x.shape, stride, (start + a, start + b), jnp.nan)
+                g_ab = _spread(g, x.shape, stride, (start + a, start + b), 0)
+                grad = grad + jnp.where(x == y_ab, g_ab, jnp.zeros((), g.dtype))
+        return (grad,)
+
+    pooled.defvjp(forward, backward)
+    return pooled
 
 
-@jax.custom_vjp
-def max_pool_2x2_stride_2(x: jax.Array) -> jax.Array:
-    """2×2 max pooling, stride 2, of an NHWC input with even rows and columns."""
-    return jnp.max(_windows(x), axis=(2, 4))
-
-
-def _pool_fwd(x):
-    y = jnp.max(_windows(x), axis=(2, 4))
-    return y, jax.lax.optimization_barrier((x, y))
-
-
-def _pool_bwd(residuals, g):
-    x, y = residuals
-    hits = _windows(x) == y[:, :, None, :, None, :]
-    share = g / jnp.sum(hits, axis=(2, 4), dtype=g.dtype)  # ties share, as jnp.max's gradient
-    grad = jnp.where(hits, share[:, :, None, :, None, :], jnp.zeros((), g.dtype))
-    return (grad.reshape(x.shape),)
-
-
-max_pool_2x2_stride_2.defvjp(_pool_fwd, _pool_bwd)
+def _spread(v: jax.Array, shape: tuple, stride: int, offset: tuple[int, int], fill) -> jax.Array:
+    """``v`` (B, h, w, C) placed on an input grid of ``shape``: v[i, j] lands at
+    (stride·i + offset[0], stride·j + offset[1]); positions no window element maps to hold
+    ``fill`` (NaN equals nothing, so they get no gradient)."""
+    config = [(0, 0, 0)]
+    for axis, low in zip((1, 2), offset):
+        n, m = shape[axis], v.shape[axis]
+        config.append((low, n - (low + (m - 1) * stride + 1), stride - 1))
+    config.append((0, 0, 0))
+    return jax.lax.pad(v, jnp.asarray(fill, v.dtype), config)

@@ -283,14 +283,10 @@ def _candidate_relu(x):
 
 
 def _candidate_pool(x, stride, alignment):
-    """benchmarks/candidates.py's 2×2/2 pool for the stride-2 pools; pool4 as it is."""
-    import jax.numpy as jnp
-    rows, cols = x.shape[1:3]
-    if stride != 2 or rows % 2 or cols % 2:
-        return _LOADED["pool"](x, stride, alignment)
-    if alignment == "keras1":
-        x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :rows, :cols]
-    return sibling("candidates").max_pool_2x2_stride_2(x)
+    """benchmarks/candidates.py's pooling gradient (the original's) on the package's pools."""
+    if "cand_pool" not in _LOADED:
+        _LOADED["cand_pool"] = sibling("candidates").pool_with_original_gradient(_LOADED["pool"])
+    return _LOADED["cand_pool"](x, stride, alignment)
 
 
 def sibling(name: str):
@@ -304,7 +300,7 @@ def sibling(name: str):
 
 
 _SIBLINGS: dict = {}
-_LOADED: dict = {}  # "pool": the package's own max_pool_2x2
+_LOADED: dict = {}  # "pool": the package's own max_pool_2x2; "cand_pool": it, candidate gradient
 _CANDIDATE_RELU = {("mlnet_jax.vgg", "relu"): _candidate_relu,
                    ("mlnet_jax.head", "relu"): _candidate_relu}
 _CANDIDATE_POOL = {("mlnet_jax.vgg", "max_pool_2x2"): _candidate_pool}
@@ -572,7 +568,7 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
 
 
 def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: bool = False,
-                    keep: bool = False, variant: str | None = None) -> dict:
+                    keep: bool = False) -> dict:
     """images/s of ``make_predict_fn`` (uint8 in, normalised on the device, float32 maps out)."""
     jax, jnp = _jax()
     from mlnet_jax.inference import ModelInfo, make_predict_fn
@@ -583,8 +579,7 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     variables = {"params": bench.params(h, w)}
     images = synthetic_batch(b, h, w, bench.data)["image"]
     predict = make_predict_fn(model, info.preprocessing, bench.mesh)
-    with patched(variant):
-        compiled, t_lower, t_compile = compile_timed(predict, variables, images)
+    compiled, t_lower, t_compile = compile_timed(predict, variables, images)
     t = time.perf_counter()
     out = compiled(variables, images)
     out.block_until_ready()
@@ -602,8 +597,8 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     flops = forward_flops(h, w, bench.args.width_multiplier)
     row = _row(bench, "predict", dtype, None, b, h, w, per_step, first, t_lower, t_compile,
                flops, compiled, sweep)
-    row["variant"] = variant
-    dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", variant, sweep)
+    row["variant"] = None
+    dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", None, sweep)
     if keep:
         bench.kept[(case_name(b, h, w), dtype, "predict")] = [compiled, (variables, images),
                                                               row["images_per_s"]]
@@ -856,14 +851,11 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
                           lambda: measure_train(bench, b, h, w, dtype, "frozen")))
         return items
 
-    def variant_items(variant, with_predict):  # the headline steps with a variant's levers
-        items = []
+    def variant_items(variant):  # the headline train step with a variant's levers (they
+        items = []                # change gradients only: predict's program is the same)
         if "full" in args.modes:
             items.append((f"train {primary} full {case_name(*head)} [{variant}]",
                           lambda: measure_train(bench, *head, primary, "full", variant=variant)))
-        if with_predict and not args.no_predict:
-            items.append((f"predict {primary} {case_name(*head)} [{variant}]",
-                          lambda: measure_predict(bench, *head, primary, variant=variant)))
         return items
 
     tasks += for_case(head, primary, True)
@@ -872,8 +864,8 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
         tasks.append((f"pipeline {primary} full {case_name(*head)}",
                       lambda key=key: ("pipeline", measure_pipeline(bench, key, *head))
                       if key in bench.kept else ("pipeline", {"skipped": "headline train step missing"})))
-    for i, variant in enumerate(args.variants):
-        tasks += variant_items(variant, i == 0)
+    for variant in args.variants:
+        tasks += variant_items(variant)
     if args.profile:
         for mode in ("full", "predict"):
             profiled = (case_name(*head), primary, mode)
@@ -905,7 +897,7 @@ def print_table(result: dict) -> None:
           f"jax {result.get('software', {}).get('jax')}")
     for dtype, c in result.get("matmul_ceiling", {}).items():
         print(f"  matmul ceiling {dtype}: {c['tflops']:.1f} TFLOP/s (n={c['n']})")
-    header = f"{'task':8} {'dtype':9} {'mode':6} {'case':>12} {'img/s':>10} {'ms/step':>9} " \
+    header = f"{'task':8} {'dtype':9} {'mode':16} {'case':>12} {'img/s':>10} {'ms/step':>9} " \
              f"{'TFLOP/s':>8} {'%ceil':>6} {'compile_s':>9} {'mem_GiB':>8}"
     print(header)
     for r in rows:
@@ -915,7 +907,7 @@ def print_table(result: dict) -> None:
         mem = (r.get("executable_memory") or {}).get("peak_estimate_bytes")
         frac = r.get("ceiling_fraction")
         mode = (r['mode'] or '-') + (f"[{r['variant']}]" if r.get('variant') else '')
-        print(f"{r['task'] + ('*' if r.get('sweep') else ''):8} {r['dtype']:9} {mode:6} "
+        print(f"{r['task'] + ('*' if r.get('sweep') else ''):8} {r['dtype']:9} {mode:16} "
               f"{r['case']:>12} {r['images_per_s']:10.1f} {r['step_ms']:9.2f} {r['tflops']:8.2f} "
               f"{(100 * frac if frac else float('nan')):6.1f} {r['compile_s']:9.1f} "
               f"{(mem / 2**30 if mem else float('nan')):8.2f}")
