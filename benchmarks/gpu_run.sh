@@ -15,7 +15,7 @@
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
 # (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
-# end), PIPELINE_WORKERS (0,4), VARIANTS (cand,cand_relu,cand_pool:
+# end), PIPELINE_WORKERS (0,4), VARIANTS (cand,cand_rgb8,cand_relu,cand_pool:
 # unmeasured candidates and earlier levers, side by side),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
@@ -52,7 +52,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-cand,cand_relu,cand_pool}
+VARIANTS=${VARIANTS-cand,cand_rgb8,cand_relu,cand_pool}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 [ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$OUT/profile")
 if [ "${DUMP:-1}" = 1 ]; then

@@ -259,8 +259,8 @@ def software_versions() -> dict:
 # under one carry "variant".
 # v0: the code before the first GPU measurement (pool4 by reduce_window, one random word per
 # dropout element); the code as it is (v1) has pool4 as shifted maxima and the packed-bit
-# dropout mask; v0_pool4 / v0_dropout undo one of the two. cand_relu / cand_pool / cand
-# put in benchmarks/candidates.py's levers, not yet measured.
+# dropout mask; v0_pool4 / v0_dropout undo one of the two. cand_relu / cand_pool / cand /
+# cand_rgb8 put in benchmarks/candidates.py's levers, not yet measured.
 
 def _v0_pool(x, stride, alignment):
     """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
@@ -289,6 +289,13 @@ def _candidate_pool(x, stride, alignment):
     return _LOADED["cand_pool"](x, stride, alignment)
 
 
+def _candidate_conv(*args, **kwargs):
+    """benchmarks/candidates.py's conv with conv1_1's 3 input channels zero-padded to 8."""
+    if "cand_conv" not in _LOADED:
+        _LOADED["cand_conv"] = sibling("candidates").conv_with_padded_colour_channels(_LOADED["conv"])
+    return _LOADED["cand_conv"](*args, **kwargs)
+
+
 def sibling(name: str):
     """benchmarks/<name>.py as a module (benchmarks/ is no package), loaded once."""
     if name not in _SIBLINGS:
@@ -300,7 +307,7 @@ def sibling(name: str):
 
 
 _SIBLINGS: dict = {}
-_LOADED: dict = {}  # "pool": the package's own max_pool_2x2; "cand_pool": it, candidate gradient
+_LOADED: dict = {}  # the originals ("pool", "conv") and the candidates wrapping them
 _CANDIDATE_RELU = {("mlnet_jax.vgg", "relu"): _candidate_relu,
                    ("mlnet_jax.head", "relu"): _candidate_relu}
 _CANDIDATE_POOL = {("mlnet_jax.vgg", "max_pool_2x2"): _candidate_pool}
@@ -312,7 +319,9 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
     "cand_relu": _CANDIDATE_RELU,
     "cand_pool": _CANDIDATE_POOL,
     "cand": {**_CANDIDATE_RELU, **_CANDIDATE_POOL},
+    "cand_rgb8": {("jax.lax", "conv_general_dilated"): _candidate_conv},
 }
+FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8"}  # the others change gradients only
 
 
 class patched:
@@ -324,8 +333,11 @@ class patched:
 
     def __enter__(self):
         import importlib
+
+        import jax
         from mlnet_jax import vgg
         _LOADED.setdefault("pool", vgg.max_pool_2x2)
+        _LOADED.setdefault("conv", jax.lax.conv_general_dilated)
         for (module_name, attribute), replacement in self.patches.items():
             module = importlib.import_module(module_name)
             self.saved.append((module, attribute, getattr(module, attribute)))
@@ -568,7 +580,7 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
 
 
 def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: bool = False,
-                    keep: bool = False) -> dict:
+                    keep: bool = False, variant: str | None = None) -> dict:
     """images/s of ``make_predict_fn`` (uint8 in, normalised on the device, float32 maps out)."""
     jax, jnp = _jax()
     from mlnet_jax.inference import ModelInfo, make_predict_fn
@@ -579,7 +591,8 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     variables = {"params": bench.params(h, w)}
     images = synthetic_batch(b, h, w, bench.data)["image"]
     predict = make_predict_fn(model, info.preprocessing, bench.mesh)
-    compiled, t_lower, t_compile = compile_timed(predict, variables, images)
+    with patched(variant):
+        compiled, t_lower, t_compile = compile_timed(predict, variables, images)
     t = time.perf_counter()
     out = compiled(variables, images)
     out.block_until_ready()
@@ -597,8 +610,8 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     flops = forward_flops(h, w, bench.args.width_multiplier)
     row = _row(bench, "predict", dtype, None, b, h, w, per_step, first, t_lower, t_compile,
                flops, compiled, sweep)
-    row["variant"] = None
-    dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", None, sweep)
+    row["variant"] = variant
+    dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", variant, sweep)
     if keep:
         bench.kept[(case_name(b, h, w), dtype, "predict")] = [compiled, (variables, images),
                                                               row["images_per_s"]]
@@ -851,11 +864,14 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
                           lambda: measure_train(bench, b, h, w, dtype, "frozen")))
         return items
 
-    def variant_items(variant):  # the headline train step with a variant's levers (they
-        items = []                # change gradients only: predict's program is the same)
+    def variant_items(variant):  # the headline steps with a variant's levers
+        items = []
         if "full" in args.modes:
             items.append((f"train {primary} full {case_name(*head)} [{variant}]",
                           lambda: measure_train(bench, *head, primary, "full", variant=variant)))
+        if variant in FORWARD_VARIANTS and not args.no_predict:
+            items.append((f"predict {primary} {case_name(*head)} [{variant}]",
+                          lambda: measure_predict(bench, *head, primary, variant=variant)))
         return items
 
     tasks += for_case(head, primary, True)
@@ -864,13 +880,13 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
         tasks.append((f"pipeline {primary} full {case_name(*head)}",
                       lambda key=key: ("pipeline", measure_pipeline(bench, key, *head))
                       if key in bench.kept else ("pipeline", {"skipped": "headline train step missing"})))
-    for variant in args.variants:
-        tasks += variant_items(variant)
     if args.profile:
         for mode in ("full", "predict"):
             profiled = (case_name(*head), primary, mode)
             tasks.append((f"profile {' '.join(profiled)}",
                           lambda profiled=profiled: profile_kept(bench, profiled, *head)))
+    for variant in args.variants:
+        tasks += variant_items(variant)
     for case in reversed(cases[:-1]):
         tasks += for_case(case, primary, False)
     if args.batch_sweep:

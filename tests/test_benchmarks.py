@@ -117,7 +117,8 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     rows = {(r["task"], r["mode"], r["case"], r.get("variant")): r for r in result["results"]}
     assert set(rows) == {("train", "full", "2x32x32", None), ("train", "frozen", "2x32x32", None),
                          ("predict", None, "2x32x32", None), ("train", "full", "1x32x32", None),
-                         ("predict", None, "1x32x32", None), ("train", "full", "2x32x32", "v0")}
+                         ("predict", None, "1x32x32", None), ("train", "full", "2x32x32", "v0"),
+                         ("predict", None, "2x32x32", "v0")}  # v0 changed the forward too
     rows = {key[:3]: row for key, row in rows.items() if not key[3]}
     assert rows[("train", "full", "1x32x32")]["sweep"] and not rows[("train", "full", "2x32x32")]["sweep"]
     for row in rows.values():
@@ -372,6 +373,28 @@ def test_candidate_variant_trains_the_same_step_behind_barriers():
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+    info = ModelInfo(input_size=(16, 16), preprocessing="caffe")
+    model = info.build()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
+
+    def predict(variant):
+        with throughput.patched(variant):
+            fn = make_predict_fn(model, info.preprocessing)
+            return fn.lower(variables, images).as_text(), np.asarray(fn(variables, images))
+
+    (text, maps), (text8, maps8) = predict(None), predict("cand_rgb8")
+    np.testing.assert_allclose(maps8, maps, rtol=1e-5, atol=1e-6)
+    assert "tensor<3x3x3x64x" in text and "tensor<3x3x8x64x" not in text
+    assert "tensor<3x3x8x64x" in text8 and "tensor<2x16x16x8x" in text8
+    assert text8.count("stablehlo.convolution") == text.count("stablehlo.convolution")
+    with throughput.patched("cand_rgb8"):
+        pass
+    assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
 
 
 # --------------------------------------------------------------------------- merging
