@@ -103,14 +103,7 @@ def hlo_categories(hlo_text: str) -> dict[str, dict]:
             operands = [shapes.get(o, "") for o in _operands(rest)]
             flops = conv_flops(category, shape, operands, rest)
         elif opcode == "fusion":
-            kind = re.search(r"kind=(k\w+)", rest)
-            kind = kind.group(1) if kind else ""
-            if "__cudnn$fusion" in rest:
-                category = "cuDNN fusion"
-            elif "__triton" in rest:
-                category = "triton fusion"
-            else:
-                category = _FUSION_KINDS.get(kind, "fusion")
+            category = _fusion_category(name, rest)
         elif opcode == "convolution":
             category = "convolution"
         elif opcode in ("copy", "transpose"):
@@ -121,6 +114,24 @@ def hlo_categories(hlo_text: str) -> dict[str, dict]:
         out[name] = entry
         out.setdefault(kernel_name(name), entry)
     return out
+
+
+def _fusion_category(name: str, rest: str) -> str:
+    """What a fusion does, from its name (XLA names fusions after their root: loop_…,
+    input_reduce_…, input_transpose_…, gemm_fusion_…) or else its kind. Triton emits several
+    of these (kind=kCustom), so the emitter does not decide."""
+    if "__cudnn$fusion" in rest:
+        return "cuDNN fusion"
+    if "gemm" in name or "__triton_gemm" in rest:
+        return "gemm"
+    if "transpose" in name:
+        return "copy/transpose"
+    if "reduce" in name and not name.startswith("loop_"):
+        return "reduction fusion"
+    if name.startswith("loop_"):
+        return "element-wise fusion"
+    kind = re.search(r"kind=(k\w+)", rest)
+    return _FUSION_KINDS.get(kind.group(1) if kind else "", "fusion")
 
 
 def _category_from_kernel(name: str) -> str:
@@ -242,6 +253,7 @@ def print_summary(label: str, summary: dict, rows: int = 12) -> None:
     frac = summary.get("busy_fraction")
     print(f"profile {label}: {summary['busy_ms_per_step']:.2f} ms of kernels per step"
           + (f" = {100 * frac:.1f} % of the {summary['step_ms']:.2f} ms step" if frac else ""))
+
     def rate(entry):
         return f"{entry['tflops']:6.0f} TFLOP/s" if entry.get("tflops") else " " * 14
 

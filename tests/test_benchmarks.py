@@ -286,6 +286,12 @@ def test_cudnn_calls_of_the_h200_executables_do_the_modelled_flops(name, mode):
     kinds = {c["category"] for c in convs}
     assert kinds == ({"conv forward"} if mode == "predict" else
                      {"conv forward", "conv input grad", "conv weight grad"})
+    # Every fusion is named for what it does, whichever emitter (XLA's or Triton's) made it.
+    fusions = {names[n]["category"] for n in defined if " fusion(" in entry.split(f"%{n} = ")[1][:300]}
+    assert {"element-wise fusion", "copy/transpose", "gemm"} <= fusions
+    assert not fusions & {"fusion", "custom call", "unmapped"}
+    if mode == "full":  # conv1_1's ReLU mask and bias gradient, a multi-output reduction
+        assert names["input_reduce_select_fusion.13"]["category"] == "reduction fusion"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
