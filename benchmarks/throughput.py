@@ -9,7 +9,10 @@ FLOPs counted analytically, equal to a count over the step's jaxpr) against a ma
 measured on the same device, compile time and the executable's memory. It also measures a cold
 and a warm start with the persistent compilation cache (two subprocesses sharing a fresh cache
 directory), a batch-size sweep, and end-to-end training through the real grain input pipeline
-on fake SALICON-like 640×480 JPEG/PNG records, against the synthetic-batch rate.
+on fake SALICON-like 640×480 JPEG/PNG records, against the synthetic-batch rate; with
+``--profile`` it traces the headline steps and says which kernels take the time
+(``kernel_profile.py``), and ``--variants`` measures candidate levers (``candidates.py``) beside
+the code as it is.
 
 The JSON is rewritten after every measurement, so a run cut short by ``--deadline`` (no new
 measurement starts after it) or by a kill keeps what it measured; a table is printed last.
@@ -987,8 +990,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-records", type=int, default=128)
     p.add_argument("--pipeline-workers", default="0", help="grain worker_count values to try")
     p.add_argument("--variants", default="",
-                   help=f"also the headline train step (and predict for the first) with other "
-                        f"levers: comma-separated of {', '.join(VARIANTS)}")
+                   help=f"also the headline train step (and predict, for {', '.join(sorted(FORWARD_VARIANTS))}) "
+                        f"with other levers: comma-separated of {', '.join(VARIANTS)}")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="trace a few steps of the headline train step and predict, print where "
                         "the device time goes (kernel_profile.py), keep the traces in DIR")
