@@ -3,7 +3,8 @@
 Writes ``<dir>/<date>-<card>.json`` (the form committed as ``benchmarks/results/``) with the
 top-level fields ``card``, ``train_ratio_vs_torch_compile`` and ``predict_ratio_vs_torch_compile``
 (bfloat16 at the headline case, our full fine-tune / predict over the peer's
-``bf16_cl_compile``), every other target of the performance issue with pass/fail, and both
+``bf16_cl_compile``), every other target of the performance issue with pass/fail, each
+candidate lever's rate against the code as it is and the peer (``variants``), and both
 inputs whole. Prints a comparison table last. Needs only the standard library.
 
     python benchmarks/merge_results.py --jax $OUT/jax_throughput.json \\
@@ -102,6 +103,17 @@ def merge(jax_result: dict, torch_rows: list[dict], headline: str | None = None)
         v = values[name]
         targets[name] = {"value": v, "target": f"{'>=' if higher else '<='} {threshold}",
                          "met": None if v is None else (v >= threshold if higher else v <= threshold)}
+    variants = []  # candidate levers measured in the same run: against the code as it is
+    for r in jax_result.get("results", []):
+        if r.get("variant") and "images_per_s" in r and r["case"] == headline and not r.get("sweep"):
+            current = ours(jax_result, r["task"], r["dtype"], r["mode"], headline)
+            peer = theirs(torch_rows, "train" if r["task"] == "train" else "infer",
+                          "bf16_cl_compile" if r["dtype"] == "bfloat16" else "fp32", headline)
+            variants.append({"variant": r["variant"], "task": r["task"], "dtype": r["dtype"],
+                             "images_per_s": r["images_per_s"],
+                             "over_current": _ratio(r, "images_per_s", current, "images_per_s"),
+                             "ratio_vs_torch_compile": _ratio(r, "images_per_s", peer, "img_s")
+                             if r["dtype"] == "bfloat16" else None})
     card = jax_result.get("card") or "unknown"
     return {
         "date": jax_result.get("date") or datetime.date.today().isoformat(),
@@ -114,6 +126,7 @@ def merge(jax_result: dict, torch_rows: list[dict], headline: str | None = None)
         "compile_cache_first_step_s": {"cold": cold.get("first_step_s"), "warm": warm.get("first_step_s")},
         "targets": targets,
         "comparisons": comparisons,
+        "variants": variants,
         "jax": jax_result,
         "torch": torch_rows,
     }
@@ -129,6 +142,14 @@ def print_summary(merged: dict) -> None:
         print(f"{c['case']:>12} {c['task']:8} {c['jax']:15} {c['torch']:16} "
               f"{f(c['jax_images_per_s'], '10.1f'):>10} {f(c['torch_images_per_s'], '11.1f'):>11} "
               f"{f(c['ratio'], '6.2f'):>6}")
+    if merged.get("variants"):
+        print(f"variants at {merged['headline_case']} (same run):")
+        for v in merged["variants"]:
+            def f(x):
+                return "-" if x is None else f"{x:.3f}"
+            name = f"[{v['variant']}]"
+            print(f"  {v['task']:8} {v['dtype']:9} {name:12} {v['images_per_s']:10.1f} img/s"
+                  f"  x{f(v['over_current'])} the code as it is, x{f(v['ratio_vs_torch_compile'])} torch.compile")
     print("targets:")
     for name, t in merged["targets"].items():
         v = t["value"]

@@ -431,4 +431,8 @@ def test_merge_computes_the_ratio_fields_and_targets():
     assert not t["frozen_over_full"]["met"] and t["frozen_over_full"]["value"] == pytest.approx(1700 / 900)
     assert t["pipeline_over_synthetic"]["met"] and t["warm_cache_first_step_s"]["met"]
     assert merged["torch"] == torch_rows and merged["jax"] is jax_result
+    # A variant is judged against the code as it is and the peer, never as the headline.
+    (variant,) = merged["variants"]
+    assert variant["variant"] == "v0" and variant["over_current"] == pytest.approx(5000 / 900)
+    assert variant["ratio_vs_torch_compile"] == pytest.approx(5000 / 600)
     assert merge_results.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
