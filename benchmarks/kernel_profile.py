@@ -160,10 +160,12 @@ def load_trace(trace_dir: str | Path) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def device_kernels(events: list[dict]) -> list[dict]:
-    """Complete ('X') events on the device's stream lines: one per kernel or copy run. The
-    derived lines the profiler adds ('XLA Ops', 'XLA Modules', 'Steps', …) repeat the same
-    time and are left out."""
+_DERIVED_LINES = ("XLA Ops", "XLA Modules", "Steps", "Framework", "Source", "TensorFlow",
+                  "Launch Stats", "Host")
+
+
+def device_lines(events: list[dict]) -> dict[tuple, str]:
+    """(pid, tid) → line name, for the lines of device processes ('/device:…')."""
     process, thread = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -171,9 +173,20 @@ def device_kernels(events: list[dict]) -> list[dict]:
         elif e.get("ph") == "M" and e.get("name") == "thread_name":
             thread[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
     devices = {pid for pid, name in process.items() if name.startswith("/device:")}
+    return {key: name for key, name in thread.items() if key[0] in devices}
+
+
+def device_kernels(events: list[dict]) -> list[dict]:
+    """Complete ('X') events on the device's stream lines: one per kernel or copy run. The
+    derived lines the profiler adds ('XLA Ops', 'XLA Modules', 'Steps', …) repeat the same
+    time and are left out; a device whose lines are not called 'Stream …' keeps every line
+    that is not a derived one."""
+    lines = device_lines(events)
+    streams = {key for key, name in lines.items() if name.startswith("Stream")}
+    if not streams:
+        streams = {key for key, name in lines.items() if not name.startswith(_DERIVED_LINES)}
     return [e for e in events
-            if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e
-            and thread.get((e["pid"], e.get("tid")), "").startswith("Stream")]
+            if e.get("ph") == "X" and "dur" in e and (e.get("pid"), e.get("tid")) in streams]
 
 
 def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | None = None,
@@ -181,8 +194,11 @@ def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | No
     """Per-step device time by category and the ``top`` kernels; ``step_ms`` (the measured
     step) gives the busy fraction, i.e. how much of the step the device spends in kernels."""
     kernels = device_kernels(events)
+    lines = device_lines(events)  # events per device line: to adapt this reader if it missed
+    seen = dict(collections.Counter(lines[(e.get("pid"), e.get("tid"))] for e in events
+                                    if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in lines))
     if not kernels:
-        return {"kernels_traced": 0,
+        return {"kernels_traced": 0, "device_lines": seen,
                 "note": "no device kernel events in the trace (CPU backend, or CUPTI unavailable)"}
     names = hlo_categories(hlo_text)
     by_category: collections.Counter = collections.Counter()
@@ -224,7 +240,8 @@ def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | No
         k["tflops"] = _tflops((k.pop("flops") or 0) * k["per_step"], k.pop("us") / steps)
     return {"kernels_traced": len(kernels), "steps": steps, "busy_ms_per_step": busy_ms,
             "step_ms": step_ms, "busy_fraction": busy_ms / step_ms if step_ms else None,
-            "mapped_by": dict(mapped_by), "categories": categories, "top_kernels": ranked}
+            "mapped_by": dict(mapped_by), "device_lines": seen, "categories": categories,
+            "top_kernels": ranked}
 
 
 def _tflops(flops: float, us: float) -> float | None:

@@ -246,6 +246,15 @@ def test_kernel_profile_sums_device_stream_time_by_category():
     assert rates["conv input grad"] == pytest.approx(conv_flops / 300e-6 / 1e12)  # same MACs
     assert rates["element-wise fusion"] is None
     assert summary["mapped_by"] == {"kernel name": 6, "hlo_op": 2, "kernel name heuristics": 4}
+    assert summary["device_lines"] == {"Stream #7(Compute)": 12, "XLA Ops": 2}
+
+
+def test_kernel_profile_keeps_undecorated_device_lines_but_not_derived_ones():
+    # Should a profiler name its stream lines otherwise, the kernels are still found.
+    events = [{**e, "args": {"name": "Compute"}} if e.get("args", {}).get("name") == "Stream #7(Compute)"
+              else e for e in _gpu_like_trace()]
+    summary = kernel_profile.summarize(events, GPU_HLO, steps=2)
+    assert summary["kernels_traced"] == 12 and summary["busy_ms_per_step"] == pytest.approx(1.15)
 
 
 def test_kernel_profile_reads_a_kept_trace_offline(tmp_path, capsys):
