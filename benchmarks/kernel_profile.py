@@ -176,12 +176,12 @@ def device_lines(events: list[dict]) -> dict[tuple, str]:
     return {key: name for key, name in thread.items() if key[0] in devices}
 
 
-def device_kernels(events: list[dict]) -> list[dict]:
+def device_kernels(events: list[dict], lines: dict[tuple, str] | None = None) -> list[dict]:
     """Complete ('X') events on the device's stream lines: one per kernel or copy run. The
     derived lines the profiler adds ('XLA Ops', 'XLA Modules', 'Steps', …) repeat the same
     time and are left out; a device whose lines are not called 'Stream …' keeps every line
     that is not a derived one."""
-    lines = device_lines(events)
+    lines = device_lines(events) if lines is None else lines
     streams = {key for key, name in lines.items() if name.startswith("Stream")}
     if not streams:
         streams = {key for key, name in lines.items() if not name.startswith(_DERIVED_LINES)}
@@ -193,8 +193,9 @@ def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | No
               top: int = 40) -> dict:
     """Per-step device time by category and the ``top`` kernels; ``step_ms`` (the measured
     step) gives the busy fraction, i.e. how much of the step the device spends in kernels."""
-    kernels = device_kernels(events)
-    lines = device_lines(events)  # events per device line: to adapt this reader if it missed
+    lines = device_lines(events)
+    kernels = device_kernels(events, lines)
+    # Events per device line, kept in the summary: to adapt this reader should it miss.
     seen = dict(collections.Counter(lines[(e.get("pid"), e.get("tid"))] for e in events
                                     if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in lines))
     if not kernels:
