@@ -8,9 +8,13 @@ fusions, copies, memory operations), the busy fraction of the step, and the kern
 most time. This replaces estimates read off the HLO ("Where the time goes" in NOTES.md) with
 measurement.
 
-Read a trace again, here, at no device time (HLO from ``--dump-dir``):
+Read a trace again, here, at no device time (HLO from ``--dump-dir``), or count the bytes each
+instruction of an optimised HLO reads and writes (the lower bound on its time that "Where the
+time goes" in NOTES.md is built from; also how to check a candidate lever's mechanism in its
+dumped HLO before its timing):
 
-    python benchmarks/kernel_profile.py TRACE_DIR HLO.txt.gz --steps 5 [--step-ms 47]
+    python benchmarks/kernel_profile.py trace TRACE_DIR HLO.txt.gz --steps 5 [--step-ms 47]
+    python benchmarks/kernel_profile.py traffic HLO.txt.gz [--tb-per-s 4.3]
 
 Kernels are named to HLO instructions two ways, whichever the trace allows: XLA names the kernel
 of a fusion after the instruction (``loop_add_fusion.2`` launches ``loop_add_fusion_2``), and
@@ -132,6 +136,59 @@ def _fusion_category(name: str, rest: str) -> str:
         return "element-wise fusion"
     kind = re.search(r"kind=(k\w+)", rest)
     return _FUSION_KINDS.get(kind.group(1) if kind else "", "fusion")
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def shape_bytes(shape: str, workspace: bool = True) -> int:
+    """Bytes of every array in an HLO shape (a tuple's elements summed); ``workspace=False``
+    leaves out the u8 scratch buffer a cuDNN call returns last."""
+    arrays = re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", shape)
+    if not workspace and len(arrays) > 1 and arrays[-1][0] == "u8":
+        arrays = arrays[:-1]
+    return sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in arrays)
+
+
+def hlo_traffic(hlo_text: str) -> list[dict]:
+    """Per instruction of the entry computation that touches memory: bytes read (its operands,
+    whole) and written (its result, without cuDNN's workspace), and its category. A fusion that
+    reads part of an operand is over-counted; nothing is counted twice otherwise."""
+    names = hlo_categories(hlo_text)
+    entry = hlo_text[hlo_text.index("\nENTRY"):] if "\nENTRY" in hlo_text else hlo_text
+    sizes: dict[str, int] = {}
+    rows = []
+    for line in entry.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        written = shape_bytes(shape, workspace=opcode != "custom-call")
+        sizes[name] = written
+        if opcode in _NO_TRAFFIC:
+            continue
+        read = sum(sizes.get(o, 0) for o in _operands(rest))
+        rows.append({"instruction": name, "category": names[name]["category"], "read": read,
+                     "written": written})
+    return rows
+
+
+def print_traffic(rows: list[dict], tb_per_s: float, top: int = 25) -> None:
+    by_category = collections.defaultdict(lambda: [0, 0])
+    for r in rows:
+        by_category[r["category"]][0] += r["read"] + r["written"]
+        by_category[r["category"]][1] += 1
+    print(f"bytes read + written per step (ms at {tb_per_s} TB/s: a lower bound on the time)")
+    for category, (total, count) in sorted(by_category.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {category:22} {count:4d} instructions {total / 1e9:8.2f} GB "
+              f"{total / tb_per_s / 1e9:7.2f} ms")
+    print(f"  top {top} instructions other than convolutions:")
+    others = [r for r in rows if not r["category"].startswith("conv ")]
+    for r in sorted(others, key=lambda r: -(r["read"] + r["written"]))[:top]:
+        print(f"  {(r['read'] + r['written']) / 1e9:8.2f} GB {r['category']:22} {r['instruction']}")
 
 
 def _category_from_kernel(name: str) -> str:
@@ -284,17 +341,31 @@ def print_summary(label: str, summary: dict, rows: int = 12) -> None:
               f"{k['kernel'][:56]} {k['shape'][:40]}")
 
 
+def _read_hlo(path: str) -> str:
+    hlo = Path(path)
+    return gzip.open(hlo, "rt").read() if hlo.suffix == ".gz" else hlo.read_text()
+
+
 def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("trace_dir", help="a directory holding perfetto_trace.json.gz (searched below)")
-    p.add_argument("hlo", help="the executable's optimised HLO text (.txt or .txt.gz)")
-    p.add_argument("--steps", type=int, required=True, help="how many steps the trace holds")
-    p.add_argument("--step-ms", type=float, default=None, help="the measured step time")
-    p.add_argument("--rows", type=int, default=25)
+    commands = p.add_subparsers(dest="command", required=True)
+    trace = commands.add_parser("trace", help="summarise a kept profiler trace")
+    trace.add_argument("trace_dir", help="a directory holding perfetto_trace.json.gz (searched below)")
+    trace.add_argument("hlo", help="the executable's optimised HLO text (.txt or .txt.gz)")
+    trace.add_argument("--steps", type=int, required=True, help="how many steps the trace holds")
+    trace.add_argument("--step-ms", type=float, default=None, help="the measured step time")
+    trace.add_argument("--rows", type=int, default=25)
+    traffic = commands.add_parser("traffic", help="bytes each instruction of an HLO moves")
+    traffic.add_argument("hlo", help="an optimised HLO text (.txt or .txt.gz)")
+    traffic.add_argument("--tb-per-s", type=float, default=4.3,
+                         help="memory bandwidth for the time bound (H200 copy: 4.3; H100: 3.0)")
+    traffic.add_argument("--rows", type=int, default=25)
     args = p.parse_args(argv)
-    hlo = Path(args.hlo)
-    text = gzip.open(hlo, "rt").read() if hlo.suffix == ".gz" else hlo.read_text()
+    text = _read_hlo(args.hlo)
+    if args.command == "traffic":
+        print_traffic(hlo_traffic(text), args.tb_per_s, args.rows)
+        return 0
     summary = summarize(load_trace(args.trace_dir), text, args.steps, args.step_ms)
     print_summary(str(Path(args.trace_dir).name), summary, rows=args.rows)
     return 0

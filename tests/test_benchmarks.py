@@ -264,14 +264,41 @@ def test_kernel_profile_reads_a_kept_trace_offline(tmp_path, capsys):
     with gzip.open(trace_dir / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": _gpu_like_trace()}, f)
     (tmp_path / "hlo.txt.gz").write_bytes(gzip.compress(GPU_HLO.encode()))
-    assert kernel_profile.main([str(tmp_path / "trace"), str(tmp_path / "hlo.txt.gz"),
+    assert kernel_profile.main(["trace", str(tmp_path / "trace"), str(tmp_path / "hlo.txt.gz"),
                                 "--steps", "2", "--step-ms", "1.6"]) == 0
     out = capsys.readouterr().out
     assert "1.15 ms of kernels per step = 71.9 % of the 1.60 ms step" in out
     assert "conv forward" in out and "sm90_xmma_fprop" in out
 
 
+def test_hlo_traffic_counts_operands_and_results_without_cudnn_workspace():
+    rows = {r["instruction"]: r for r in kernel_profile.hlo_traffic(GPU_HLO)}
+    assert set(rows) == {"custom-call.3", "custom-call.4", "loop_select_fusion.2",
+                         "input_reduce_fusion", "copy.1"}  # parameters move nothing themselves
+    x, w, y = 4 * 8 * 8 * 3 * 2, 64 * 3 * 3 * 3 * 2, 4 * 8 * 8 * 64 * 2  # bf16 bytes
+    assert (rows["custom-call.3"]["read"], rows["custom-call.3"]["written"]) == (x + w, y)
+    assert (rows["custom-call.4"]["read"], rows["custom-call.4"]["written"]) == (y + w, x)
+    assert (rows["input_reduce_fusion"]["read"], rows["input_reduce_fusion"]["written"]) == (x, 64 * 4)
+    assert (rows["copy.1"]["read"], rows["copy.1"]["written"]) == (y, y)
+    assert kernel_profile.shape_bytes("(bf16[2,3]{1,0}, pred[5]{0}, u8[100]{0})") == 12 + 5 + 100
+    assert kernel_profile.shape_bytes("(bf16[2,3]{1,0}, u8[100]{0})", workspace=False) == 12
+
+
 H200_HLO = REPO / "benchmarks" / "results" / "hlo-2026-11-26-nvidia-h200"
+
+
+def test_hlo_traffic_of_conv1_1s_mask_and_bias_gradient_on_the_h200(capsys):
+    # The fusion NOTES.md names as the largest: reads the incoming gradient and the
+    # pre-activation, writes the masked gradient and the bias gradient's partial sums.
+    path = H200_HLO / "hlo_train_bfloat16_full_32x480x640.txt.gz"
+    rows = {r["instruction"]: r for r in kernel_profile.hlo_traffic(
+        kernel_profile._read_hlo(str(path)))}
+    activation = 32 * 480 * 640 * 64 * 2
+    fusion = rows["input_reduce_select_fusion.13"]
+    assert (fusion["read"], fusion["written"]) == (2 * activation, activation + 4800 * 64 * 2)
+    assert kernel_profile.main(["traffic", str(path), "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3.78 GB reduction fusion       input_reduce_select_fusion.13" in out
 
 
 @pytest.mark.parametrize("name, mode", [("train_bfloat16_full", "full"),
