@@ -307,14 +307,14 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
         _log(f"initialised from {source}; preprocessing {info.preprocessing}, pooling {info.pooling}")
     state = jax.device_put(state, replicated(mesh))
     train_fn, evaluate_fn = compile_steps(model, tx, info.preprocessing, mesh)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=int(state.step))
+    step = int(state.step)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=step)
     if writer.replayed:
-        _log(f"dropped {writer.replayed} record(s) after step {int(state.step)} from "
+        _log(f"dropped {writer.replayed} record(s) after step {step} from "
              f"{writer.path.name}: those steps run again")
     _log(f"{jax.device_count()} device(s) over {jax.process_count()} process(es); "
          f"{epoch_steps} steps/epoch, {total_steps} steps; workdir {workdir}")
 
-    step = int(state.step)
     last_good_step = checkpoints.latest_step()
 
     def save(is_best: bool = False) -> None:

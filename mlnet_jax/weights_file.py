@@ -84,9 +84,10 @@ def check_param_shapes(expected: dict, got: dict, where: str, *,
         shape = tuple(spec.shape)
         if name not in got_flat:
             raise WeightsError(f"{where}: missing parameter {name} (expected shape {shape})")
-        if tuple(np.shape(got_flat[name])) != shape:
-            raise WeightsError(f"{where}: parameter {name} has shape "
-                               f"{tuple(np.shape(got_flat[name]))}, {needs} {shape}{hint}")
+        got_shape = tuple(np.shape(got_flat[name]))
+        if got_shape != shape:
+            raise WeightsError(f"{where}: parameter {name} has shape {got_shape}, "
+                               f"{needs} {shape}{hint}")
 
 
 def check_vgg16_params(backbone: dict, where: str) -> None:
