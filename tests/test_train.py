@@ -316,3 +316,16 @@ def test_two_process_training_run_end_to_end(tmp_path):
     assert final["num_images"] == 8 and final["step"] == 6
     assert "2 process(es)" in outputs[0][0] and "epoch 2:" in outputs[0][0]
     assert "epoch" not in outputs[1][0]  # one console report, from process 0
+
+
+def test_compilation_cache_is_on_by_default_in_train_and_predict_and_can_be_turned_off():
+    from mlnet_jax.configs import default, demo, salicon
+    from mlnet_jax.predict import DEFAULT_CACHE, build_parser
+    from mlnet_jax.train import enable_compilation_cache
+    for config in (default, demo, salicon):
+        assert config.get_config().compilation_cache_dir == DEFAULT_CACHE
+    assert build_parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"]
+                                     ).compilation_cache == DEFAULT_CACHE
+    before = jax.config.jax_compilation_cache_dir
+    enable_compilation_cache("")  # '' disables: the setting stays as it was
+    assert jax.config.jax_compilation_cache_dir == before
