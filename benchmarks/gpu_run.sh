@@ -15,14 +15,16 @@
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
 # (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
-# end), PIPELINE_WORKERS (0,4), VARIANTS (cand,cand_rgb8,cand_relu,cand_pool:
-# unmeasured candidates and earlier levers, side by side),
+# end), PIPELINE_WORKERS (0,4), VARIANTS (cand_all,cand,cand_rgb8,cand_relu,cand_pool,cand_split_head,
+# xla_no_command_buffers,xla_runtime_fusion: unmeasured candidates, side by side, in order of
+# expected gain, so the deadline cuts the least promising),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
 # JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
 # FOCUS=levers: only what judges candidate levers (the headline 32x480x640 bf16 full fine-tune
 # and predict beside the peer's, the profile, the variants): no probes, pipeline, frozen, sweep
-# or float32, which the committed results already hold; about 7 minutes with four variants.
+# or float32, which the committed results already hold; about 7 minutes with four variants,
+# the deadline cutting what does not fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BENCH=.bench
@@ -61,7 +63,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-cand,cand_rgb8,cand_relu,cand_pool}
+VARIANTS=${VARIANTS-cand_all,cand,cand_rgb8,cand_relu,cand_pool,cand_split_head,xla_no_command_buffers,xla_runtime_fusion}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 [ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$OUT/profile")
 if [ "${DUMP:-1}" = 1 ]; then

@@ -263,7 +263,9 @@ def software_versions() -> dict:
 # v0: the code before the first GPU measurement (pool4 by reduce_window, one random word per
 # dropout element); the code as it is (v1) has pool4 as shifted maxima and the packed-bit
 # dropout mask; v0_pool4 / v0_dropout undo one of the two. cand_relu / cand_pool / cand /
-# cand_rgb8 put in benchmarks/candidates.py's levers, not yet measured.
+# cand_rgb8 / cand_split_head put in benchmarks/candidates.py's levers, not yet measured, and
+# cand_all all of them together;
+# xla_* compile the code as it is with other XLA options (this executable only).
 
 def _v0_pool(x, stride, alignment):
     """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
@@ -299,6 +301,11 @@ def _candidate_conv(*args, **kwargs):
     return _LOADED["cand_conv"](*args, **kwargs)
 
 
+def _candidate_head(params, features, **kwargs):
+    """benchmarks/candidates.py's head: the 3×3 conv split over its inputs, no concatenation."""
+    return sibling("candidates").split_multilevel_head(params, features, **kwargs)
+
+
 def sibling(name: str):
     """benchmarks/<name>.py as a module (benchmarks/ is no package), loaded once."""
     if name not in _SIBLINGS:
@@ -323,15 +330,27 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
     "cand_pool": _CANDIDATE_POOL,
     "cand": {**_CANDIDATE_RELU, **_CANDIDATE_POOL},
     "cand_rgb8": {("jax.lax", "conv_general_dilated"): _candidate_conv},
+    "cand_split_head": {("mlnet_jax.models", "multilevel_head"): _candidate_head},
+    "cand_all": {**_CANDIDATE_RELU, **_CANDIDATE_POOL,
+                 ("jax.lax", "conv_general_dilated"): _candidate_conv,
+                 ("mlnet_jax.models", "multilevel_head"): _candidate_head},
+    "xla_no_command_buffers": {}, "xla_runtime_fusion": {},
 }
-FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8"}  # the others change gradients only
+COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
+    "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
+    "xla_runtime_fusion": {"xla_gpu_use_runtime_fusion": True},  # cuDNN runtime-compiled fusions
+}
+# The others change gradients only.
+FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_split_head", "cand_all", *COMPILER_OPTIONS}
 
 
 class patched:
-    """Context manager applying one of VARIANTS (None: the code as it is)."""
+    """Context manager applying one of VARIANTS (None: the code as it is) while tracing;
+    ``compiler_options`` are the variant's XLA options for ``compile_timed``."""
 
     def __init__(self, variant: str | None):
         self.patches = VARIANTS[variant] if variant else {}
+        self.compiler_options = COMPILER_OPTIONS.get(variant, {})
         self.saved = []
 
     def __enter__(self):
@@ -429,14 +448,14 @@ def xla_cost_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def compile_timed(jitted, *args):
+def compile_timed(jitted, *args, compiler_options: dict | None = None):
     """(compiled, lower seconds, compile seconds) — ahead of time, so the executable's memory
     and cost analyses come with it and the timed calls skip jit's cache lookup."""
     t = time.perf_counter()
     lowered = jitted.lower(*args)
     t_lower = time.perf_counter() - t
     t = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options or None)
     return compiled, t_lower, time.perf_counter() - t
 
 
@@ -553,8 +572,9 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
     state = jax.device_put(create_train_state(bench.params(h, w), tx, frozen, seed=0), bench.rep)
     batch = synthetic_batch(b, h, w, bench.data)
     train_fn, _ = compile_steps(model, tx, info.preprocessing, bench.mesh)
-    with patched(variant):
-        compiled, t_lower, t_compile = compile_timed(train_fn, state, batch)
+    with patched(variant) as patch:
+        compiled, t_lower, t_compile = compile_timed(train_fn, state, batch,
+                                                     compiler_options=patch.compiler_options)
 
     t = time.perf_counter()
     state, metrics = compiled(state, batch)
@@ -594,8 +614,9 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     variables = {"params": bench.params(h, w)}
     images = synthetic_batch(b, h, w, bench.data)["image"]
     predict = make_predict_fn(model, info.preprocessing, bench.mesh)
-    with patched(variant):
-        compiled, t_lower, t_compile = compile_timed(predict, variables, images)
+    with patched(variant) as patch:
+        compiled, t_lower, t_compile = compile_timed(predict, variables, images,
+                                                     compiler_options=patch.compiler_options)
     t = time.perf_counter()
     out = compiled(variables, images)
     out.block_until_ready()

@@ -107,7 +107,8 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     result, stdout = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
                           "--modes", "full,frozen", "--width-multiplier", "0.25", "--batch-sweep",
                           "--sweep-batches", "1", "--pipeline", "--pipeline-records", "4",
-                          "--variants", "v0", "--profile", str(tmp_path / "profile"))
+                          "--variants", "v0,xla_no_command_buffers",
+                          "--profile", str(tmp_path / "profile"))
     assert result["complete"] and not result["skipped"] and "errors" not in result
     assert result["card"] and result["backend"] == "cpu" and result["software"]["jax"]
     assert isinstance(result["xla_flags"], str) and "jax_default_matmul_precision" in result["jax_config"]
@@ -118,7 +119,9 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     assert set(rows) == {("train", "full", "2x32x32", None), ("train", "frozen", "2x32x32", None),
                          ("predict", None, "2x32x32", None), ("train", "full", "1x32x32", None),
                          ("predict", None, "1x32x32", None), ("train", "full", "2x32x32", "v0"),
-                         ("predict", None, "2x32x32", "v0")}  # v0 changed the forward too
+                         ("predict", None, "2x32x32", "v0"),  # v0 changed the forward too
+                         ("train", "full", "2x32x32", "xla_no_command_buffers"),
+                         ("predict", None, "2x32x32", "xla_no_command_buffers")}
     rows = {key[:3]: row for key, row in rows.items() if not key[3]}
     assert rows[("train", "full", "1x32x32")]["sweep"] and not rows[("train", "full", "2x32x32")]["sweep"]
     for row in rows.values():
@@ -411,10 +414,12 @@ def test_candidate_variant_trains_the_same_step_behind_barriers():
                 create_train_state(params, tx, 0, seed=0), batch)
         return state, metrics
 
-    (a, ma), (b, mb) = one_step(None), one_step("cand")
-    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
-    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    a, ma = one_step(None)
+    for variant in ("cand", "cand_all"):  # cand_all: + conv1_1 padded to 8 channels, split head
+        b, mb = one_step(variant)
+        assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6), variant
+        for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=variant)
 
 
 def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
@@ -435,6 +440,66 @@ def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
     assert "tensor<3x3x8x64x" in text8 and "tensor<2x16x16x8x" in text8
     assert text8.count("stablehlo.convolution") == text.count("stablehlo.convolution")
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
+
+
+def test_candidate_split_head_is_the_same_head_without_the_concatenation():
+    # float32 at the real channel counts: the same maps and gradients with and without
+    # dropout (the same mask, drawn for the concatenated shape), and no concatenate.
+    from mlnet_jax import head
+    rng = np.random.default_rng(4)
+    features = {name: jnp.asarray(rng.normal(size=(2, 6, 8, c)), jnp.float32)
+                for name, c in zip(head.HEAD_FEATURES, (256, 512, 512))}
+    params = head.init_head_params(jax.random.key(1))
+    params["conv"]["bias"] = jnp.asarray(rng.normal(size=64) * 0.1, jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 6, 8, 1)), jnp.float32)
+
+    for dropout_rng in (None, jax.random.key(7)):
+        def loss(fn, params, features, dropout_rng=dropout_rng):
+            return jnp.sum(fn(params, features, dropout_rng=dropout_rng) * weights)
+
+        expected = head.multilevel_head(params, features, dropout_rng=dropout_rng)
+        got = candidates.split_multilevel_head(params, features, dropout_rng=dropout_rng)
+        assert float(jnp.mean(expected > 0)) > 0.2  # the ReLUs pass something through
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        grads = jax.grad(partial(loss, head.multilevel_head), argnums=(0, 1))(params, features)
+        grads_split = jax.grad(partial(loss, candidates.split_multilevel_head),
+                               argnums=(0, 1))(params, features)
+        for a, b in zip(jax.tree.leaves(grads_split), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    jaxpr = str(jax.make_jaxpr(partial(candidates.split_multilevel_head,
+                                       dropout_rng=jax.random.key(7)))(params, features))
+    assert "concatenate" not in jaxpr and jaxpr.count("conv_general_dilated") == 4
+
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+    info = ModelInfo(input_size=(16, 16), preprocessing="caffe", width_multiplier=0.25)
+    model = info.build()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    images = jnp.zeros((1, 16, 16, 3), jnp.uint8)
+    with throughput.patched("cand_split_head"):
+        split = make_predict_fn(model, info.preprocessing).lower(variables, images).as_text()
+    current = make_predict_fn(model, info.preprocessing).lower(variables, images).as_text()
+    assert "concatenate" in current and "concatenate" not in split  # the model takes it
+
+
+def test_compiler_option_variants_name_options_this_xla_knows_and_reach_the_compiler(tmp_path,
+                                                                                     monkeypatch):
+    # XLA rejects an unknown option ("No such compile option"), so compiling with each
+    # variant's options proves the names; a dump directory proves they reach the compiler.
+    double = jax.jit(lambda x: x * 2)
+    x = jnp.arange(3.0)
+    for variant, options in throughput.COMPILER_OPTIONS.items():
+        assert options and variant in throughput.VARIANTS and variant in throughput.FORWARD_VARIANTS
+        with throughput.patched(variant) as patch:
+            compiled, _, _ = throughput.compile_timed(double, x,
+                                                      compiler_options=patch.compiler_options)
+        np.testing.assert_array_equal(compiled(x), 2 * x)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        throughput.compile_timed(double, x, compiler_options={"xla_no_such_option": True})
+    monkeypatch.setitem(throughput.COMPILER_OPTIONS, "v0", {"xla_dump_to": str(tmp_path)})
+    with throughput.patched("v0") as patch:
+        throughput.compile_timed(double, x, compiler_options=patch.compiler_options)
+    assert any(tmp_path.iterdir())
+    assert throughput.patched(None).compiler_options == {}
 
 
 # --------------------------------------------------------------------------- merging

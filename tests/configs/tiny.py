@@ -1,5 +1,7 @@
 """The demo at test size: real VGG-16 widths, 32×32 inputs, a few steps."""
 
+import os
+
 from mlnet_jax.configs import demo
 
 
@@ -18,5 +20,7 @@ def get_config():
     config.checkpoint_every_steps = 2
     config.keep_checkpoints = 2
     config.grid_images = 2
-    config.compilation_cache_dir = ""
+    # One cache shared by the suite's training processes (tests/conftest.py): the same programs
+    # load instead of compiling again. Unset: off.
+    config.compilation_cache_dir = os.environ.get("MLNET_JAX_TEST_COMPILATION_CACHE", "")
     return config
