@@ -683,7 +683,8 @@ def run_probe(args) -> int:
     from mlnet_jax.inference import ModelInfo
     from mlnet_jax.optim import make_optimizer
     from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
-    from mlnet_jax.train import compile_steps, create_train_state, enable_compilation_cache, initial_params
+    from mlnet_jax.compilation_cache import enable_compilation_cache
+    from mlnet_jax.train import compile_steps, create_train_state, initial_params
 
     enable_compilation_cache(args.probe_cache_dir)
     t_backend = time.perf_counter()
@@ -1082,7 +1083,7 @@ def main(argv=None) -> int:
                                                        cache_dir, args.deadline)
         save()
         # Share the probes' cache: the headline step then loads instead of compiling again.
-        from mlnet_jax.train import enable_compilation_cache
+        from mlnet_jax.compilation_cache import enable_compilation_cache
         enable_compilation_cache(cache_dir)
 
     bench = Bench(args)

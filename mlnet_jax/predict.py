@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
         Image.MAX_IMAGE_PIXELS = args.max_pixels
 
     from mlnet_jax.inference import Predictor
-    from mlnet_jax.train import enable_compilation_cache
+    from mlnet_jax.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache(args.compilation_cache)
     predictor = Predictor.load(Path(args.checkpoint).expanduser(), batch_size=args.batch_size)

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from mlnet_jax.cli import run_absl
+from mlnet_jax.compilation_cache import enable_compilation_cache
 from mlnet_jax.errors import UserError
 from mlnet_jax.evaluation import evaluate_split
 from mlnet_jax.inference import ModelInfo
@@ -422,13 +423,6 @@ def _progress(total: int, initial: int):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                 disable=jax.process_index() != 0, file=sys.stdout)
-
-
-def enable_compilation_cache(directory: str) -> None:
-    """Persistent XLA compilation cache, so a restart compiles in seconds."""
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 # --------------------------------------------------------------------------- command line

@@ -321,7 +321,7 @@ def test_two_process_training_run_end_to_end(tmp_path):
 def test_compilation_cache_is_on_by_default_in_train_and_predict_and_can_be_turned_off():
     from mlnet_jax.configs import default, demo, salicon
     from mlnet_jax.predict import DEFAULT_CACHE, build_parser
-    from mlnet_jax.train import enable_compilation_cache
+    from mlnet_jax.compilation_cache import enable_compilation_cache
     for config in (default, demo, salicon):
         assert config.get_config().compilation_cache_dir == DEFAULT_CACHE
     assert build_parser().parse_args(["--checkpoint", "c", "--input", "i", "--output", "o"]

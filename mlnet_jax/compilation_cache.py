@@ -1,0 +1,72 @@
+"""The persistent XLA compilation cache that `train` and `predict` turn on, healed when an
+entry cannot be read.
+
+JAX writes an entry in place and never replaces one that exists, so a process killed while
+writing (a preempted Colab runtime) leaves a truncated entry behind, and every later start
+warns "Error reading persistent compilation cache entry" and compiles again, forever. When
+JAX reports such an entry, its function's entries are deleted before the compile that follows
+writes them anew: the next start is warm again.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import re
+import warnings
+from pathlib import Path
+
+import jax
+
+_UNREADABLE = "Error reading persistent compilation cache entry for"
+_FUNCTION = re.compile(re.escape(_UNREADABLE) + r" '([^']+)'")
+_installed = False
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persistent XLA compilation cache in ``directory`` ('' leaves the setting as it is), so a
+    restart loads its programs instead of compiling them."""
+    if not directory:
+        return
+    path = Path(directory).expanduser()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    global _installed
+    if not _installed:
+        _report_unreadable_entries_to(_delete_unreadable_function)
+        _installed = True
+
+
+def _report_unreadable_entries_to(handler) -> None:
+    """Call ``handler(function_name)`` for every unreadable entry JAX warns about; the warning
+    itself is still shown."""
+    warnings.filterwarnings("always", message=re.escape(_UNREADABLE))  # not once per location
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        match = _FUNCTION.search(str(message))
+        if match:
+            handler(match.group(1))
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
+def _delete_unreadable_function(function_name: str) -> None:
+    """Delete every entry of ``function_name`` (file names ``<function>-<hash>-cache`` and their
+    ``-atime`` stamps) in the cache directory in use; its other shapes compile once again."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory:
+        return
+    removed = []
+    for entry in glob.glob(glob.escape(str(Path(directory) / f"{function_name}-")) + "*"):
+        try:
+            Path(entry).unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    if removed:
+        logging.getLogger(__name__).warning(
+            "compilation cache: deleted %d file(s) of %r in %s, one unreadable (a process was "
+            "probably killed while writing it); compiled and written again now", len(removed),
+            function_name, directory)

@@ -1,0 +1,44 @@
+"""The persistent compilation cache heals itself: an entry truncated by a killed process is
+deleted when JAX reports it unreadable, written again by the compile that follows, and the
+start after that loads it without a warning."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+SCRIPT = """
+import sys
+import jax, jax.numpy as jnp
+from mlnet_jax.compilation_cache import enable_compilation_cache
+enable_compilation_cache(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even tiny programs
+print(float(jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((8, 8)))))
+"""
+UNREADABLE = "Error reading persistent compilation cache entry"
+
+
+def start(cache_dir):
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(cache_dir)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout) == pytest.approx(64 * np.tanh(8.0), rel=1e-6)  # the same program
+    return result.stderr
+
+
+def test_an_entry_truncated_by_a_killed_process_is_written_again(tmp_path):
+    assert UNREADABLE not in start(tmp_path)
+    entries = {p.name: p.stat().st_size for p in tmp_path.glob("*-cache")}
+    assert any(name.startswith("jit__lambda-") for name in entries)
+    for name in entries:  # what a process killed mid-write leaves
+        (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:20])
+
+    healing = start(tmp_path)
+    assert UNREADABLE in healing and "jit__lambda" in healing
+    assert "compilation cache: deleted" in healing
+    rewritten = {p.name: p.stat().st_size for p in tmp_path.glob("*-cache")}
+    assert rewritten.keys() == entries.keys()  # each deleted and written again, whole:
+    assert all(size > 20 for size in rewritten.values())  # the next start reads them
+
+    assert UNREADABLE not in start(tmp_path)  # warm again
