@@ -110,7 +110,7 @@ def merge(jax_result: dict, torch_rows: list[dict], headline: str | None = None)
             peer = theirs(torch_rows, "train" if r["task"] == "train" else "infer",
                           "bf16_cl_compile" if r["dtype"] == "bfloat16" else "fp32", headline)
             variants.append({"variant": r["variant"], "task": r["task"], "dtype": r["dtype"],
-                             "images_per_s": r["images_per_s"],
+                             "images_per_s": r["images_per_s"], "compile_s": r.get("compile_s"),
                              "over_current": _ratio(r, "images_per_s", current, "images_per_s"),
                              "ratio_vs_torch_compile": _ratio(r, "images_per_s", peer, "img_s")
                              if r["dtype"] == "bfloat16" else None})
@@ -148,8 +148,10 @@ def print_summary(merged: dict) -> None:
             def f(x):
                 return "-" if x is None else f"{x:.3f}"
             name = f"[{v['variant']}]"
-            print(f"  {v['task']:8} {v['dtype']:9} {name:12} {v['images_per_s']:10.1f} img/s"
-                  f"  x{f(v['over_current'])} the code as it is, x{f(v['ratio_vs_torch_compile'])} torch.compile")
+            compiled = "" if v.get("compile_s") is None else f", compiled in {v['compile_s']:.0f} s"
+            print(f"  {v['task']:8} {v['dtype']:9} {name:26} {v['images_per_s']:10.1f} img/s"
+                  f"  x{f(v['over_current'])} the code as it is, x{f(v['ratio_vs_torch_compile'])} "
+                  f"torch.compile{compiled}")
     print("targets:")
     for name, t in merged["targets"].items():
         v = t["value"]
