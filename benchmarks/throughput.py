@@ -932,6 +932,10 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
     return tasks
 
 
+def _mode_label(row: dict) -> str:
+    return (row["mode"] or "-") + (f"[{row['variant']}]" if row.get("variant") else "")
+
+
 def print_table(result: dict) -> None:
     rows = result.get("results", [])
     print()
@@ -939,7 +943,8 @@ def print_table(result: dict) -> None:
           f"jax {result.get('software', {}).get('jax')}")
     for dtype, c in result.get("matmul_ceiling", {}).items():
         print(f"  matmul ceiling {dtype}: {c['tflops']:.1f} TFLOP/s (n={c['n']})")
-    header = f"{'task':8} {'dtype':9} {'mode':16} {'case':>12} {'img/s':>10} {'ms/step':>9} " \
+    width = max([16] + [len(_mode_label(r)) for r in rows if "error" not in r])
+    header = f"{'task':8} {'dtype':9} {'mode':{width}} {'case':>12} {'img/s':>10} {'ms/step':>9} " \
              f"{'TFLOP/s':>8} {'%ceil':>6} {'compile_s':>9} {'mem_GiB':>8}"
     print(header)
     for r in rows:
@@ -948,8 +953,7 @@ def print_table(result: dict) -> None:
             continue
         mem = (r.get("executable_memory") or {}).get("peak_estimate_bytes")
         frac = r.get("ceiling_fraction")
-        mode = (r['mode'] or '-') + (f"[{r['variant']}]" if r.get('variant') else '')
-        print(f"{r['task'] + ('*' if r.get('sweep') else ''):8} {r['dtype']:9} {mode:16} "
+        print(f"{r['task'] + ('*' if r.get('sweep') else ''):8} {r['dtype']:9} {_mode_label(r):{width}} "
               f"{r['case']:>12} {r['images_per_s']:10.1f} {r['step_ms']:9.2f} {r['tflops']:8.2f} "
               f"{(100 * frac if frac else float('nan')):6.1f} {r['compile_s']:9.1f} "
               f"{(mem / 2**30 if mem else float('nan')):8.2f}")
