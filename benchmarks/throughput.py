@@ -681,10 +681,10 @@ def run_probe(args) -> int:
     on, ``initial_params``, ``compile_steps``), timing the first step to completion."""
     t_imports = time.perf_counter()
     jax, jnp = _jax()
+    from mlnet_jax.compilation_cache import enable_compilation_cache
     from mlnet_jax.inference import ModelInfo
     from mlnet_jax.optim import make_optimizer
     from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
-    from mlnet_jax.compilation_cache import enable_compilation_cache
     from mlnet_jax.train import compile_steps, create_train_state, initial_params
 
     enable_compilation_cache(args.probe_cache_dir)
