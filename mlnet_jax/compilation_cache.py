@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -23,12 +24,23 @@ _FUNCTION = re.compile(re.escape(_UNREADABLE) + r" '([^']+)'")
 _installed = False
 
 
-def enable_compilation_cache(directory: str) -> None:
+def enable_compilation_cache(directory: str, option: str = "compilation cache") -> None:
     """Persistent XLA compilation cache in ``directory`` ('' leaves the setting as it is), so a
-    restart loads its programs instead of compiling them."""
+    restart loads its programs instead of compiling them. A directory that cannot be made or
+    written is skipped with one warning naming ``option``: the cache only saves time."""
     if not directory:
         return
     path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable, reason = os.access(path, os.W_OK | os.X_OK), "not writable"
+    except OSError as e:
+        writable = False
+        reason = "not a directory" if path.exists() else e.strerror or str(e)
+    if not writable:
+        logging.getLogger(__name__).warning(
+            "%s %s: %s; compiling without the persistent cache", option, path, reason)
+        return
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     global _installed
@@ -58,8 +70,11 @@ def _delete_unreadable_function(function_name: str) -> None:
     directory = jax.config.jax_compilation_cache_dir
     if not directory:
         return
+    own = re.compile(re.escape(function_name) + r"-[0-9a-f]{64}-(cache|atime)")
     removed = []
     for entry in glob.glob(glob.escape(str(Path(directory) / f"{function_name}-")) + "*"):
+        if not own.fullmatch(Path(entry).name):
+            continue  # not a JAX entry: never touched
         try:
             Path(entry).unlink()
             removed.append(entry)

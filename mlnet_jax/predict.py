@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
     from mlnet_jax.inference import Predictor
     from mlnet_jax.compilation_cache import enable_compilation_cache
 
-    enable_compilation_cache(args.compilation_cache)
+    enable_compilation_cache(args.compilation_cache, "--compilation-cache")
     predictor = Predictor.load(Path(args.checkpoint).expanduser(), batch_size=args.batch_size)
     report = Report()
     image_jobs = [j for j in jobs if not j.is_video]

@@ -257,7 +257,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
             pass  # a unique name: every process of a multi-host run checks at once
     except OSError as e:
         raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from None
-    enable_compilation_cache(config.compilation_cache_dir)
+    enable_compilation_cache(config.compilation_cache_dir, "config.compilation_cache_dir")
     mesh = data_mesh()
     if config.global_batch_size % mesh.size:
         suggestion = -(-config.global_batch_size // mesh.size) * mesh.size

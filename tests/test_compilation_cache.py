@@ -33,6 +33,8 @@ def test_an_entry_truncated_by_a_killed_process_is_written_again(tmp_path):
     assert any(name.startswith("jit__lambda-") for name in entries)
     for name in entries:  # what a process killed mid-write leaves
         (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:20])
+    bystander = tmp_path / "jit__lambda-notes.txt"  # not a JAX entry: never deleted
+    bystander.write_text("mine")
 
     healing = start(tmp_path)
     assert UNREADABLE in healing and "jit__lambda" in healing
@@ -42,3 +44,19 @@ def test_an_entry_truncated_by_a_killed_process_is_written_again(tmp_path):
     assert all(size > 20 for size in rewritten.values())  # the next start reads them
 
     assert UNREADABLE not in start(tmp_path)  # warm again
+    assert bystander.read_text() == "mine"
+
+
+def test_a_directory_that_cannot_be_written_is_skipped_with_one_warning(tmp_path, caplog):
+    import jax
+
+    from mlnet_jax.compilation_cache import enable_compilation_cache
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    before = jax.config.jax_compilation_cache_dir
+    with caplog.at_level("WARNING"):
+        enable_compilation_cache(str(not_a_directory), "config.compilation_cache_dir")
+    assert jax.config.jax_compilation_cache_dir == before  # the cache stays as it was
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"config.compilation_cache_dir {not_a_directory}: not a directory")
+    assert "compiling without the persistent cache" in record.getMessage()
