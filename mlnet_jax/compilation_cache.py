@@ -10,7 +10,6 @@ writes them anew: the next start is warm again.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
@@ -70,16 +69,15 @@ def _delete_unreadable_function(function_name: str) -> None:
     directory = jax.config.jax_compilation_cache_dir
     if not directory:
         return
-    own = re.compile(re.escape(function_name) + r"-[0-9a-f]{64}-(cache|atime)")
+    own = re.compile(re.escape(function_name) + r"-[0-9a-f]{64}-(cache|atime)")  # nothing else
     removed = []
-    for entry in glob.glob(glob.escape(str(Path(directory) / f"{function_name}-")) + "*"):
-        if not own.fullmatch(Path(entry).name):
-            continue  # not a JAX entry: never touched
-        try:
-            Path(entry).unlink()
-            removed.append(entry)
-        except OSError:
-            pass
+    for entry in Path(directory).iterdir():
+        if own.fullmatch(entry.name):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
     if removed:
         logging.getLogger(__name__).warning(
             "compilation cache: deleted %d file(s) of %r in %s, one unreadable (a process was "
