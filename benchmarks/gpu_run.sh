@@ -23,8 +23,8 @@
 # JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
 # FOCUS=levers: only what judges candidate levers (the headline 32x480x640 bf16 full fine-tune
 # and predict beside the peer's, the profile, the variants): no probes, pipeline, frozen, sweep
-# or float32, which the committed results already hold; about 7 minutes with four variants,
-# the deadline cutting what does not fit.
+# or float32, which the committed results already hold; about 7 minutes, the deadline cutting
+# the variants that do not fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BENCH=.bench

@@ -334,13 +334,13 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
     "cand_all": {**_CANDIDATE_RELU, **_CANDIDATE_POOL,
                  ("jax.lax", "conv_general_dilated"): _candidate_conv,
                  ("mlnet_jax.models", "multilevel_head"): _candidate_head},
-    "xla_no_command_buffers": {}, "xla_runtime_fusion": {}, "xla_autotune_0": {},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
     "xla_runtime_fusion": {"xla_gpu_use_runtime_fusion": True},  # cuDNN runtime-compiled fusions
     "xla_autotune_0": {"xla_gpu_autotune_level": 0},  # cuDNN's heuristic choice: compile time
 }
+VARIANTS.update({name: {} for name in COMPILER_OPTIONS})  # the code as it is, other options
 # The others change gradients only.
 FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_split_head", "cand_all", *COMPILER_OPTIONS}
 

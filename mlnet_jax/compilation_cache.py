@@ -44,20 +44,20 @@ def enable_compilation_cache(directory: str, option: str = "compilation cache") 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     global _installed
     if not _installed:
-        _report_unreadable_entries_to(_delete_unreadable_function)
+        _heal_entries_jax_reports_unreadable()
         _installed = True
 
 
-def _report_unreadable_entries_to(handler) -> None:
-    """Call ``handler(function_name)`` for every unreadable entry JAX warns about; the warning
-    itself is still shown."""
-    warnings.filterwarnings("always", message=re.escape(_UNREADABLE))  # not once per location
+def _heal_entries_jax_reports_unreadable() -> None:
+    """Every warning JAX gives about an unreadable entry (each one, not once per location)
+    deletes that function's entries first; the warning itself is still shown."""
+    warnings.filterwarnings("always", message=re.escape(_UNREADABLE))
     shown = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         match = _FUNCTION.search(str(message))
         if match:
-            handler(match.group(1))
+            _delete_unreadable_function(match.group(1))
         shown(message, category, filename, lineno, file, line)
 
     warnings.showwarning = showwarning
