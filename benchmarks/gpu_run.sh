@@ -16,7 +16,7 @@
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
 # (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
 # end), PIPELINE_WORKERS (0,4), VARIANTS (cand_all,cand,cand_rgb8,cand_relu,cand_pool,
-# cand_split_head,xla_no_command_buffers,xla_runtime_fusion,xla_autotune_0: unmeasured
+# cand_split_head,xla_no_command_buffers,xla_runtime_fusion,xla_conv_fusion,xla_autotune_0: unmeasured
 # candidates, side by side, most promising first, so the deadline cuts the least),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
@@ -63,7 +63,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-cand_all,cand,cand_rgb8,cand_relu,cand_pool,cand_split_head,xla_no_command_buffers,xla_runtime_fusion,xla_autotune_0}
+VARIANTS=${VARIANTS-cand_all,cand,cand_rgb8,cand_relu,cand_pool,cand_split_head,xla_no_command_buffers,xla_runtime_fusion,xla_conv_fusion,xla_autotune_0}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 [ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$OUT/profile")
 if [ "${DUMP:-1}" = 1 ]; then

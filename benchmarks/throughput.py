@@ -338,6 +338,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
     "xla_runtime_fusion": {"xla_gpu_use_runtime_fusion": True},  # cuDNN runtime-compiled fusions
+    # Convolutions and their element-wise users as cuDNN graphs (dgrad + the next ReLU mask).
+    "xla_conv_fusion": {"xla_gpu_experimental_enable_conv_fusion": True},
     "xla_autotune_0": {"xla_gpu_autotune_level": 0},  # cuDNN's heuristic choice: compile time
 }
 VARIANTS.update({name: {} for name in COMPILER_OPTIONS})  # the code as it is, other options
