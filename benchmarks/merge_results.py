@@ -132,31 +132,32 @@ def merge(jax_result: dict, torch_rows: list[dict], headline: str | None = None)
     }
 
 
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def print_summary(merged: dict) -> None:
     print()
     print(f"mlnet_jax vs PyTorch peer on {merged['card']} (same run), headline {merged['headline_case']}")
     print(f"{'case':>12} {'task':8} {'jax':15} {'torch':16} {'jax img/s':>10} {'torch img/s':>11} {'ratio':>6}")
     for c in merged["comparisons"]:
-        def f(v, spec):
-            return format(v, spec) if v is not None else "-"
         print(f"{c['case']:>12} {c['task']:8} {c['jax']:15} {c['torch']:16} "
-              f"{f(c['jax_images_per_s'], '10.1f'):>10} {f(c['torch_images_per_s'], '11.1f'):>11} "
-              f"{f(c['ratio'], '6.2f'):>6}")
+              f"{_fmt(c['jax_images_per_s'], '10.1f'):>10} {_fmt(c['torch_images_per_s'], '11.1f'):>11} "
+              f"{_fmt(c['ratio'], '6.2f'):>6}")
     if merged.get("variants"):
         print(f"variants at {merged['headline_case']} (same run):")
         for v in merged["variants"]:
-            def f(x):
-                return "-" if x is None else f"{x:.3f}"
             name = f"[{v['variant']}]"
             compiled = "" if v.get("compile_s") is None else f", compiled in {v['compile_s']:.0f} s"
             print(f"  {v['task']:8} {v['dtype']:9} {name:26} {v['images_per_s']:10.1f} img/s"
-                  f"  x{f(v['over_current'])} the code as it is, x{f(v['ratio_vs_torch_compile'])} "
+                  f"  x{_fmt(v['over_current'], '.3f')} the code as it is, "
+                  f"x{_fmt(v['ratio_vs_torch_compile'], '.3f')} "
                   f"torch.compile{compiled}")
     print("targets:")
     for name, t in merged["targets"].items():
         v = t["value"]
         status = "n/a (not measured)" if v is None else ("MET" if t["met"] else "missed")
-        print(f"  {name:32} {('%.3f' % v) if v is not None else '-':>8}  target {t['target']:8} {status}")
+        print(f"  {name:32} {_fmt(v, '.3f'):>8}  target {t['target']:8} {status}")
 
 
 def main(argv=None) -> int:
