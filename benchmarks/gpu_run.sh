@@ -63,7 +63,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-cand_all,cand,cand_rgb8,cand_relu,cand_pool,cand_split_head,xla_no_command_buffers,xla_runtime_fusion,xla_conv_fusion,xla_autotune_0}
+VARIANTS=${VARIANTS-v1,cand_rgb8}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 [ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$OUT/profile")
 if [ "${DUMP:-1}" = 1 ]; then

@@ -260,18 +260,18 @@ def software_versions() -> dict:
 # Other versions of the levers (earlier ones re-created, or candidates), for a side-by-side
 # measurement in the same run; each patch lives only while the step is traced. Rows measured
 # under one carry "variant".
-# v0: the code before the first GPU measurement (pool4 by reduce_window, one random word per
-# dropout element); the code as it is (v1) has pool4 as shifted maxima and the packed-bit
-# dropout mask; v0_pool4 / v0_dropout undo one of the two. cand_relu / cand_pool / cand /
-# cand_rgb8 / cand_split_head put in benchmarks/candidates.py's levers, not yet measured, and
-# cand_all all of them together;
+# v1: the code before the output-masked ReLU and the original's pooling gradient (v2, the code
+# as it is): autodiff's gradients for both. v0: v1 before the first GPU measurement (pool4 by
+# reduce_window, one random word per dropout element); v0_pool4 / v0_dropout: v1 with one of
+# the two undone. cand_rgb8 puts in benchmarks/candidates.py's lever, not yet adopted;
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _v0_pool(x, stride, alignment):
     """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
     import flax.linen as nn
+    from mlnet_jax.vgg import max_pool_values
     if stride != 1:
-        return _LOADED["pool"](x, stride, alignment)
+        return max_pool_values(x, stride, alignment)
     return nn.max_pool(x, (2, 2), strides=(1, 1),
                        padding=((1, 0), (1, 0)) if alignment == "keras1" else ((0, 1), (0, 1)))
 
@@ -282,16 +282,16 @@ def _v0_dropout(rng, rate, shape):
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
 
 
-def _candidate_relu(x):
-    """benchmarks/candidates.py's ReLU (gradient from the output, behind a barrier)."""
-    return sibling("candidates").relu(x)
+def _v1_relu(x):
+    """v1's ReLU: ``jax.nn.relu``, whose gradient keeps the pre-activation."""
+    import jax
+    return jax.nn.relu(x)
 
 
-def _candidate_pool(x, stride, alignment):
-    """benchmarks/candidates.py's pooling gradient (the original's) on the package's pools."""
-    if "cand_pool" not in _LOADED:
-        _LOADED["cand_pool"] = sibling("candidates").pool_with_original_gradient(_LOADED["pool"])
-    return _LOADED["cand_pool"](x, stride, alignment)
+def _v1_pool(x, stride, alignment):
+    """v1's pools: the same values, autodiff's gradient (argmax masks with a tie count)."""
+    from mlnet_jax.vgg import max_pool_values
+    return max_pool_values(x, stride, alignment)
 
 
 def _candidate_conv(*args, **kwargs):
@@ -299,11 +299,6 @@ def _candidate_conv(*args, **kwargs):
     if "cand_conv" not in _LOADED:
         _LOADED["cand_conv"] = sibling("candidates").conv_with_padded_colour_channels(_LOADED["conv"])
     return _LOADED["cand_conv"](*args, **kwargs)
-
-
-def _candidate_head(params, features, **kwargs):
-    """benchmarks/candidates.py's head: the 3×3 conv split over its inputs, no concatenation."""
-    return sibling("candidates").split_multilevel_head(params, features, **kwargs)
 
 
 def sibling(name: str):
@@ -317,23 +312,16 @@ def sibling(name: str):
 
 
 _SIBLINGS: dict = {}
-_LOADED: dict = {}  # the originals ("pool", "conv") and the candidates wrapping them
-_CANDIDATE_RELU = {("mlnet_jax.vgg", "relu"): _candidate_relu,
-                   ("mlnet_jax.head", "relu"): _candidate_relu}
-_CANDIDATE_POOL = {("mlnet_jax.vgg", "max_pool_2x2"): _candidate_pool}
+_LOADED: dict = {}  # the original conv, which the candidate wraps
+_V1 = {("mlnet_jax.vgg", "relu"): _v1_relu, ("mlnet_jax.head", "relu"): _v1_relu,
+       ("mlnet_jax.vgg", "max_pool_2x2"): _v1_pool}
 VARIANTS = {  # name -> {(module, attribute): replacement}
-    "v0": {("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool,
+    "v1": _V1,
+    "v0": {**_V1, ("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool,
            ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
-    "v0_pool4": {("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool},
-    "v0_dropout": {("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
-    "cand_relu": _CANDIDATE_RELU,
-    "cand_pool": _CANDIDATE_POOL,
-    "cand": {**_CANDIDATE_RELU, **_CANDIDATE_POOL},
+    "v0_pool4": {**_V1, ("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool},
+    "v0_dropout": {**_V1, ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
     "cand_rgb8": {("jax.lax", "conv_general_dilated"): _candidate_conv},
-    "cand_split_head": {("mlnet_jax.models", "multilevel_head"): _candidate_head},
-    "cand_all": {**_CANDIDATE_RELU, **_CANDIDATE_POOL,
-                 ("jax.lax", "conv_general_dilated"): _candidate_conv,
-                 ("mlnet_jax.models", "multilevel_head"): _candidate_head},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -344,7 +332,7 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 }
 VARIANTS.update({name: {} for name in COMPILER_OPTIONS})  # the code as it is, other options
 # The others change gradients only.
-FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_split_head", "cand_all", *COMPILER_OPTIONS}
+FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", *COMPILER_OPTIONS}
 
 
 class patched:
@@ -360,8 +348,6 @@ class patched:
         import importlib
 
         import jax
-        from mlnet_jax import vgg
-        _LOADED.setdefault("pool", vgg.max_pool_2x2)
         _LOADED.setdefault("conv", jax.lax.conv_general_dilated)
         for (module_name, attribute), replacement in self.patches.items():
             module = importlib.import_module(module_name)

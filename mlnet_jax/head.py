@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.nn import relu
+
+from mlnet_jax.relu import relu
 
 HEAD_FEATURES = ("pool3", "pool4", "conv5_3")
 HEAD_CHANNELS = 64

@@ -6,12 +6,14 @@ weights from every source land in the same tree.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.nn import relu
+
+from mlnet_jax.relu import relu
 
 PoolingAlignment = Literal["standard", "keras1"]
 
@@ -27,8 +29,23 @@ VGG16_CONV_NAMES: tuple[str, ...] = tuple(name for name, _ in VGG16_CONVS)
 _POOL_STRIDE_AFTER = {"conv1_2": 2, "conv2_2": 2, "conv3_3": 2, "conv4_3": 1}
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.Array:
-    """2×2 max pooling with 'same' output size ceil(n / stride).
+    """2×2 max pooling with 'same' output size ceil(n / stride), and the gradient of the
+    original ML-Net's Theano ``MaxPoolGrad``: every input equal to its window's maximum receives
+    that window's whole gradient, summed over the windows it belongs to.
+
+    JAX's own gradients split ties instead, and need a tie count, so XLA builds and stores an
+    argmax mask per pool in the forward pass (629 MB at pool1 per 32×480×640 step). This one
+    compares ``x`` with the pooled output in the backward pass: one compare-and-select per
+    window offset, fused with the ReLU mask before it. After a ReLU the two gradients differ
+    only where two positive inputs tie for a window's maximum.
+    """
+    return max_pool_values(x, stride, alignment)
+
+
+def max_pool_values(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.Array:
+    """2×2 max pooling with 'same' output size ceil(n / stride) (autodiff's gradient).
 
     ``standard`` (torchvision/TF): output i covers x[s·i], x[s·i+1]; padding at the end.
     ``keras1`` (Theano, the original ML-Net): output i covers x[s·i−1], x[s·i]; one row and
@@ -55,6 +72,39 @@ def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.
     else:
         pad = tuple((0, max((-(-n // stride) - 1) * stride + 2 - n, 0)) for n in (rows, cols))
     return nn.max_pool(x, (2, 2), strides=(stride, stride), padding=pad)
+
+
+def _max_pool_forward(x, stride, alignment):
+    y = max_pool_values(x, stride, alignment)
+    return y, (x, y)
+
+
+def _max_pool_backward(stride, alignment, residuals, g):
+    x, y = residuals
+    start = -1 if alignment == "keras1" else 0  # window i covers s·i + start + {0, 1}
+    grad = jnp.zeros_like(x)
+    for row in (0, 1):
+        for col in (0, 1):
+            offset = (start + row, start + col)
+            y_at = _spread(y, x.shape, stride, offset, jnp.nan)
+            g_at = _spread(g, x.shape, stride, offset, 0)
+            grad = grad + jnp.where(x == y_at, g_at, jnp.zeros((), g.dtype))
+    return (grad,)
+
+
+max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+def _spread(v: jax.Array, shape: tuple, stride: int, offset: tuple[int, int], fill) -> jax.Array:
+    """``v`` (B, h, w, C) placed on an input grid of ``shape``: v[i, j] lands at
+    (stride·i + offset[0], stride·j + offset[1]); positions no window element maps to hold
+    ``fill`` (NaN equals nothing, so they get no gradient). Negative padding crops."""
+    config = [(0, 0, 0)]
+    for axis, low in zip((1, 2), offset):
+        n, m = shape[axis], v.shape[axis]
+        config.append((low, n - (low + (m - 1) * stride + 1), stride - 1))
+    config.append((0, 0, 0))
+    return jax.lax.pad(v, jnp.asarray(fill, v.dtype), config)
 
 
 class VGG16(nn.Module):

@@ -57,6 +57,26 @@ def max_pool(x: np.ndarray, stride: int, alignment: str) -> np.ndarray:
     return out
 
 
+def max_pool_grad(x: np.ndarray, g: np.ndarray, stride: int, alignment: str) -> np.ndarray:
+    """Theano's MaxPoolGrad (what the original ML-Net trained with) for ML-Net's 2×2 windows,
+    x (B, h, w, C): each input equal to its window's maximum gets the window's whole gradient."""
+    start = -1 if alignment == "keras1" else 0
+    b, rows, cols, c = x.shape
+    grad = np.zeros_like(x)
+    for n in range(b):
+        for i in range(g.shape[1]):
+            for j in range(g.shape[2]):
+                cells = [(r, q) for r in (stride * i + start, stride * i + start + 1)
+                         for q in (stride * j + start, stride * j + start + 1)
+                         if 0 <= r < rows and 0 <= q < cols]
+                for ch in range(c):
+                    peak = max(x[n, r, q, ch] for r, q in cells)
+                    for r, q in cells:
+                        if x[n, r, q, ch] == peak:
+                            grad[n, r, q, ch] += g[n, i, j, ch]
+    return grad
+
+
 def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0.0)
 

@@ -333,71 +333,16 @@ def test_cudnn_calls_of_the_h200_executables_do_the_modelled_flops(name, mode):
         assert names["input_reduce_select_fusion.13"]["category"] == "reduction fusion"
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_candidate_relu_equals_jax_nn_relu_in_value_and_gradient(dtype):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(3, 5, 7, 8)), dtype).at[0, 0, 0, :].set(0)  # exact zeros
-    g = jnp.asarray(rng.normal(size=x.shape), dtype)
-    y, vjp = jax.vjp(candidates.relu, x)
-    y_ref, vjp_ref = jax.vjp(jax.nn.relu, x)
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
-    np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float32),
-                                  np.asarray(vjp_ref(g)[0], np.float32))
-
-
-def theano_max_pool_grad(x: np.ndarray, g: np.ndarray, stride: int, alignment: str) -> np.ndarray:
-    """NumPy transcription of Theano's MaxPoolGrad (what the original ML-Net trained with) for
-    ML-Net's 2×2 windows: each input equal to its window's maximum gets the window's gradient."""
-    start = -1 if alignment == "keras1" else 0
-    b, rows, cols, c = x.shape
-    grad = np.zeros_like(x)
-    for n in range(b):
-        for i in range(g.shape[1]):
-            for j in range(g.shape[2]):
-                cells = [(r, q) for r in (stride * i + start, stride * i + start + 1)
-                         for q in (stride * j + start, stride * j + start + 1)
-                         if 0 <= r < rows and 0 <= q < cols]
-                for ch in range(c):
-                    peak = max(x[n, r, q, ch] for r, q in cells)
-                    for r, q in cells:
-                        if x[n, r, q, ch] == peak:
-                            grad[n, r, q, ch] += g[n, i, j, ch]
-    return grad
-
-
-@pytest.mark.parametrize("stride, alignment", [(2, "standard"), (2, "keras1"), (1, "standard"),
-                                               (1, "keras1")])
-@pytest.mark.parametrize("values", ["continuous", "many_ties"])
-def test_candidate_pool_has_the_original_theano_gradient(stride, alignment, values):
-    from mlnet_jax.vgg import max_pool_2x2
-    pool = candidates.pool_with_original_gradient(max_pool_2x2)
-    rng = np.random.default_rng(1)
-    shape = (2, 6, 8, 3)
-    x = rng.uniform(0, 1, shape) if values == "continuous" else rng.integers(0, 3, shape)
-    x = jnp.asarray(x, jnp.float32)
-    y, vjp = jax.vjp(lambda v: pool(v, stride, alignment), x)
-    y_ref, vjp_jax = jax.vjp(lambda v: max_pool_2x2(v, stride, alignment), x)
-    np.testing.assert_array_equal(y, y_ref)
-    g = jnp.asarray(rng.integers(1, 5, y.shape), jnp.float32)  # integers: exact sums
-    (grad,) = vjp(g)
-    np.testing.assert_array_equal(grad, theano_max_pool_grad(np.asarray(x), np.asarray(g),
-                                                             stride, alignment))
-    if values == "continuous":  # no ties: JAX's own gradient is the same
-        np.testing.assert_array_equal(grad, vjp_jax(g)[0])
-    else:  # ties: JAX splits, Theano gives each tied input the whole window's gradient
-        assert not np.array_equal(grad, vjp_jax(g)[0])
-        assert float(grad.sum()) > float(vjp_jax(g)[0].sum())
-
-
-def test_candidate_variant_trains_the_same_step_behind_barriers():
-    # Same update as the code as it is (the ReLU's gradient is JAX's; the pools' differs only
-    # at ties of positive float32 values, which random weights do not make), and the program
-    # carries the barriers that keep XLA from folding the ReLU masks back.
+def test_v1_variant_trains_the_same_step_without_the_barriers():
+    # v1 re-creates autodiff's ReLU and pooling gradients: the same update as the code as it
+    # is (the ReLU's gradient is the same; the pools' differs only at ties of positive float32
+    # values, which random weights do not make), and the program loses the barriers that keep
+    # XLA from folding the ReLU masks back onto the pre-activations.
     current = _train_step_hlo(width=1 / 2)
-    with throughput.patched("cand"):
-        cand = _train_step_hlo(width=1 / 2)
-    assert "optimization_barrier" not in current
-    assert cand.count("optimization_barrier") == 15  # every ReLU: 13 convolutions + 2 head
+    with throughput.patched("v1"):
+        v1 = _train_step_hlo(width=1 / 2)
+    assert current.count("optimization_barrier") == 15  # every ReLU: 13 convolutions + 2 head
+    assert "optimization_barrier" not in v1
 
     def one_step(variant):
         from mlnet_jax.inference import ModelInfo
@@ -412,14 +357,14 @@ def test_candidate_variant_trains_the_same_step_behind_barriers():
         with throughput.patched(variant):
             state, metrics = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe"))(
                 create_train_state(params, tx, 0, seed=0), batch)
-        return state, metrics
+        return state, metrics, params
 
-    a, ma = one_step(None)
-    for variant in ("cand", "cand_all"):  # cand_all: + conv1_1 padded to 8 channels, split head
-        b, mb = one_step(variant)
-        assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6), variant
-        for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=variant)
+    (a, ma, start), (b, mb, _) = one_step(None), one_step("v1")
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    conv1_1 = a.trainable["backbone"]["conv1_1"]["kernel"] - start["backbone"]["conv1_1"]["kernel"]
+    assert float(jnp.abs(conv1_1).max()) > 1e-6  # the gradient reached the first layer
 
 
 def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
@@ -440,45 +385,6 @@ def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
     assert "tensor<3x3x8x64x" in text8 and "tensor<2x16x16x8x" in text8
     assert text8.count("stablehlo.convolution") == text.count("stablehlo.convolution")
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
-
-
-def test_candidate_split_head_is_the_same_head_without_the_concatenation():
-    # float32 at the real channel counts: the same maps and gradients with and without
-    # dropout (the same mask, drawn for the concatenated shape), and no concatenate.
-    from mlnet_jax import head
-    rng = np.random.default_rng(4)
-    features = {name: jnp.asarray(rng.normal(size=(2, 6, 8, c)), jnp.float32)
-                for name, c in zip(head.HEAD_FEATURES, (256, 512, 512))}
-    params = head.init_head_params(jax.random.key(1))
-    params["conv"]["bias"] = jnp.asarray(rng.normal(size=64) * 0.1, jnp.float32)
-    weights = jnp.asarray(rng.normal(size=(2, 6, 8, 1)), jnp.float32)
-
-    for dropout_rng in (None, jax.random.key(7)):
-        def loss(fn, params, features, dropout_rng=dropout_rng):
-            return jnp.sum(fn(params, features, dropout_rng=dropout_rng) * weights)
-
-        expected = head.multilevel_head(params, features, dropout_rng=dropout_rng)
-        got = candidates.split_multilevel_head(params, features, dropout_rng=dropout_rng)
-        assert float(jnp.mean(expected > 0)) > 0.2  # the ReLUs pass something through
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-        grads = jax.grad(partial(loss, head.multilevel_head), argnums=(0, 1))(params, features)
-        grads_split = jax.grad(partial(loss, candidates.split_multilevel_head),
-                               argnums=(0, 1))(params, features)
-        for a, b in zip(jax.tree.leaves(grads_split), jax.tree.leaves(grads)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    jaxpr = str(jax.make_jaxpr(partial(candidates.split_multilevel_head,
-                                       dropout_rng=jax.random.key(7)))(params, features))
-    assert "concatenate" not in jaxpr and jaxpr.count("conv_general_dilated") == 4
-
-    from mlnet_jax.inference import ModelInfo, make_predict_fn
-    info = ModelInfo(input_size=(16, 16), preprocessing="caffe", width_multiplier=0.25)
-    model = info.build()
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    images = jnp.zeros((1, 16, 16, 3), jnp.uint8)
-    with throughput.patched("cand_split_head"):
-        split = make_predict_fn(model, info.preprocessing).lower(variables, images).as_text()
-    current = make_predict_fn(model, info.preprocessing).lower(variables, images).as_text()
-    assert "concatenate" in current and "concatenate" not in split  # the model takes it
 
 
 def test_compiler_option_variants_name_options_this_xla_knows_and_reach_the_compiler(tmp_path,

@@ -10,7 +10,8 @@ import reference_numpy as ref
 from mlnet_jax import MLNet, VGG16, mlnet_loss, prior_penalty
 from mlnet_jax.prior import apply_prior, interpolation_matrix, prior_shape, upsample_prior
 from mlnet_jax.head import dropout_keep_mask
-from mlnet_jax.vgg import max_pool_2x2
+from mlnet_jax.relu import relu
+from mlnet_jax.vgg import max_pool_2x2, max_pool_values
 
 
 def random_vgg_params(rng: np.random.Generator) -> dict:
@@ -73,6 +74,42 @@ def test_stride_one_pooling_gradient_matches_reduce_window(alignment):
     ours = jax.grad(lambda v: jnp.sum(max_pool_2x2(v, 1, alignment) * cotangent))(x)
     want = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), (1, 1), pad) * cotangent))(x)
     np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("alignment", ["standard", "keras1"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(6, 8), (7, 5)])  # odd sizes take the reduce_window path
+@pytest.mark.parametrize("values", ["continuous", "many_ties"])
+def test_pooling_gradient_is_the_original_theano_gradient(alignment, stride, size, values):
+    rng = np.random.default_rng(1)
+    shape = (2, *size, 3)
+    x = rng.uniform(0, 1, shape) if values == "continuous" else rng.integers(0, 3, shape)
+    x = jnp.asarray(x, jnp.float32)
+    y, vjp = jax.vjp(lambda v: max_pool_2x2(v, stride, alignment), x)
+    y_autodiff, vjp_autodiff = jax.vjp(lambda v: max_pool_values(v, stride, alignment), x)
+    np.testing.assert_array_equal(y, y_autodiff)
+    g = jnp.asarray(rng.integers(1, 5, y.shape), jnp.float32)  # integers: exact sums
+    (grad,) = vjp(g)
+    np.testing.assert_array_equal(grad, ref.max_pool_grad(np.asarray(x), np.asarray(g),
+                                                          stride, alignment))
+    if values == "continuous":  # no ties: autodiff's gradient is the same
+        np.testing.assert_array_equal(grad, vjp_autodiff(g)[0])
+    else:  # ties: autodiff splits, Theano gives each tied input the whole window's gradient
+        assert float(grad.sum()) > float(vjp_autodiff(g)[0].sum())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_equals_jax_nn_relu_in_value_and_gradient(dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 7, 8)), dtype).at[0, 0, 0, :].set(0)  # exact zeros
+    g = jnp.asarray(rng.normal(size=x.shape), dtype)
+    y, vjp = jax.vjp(relu, x)
+    y_ref, vjp_ref = jax.vjp(jax.nn.relu, x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    (grad,) = vjp(g)
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(vjp_ref(g)[0], np.float32))
+    assert not np.any(np.asarray(grad[0, 0, 0], np.float32))  # 0 at x = 0, as jax.nn.relu
+    assert 0 < np.count_nonzero(np.asarray(grad, np.float32)) < grad.size
 
 
 @pytest.mark.parametrize("rate", [0.5, 0.3])
