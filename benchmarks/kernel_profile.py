@@ -298,8 +298,26 @@ def summarize(events: list[dict], hlo_text: str, steps: int, step_ms: float | No
         k["tflops"] = _tflops((k.pop("flops") or 0) * k["per_step"], k.pop("us") / steps)
     return {"kernels_traced": len(kernels), "steps": steps, "busy_ms_per_step": busy_ms,
             "step_ms": step_ms, "busy_fraction": busy_ms / step_ms if step_ms else None,
-            "mapped_by": dict(mapped_by), "device_lines": seen, "categories": categories,
-            "top_kernels": ranked}
+            **idle_gaps(kernels, steps), "mapped_by": dict(mapped_by), "device_lines": seen,
+            "categories": categories, "top_kernels": ranked}
+
+
+def idle_gaps(kernels: list[dict], steps: int, top: int = 8) -> dict:
+    """Where the device waits: the traced span per step (first kernel's start to the last's
+    end) and the longest gaps between one kernel's end and the next one's start, with the
+    kernels on either side (between steps: host dispatch or a sync; inside one: a launch)."""
+    runs = sorted(kernels, key=lambda e: float(e["ts"]))
+    gaps, end, before = [], None, None
+    for e in runs:
+        start = float(e["ts"])
+        if end is not None and start > end:
+            gaps.append({"us": start - end, "after": before, "before": str(e.get("name", ""))[:60]})
+        if end is None or start + float(e["dur"]) > end:
+            end, before = start + float(e["dur"]), str(e.get("name", ""))[:60]
+    span_us = end - float(runs[0]["ts"])
+    return {"traced_ms_per_step": span_us / 1e3 / steps,
+            "idle_ms_per_step": sum(g["us"] for g in gaps) / 1e3 / steps,
+            "largest_gaps": sorted(gaps, key=lambda g: -g["us"])[:top]}
 
 
 def _tflops(flops: float, us: float) -> float | None:
@@ -307,15 +325,17 @@ def _tflops(flops: float, us: float) -> float | None:
 
 
 def trace_steps(run_step, steps: int, trace_dir: str | Path) -> list[dict]:
-    """Trace ``steps`` calls of ``run_step`` (already compiled and warm; it must block until
-    the device is done) and return the trace's events."""
+    """Trace ``steps`` calls of ``run_step`` (already compiled and warm), dispatched as the
+    timed loop dispatches them, without a host sync in between, so the gaps between steps in
+    the trace are the timed loop's; ``run_step`` returns what to block on after the last."""
     import jax
 
     trace_dir = Path(trace_dir)
     trace_dir.mkdir(parents=True, exist_ok=True)
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         for _ in range(steps):
-            run_step()
+            out = run_step()
+        jax.block_until_ready(out)
     for copy in [*trace_dir.rglob("*.xplane.pb"), *trace_dir.rglob("*.trace.json.gz")]:
         copy.unlink()  # other encodings of the same trace: the perfetto file is what we read
     return load_trace(trace_dir)
@@ -327,7 +347,11 @@ def print_summary(label: str, summary: dict, rows: int = 12) -> None:
         return
     frac = summary.get("busy_fraction")
     print(f"profile {label}: {summary['busy_ms_per_step']:.2f} ms of kernels per step"
-          + (f" = {100 * frac:.1f} % of the {summary['step_ms']:.2f} ms step" if frac else ""))
+          + (f" = {100 * frac:.1f} % of the {summary['step_ms']:.2f} ms step" if frac else "")
+          + f"; traced {summary['traced_ms_per_step']:.2f} ms per step, "
+            f"{summary['idle_ms_per_step']:.2f} ms of it idle")
+    for gap in summary["largest_gaps"][:3]:
+        print(f"  idle {gap['us']:8.1f} us  {gap['after']} -> {gap['before']}")
 
     def rate(entry):
         return f"{entry['tflops']:6.0f} TFLOP/s" if entry.get("tflops") else " " * 14

@@ -645,15 +645,15 @@ def profile_kept(bench: Bench, key: tuple, b: int, h: int, w: int) -> tuple[str,
     compiled, rate = kept[0], kept[2]
     if key[2] == "predict":
         def run_step():
-            compiled(*kept[1]).block_until_ready()
+            return compiled(*kept[1])
     else:
         batch = synthetic_batch(b, h, w, bench.data)
 
         def run_step():  # the state is donated: keep the new one for the next user
             kept[1], metrics = compiled(kept[1], batch)
-            jax.block_until_ready(metrics)
+            return metrics
     steps = 2 if bench.args.quick else 5
-    run_step()
+    jax.block_until_ready(run_step())
     t = time.perf_counter()
     events = profiler.trace_steps(run_step, steps, Path(bench.args.profile) / "_".join(key))
     summary = profiler.summarize(events, compiled.as_text(), steps, step_ms=1e3 * b / rate)

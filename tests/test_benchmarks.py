@@ -252,6 +252,21 @@ def test_kernel_profile_sums_device_stream_time_by_category():
     assert summary["device_lines"] == {"Stream #7(Compute)": 12, "XLA Ops": 2}
 
 
+def test_kernel_profile_finds_the_device_idle_between_and_inside_steps():
+    def kernel(name, start, us):
+        return {"ph": "X", "pid": 1, "tid": 7, "ts": start, "dur": us, "name": name}
+
+    events = [e for e in _gpu_like_trace() if e["ph"] == "M"] + [
+        kernel("conv", 0, 600), kernel("fusion", 610, 300),      # step 1: 10 us launch gap
+        kernel("small", 650, 100),                                # overlaps: no gap, no negative
+        kernel("conv", 1910, 600), kernel("fusion", 2510, 300)]  # 1000 us between the steps
+    gaps = kernel_profile.idle_gaps(kernel_profile.device_kernels(events), steps=2)
+    assert gaps["traced_ms_per_step"] == pytest.approx(2.81 / 2)
+    assert gaps["idle_ms_per_step"] == pytest.approx(1.010 / 2)
+    assert [(g["us"], g["after"], g["before"]) for g in gaps["largest_gaps"]] == [
+        (1000, "fusion", "conv"), (10, "conv", "fusion")]
+
+
 def test_kernel_profile_keeps_undecorated_device_lines_but_not_derived_ones():
     # Should a profiler name its stream lines otherwise, the kernels are still found.
     events = [{**e, "args": {"name": "Compute"}} if e.get("args", {}).get("name") == "Stream #7(Compute)"
