@@ -63,7 +63,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-v1,cand_rgb8}
+VARIANTS=${VARIANTS-cand_conv1_gemm,cand_rgb8,v1}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 [ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$OUT/profile")
 if [ "${DUMP:-1}" = 1 ]; then

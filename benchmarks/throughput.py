@@ -263,7 +263,8 @@ def software_versions() -> dict:
 # v1: the code before the output-masked ReLU and the original's pooling gradient (v2, the code
 # as it is): autodiff's gradients for both. v0: v1 before the first GPU measurement (pool4 by
 # reduce_window, one random word per dropout element); v0_pool4 / v0_dropout: v1 with one of
-# the two undone. cand_rgb8 puts in benchmarks/candidates.py's lever, not yet adopted;
+# the two undone. cand_rgb8 / cand_conv1_gemm put in benchmarks/candidates.py's levers (conv1_1
+# with its input padded to 8 channels / as a matrix product over 3×3 patches), not adopted;
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _v0_pool(x, stride, alignment):
@@ -294,11 +295,14 @@ def _v1_pool(x, stride, alignment):
     return max_pool_values(x, stride, alignment)
 
 
-def _candidate_conv(*args, **kwargs):
-    """benchmarks/candidates.py's conv with conv1_1's 3 input channels zero-padded to 8."""
-    if "cand_conv" not in _LOADED:
-        _LOADED["cand_conv"] = sibling("candidates").conv_with_padded_colour_channels(_LOADED["conv"])
-    return _LOADED["cand_conv"](*args, **kwargs)
+def _conv_candidate(factory: str):
+    """A stand-in for ``lax.conv_general_dilated``: ``candidates.<factory>`` wrapped around the
+    original, built on first use."""
+    def conv(*args, **kwargs):
+        if factory not in _LOADED:
+            _LOADED[factory] = getattr(sibling("candidates"), factory)(_LOADED["conv"])
+        return _LOADED[factory](*args, **kwargs)
+    return conv
 
 
 def sibling(name: str):
@@ -312,7 +316,7 @@ def sibling(name: str):
 
 
 _SIBLINGS: dict = {}
-_LOADED: dict = {}  # the original conv, which the candidate wraps
+_LOADED: dict = {}  # the original conv, and the candidates wrapping it
 _V1 = {("mlnet_jax.vgg", "relu"): _v1_relu, ("mlnet_jax.head", "relu"): _v1_relu,
        ("mlnet_jax.vgg", "max_pool_2x2"): _v1_pool}
 VARIANTS = {  # name -> {(module, attribute): replacement}
@@ -321,7 +325,9 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
            ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
     "v0_pool4": {**_V1, ("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool},
     "v0_dropout": {**_V1, ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
-    "cand_rgb8": {("jax.lax", "conv_general_dilated"): _candidate_conv},
+    "cand_rgb8": {("jax.lax", "conv_general_dilated"):
+                  _conv_candidate("conv_with_padded_colour_channels")},
+    "cand_conv1_gemm": {("jax.lax", "conv_general_dilated"): _conv_candidate("conv_as_patch_matmul")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -332,7 +338,7 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 }
 VARIANTS.update({name: {} for name in COMPILER_OPTIONS})  # the code as it is, other options
 # The others change gradients only.
-FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", *COMPILER_OPTIONS}
+FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_conv1_gemm", *COMPILER_OPTIONS}
 
 
 class patched:

@@ -348,6 +348,24 @@ def test_cudnn_calls_of_the_h200_executables_do_the_modelled_flops(name, mode):
         assert names["input_reduce_select_fusion.13"]["category"] == "reduction fusion"
 
 
+def _one_train_step(variant, width=0.25):
+    """One real train step (lr 1e-2, fixed data) with ``variant`` patched in while tracing:
+    the new state, the metrics and the starting parameters."""
+    from mlnet_jax.inference import ModelInfo
+    from mlnet_jax.optim import make_optimizer
+    from mlnet_jax.train import create_train_state, train_step
+    info = ModelInfo(input_size=(16, 16), preprocessing="caffe", width_multiplier=width)
+    model, tx = info.build(), make_optimizer(1e-2, 5e-4, 0.9)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    rng = np.random.default_rng(2)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)), jnp.uint8),
+             "target": jnp.asarray(rng.uniform(size=(2, 2, 2, 1)), jnp.float32)}
+    with throughput.patched(variant):
+        state, metrics = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe"))(
+            create_train_state(params, tx, 0, seed=0), batch)
+    return state, metrics, params
+
+
 def test_v1_variant_trains_the_same_step_without_the_barriers():
     # v1 re-creates autodiff's ReLU and pooling gradients: the same update as the code as it
     # is (the ReLU's gradient is the same; the pools' differs only at ties of positive float32
@@ -359,22 +377,7 @@ def test_v1_variant_trains_the_same_step_without_the_barriers():
     assert current.count("optimization_barrier") == 15  # every ReLU: 13 convolutions + 2 head
     assert "optimization_barrier" not in v1
 
-    def one_step(variant):
-        from mlnet_jax.inference import ModelInfo
-        from mlnet_jax.optim import make_optimizer
-        from mlnet_jax.train import create_train_state, train_step
-        info = ModelInfo(input_size=(16, 16), preprocessing="caffe", width_multiplier=0.25)
-        model, tx = info.build(), make_optimizer(1e-2, 5e-4, 0.9)
-        params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-        rng = np.random.default_rng(2)
-        batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)), jnp.uint8),
-                 "target": jnp.asarray(rng.uniform(size=(2, 2, 2, 1)), jnp.float32)}
-        with throughput.patched(variant):
-            state, metrics = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe"))(
-                create_train_state(params, tx, 0, seed=0), batch)
-        return state, metrics, params
-
-    (a, ma, start), (b, mb, _) = one_step(None), one_step("v1")
+    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step("v1")
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
@@ -400,6 +403,32 @@ def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
     assert "tensor<3x3x8x64x" in text8 and "tensor<2x16x16x8x" in text8
     assert text8.count("stablehlo.convolution") == text.count("stablehlo.convolution")
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
+
+
+def test_candidate_conv1_gemm_is_conv1_1_as_a_product_with_the_same_maps_and_step():
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+    info = ModelInfo(input_size=(16, 16), preprocessing="caffe")  # the real widths
+    model = info.build()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
+
+    def predict(variant):
+        with throughput.patched(variant):
+            fn = make_predict_fn(model, info.preprocessing)
+            return fn.lower(variables, images).as_text(), np.asarray(fn(variables, images))
+
+    (text, maps), (text_gemm, maps_gemm) = predict(None), predict("cand_conv1_gemm")
+    assert float(np.abs(maps).max()) > 0
+    np.testing.assert_allclose(maps_gemm, maps, rtol=1e-4, atol=1e-6)
+    assert text_gemm.count("stablehlo.convolution") == text.count("stablehlo.convolution") - 1
+    assert "tensor<2x16x16x27x" in text_gemm and "stablehlo.dot_general" in text_gemm
+
+    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step("cand_conv1_gemm")
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    kernel = lambda s: s["backbone"]["conv1_1"]["kernel"]  # noqa: E731
+    assert float(jnp.abs(kernel(b.trainable) - kernel(start)).max()) > 1e-6  # conv1_1 learned
 
 
 def test_compiler_option_variants_name_options_this_xla_knows_and_reach_the_compiler(tmp_path,
