@@ -20,21 +20,16 @@ def conv_with_padded_colour_channels(conv, channels: int = 8):
     XLA hands conv1_1 to cuDNN with 3 (in the H200 HLO: bf16[32,480,640,3] and a 157 MB
     workspace). Which is faster is a measurement.
     """
-    signature = inspect.signature(conv)
-
-    def padded(*args, **kwargs):
-        call = signature.bind(*args, **kwargs)
-        call.apply_defaults()
-        a = call.arguments
+    def padded(a: dict):
         lhs, rhs = a["lhs"], a["rhs"]
         dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, a["dimension_numbers"])
         lhs_axis, rhs_axis = dims.lhs_spec[1], dims.rhs_spec[1]
-        if lhs.shape[lhs_axis] == 3 and rhs.shape[rhs_axis] == 3 and a["feature_group_count"] == 1:
-            a["lhs"] = _pad_axis(lhs, lhs_axis, channels - 3)
-            a["rhs"] = _pad_axis(rhs, rhs_axis, channels - 3)
-        return conv(*call.args, **call.kwargs)
+        if lhs.shape[lhs_axis] != 3 or rhs.shape[rhs_axis] != 3 or a["feature_group_count"] != 1:
+            return None
+        return conv(**{**a, "lhs": _pad_axis(lhs, lhs_axis, channels - 3),
+                       "rhs": _pad_axis(rhs, rhs_axis, channels - 3)})
 
-    return padded
+    return _intercept(conv, padded)
 
 
 def conv_as_patch_matmul(conv):
@@ -49,17 +44,11 @@ def conv_as_patch_matmul(conv):
     and ReLU fused after it, ≈ 0.5–0.7 ms; the weight gradient reads the patches and the
     output gradient once, ≈ 0.4 ms. Only NHWC/HWIO, stride 1, no dilation, one group.
     """
-    signature = inspect.signature(conv)
-
-    def product(*args, **kwargs):
-        call = signature.bind(*args, **kwargs)
-        call.apply_defaults()
-        a = call.arguments
+    def product(a: dict):
         lhs, rhs = a["lhs"], a["rhs"]
         if not _plain_colour_conv(a):
-            return conv(*call.args, **call.kwargs)
+            return None
         kh, kw, cin, cout = rhs.shape
-        h, w = lhs.shape[1:3]
         pads = a["padding"]
         if isinstance(pads, str):  # 'SAME' as XLA pads it: the extra row/column at the end
             pads = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in (kh, kw)]
@@ -71,7 +60,21 @@ def conv_as_patch_matmul(conv):
             patches, rhs.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
             precision=a["precision"], preferred_element_type=a["preferred_element_type"])
 
-    return product
+    return _intercept(conv, product)
+
+
+def _intercept(conv, rewrite):
+    """``conv`` whose calls first go to ``rewrite`` with their bound arguments (by name);
+    it returns the result, or None to leave the call to ``conv``."""
+    signature = inspect.signature(conv)
+
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = rewrite(dict(bound.arguments))
+        return conv(*bound.args, **bound.kwargs) if out is None else out
+
+    return call
 
 
 def _plain_colour_conv(a: dict) -> bool:

@@ -16,8 +16,8 @@
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
 # (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
 # end), PIPELINE_WORKERS (0,4), VARIANTS (default below: the unmeasured candidates, side by
-# side, most promising first, so the deadline cuts the least; the experimental XLA option
-# next to last, so a compiler abort loses only xla_autotune_0),
+# side, most promising first, so the deadline cuts the least, then v1, the code before the
+# last adopted levers, to show their gain in the same run),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
 # JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).

@@ -385,19 +385,21 @@ def test_v1_variant_trains_the_same_step_without_the_barriers():
     assert float(jnp.abs(conv1_1).max()) > 1e-6  # the gradient reached the first layer
 
 
-def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
+def _predict(variant):
+    """The real-width model's predict function on two fixed 16×16 images with ``variant``
+    patched in while tracing: its lowered text and its maps."""
     from mlnet_jax.inference import ModelInfo, make_predict_fn
     info = ModelInfo(input_size=(16, 16), preprocessing="caffe")
     model = info.build()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
+    with throughput.patched(variant):
+        fn = make_predict_fn(model, info.preprocessing)
+        return fn.lower(variables, images).as_text(), np.asarray(fn(variables, images))
 
-    def predict(variant):
-        with throughput.patched(variant):
-            fn = make_predict_fn(model, info.preprocessing)
-            return fn.lower(variables, images).as_text(), np.asarray(fn(variables, images))
 
-    (text, maps), (text8, maps8) = predict(None), predict("cand_rgb8")
+def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
+    (text, maps), (text8, maps8) = _predict(None), _predict("cand_rgb8")
     np.testing.assert_allclose(maps8, maps, rtol=1e-5, atol=1e-6)
     assert "tensor<3x3x3x64x" in text and "tensor<3x3x8x64x" not in text
     assert "tensor<3x3x8x64x" in text8 and "tensor<2x16x16x8x" in text8
@@ -406,18 +408,7 @@ def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
 
 
 def test_candidate_conv1_gemm_is_conv1_1_as_a_product_with_the_same_maps_and_step():
-    from mlnet_jax.inference import ModelInfo, make_predict_fn
-    info = ModelInfo(input_size=(16, 16), preprocessing="caffe")  # the real widths
-    model = info.build()
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3)), jnp.uint8)
-
-    def predict(variant):
-        with throughput.patched(variant):
-            fn = make_predict_fn(model, info.preprocessing)
-            return fn.lower(variables, images).as_text(), np.asarray(fn(variables, images))
-
-    (text, maps), (text_gemm, maps_gemm) = predict(None), predict("cand_conv1_gemm")
+    (text, maps), (text_gemm, maps_gemm) = _predict(None), _predict("cand_conv1_gemm")
     assert float(np.abs(maps).max()) > 0
     np.testing.assert_allclose(maps_gemm, maps, rtol=1e-4, atol=1e-6)
     assert text_gemm.count("stablehlo.convolution") == text.count("stablehlo.convolution") - 1
