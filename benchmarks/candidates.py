@@ -84,7 +84,7 @@ def _plain_colour_conv(a: dict) -> bool:
         return False
     dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, a["dimension_numbers"])
     return (tuple(dims) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)) and lhs.shape[-1] == 3
-            and a["rhs"].shape[2] == 3 and a["feature_group_count"] == 1
+            and rhs.shape[2] == 3 and a["feature_group_count"] == 1
             and a["batch_group_count"] == 1 and all(s == 1 for s in a["window_strides"])
             and not any(d not in (None, 1) for d in (*(a["lhs_dilation"] or ()),
                                                      *(a["rhs_dilation"] or ()))))
