@@ -27,7 +27,6 @@ def _load(name):
 
 throughput = _load("throughput")
 merge_results = _load("merge_results")
-candidates = _load("candidates")
 kernel_profile = _load("kernel_profile")
 
 
