@@ -45,22 +45,52 @@ def conv_as_patch_matmul(conv):
     output gradient once, ≈ 0.4 ms. Only NHWC/HWIO, stride 1, no dilation, one group.
     """
     def product(a: dict):
-        lhs, rhs = a["lhs"], a["rhs"]
         if not _plain_colour_conv(a):
             return None
-        kh, kw, cin, cout = rhs.shape
-        pads = a["padding"]
-        if isinstance(pads, str):  # 'SAME' as XLA pads it: the extra row/column at the end
-            pads = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in (kh, kw)]
-        x = jnp.pad(lhs, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-        rows, cols = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-        patches = jnp.concatenate([x[:, i:i + rows, j:j + cols, :]
-                                   for i in range(kh) for j in range(kw)], axis=-1)
+        patches, kernel = _patches_and_kernel(a, channels=None)
         return jax.lax.dot_general(
-            patches, rhs.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+            patches, kernel, (((3,), (0,)), ((), ())),
             precision=a["precision"], preferred_element_type=a["preferred_element_type"])
 
     return _intercept(conv, product)
+
+
+def conv_as_patch_conv1x1(conv, channels: int = 32):
+    """``conv`` with conv1_1 computed as a 1×1 convolution over its 3×3 patches, zero-padded from
+    27 to ``channels`` channels: the same memory-bound shape as ``conv_as_patch_matmul``, but
+    still a convolution, so XLA hands cuDNN conv + bias + ReLU as one fused call (as it does
+    every other layer) instead of relying on a GEMM epilogue for the bias and the ReLU; 32
+    channels keep every patch row 64-byte aligned for the tensor cores. Every other call goes
+    to ``conv``.
+    """
+    def pointwise(a: dict):
+        if not _plain_colour_conv(a):
+            return None
+        patches, kernel = _patches_and_kernel(a, channels=channels)
+        return conv(**{**a, "lhs": patches, "rhs": kernel[None, None], "window_strides": (1, 1),
+                       "padding": ((0, 0), (0, 0)), "lhs_dilation": None, "rhs_dilation": None})
+
+    return _intercept(conv, pointwise)
+
+
+def _patches_and_kernel(a: dict, channels: int | None):
+    """conv1_1's 3×3 neighbourhoods stacked on channels, (B, H, W, kh·kw·cin) in (row, column,
+    colour) order, zero-padded to ``channels`` if given, and its HWIO kernel reshaped to match
+    as (kh·kw·cin [padded], cout)."""
+    lhs, rhs = a["lhs"], a["rhs"]
+    kh, kw, cin, cout = rhs.shape
+    pads = a["padding"]
+    if isinstance(pads, str):  # 'SAME' as XLA pads it: the extra row/column at the end
+        pads = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in (kh, kw)]
+    x = jnp.pad(lhs, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    rows, cols = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    views = [x[:, i:i + rows, j:j + cols, :] for i in range(kh) for j in range(kw)]
+    kernel = rhs.reshape(kh * kw * cin, cout)
+    extra = 0 if channels is None else channels - kh * kw * cin
+    if extra > 0:
+        views.append(jnp.zeros((*views[0].shape[:3], extra), lhs.dtype))
+        kernel = _pad_axis(kernel, 0, extra)
+    return jnp.concatenate(views, axis=-1), kernel
 
 
 def _intercept(conv, rewrite):

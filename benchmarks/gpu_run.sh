@@ -16,7 +16,7 @@
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
 # (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
 # end), PIPELINE_WORKERS (0,4), VARIANTS (default below: the unmeasured candidates, side by
-# side, most promising first, so the deadline cuts the least, then v1, the code before the
+# side, most promising first, so the deadline cuts the least; add v1, the code before the
 # last adopted levers, to show their gain in the same run),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
@@ -63,7 +63,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-cand_conv1_gemm,cand_rgb8,v1}
+VARIANTS=${VARIANTS-cand_conv1_1x1,cand_conv1_gemm,cand_conv1_gemm_lt}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 [ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$OUT/profile")
 if [ "${DUMP:-1}" = 1 ]; then

@@ -263,9 +263,11 @@ def software_versions() -> dict:
 # v1: the code before the output-masked ReLU and the original's pooling gradient (v2, the code
 # as it is): autodiff's gradients for both. v0: v1 before the first GPU measurement (pool4 by
 # reduce_window, one random word per dropout element); v0_pool4 / v0_dropout: v1 with one of
-# the two undone. cand_rgb8 / cand_conv1_gemm put in benchmarks/candidates.py's levers (conv1_1
-# with its input padded to 8 channels / as a matrix product over 3×3 patches), not adopted;
-# xla_* compile the code as it is with other XLA options (this executable only).
+# the two undone. cand_rgb8 / cand_conv1_gemm / cand_conv1_1x1 put in benchmarks/candidates.py's
+# levers (conv1_1 with its input padded to 8 channels / as a matrix product over its 3×3 patches /
+# as a 1×1 convolution over them), not adopted; cand_conv1_gemm_lt is cand_conv1_gemm compiled
+# with cuBLASLt allowed. xla_* compile the code as it is with other XLA options (this
+# executable only).
 
 def _v0_pool(x, stride, alignment):
     """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
@@ -328,6 +330,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
     "cand_rgb8": {("jax.lax", "conv_general_dilated"):
                   _conv_candidate("conv_with_padded_colour_channels")},
     "cand_conv1_gemm": {("jax.lax", "conv_general_dilated"): _conv_candidate("conv_as_patch_matmul")},
+    "cand_conv1_1x1": {("jax.lax", "conv_general_dilated"):
+                       _conv_candidate("conv_as_patch_conv1x1")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -335,10 +339,16 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
     # Convolutions and their element-wise users as cuDNN graphs (dgrad + the next ReLU mask).
     "xla_conv_fusion": {"xla_gpu_experimental_enable_conv_fusion": True},
     "xla_autotune_0": {"xla_gpu_autotune_level": 0},  # cuDNN's heuristic choice: compile time
+    # cand_conv1_gemm with cuBLASLt allowed (off by default), whose epilogue can add the bias
+    # and apply the ReLU inside the product.
+    "cand_conv1_gemm_lt": {"xla_gpu_enable_cublaslt": True},
 }
-VARIANTS.update({name: {} for name in COMPILER_OPTIONS})  # the code as it is, other options
+VARIANTS["cand_conv1_gemm_lt"] = VARIANTS["cand_conv1_gemm"]
+for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
+    VARIANTS.setdefault(_name, {})
 # The others change gradients only.
-FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_conv1_gemm", *COMPILER_OPTIONS}
+FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_conv1_gemm", "cand_conv1_1x1",
+                    *COMPILER_OPTIONS}
 
 
 class patched:

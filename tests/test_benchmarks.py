@@ -406,14 +406,24 @@ def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
 
 
-def test_candidate_conv1_gemm_is_conv1_1_as_a_product_with_the_same_maps_and_step():
-    (text, maps), (text_gemm, maps_gemm) = _predict(None), _predict("cand_conv1_gemm")
+@pytest.mark.parametrize("variant, patches, op", [
+    ("cand_conv1_gemm", "tensor<2x16x16x27x", "stablehlo.dot_general"),
+    ("cand_conv1_1x1", "tensor<2x16x16x32x", "tensor<1x1x32x64x")])
+def test_conv1_1_patch_candidates_give_the_same_maps_and_step(variant, patches, op):
+    # conv1_1 over its 3×3 patches (as a product; as a 1×1 convolution over 32 zero-padded
+    # channels) against the 3×3 convolution: the same maps and the same update, conv1_1's
+    # kernel included; the program really has the patches and the new operation.
+    (text, maps), (text_c, maps_c) = _predict(None), _predict(variant)
     assert float(np.abs(maps).max()) > 0
-    np.testing.assert_allclose(maps_gemm, maps, rtol=1e-4, atol=1e-6)
-    assert text_gemm.count("stablehlo.convolution") == text.count("stablehlo.convolution") - 1
-    assert "tensor<2x16x16x27x" in text_gemm and "stablehlo.dot_general" in text_gemm
+    np.testing.assert_allclose(maps_c, maps, rtol=1e-4, atol=1e-6)
+    convs = text_c.count("stablehlo.convolution")
+    assert convs == text.count("stablehlo.convolution") - (op == "stablehlo.dot_general")
+    assert patches in text_c and op in text_c
+    on_image = lambda t: [line for line in t.splitlines()  # noqa: E731
+                          if "stablehlo.convolution" in line and "(tensor<2x16x16x3x" in line]
+    assert len(on_image(text)) == 1 and not on_image(text_c)
 
-    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step("cand_conv1_gemm")
+    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step(variant)
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
