@@ -9,8 +9,10 @@
 # Then one call of the device tool's run:  command "bash benchmarks/gpu_run.sh",
 #     carry [".bench"], timeout_s 600
 # It writes into $OUT: peer_torch.json (the peer), jax_throughput.json (ours), <date>-<card>.json
-# (merged: card, train/predict ratios vs torch.compile, every target with pass/fail), run.log
-# and env.txt (versions, nvidia-smi before and after); the comparison table is printed last.
+# (merged: card, train/predict ratios vs torch.compile, every target with pass/fail), run.log,
+# env.txt (versions, nvidia-smi before and after) and gpu_samples.csv (clocks, power and
+# temperature every 0.5 s, with timestamps to set beside run.log's); the comparison table is
+# printed last.
 # Order: the peer first (bounded by its own --deadline and a timeout), then ours with a
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
@@ -60,7 +62,7 @@ export OUT PYTHONUNBUFFERED=1
 BUDGET=${BUDGET_S:-560}
 START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-log() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
+log() { echo "[gpu_run $(( $(date +%s) - START ))s $(date -u +%T)] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
 VARIANTS=${VARIANTS-cand_conv1_1x1,cand_conv1_gemm,cand_conv1_gemm_lt}
@@ -78,6 +80,15 @@ fi
   python3 -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|numpy|pillow|torch|triton|nvidia-cudnn|grain)' || true
   echo "XLA_FLAGS=${XLA_FLAGS:-}"
 } > "$OUT/env.txt" 2>&1
+
+# The card's clocks, power and temperature every 0.5 s for the whole run, the peer's part
+# included (throughput.py also samples each timed measurement on its own).
+SMI_LOG=""
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+    --format=csv --loop-ms=500 > "$OUT/gpu_samples.csv" 2>/dev/null &
+  SMI_LOG=$!
+fi
 
 PIPE_ARGS=(--pipeline --pipeline-workers "${PIPELINE_WORKERS-0,4}")
 [ -z "${PIPELINE_WORKERS-0,4}" ] && PIPE_ARGS=()
@@ -114,6 +125,7 @@ timeout -k 5 "$KILL" python3 benchmarks/throughput.py --cases "$CASES" \
   2>&1 | tee -a "$OUT/run.log"
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv >> "$OUT/env.txt" 2>&1 || true
+[ -n "$SMI_LOG" ] && kill "$SMI_LOG" 2>/dev/null
 if [ -f "$OUT/jax_throughput.json" ]; then
   python3 benchmarks/merge_results.py --jax "$OUT/jax_throughput.json" \
     --torch "$OUT/peer_torch.json" --out-dir "$OUT" 2>&1 | tee -a "$OUT/run.log"

@@ -526,9 +526,25 @@ def measure_matmul(bench: Bench, dtype: str) -> dict:
             "precision": str(getattr(jax.config, "jax_default_matmul_precision", None))}
 
 
+def time_steps(bench: Bench, step) -> tuple[list[float], dict | None]:
+    """Seconds per step of ``bench.repeats`` repeats of ``bench.steps`` calls of ``step`` (which
+    returns what to wait for), with no host sync inside a repeat, so dispatch runs ahead of the
+    device; and the GPU's clocks and power meanwhile (``gpu_monitor``; None off a GPU)."""
+    jax, _ = _jax()
+    per_step = []
+    with sibling("gpu_monitor").GpuMonitor() as monitor:
+        for _ in range(bench.repeats):
+            t = time.perf_counter()
+            for _ in range(bench.steps):
+                out = step()
+            jax.block_until_ready(out)
+            per_step.append((time.perf_counter() - t) / bench.steps)
+    return per_step, monitor.summary
+
+
 def _row(bench: Bench, task: str, dtype: str, mode: str | None, b: int, h: int, w: int,
          per_step: list[float], first_step_s: float, t_lower: float, t_compile: float,
-         flops_per_image: int, compiled, sweep: bool) -> dict:
+         flops_per_image: int, compiled, sweep: bool, gpu: dict | None) -> dict:
     step_s = _median(per_step)
     tflops = flops_per_image * b / step_s / 1e12
     ceiling = bench.ceiling(dtype)
@@ -543,6 +559,7 @@ def _row(bench: Bench, task: str, dtype: str, mode: str | None, b: int, h: int, 
         "ceiling_tflops": ceiling, "ceiling_fraction": tflops / ceiling if ceiling else None,
         "xla_cost_flops_per_step": xla_cost_flops(compiled),
         "lower_s": t_lower, "compile_s": t_compile, "first_step_s": first_step_s,
+        "gpu_during_timing": gpu,
         "executable_memory": executable_memory(compiled), "device_memory": device_memory(),
     }
 
@@ -588,16 +605,15 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
     for _ in range(bench.warmup - 1):
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
-    per_step = []
-    for _ in range(bench.repeats):
-        t = time.perf_counter()
-        for _ in range(bench.steps):  # no host sync inside: dispatch runs ahead of the device
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        per_step.append((time.perf_counter() - t) / bench.steps)
+    def step():
+        nonlocal state, metrics
+        state, metrics = compiled(state, batch)
+        return state, metrics
+
+    per_step, gpu = time_steps(bench, step)
     flops = train_flops(h, w, frozen, bench.args.width_multiplier)
     row = _row(bench, "train", dtype, mode, b, h, w, per_step, first, t_lower, t_compile, flops,
-               compiled, sweep)
+               compiled, sweep, gpu)
     row["frozen_convs"] = frozen
     row["variant"] = variant
     dump_hlo(bench, compiled, f"train_{dtype}_{mode}_{case_name(b, h, w)}", variant, sweep)
@@ -629,16 +645,10 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     for _ in range(bench.warmup - 1):
         out = compiled(variables, images)
     out.block_until_ready()
-    per_step = []
-    for _ in range(bench.repeats):
-        t = time.perf_counter()
-        for _ in range(bench.steps):
-            out = compiled(variables, images)
-        out.block_until_ready()
-        per_step.append((time.perf_counter() - t) / bench.steps)
+    per_step, gpu = time_steps(bench, lambda: compiled(variables, images))
     flops = forward_flops(h, w, bench.args.width_multiplier)
     row = _row(bench, "predict", dtype, None, b, h, w, per_step, first, t_lower, t_compile,
-               flops, compiled, sweep)
+               flops, compiled, sweep, gpu)
     row["variant"] = variant
     dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", variant, sweep)
     if keep:
@@ -671,9 +681,11 @@ def profile_kept(bench: Bench, key: tuple, b: int, h: int, w: int) -> tuple[str,
     steps = 2 if bench.args.quick else 5
     jax.block_until_ready(run_step())
     t = time.perf_counter()
-    events = profiler.trace_steps(run_step, steps, Path(bench.args.profile) / "_".join(key))
+    with sibling("gpu_monitor").GpuMonitor() as monitor:
+        events = profiler.trace_steps(run_step, steps, Path(bench.args.profile) / "_".join(key))
     summary = profiler.summarize(events, compiled.as_text(), steps, step_ms=1e3 * b / rate)
-    summary.update(case=key[0], dtype=key[1], mode=key[2], traced_s=time.perf_counter() - t)
+    summary.update(case=key[0], dtype=key[1], mode=key[2], traced_s=time.perf_counter() - t,
+                   gpu_during_trace=monitor.summary)
     bench.profiles[label] = summary
     return "profile", bench.profiles
 
@@ -940,6 +952,13 @@ def _mode_label(row: dict) -> str:
     return (row["mode"] or "-") + (f"[{row['variant']}]" if row.get("variant") else "")
 
 
+def _gpu_columns(row: dict) -> str:
+    """Median SM clock and mean power while the row was timed ('-' without samples)."""
+    gpu = row.get("gpu_during_timing") or {}
+    mhz, watts = gpu.get("sm_mhz_median"), gpu.get("power_w_mean")
+    return (f"{mhz:6.0f}" if mhz else f"{'-':>6}") + " " + (f"{watts:4.0f}" if watts else f"{'-':>4}")
+
+
 def print_table(result: dict) -> None:
     rows = result.get("results", [])
     print()
@@ -949,7 +968,7 @@ def print_table(result: dict) -> None:
         print(f"  matmul ceiling {dtype}: {c['tflops']:.1f} TFLOP/s (n={c['n']})")
     width = max([16] + [len(_mode_label(r)) for r in rows if "error" not in r])
     header = f"{'task':8} {'dtype':9} {'mode':{width}} {'case':>12} {'img/s':>10} {'ms/step':>9} " \
-             f"{'TFLOP/s':>8} {'%ceil':>6} {'compile_s':>9} {'mem_GiB':>8}"
+             f"{'TFLOP/s':>8} {'%ceil':>6} {'compile_s':>9} {'mem_GiB':>8} {'SM_MHz':>6} {'W':>4}"
     print(header)
     for r in rows:
         if "error" in r:
@@ -960,7 +979,7 @@ def print_table(result: dict) -> None:
         print(f"{r['task'] + ('*' if r.get('sweep') else ''):8} {r['dtype']:9} {_mode_label(r):{width}} "
               f"{r['case']:>12} {r['images_per_s']:10.1f} {r['step_ms']:9.2f} {r['tflops']:8.2f} "
               f"{(100 * frac if frac else float('nan')):6.1f} {r['compile_s']:9.1f} "
-              f"{(mem / 2**30 if mem else float('nan')):8.2f}")
+              f"{(mem / 2**30 if mem else float('nan')):8.2f} {_gpu_columns(r)}")
     cc = result.get("compile_cache") or {}
     if cc:
         def fmt(label):
@@ -982,9 +1001,12 @@ def print_table(result: dict) -> None:
         print(f"pipeline: {pipe.get('skipped') or pipe.get('error') or pipe}")
     for label, summary in (result.get("profile") or {}).items():
         sibling("kernel_profile").print_summary(label, summary)
+        if "gpu_during_trace" in summary:
+            print(f"  GPU while traced: {sibling('gpu_monitor').describe(summary['gpu_during_trace'])}")
     if result.get("skipped"):
         print(f"not started (deadline {result['args']['deadline']} s): {', '.join(result['skipped'])}")
-    print("(* = batch sweep; mem = XLA's estimate for the executable)")
+    print("(* = batch sweep; mem = XLA's estimate for the executable; SM_MHz, W = the GPU's median "
+          "clock and mean power while timed)")
 
 
 def print_floors(args) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -89,11 +90,11 @@ def test_full_training_is_three_forwards_less_conv1_1_input_gradient():
 
 # --------------------------------------------------------------------------- runs
 
-def _run(tmp_path, *args, timeout=600):
+def _run(tmp_path, *args, timeout=600, env=None):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), *args,
                            "--output", str(out)], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env={**os.environ, "OUT": str(tmp_path)})
+                          cwd=REPO, env={**os.environ, "OUT": str(tmp_path), **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -102,12 +103,60 @@ def _positive(value):
     return isinstance(value, int | float) and value > 0 and np.isfinite(value)
 
 
+FAKE_NVIDIA_SMI = """#!/bin/sh
+echo "1980, 1980, 2619, 80.00, 700.00, 40"
+while :; do echo "1755, 1980, 2619, 690.00, 700.00, 66"; sleep 0.005; done
+"""
+
+
+def _fake_nvidia_smi(tmp_path) -> dict:
+    """PATH with an ``nvidia-smi`` that prints one idle sample, then samples of a card held at
+    1755 MHz by its 700 W power cap, until it is stopped."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _is_the_capped_card(gpu: dict) -> bool:
+    # The idle first sample (1980 MHz, 80 W) was taken before the block and is left out.
+    return (gpu["sm_mhz_median"] == gpu["sm_mhz_min"] == 1755 and gpu["power_w_mean"] == 690
+            and gpu["power_capped_fraction"] == 1.0 and gpu["sm_mhz_max_supported"] == 1980
+            and gpu["temperature_c_max"] == 66 and gpu["samples"] >= 1)
+
+
+def test_gpu_monitor_keeps_the_samples_taken_inside_the_block(tmp_path, monkeypatch):
+    gpu_monitor = _load("gpu_monitor")
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path)["PATH"])
+    with gpu_monitor.GpuMonitor() as monitor:
+        time.sleep(0.3)
+    assert _is_the_capped_card(monitor.summary) and monitor.summary["samples"] > 5
+    assert monitor.process.poll() is not None  # stopped on exit
+    assert "1755 MHz (max 1980), 690 W of 700, 100 % of samples capped" == gpu_monitor.describe(
+        monitor.summary)
+    with gpu_monitor.GpuMonitor(command="no-such-nvidia-smi") as absent:
+        pass
+    assert absent.summary is None and gpu_monitor.describe(None) == "no GPU samples"
+
+
+def test_gpu_monitor_skips_unavailable_fields_and_foreign_lines():
+    gpu_monitor = _load("gpu_monitor")
+    summary = gpu_monitor.summarize("1500, [N/A], 2619, 300.5, [N/A], 50\n"
+                                    "Failed to query\n"
+                                    "1700, [N/A], 2619, 400.5, [N/A], 55\n")
+    assert summary == {"samples": 2, "sm_mhz_median": 1600, "sm_mhz_min": 1500,
+                       "mem_mhz_median": 2619, "power_w_mean": 350.5, "power_w_max": 400.5,
+                       "temperature_c_max": 55}
+    assert gpu_monitor.summarize("Field clocks.max.sm is not valid\n") is None
+
+
 def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     result, stdout = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
                           "--modes", "full,frozen", "--width-multiplier", "0.25", "--batch-sweep",
                           "--sweep-batches", "1", "--pipeline", "--pipeline-records", "4",
                           "--variants", "v0,xla_no_command_buffers",
-                          "--profile", str(tmp_path / "profile"))
+                          "--profile", str(tmp_path / "profile"), env=_fake_nvidia_smi(tmp_path))
     assert result["complete"] and not result["skipped"] and "errors" not in result
     assert result["card"] and result["backend"] == "cpu" and result["software"]["jax"]
     assert isinstance(result["xla_flags"], str) and "jax_default_matmul_precision" in result["jax_config"]
@@ -130,6 +179,9 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
         assert row["compile_s"] >= 0 and len(row["step_ms_repeats"]) == row["repeats"]
         assert _positive(row["executable_memory"]["peak_estimate_bytes"])
         assert "peak_bytes_in_use" in row["device_memory"]  # None on CPU, bytes on a GPU
+    # The GPU samples taken while each row was timed (a fast CPU row may have none).
+    sampled = [r["gpu_during_timing"] for r in result["results"] if r["gpu_during_timing"]]
+    assert sampled and all(_is_the_capped_card(gpu) for gpu in sampled)
 
     cache = result["compile_cache"]
     for label in ("cold", "warm"):
@@ -146,10 +198,12 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     assert set(result["profile"]) == {"2x32x32 float32 full", "2x32x32 float32 predict"}
     assert all(p["kernels_traced"] == 0 and "no device kernel" in p["note"]
                for p in result["profile"].values())
+    assert all(_is_the_capped_card(p["gpu_during_trace"]) for p in result["profile"].values())
     kept = sorted(f.name for f in (tmp_path / "profile").rglob("*") if f.is_file())
     assert kept == ["perfetto_trace.json.gz"] * 2
 
     assert "img/s" in stdout and "compile cache" in stdout and "pipeline" in stdout
+    assert " 1755  690" in stdout and "GPU while traced: 1755 MHz" in stdout
     assert stdout.rstrip().splitlines()[-1].startswith("JSON:")
 
 
