@@ -119,6 +119,23 @@ def test_a_folder_of_modes_sizes_and_orientations(model_file, tmp_path, capsys):
         assert blended.mode == "RGB" and blended.size == (cols, rows), stem
 
 
+def test_bfloat16_maps_are_computed_in_bfloat16_and_stay_close_to_float32(model_file, tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, (rows, cols) in enumerate([(32, 32), (40, 24), (19, 57)]):
+        Image.fromarray(_noise(rows, cols, seed=10 + i)).save(src / f"{i}.png")
+    maps = {}
+    for dtype in ("float32", "bfloat16"):
+        assert _predict(model_file, src, tmp_path / dtype, "--dtype", dtype) == 0
+        maps[dtype] = [np.asarray(Image.open(tmp_path / dtype / f"{i}.png"), np.int16)
+                       for i in range(3)]
+    differences = np.concatenate([np.abs(a - b).ravel()
+                                  for a, b in zip(maps["float32"], maps["bfloat16"])])
+    assert differences.max() > 0  # the bfloat16 run really computed in bfloat16
+    assert differences.mean() < 1.5 and np.percentile(differences, 99) <= 10, (
+        differences.mean(), np.percentile(differences, 99), differences.max())
+
+
 def test_one_compilation_serves_every_size(model_file, tmp_path):
     predictor = Predictor.load(model_file, batch_size=3)
     sizes = [(30, 50), (7, 300), (300, 7), (1, 1), (64, 48), (32, 32), (5, 9)]
