@@ -8,9 +8,10 @@ each image's original size on the host (SPEC §1, test time).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,8 @@ from mlnet_jax.models import MLNet
 from mlnet_jax.preprocessing import letterbox, normalize, postprocess
 from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
 from mlnet_jax.weights_file import check_param_shapes, read_weights
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +147,28 @@ class Predictor:
 
     def predict_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Raw maps (n, h/8, w/8) for n ≤ batch_size letterboxed uint8 images."""
-        n = len(batch)
+        return np.asarray(self.dispatch_letterboxed(batch))[:len(batch)]
+
+    def dispatch_letterboxed(self, batch: np.ndarray) -> jax.Array:
+        """Start the maps of n ≤ batch_size letterboxed uint8 images on the device and return
+        at once: (batch_size, h/8, w/8), the first n rows theirs."""
         padded = np.zeros((self.batch_size,) + batch.shape[1:], np.uint8)
-        padded[:n] = batch
-        return np.asarray(self._predict(self._variables, padded))[:n]
+        padded[:len(batch)] = batch
+        return self._predict(self._variables, padded)
+
+    def stream(self, items: Iterable[T], letterboxed: Callable[[T], np.ndarray]
+               ) -> Iterator[tuple[T, np.ndarray]]:
+        """(item, raw map) for every item, in order, in batches of ``batch_size``. Each batch is
+        dispatched before the previous one's maps are fetched, so the device computes while
+        the caller gathers (decodes, letterboxes) the next batch."""
+        pending = None  # (items, maps still on the device)
+        for chunk in _chunks(items, self.batch_size):
+            started = chunk, self.dispatch_letterboxed(np.stack([letterboxed(i) for i in chunk]))
+            if pending is not None:
+                yield from _fetched(*pending)
+            pending = started
+        if pending is not None:
+            yield from _fetched(*pending)
 
     def __call__(self, images: Sequence | np.ndarray | Image.Image) -> list[np.ndarray] | np.ndarray:
         """Maps at original size: one image (PIL, H×W or H×W×C array) → one map; a list or an
@@ -157,18 +178,21 @@ class Predictor:
         maps = list(self.iter_maps(items))
         return maps[0] if single else maps
 
-    def iter_maps(self, images: Iterable) -> Iterable[np.ndarray]:
+    def iter_maps(self, images: Iterable) -> Iterator[np.ndarray]:
         """Stream maps for an iterable of images, batch by batch."""
-        chunk: list[np.ndarray] = []
-        for image in images:
-            chunk.append(to_rgb_array(image))
-            if len(chunk) == self.batch_size:
-                yield from self._run(chunk)
-                chunk = []
-        if chunk:
-            yield from self._run(chunk)
+        size = self.info.input_size
+        for image, raw in self.stream((to_rgb_array(i) for i in images),
+                                      lambda image: letterbox(image, size)):
+            yield postprocess(raw, image.shape[:2])
 
-    def _run(self, chunk: list[np.ndarray]) -> list[np.ndarray]:
-        boxed = np.stack([letterbox(image, self.info.input_size) for image in chunk])
-        raw = self.predict_letterboxed(boxed)
-        return [postprocess(m, image.shape[:2]) for m, image in zip(raw, chunk)]
+
+def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """Lists of ``n`` consecutive items, the last one shorter."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, n)):
+        yield chunk
+
+
+def _fetched(items: list[T], maps: jax.Array) -> Iterator[tuple[T, np.ndarray]]:
+    """(item, its raw map), waiting for the device once."""
+    return zip(items, np.asarray(maps)[:len(items)])

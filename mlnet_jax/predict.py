@@ -174,21 +174,10 @@ def _finish_image(job: Job, image: np.ndarray, raw: np.ndarray, blur: float) -> 
 
 def _batched(predictor, items: Iterable[tuple]) -> Iterator[tuple]:
     """(key, image, letterboxed) in order → (key, image, raw map), through the device in padded
-    batches of ``predictor.batch_size`` (one compilation for every image size)."""
-    batch: list[tuple] = []
-
-    def run() -> Iterator[tuple]:
-        raw = predictor.predict_letterboxed(np.stack([boxed for _, _, boxed in batch]))
-        for (key, image, _), saliency in zip(batch, raw):
-            yield key, image, saliency
-
-    for item in items:
-        batch.append(item)
-        if len(batch) == predictor.batch_size:
-            yield from run()
-            batch = []
-    if batch:
-        yield from run()
+    batches of ``predictor.batch_size`` (one compilation for every image size), the next batch
+    gathered while the device computes this one (``Predictor.stream``)."""
+    for (key, image, _), raw in predictor.stream(items, lambda item: item[2]):
+        yield key, image, raw
 
 
 def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 0.0,

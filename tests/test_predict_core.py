@@ -58,6 +58,32 @@ def test_maps_have_the_original_sizes_with_one_compilation(model_file):
     assert predictor._predict._cache_size() == 1
 
 
+def test_the_next_batch_is_on_the_device_before_this_ones_maps_are_fetched(model_file):
+    predictor = Predictor.load(model_file, batch_size=2)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(5)]
+    events = []
+    original = predictor.dispatch_letterboxed
+    predictor.dispatch_letterboxed = lambda batch: events.append(("dispatch", len(batch))) or original(batch)
+
+    def gathered():
+        for i, image in enumerate(images):
+            events.append(("gather", i))
+            yield image
+
+    streamed = []
+    for image, raw in predictor.stream(gathered(), lambda image: letterbox(image, INPUT)):
+        events.append(("map", len(streamed)))
+        streamed.append((image, raw))
+    assert events == [("gather", 0), ("gather", 1), ("dispatch", 2),
+                      ("gather", 2), ("gather", 3), ("dispatch", 2), ("map", 0), ("map", 1),
+                      ("gather", 4), ("dispatch", 1), ("map", 2), ("map", 3), ("map", 4)]
+    assert all(image is original_image for (image, _), original_image in zip(streamed, images))
+    for image, raw in streamed:  # the same maps as one image at a time
+        alone = predictor.predict_letterboxed(letterbox(image, INPUT)[None])[0]
+        np.testing.assert_allclose(raw, alone, rtol=1e-5, atol=1e-6)
+
+
 def test_a_single_image_gives_a_single_map(model_file):
     predictor = Predictor.load(model_file, batch_size=1)
     out = predictor(np.zeros((20, 30, 3), np.uint8))

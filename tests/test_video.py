@@ -70,8 +70,8 @@ def test_frames_go_through_the_model_in_batches_and_rotation_is_applied(model_fi
     _write_clip(tmp_path / "phone.mp4", 10, Fraction(24), "libx264", width=64, height=32, rotation=90)
     predictor = Predictor.load(model_file, batch_size=4)
     calls = []
-    original = predictor.predict_letterboxed
-    predictor.predict_letterboxed = lambda batch: calls.append(len(batch)) or original(batch)
+    original = predictor.dispatch_letterboxed
+    predictor.dispatch_letterboxed = lambda batch: calls.append(len(batch)) or original(batch)
     [job] = plan_outputs([tmp_path / "phone.mp4"], tmp_path, tmp_path / "out", overlay=False,
                          map_video=False)
     report = Report()
