@@ -865,6 +865,43 @@ def measure_pipeline(bench: Bench, key: tuple, b: int, h: int, w: int) -> dict:
     return out
 
 
+def measure_predict_files(bench: Bench, key: tuple, b: int, h: int, w: int) -> dict:
+    """End-to-end prediction as ``python -m mlnet_jax.predict`` runs it on a folder: fake
+    640×480 JPEG files decoded and letterboxed in threads, ``Predictor.stream`` batches of
+    ``b``, maps resized to each image's size and written as PNG files; against the synthetic
+    rate of the kept ``predict`` measurement (the same function and batch)."""
+    jax, jnp = _jax()
+    from mlnet_jax.inference import ModelInfo, Predictor
+    from mlnet_jax.predict import Report, plan_outputs, predict_images
+
+    args = bench.args
+    info = ModelInfo(input_size=(h, w), preprocessing="caffe",
+                     width_multiplier=args.width_multiplier)
+    predictor = Predictor(info.build(jnp.dtype(key[1])), {"params": bench.params(h, w)}, info,
+                          batch_size=b, mesh=bench.mesh)
+    workers = min(8, os.cpu_count() or 1)  # the command's default
+    out = {"case": key[0], "dtype": key[1], "records": args.pipeline_records, "workers": workers,
+           "image_size": [480, 640], "writes": "grey PNG maps at 640x480"}
+    with tempfile.TemporaryDirectory(prefix="mlnet_fake_photos_") as tmp:
+        write_fake_salicon(Path(tmp), args.pipeline_records)
+        sources = sorted((Path(tmp) / "images").glob("*.jpg"))
+        jobs = plan_outputs(sources, Path(tmp) / "images", Path(tmp) / "maps_out", overlay=False,
+                            map_video=False)
+        report = Report()
+        predict_images(predictor, jobs[:b], report=report, workers=workers, progress=False)  # compile
+        rates = []
+        for _ in range(2 if args.quick else 3):
+            t = time.perf_counter()
+            predict_images(predictor, jobs, report=report, workers=workers, progress=False)
+            rates.append(len(jobs) / (time.perf_counter() - t))
+        written = sum(1 for _ in (Path(tmp) / "maps_out").glob("*.png"))
+    synthetic = bench.kept[key][2]
+    out.update(images_per_s=_median(rates), window_images_per_s=rates, maps_written=written,
+               failed=len(report.failed), synthetic_images_per_s=synthetic,
+               ratio_to_synthetic=_median(rates) / synthetic)
+    return out
+
+
 # --------------------------------------------------------------------------- the run
 
 def environment(bench: Bench | None) -> dict:
@@ -929,6 +966,11 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
                           lambda profiled=profiled: profile_kept(bench, profiled, *head)))
     for variant in args.variants:
         tasks += variant_items(variant)
+    if args.pipeline and not args.no_predict:
+        key = (case_name(*head), primary, "predict")
+        tasks.append((f"predict files {primary} {case_name(*head)}",
+                      lambda key=key: ("predict_files", measure_predict_files(bench, key, *head))
+                      if key in bench.kept else ("predict_files", {"skipped": "headline predict missing"})))
     for case in reversed(cases[:-1]):
         tasks += for_case(case, primary, False)
     if args.batch_sweep:
@@ -999,6 +1041,13 @@ def print_table(result: dict) -> None:
                           for r in pipe["runs"]) + " img/s")
     elif pipe:
         print(f"pipeline: {pipe.get('skipped') or pipe.get('error') or pipe}")
+    files = result.get("predict_files") or {}
+    if "ratio_to_synthetic" in files:
+        print(f"predict files {files['case']}: {files['images_per_s']:.1f} img/s from JPEG files to "
+              f"PNG maps ({files['workers']} threads) vs {files['synthetic_images_per_s']:.1f} "
+              f"synthetic = {files['ratio_to_synthetic']:.3f}")
+    elif files:
+        print(f"predict files: {files.get('skipped') or files.get('error') or files}")
     for label, summary in (result.get("profile") or {}).items():
         sibling("kernel_profile").print_summary(label, summary)
         if "gpu_during_trace" in summary:
@@ -1039,7 +1088,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None,
                    help="JSON path (default $OUT/jax_throughput.json, else a temp dir)")
     p.add_argument("--pipeline", action="store_true",
-                   help="end-to-end training through train_loader on fake SALICON records")
+                   help="end to end on fake SALICON-like 640x480 JPEG files: training through "
+                        "train_loader, and prediction as the predict command runs a folder")
     p.add_argument("--pipeline-records", type=int, default=128)
     p.add_argument("--pipeline-workers", default="0", help="grain worker_count values to try")
     p.add_argument("--variants", default="",

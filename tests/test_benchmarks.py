@@ -193,6 +193,11 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     for key in ("images_per_s", "synthetic_images_per_s", "ratio_to_synthetic"):
         assert _positive(pipeline[key]), key
     assert _positive(pipeline["runs"][0]["loader_only_images_per_s"])
+    files = result["predict_files"]  # the predict command's path over a folder of JPEG files
+    assert files["maps_written"] == files["records"] == 4 and files["failed"] == 0
+    for key in ("images_per_s", "synthetic_images_per_s", "ratio_to_synthetic"):
+        assert _positive(files[key]), key
+    assert files["synthetic_images_per_s"] == rows[("predict", None, "2x32x32")]["images_per_s"]
 
     # CPU traces have no device kernels: the summary says so; the trace itself is kept.
     assert set(result["profile"]) == {"2x32x32 float32 full", "2x32x32 float32 predict"}
@@ -203,6 +208,7 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     assert kept == ["perfetto_trace.json.gz"] * 2
 
     assert "img/s" in stdout and "compile cache" in stdout and "pipeline" in stdout
+    assert "from JPEG files to PNG maps" in stdout
     assert " 1755  690" in stdout and "GPU while traced: 1755 MHz" in stdout
     assert stdout.rstrip().splitlines()[-1].startswith("JSON:")
 
