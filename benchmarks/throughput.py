@@ -870,16 +870,16 @@ def measure_predict_files(bench: Bench, key: tuple, b: int, h: int, w: int) -> d
     640×480 JPEG files decoded and letterboxed in threads, ``Predictor.stream`` batches of
     ``b``, maps resized to each image's size and written as PNG files; against the synthetic
     rate of the kept ``predict`` measurement (the same function and batch)."""
-    jax, jnp = _jax()
+    _, jnp = _jax()
     from mlnet_jax.inference import ModelInfo, Predictor
-    from mlnet_jax.predict import Report, plan_outputs, predict_images
+    from mlnet_jax.predict import Report, build_parser, plan_outputs, predict_images
 
     args = bench.args
     info = ModelInfo(input_size=(h, w), preprocessing="caffe",
                      width_multiplier=args.width_multiplier)
     predictor = Predictor(info.build(jnp.dtype(key[1])), {"params": bench.params(h, w)}, info,
                           batch_size=b, mesh=bench.mesh)
-    workers = min(8, os.cpu_count() or 1)  # the command's default
+    workers = build_parser().get_default("workers")  # the command's default
     out = {"case": key[0], "dtype": key[1], "records": args.pipeline_records, "workers": workers,
            "image_size": [480, 640], "writes": "grey PNG maps at 640x480"}
     with tempfile.TemporaryDirectory(prefix="mlnet_fake_photos_") as tmp:
