@@ -153,9 +153,11 @@ def check_output_dir(output_dir: Path) -> None:
 # --------------------------------------------------------------------------- images
 
 def write_png(path: Path, array: np.ndarray) -> None:
-    """PNG written under a temporary name, renamed into place when complete."""
+    """PNG written under a temporary name, renamed into place when complete. zlib level 1:
+    encoding is the costliest host step of a folder run (a smooth 640×480 map: 7 ms and 79 kB
+    at level 1, 11 ms and 66 kB at level 4, 30 ms at PIL's default 6)."""
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=4)
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
 
 
 def full_size_map(raw: np.ndarray, size: tuple[int, int], blur: float = 0.0) -> np.ndarray:
