@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -268,7 +269,6 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
     """Overlay video (and grey map video) at the input's rate and size. Frames go through the
     device in batches; resizing and colouring run in ``workers`` threads; frames are encoded
     in order."""
-    import contextlib
 
     from tqdm import tqdm
 
@@ -371,10 +371,25 @@ def run(args: argparse.Namespace) -> int:
     root = input_path if input_path.is_dir() else input_path.parent
     jobs = plan_outputs(sources, root, output_dir, args.overlay, args.map_video)
     check_output_dir(output_dir)
-    # Pillow's own bomb check must not refuse what --max-pixels allows.
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < args.max_pixels:
-        Image.MAX_IMAGE_PIXELS = args.max_pixels
+    with _pillow_limit_at_least(args.max_pixels):
+        return _predict_jobs(args, jobs, skipped, output_dir)
 
+
+@contextlib.contextmanager
+def _pillow_limit_at_least(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb check must not refuse what --max-pixels allows; its process-wide limit
+    is raised only while the command runs (``main`` may be called from a user's program)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    if previous is not None and previous < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _predict_jobs(args: argparse.Namespace, jobs: list[Job], skipped: list[Path],
+                  output_dir: Path) -> int:
     import jax.numpy as jnp
 
     from mlnet_jax.inference import Predictor

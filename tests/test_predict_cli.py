@@ -190,6 +190,17 @@ def test_a_decompression_bomb_is_refused_by_the_limit(model_file, tmp_path, caps
     assert "over the limit of 99 pixels" in capsys.readouterr().err
 
 
+def test_a_limit_above_pillows_own_applies_and_pillows_is_restored(model_file, tmp_path, capsys):
+    pillows = Image.MAX_IMAGE_PIXELS
+    beyond = 2 * pillows + 1  # Pillow refuses to open this many pixels under its own limit
+    _png_header_only(tmp_path / "huge.png", beyond, 1)
+    assert _predict(model_file, tmp_path / "huge.png", tmp_path / "out",
+                    "--max-pixels", str(beyond)) == 2  # it opens, but holds no pixel data
+    line = next(l for l in capsys.readouterr().err.splitlines() if "huge.png" in l)
+    assert "over the limit" not in line and "truncated" in line, line
+    assert Image.MAX_IMAGE_PIXELS == pillows  # a caller of main() keeps its own setting
+
+
 def test_same_stems_do_not_overwrite_and_outputs_inside_the_input_are_not_inputs(
         model_file, tmp_path, capsys):
     src = tmp_path / "in"
