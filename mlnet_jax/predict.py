@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -371,19 +372,24 @@ def run(args: argparse.Namespace) -> int:
     root = input_path if input_path.is_dir() else input_path.parent
     jobs = plan_outputs(sources, root, output_dir, args.overlay, args.map_video)
     check_output_dir(output_dir)
-    with _pillow_limit_at_least(args.max_pixels):
+    with _pillow_bomb_check_left_to_us(args.max_pixels):
         return _predict_jobs(args, jobs, skipped, output_dir)
 
 
 @contextlib.contextmanager
-def _pillow_limit_at_least(max_pixels: int) -> Iterator[None]:
-    """Pillow's own bomb check must not refuse what --max-pixels allows; its process-wide limit
-    is raised only while the command runs (``main`` may be called from a user's program)."""
+def _pillow_bomb_check_left_to_us(max_pixels: int) -> Iterator[None]:
+    """While the command runs, Pillow's own bomb check neither refuses what --max-pixels allows
+    (its limit is raised) nor warns about what --max-pixels refuses in one line (its warning is
+    ignored here, for the whole run: ``load_image``'s own ``catch_warnings`` is not thread-safe,
+    and one decoding thread leaving it can undo another's). Both are restored after, since
+    ``main`` may run inside a user's program."""
     previous = Image.MAX_IMAGE_PIXELS
     if previous is not None and previous < max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 

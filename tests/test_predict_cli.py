@@ -1,10 +1,13 @@
 """``python -m mlnet_jax.predict`` on images and folders: sizes, modes, EXIF, mirrored paths,
 overlays, bad files, limits, atomic outputs; and the image reading and overlay helpers."""
 
+import contextlib
 import io
 import struct
 import subprocess
 import sys
+import types
+import warnings
 import zlib
 from pathlib import Path
 
@@ -199,6 +202,26 @@ def test_a_limit_above_pillows_own_applies_and_pillows_is_restored(model_file, t
     line = next(l for l in capsys.readouterr().err.splitlines() if "huge.png" in l)
     assert "over the limit" not in line and "truncated" in line, line
     assert Image.MAX_IMAGE_PIXELS == pillows  # a caller of main() keeps its own setting
+
+
+def test_pillows_bomb_warning_never_escapes_a_run_even_when_a_thread_loses_its_filter(
+        model_file, tmp_path, capsys, monkeypatch):
+    import mlnet_jax.image_io as image_io
+
+    # What a decoding thread sees when another thread leaves catch_warnings just before it
+    # opens its file: its own "ignore" filter is gone.
+    monkeypatch.setattr(image_io, "warnings", types.SimpleNamespace(
+        catch_warnings=contextlib.nullcontext, simplefilter=lambda *args, **kwargs: None))
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):  # past the pixel count at which Pillow warns, not the one where it refuses
+        _png_header_only(src / f"large{i}.png", 10000, 10000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _predict(model_file, src, tmp_path / "out", "--max-pixels", "1000") == 2
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    errors = [l for l in capsys.readouterr().err.splitlines() if "large" in l]
+    assert len(errors) == 3 and all("over the limit of 1,000 pixels" in l for l in errors), errors
 
 
 def test_same_stems_do_not_overwrite_and_outputs_inside_the_input_are_not_inputs(
