@@ -15,8 +15,8 @@
 # printed last.
 # Order: the peer first (bounded by its own --deadline and a timeout), then ours with a
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
-# Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER_CASES (= CASES), PEER_DEADLINE
-# (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
+# Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER (.bench/torch_peer.py, else
+# ../shared/bench/torch_peer.py), PEER_CASES (= CASES), PEER_DEADLINE (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
 # end), PIPELINE_WORKERS (0,4), VARIANTS (default below: the unmeasured candidates, side by
 # side, most promising first, so the deadline cuts the least; add v1, the code before the
 # last adopted levers, to show their gain in the same run),
@@ -102,7 +102,7 @@ if ! python3 -c "import grain, array_record" >> "$OUT/env.txt" 2>&1; then
   PIPE_ARGS=()
 fi
 
-PEER=$BENCH/torch_peer.py
+PEER=${PEER:-$BENCH/torch_peer.py}
 [ -f "$PEER" ] || PEER=../shared/bench/torch_peer.py
 if [ -f "$PEER" ]; then
   PD=${PEER_DEADLINE:-120}

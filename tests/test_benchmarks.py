@@ -105,13 +105,14 @@ def _positive(value):
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
 echo "1980, 1980, 2619, 80.00, 700.00, 40"
+case "$*" in *--loop-ms*) ;; *) exit 0 ;; esac
 while :; do echo "1755, 1980, 2619, 690.00, 700.00, 66"; sleep 0.005; done
 """
 
 
 def _fake_nvidia_smi(tmp_path) -> dict:
-    """PATH with an ``nvidia-smi`` that prints one idle sample, then samples of a card held at
-    1755 MHz by its 700 W power cap, until it is stopped."""
+    """PATH with an ``nvidia-smi`` that prints one idle sample, then, when asked to loop,
+    samples of a card held at 1755 MHz by its 700 W power cap until it is stopped."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
@@ -149,6 +150,43 @@ def test_gpu_monitor_skips_unavailable_fields_and_foreign_lines():
                        "mem_mhz_median": 2619, "power_w_mean": 350.5, "power_w_max": 400.5,
                        "temperature_c_max": 55}
     assert gpu_monitor.summarize("Field clocks.max.sm is not valid\n") is None
+
+
+FAKE_PEER = """import json, os, sys
+print("fake peer", *sys.argv[1:])
+rows = [{"fw": "torch", "task": task, "mode": "bf16_cl_compile", "bs": 1, "h": 32, "w": 48,
+         "img_s": rate} for task, rate in (("train", 10.0), ("infer", 40.0))]
+json.dump(rows, open(os.path.join(os.environ["OUT"], "peer_torch.json"), "w"))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_the_device_script_runs_the_peer_then_ours_and_merges_them(tmp_path):
+    # benchmarks/gpu_run.sh is the one command a device lease runs: a mistake in it costs the
+    # lease. Here on the CPU, in its levers focus, with a fake peer and a fake nvidia-smi.
+    (tmp_path / "peer.py").write_text(FAKE_PEER)
+    out = tmp_path / "out"
+    out.mkdir()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{_fake_nvidia_smi(tmp_path)['PATH']}"
+    env = {**os.environ, "PATH": path, "OUT": str(out), "PEER": str(tmp_path / "peer.py"),
+           "FOCUS": "levers", "CASES_FOCUS": "1x32x48", "VARIANTS": "", "PEER_DEADLINE": "7",
+           "BUDGET_S": "400", "JAX_ARGS": "--quick --width-multiplier 0.25"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_run.sh")], env=env,
+                          capture_output=True, text=True, timeout=540)
+    log = (out / "run.log").read_text()
+    assert proc.returncode == 0 and "done in" in log, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fake peer --cases 1x32x48 --deadline 7" in log  # the peer first, on our case
+    ours = json.loads((out / "jax_throughput.json").read_text())
+    (merged_file,) = out.glob("20*-cpu.json")
+    merged = json.loads(merged_file.read_text())
+    rate = {r["task"]: r["images_per_s"] for r in ours["results"] if r["case"] == "1x32x48"
+            and r["dtype"] == "bfloat16" and r["mode"] in ("full", None) and not r["variant"]}
+    assert merged["train_ratio_vs_torch_compile"] == pytest.approx(rate["train"] / 10.0)
+    assert merged["predict_ratio_vs_torch_compile"] == pytest.approx(rate["predict"] / 40.0)
+    assert ours["args"]["deadline"] < 400 - 120  # the budget's margin, after the peer's time
+    assert {"dumps.tar.gz", "profile.tar.gz", "env.txt", "gpu_samples.csv"} <= {
+        p.name for p in out.iterdir()}
+    assert "1755, 1980, 2619, 690.00, 700.00, 66" in (out / "gpu_samples.csv").read_text()
 
 
 def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
