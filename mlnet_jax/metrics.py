@@ -525,10 +525,13 @@ def _auc_borji(p: jax.Array, fix: jax.Array, key: jax.Array, n_splits: int,
     n_fix = fixated.sum(axis=1)
     n_pix = bins.shape[1]
     tp = _rate_at_or_above(fixated, n_fix[:, None])
-    # Nf pixels drawn uniformly with replacement fall in the bins multinomially.
-    draws = jax.random.multinomial(key, n_fix[:, None].astype(jnp.float32),
-                                   (every.astype(jnp.float32) / n_pix)[:, None, :],
-                                   shape=(p.shape[0], n_splits, n_t), dtype=jnp.float32)
+    # Nf pixels drawn uniformly with replacement fall in the bins multinomially. Trials and
+    # probabilities come broadcast to (B, S) and (B, S, T), not through ``shape``, which means
+    # the whole result shape in JAX 0.10 and the shape without the bins in 0.12.
+    trials = jnp.broadcast_to(n_fix[:, None].astype(jnp.float32), (p.shape[0], n_splits))
+    probabilities = jnp.broadcast_to((every.astype(jnp.float32) / n_pix)[:, None, :],
+                                     (p.shape[0], n_splits, n_t))
+    draws = jax.random.multinomial(key, trials, probabilities, dtype=jnp.float32)
     fp = _rate_at_or_above(draws, n_fix[:, None, None])
     auc = _auc_from_rates(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
     return jnp.where((n_fix <= 1) | ~ok, jnp.nan, auc)
