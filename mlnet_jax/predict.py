@@ -364,6 +364,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--blur must be ≥ 0, got {args.blur}")
     if args.max_pixels < 1:
         raise UserError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    from mlnet_jax.compute_dtype import compute_dtype
+
+    dtype = compute_dtype(args.dtype, "--dtype")
     input_path, output_dir = Path(args.input).expanduser(), Path(args.output).expanduser()
     sources, skipped = find_inputs(input_path, output_dir)
     if not sources:
@@ -373,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = plan_outputs(sources, root, output_dir, args.overlay, args.map_video)
     check_output_dir(output_dir)
     with _pillow_bomb_check_left_to_us(args.max_pixels):
-        return _predict_jobs(args, jobs, skipped, output_dir)
+        return _predict_jobs(args, dtype, jobs, skipped, output_dir)
 
 
 @contextlib.contextmanager
@@ -394,16 +397,14 @@ def _pillow_bomb_check_left_to_us(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _predict_jobs(args: argparse.Namespace, jobs: list[Job], skipped: list[Path],
+def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job], skipped: list[Path],
                   output_dir: Path) -> int:
-    import jax.numpy as jnp
-
     from mlnet_jax.inference import Predictor
     from mlnet_jax.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache(args.compilation_cache, "--compilation-cache")
     predictor = Predictor.load(Path(args.checkpoint).expanduser(), batch_size=args.batch_size,
-                               dtype=jnp.dtype(args.dtype))
+                               dtype=dtype)
     report = Report()
     image_jobs = [j for j in jobs if not j.is_video]
     video_jobs = [j for j in jobs if j.is_video]

@@ -24,6 +24,7 @@ import optax
 
 from mlnet_jax.cli import run_absl
 from mlnet_jax.compilation_cache import enable_compilation_cache
+from mlnet_jax.compute_dtype import compute_dtype
 from mlnet_jax.errors import UserError
 from mlnet_jax.evaluation import evaluate_split
 from mlnet_jax.inference import ModelInfo
@@ -265,7 +266,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                         f"{mesh.size} devices; use a multiple of {mesh.size} (e.g. {suggestion})")
     loaded, init_metadata = read_init_weights(config.init_weights)
     info = model_info_from_config(config, init_metadata)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+    dtype = compute_dtype(config.compute_dtype, "config.compute_dtype")
     model = info.build(dtype).clone(dropout_rate=config.dropout_rate)
     tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
     learning_rate = keras1_decay_schedule(config.learning_rate, config.lr_decay)

@@ -138,3 +138,10 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
                             capture_output=True, text=True, timeout=120, cwd=TESTS.parent)
     one_line_error(result, "config.global_batch_size=5 cannot be split over 2 devices; use a "
                            "multiple of 2 (e.g. 6)")
+
+
+@pytest.mark.timeout(120)
+def test_unknown_compute_dtype_is_named(tmp_path):
+    one_line_error(cli("mlnet_jax.train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
+                       "--config.compute_dtype=float16"),
+                   "config.compute_dtype='float16': expected one of float32, bfloat16")
