@@ -270,7 +270,6 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
     """Overlay video (and grey map video) at the input's rate and size. Frames go through the
     device in batches; resizing and colouring run in ``workers`` threads; frames are encoded
     in order."""
-
     from tqdm import tqdm
 
     from mlnet_jax.video import VideoWriter, open_video
