@@ -24,10 +24,16 @@ def compute_dtype(name: str, option: str) -> jnp.dtype:
     """The dtype ``name`` stands for; ``option`` (e.g. ``--dtype``) is what the error names."""
     if name not in COMPUTE_DTYPES:
         raise UserError(f"{option}={name!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
-    if name == "bfloat16" and jax.default_backend() == "cpu" and not cpu_bfloat16_convolutions_work():
+    return check_backend_computes(COMPUTE_DTYPES[name], option)
+
+
+def check_backend_computes(dtype, option: str = "dtype"):
+    """``dtype``, unless it is bfloat16 and the default backend is a CPU that gets it wrong."""
+    if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" \
+            and not cpu_bfloat16_convolutions_work():
         raise UserError(f"{option}=bfloat16: this JAX's CPU backend (jax {jax.__version__}) returns "
                         "NaN from bfloat16 convolutions after a pooling; use float32 on a CPU")
-    return COMPUTE_DTYPES[name]
+    return dtype
 
 
 @functools.cache

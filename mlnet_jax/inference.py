@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from mlnet_jax.compute_dtype import check_backend_computes
 from mlnet_jax.errors import WeightsError
 from mlnet_jax.models import MLNet
 from mlnet_jax.preprocessing import letterbox, normalize, postprocess
@@ -57,8 +58,10 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> tuple[MLNet, dict,
     """(model, variables, info) from a converted full-model ``.npz`` or an Orbax checkpoint.
 
     ``path`` may be a training workdir (its best, else latest, checkpoint), one checkpoint
-    directory, or the output of ``convert_weights`` for a full ML-Net.
+    directory, or the output of ``convert_weights`` for a full ML-Net. ``dtype`` bfloat16 is
+    refused on a CPU backend that computes it wrongly (``compute_dtype``).
     """
+    check_backend_computes(dtype)
     path = Path(path)
     if path.is_dir():
         from mlnet_jax.checkpointing import restore_for_inference  # Orbax only when needed

@@ -145,6 +145,7 @@ def test_bfloat16_maps_are_computed_in_bfloat16_and_stay_close_to_float32(model_
 def test_bfloat16_is_refused_with_the_reason_where_the_cpu_backend_gets_it_wrong(
         model_file, tmp_path, capsys, monkeypatch):
     import mlnet_jax.compute_dtype
+    from mlnet_jax.errors import UserError
 
     monkeypatch.setattr(mlnet_jax.compute_dtype, "cpu_bfloat16_convolutions_work", lambda: False)
     Image.fromarray(_noise(32, 32)).save(tmp_path / "a.png")
@@ -152,13 +153,17 @@ def test_bfloat16_is_refused_with_the_reason_where_the_cpu_backend_gets_it_wrong
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: --dtype=bfloat16: this JAX's CPU backend") and "use float32" in line
     assert not (tmp_path / "out" / "a.png").exists()
+    with pytest.raises(UserError, match="dtype=bfloat16: this JAX's CPU backend"):  # the Python API
+        Predictor.load(model_file, dtype=jnp.bfloat16)
+    assert Predictor.load(model_file, dtype=jnp.float32).info.input_size == INPUT
 
 
 def test_the_cpu_bfloat16_probe_agrees_with_the_model_in_bfloat16(model_file):
     # The probe stands in for the model: where it is finite, so are the model's bfloat16 maps.
     from mlnet_jax.inference import load_model
 
-    model, variables, _ = load_model(model_file, jnp.bfloat16)
+    _, variables, info = load_model(model_file)
+    model = info.build(jnp.bfloat16)
     images = jnp.asarray(np.stack([_noise(*INPUT, seed=s) for s in range(4)]), jnp.float32)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     finite = all(np.isfinite(np.asarray(apply(variables, images), np.float32)).all()
