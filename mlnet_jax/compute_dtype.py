@@ -1,7 +1,7 @@
 """The compute dtype a config or an option names, checked before anything is compiled with it.
 
 A name other than float32 or bfloat16 is a one-line error. bfloat16 on a CPU backend is first
-tried on the smallest program seen to fail: with JAX 0.12.0.1 (Colab's Python 3.13 build),
+tried on the smallest program seen to fail: with JAX 0.12.0.1 (what pip installs for Python 3.13),
 XLA:CPU returns NaN in some channels of bfloat16 convolutions that follow a 2×2 max pooling, a
 different few on every call (0.10.2 is fine). Where that program comes out NaN, bfloat16 on the
 CPU is refused with the reason; float32 is no slower there. GPUs and TPUs are not tried.
