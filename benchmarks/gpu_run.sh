@@ -16,10 +16,11 @@
 # Order: the peer first (bounded by its own --deadline and a timeout), then ours with a
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER (.bench/torch_peer.py, else
-# ../shared/bench/torch_peer.py), PEER_CASES (= CASES), PEER_DEADLINE (120), DEADLINE_MARGIN (120: no new measurement starts later than this before the budget's
-# end), PIPELINE_WORKERS (0,4), VARIANTS (default below: the unmeasured candidates, side by
-# side, most promising first, so the deadline cuts the least; add v1, the code before the
-# last adopted levers, to show their gain in the same run),
+# ../shared/bench/torch_peer.py), PEER_CASES (= CASES), PEER_DEADLINE (120), DEADLINE_MARGIN
+# (120: no new measurement starts later than this before the budget's end), PIPELINE_WORKERS
+# (0,4), VARIANTS (default below: the unmeasured candidates, side by side, most promising
+# first, so the deadline cuts the least; add v1, the code before the last adopted levers, to
+# show their gain in the same run),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
 # JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
