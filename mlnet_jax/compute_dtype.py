@@ -1,9 +1,9 @@
 """The compute dtype a config or an option names, checked before anything is compiled with it.
 
 A name other than float32 or bfloat16 is a one-line error. bfloat16 on a CPU backend is first
-tried on the smallest program seen to fail: with JAX 0.12.0.1 (what pip installs for Python 3.13),
-XLA:CPU returns NaN in some channels of bfloat16 convolutions that follow a 2×2 max pooling, a
-different few on every call (0.10.2 is fine). Where that program comes out NaN, bfloat16 on the
+tried on the smallest program seen to fail: with JAX 0.11.2 and 0.12.0.1, XLA:CPU returns NaN
+in some channels of bfloat16 convolutions that follow a 2×2 max pooling, a different few on
+every call (0.10.2 is fine). Where that program comes out NaN, bfloat16 on the
 CPU is refused with the reason; float32 is no slower there. GPUs and TPUs are not tried.
 """
 
@@ -40,7 +40,7 @@ def check_backend_computes(dtype, option: str = "dtype"):
 def cpu_bfloat16_convolutions_work() -> bool:
     """Whether conv → ReLU → 2×2 max pool → two conv → ReLU in bfloat16, jitted on the default
     backend (call it where that is the CPU), comes out finite three calls running (on JAX
-    0.12.0.1 no call does; 0.2 s)."""
+    0.12.0.1 no call of 30 did; 0.2 s)."""
     rng = np.random.default_rng(0)
     shapes = [(3, 3, 3, 16), (3, 3, 16, 32), (3, 3, 32, 32)]
     kernels = [rng.normal(0, 1 / np.sqrt(9 * shape[2]), shape).astype(np.float32) for shape in shapes]
