@@ -3,6 +3,7 @@ naming the file or field and what was expected, and nothing already written is h
 (Images and datasets have their rows in test_predict_cli.py and test_datasets.py.)"""
 
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,19 @@ def test_failed_output_write_leaves_the_previous_file(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert target.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["final_metrics.json"]  # no temp file left
+
+
+def test_outputs_get_the_mode_a_plain_open_gives_not_owner_only(tmp_path):
+    # The umask is read at import; a subprocess sets it first, as a user's shell would.
+    script = ("import os, stat, sys; os.umask(0o027); from mlnet_jax.atomic import atomic_path\n"
+              "for name in ('new.png', 'old.png'):\n"
+              "    with atomic_path(sys.argv[1] + '/' + name) as tmp: tmp.write_bytes(b'x')\n"
+              "    print(oct(stat.S_IMODE(os.stat(sys.argv[1] + '/' + name).st_mode)))")
+    (tmp_path / "old.png").write_bytes(b"previous")
+    os.chmod(tmp_path / "old.png", 0o600)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == ["0o640", "0o640"]  # 0o666 & ~0o027, replaced file too
 
 
 def test_nan_image_array_is_refused_by_the_predictor(tmp_path):
