@@ -51,7 +51,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
                 if width * height > max_pixels:
                     raise ImageError(_too_large(path, f"{width}×{height} pixels", max_pixels))
                 image.load()
-                oriented = _oriented(image)
+                oriented = as_displayed(image)
                 try:
                     return to_rgb(oriented)
                 except (ValueError, OSError) as e:
@@ -83,7 +83,7 @@ def _too_large(path: Path, size: str, limit: int) -> str:
             "raise it with --max-pixels if the file is trusted")
 
 
-def _oriented(image: Image.Image) -> Image.Image:
+def as_displayed(image: Image.Image) -> Image.Image:
     """The image turned as its EXIF orientation says; a broken EXIF block is ignored (the
     pixels are still fine, and a viewer would show them unturned too)."""
     try:
@@ -103,7 +103,7 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     if mode in ("RGB",):
         return np.asarray(image, np.uint8).copy()
     if mode.startswith("I") or mode == "F":
-        return _grey_to_rgb(_wide_to_uint8(np.asarray(image), mode))
+        return _grey_to_rgb(wide_to_uint8(np.asarray(image), mode))
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode == "PA":
@@ -118,7 +118,7 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), np.uint8).copy()
 
 
-def _wide_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+def wide_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
     """16/32-bit integer or float grey levels → uint8 by their nominal range."""
     array = np.asarray(array)
     if mode == "F" or array.dtype.kind == "f":

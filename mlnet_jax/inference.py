@@ -20,6 +20,7 @@ from PIL import Image
 
 from mlnet_jax.compute_dtype import check_backend_computes
 from mlnet_jax.errors import WeightsError
+from mlnet_jax.image_io import as_displayed, to_rgb, wide_to_uint8
 from mlnet_jax.models import MLNet
 from mlnet_jax.preprocessing import letterbox, normalize, postprocess
 from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
@@ -100,16 +101,21 @@ def make_predict_fn(model: MLNet, preprocessing: str, mesh=None) -> Callable:
 
 
 def to_rgb_array(image) -> np.ndarray:
-    """uint8 H×W×3 RGB from a PIL image or array (greyscale, RGBA, float 0–1 or 0–255).
+    """uint8 H×W×3 RGB from a PIL image or an array (NumPy, JAX or anything ``np.asarray``
+    takes: greyscale, RGB or RGBA).
 
-    PIL images of any mode go through :func:`mlnet_jax.image_io.to_rgb` (16-bit scaled, not
-    clipped; transparency on white).
+    PIL images are turned as their EXIF orientation says, as ``load_image`` turns files, then
+    go through :func:`mlnet_jax.image_io.to_rgb` (16-bit scaled, not clipped; transparency on
+    white). Arrays: uint16 is scaled from 0–65535, other integers as a 16-bit PIL image is
+    (0–255 if they fit, else 0–65535); floats are 0–1 when their maximum is at most 1, else
+    0–255.
     """
     if isinstance(image, Image.Image):
-        from mlnet_jax.image_io import to_rgb
-        return to_rgb(image)
+        return to_rgb(as_displayed(image))
     array = np.asarray(image)
-    if array.dtype != np.uint8:
+    if array.dtype.kind in "iu" and array.dtype != np.uint8:
+        array = wide_to_uint8(array, "I;16" if array.dtype == np.uint16 else "I")
+    elif array.dtype != np.uint8:
         if not np.isfinite(array).all():
             raise ValueError("image array contains NaN or Inf values; expected finite pixel values")
         scale = 255.0 if array.size and float(array.max()) <= 1.0 else 1.0
@@ -132,6 +138,8 @@ class Predictor:
 
     def __init__(self, model: MLNet, variables: dict, info: ModelInfo, batch_size: int = 8,
                  mesh=None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         mesh = data_mesh() if mesh is None else mesh
         self.info = info
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
@@ -175,9 +183,15 @@ class Predictor:
 
     def __call__(self, images: Sequence | np.ndarray | Image.Image) -> list[np.ndarray] | np.ndarray:
         """Maps at original size: one image (PIL, H×W or H×W×C array) → one map; a list or an
-        N×H×W×C array → a list of maps."""
-        single = isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim <= 3)
-        items = [images] if single else list(images)
+        N×H×W×C array (NumPy, JAX, anything ``np.asarray`` takes) → a list of maps."""
+        if isinstance(images, Image.Image):
+            single, items = True, [images]
+        elif isinstance(images, (list, tuple)) or not hasattr(images, "__array__"):
+            single, items = False, list(images)
+        else:
+            array = np.asarray(images)
+            single = array.ndim <= 3
+            items = [array] if single else list(array)
         maps = list(self.iter_maps(items))
         return maps[0] if single else maps
 

@@ -228,8 +228,8 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
             except OSError as e:
                 report.fail(job.source, f"{job.source}: cannot write its output "
                                         f"({e.strerror or e})", say)
-            except Exception as e:  # noqa: BLE001
-                report.fail(job.source, f"{job.source}: cannot write its output "
+            except Exception as e:  # noqa: BLE001 — resizing, blurring or colouring the map
+                report.fail(job.source, f"{job.source}: cannot make its map "
                                         f"({type(e).__name__}: {e})", say)
             bar.update(1)
 

@@ -82,13 +82,9 @@ def postprocess(saliency: np.ndarray, original_size: tuple[int, int]) -> np.ndar
     rows, cols = original_size
     if rows / p_rows > cols / p_cols:
         new_cols = (p_cols * rows) // p_rows
-        resized = resize_bilinear(saliency, (rows, new_cols))
-        start = (new_cols - cols) // 2
-        out = resized[:, start:start + cols]
+        out = resize_bilinear(saliency, (rows, new_cols), (0, (new_cols - cols) // 2, rows, cols))
     else:
         new_rows = (p_rows * cols) // p_cols
-        resized = resize_bilinear(saliency, (new_rows, cols))
-        start = (new_rows - rows) // 2
-        out = resized[start:start + rows, :]
+        out = resize_bilinear(saliency, (new_rows, cols), ((new_rows - rows) // 2, 0, rows, cols))
     peak = out.max()
     return (out / peak if peak > 0 else np.zeros_like(out)).astype(np.float32)

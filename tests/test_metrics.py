@@ -574,6 +574,14 @@ def test_resize_bilinear_matches_loop_reference(src, dst):
     np.testing.assert_allclose(resize_bilinear(a, dst), _ref_resize(a, *dst), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels", [(), (2,)])
+def test_resize_bilinear_window_is_the_crop_of_the_whole(channels):
+    a = np.random.default_rng(3).random((6, 8) + channels)
+    whole = resize_bilinear(a, (45, 17))
+    window = resize_bilinear(a, (45, 17), (30, 4, 11, 9))
+    np.testing.assert_array_equal(window, whole[30:41, 4:13])
+
+
 def test_resize_bilinear_hand_values():
     # [[0, 1]] to 4 columns: source x = (j + .5)/2 - .5 = -.25, .25, .75, 1.25, clamped to
     # [0, 1] → 0, .25, .75, 1 (what cv2.resize gives).

@@ -295,6 +295,24 @@ def test_an_existing_output_survives_a_failed_write(model_file, tmp_path, capsys
     assert [p.name for p in out.iterdir()] == ["x.png"]  # no temporary file left behind
 
 
+def test_a_map_that_cannot_be_made_is_not_called_a_write_failure(model_file, tmp_path, capsys,
+                                                                 monkeypatch):
+    import mlnet_jax.predict
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(_noise(10, 10)).save(src / "x.png")
+    Image.fromarray(_noise(10, 10)).save(src / "y.png")
+
+    def out_of_memory(raw, size, blur=0.0):
+        raise MemoryError("Unable to allocate 55.9 GiB")
+
+    monkeypatch.setattr(mlnet_jax.predict, "full_size_map", out_of_memory)
+    assert _predict(model_file, src, out) == 2
+    err = capsys.readouterr().err
+    assert "cannot make its map (MemoryError: Unable to allocate 55.9 GiB)" in err
+    assert "cannot write" not in err and "Traceback" not in err
+
+
 def test_blur_is_applied_to_the_map_at_image_size(model_file, tmp_path):
     src = tmp_path / "x.png"
     Image.fromarray(_noise(40, 60)).save(src)
@@ -383,6 +401,24 @@ def test_the_python_api_takes_pil_images_of_any_mode(model_file):
     # 16-bit input is scaled like its 8-bit twin, not clipped to white.
     twin = predictor(Image.fromarray(_noise(12, 20, 1)))
     np.testing.assert_allclose(maps[0], twin, atol=1e-5)
+
+
+def test_the_python_api_reads_arrays_and_photos_as_the_command_does(model_file, tmp_path):
+    predictor = Predictor.load(model_file, batch_size=2)
+    image = _noise(12, 20)
+    want = predictor(image)
+    # A JAX array is one image, not a list of rows; uint16 is scaled from 0–65535, not clipped.
+    np.testing.assert_allclose(predictor(jnp.asarray(image)), want, atol=1e-6)
+    np.testing.assert_allclose(predictor(image.astype(np.uint16) * 257), want, atol=1e-6)
+    assert len(predictor(jnp.stack([jnp.asarray(image)] * 3))) == 3
+    # A phone photo opened with PIL is turned as its EXIF orientation says, as load_image does.
+    _exif_rotated_jpeg(tmp_path / "turned.jpg", 10, 30)
+    with Image.open(tmp_path / "turned.jpg") as photo:
+        from_pil = predictor(photo)
+    assert from_pil.shape == (30, 10)
+    np.testing.assert_allclose(from_pil, predictor(load_image(tmp_path / "turned.jpg")), atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        Predictor.load(model_file, batch_size=0)
 
 
 def test_overlay_colours_only_where_salient():

@@ -121,6 +121,20 @@ def test_postprocess_undoes_the_letterbox():
     assert out.min() > 0.5
 
 
+def test_postprocess_of_a_long_strip_needs_memory_for_the_strip_only():
+    import tracemalloc
+
+    from reference_numpy import original_postprocess
+    small = np.random.default_rng(0).random((60, 80))
+    np.testing.assert_allclose(postprocess(small, (2, 4000)), original_postprocess(small, 2, 4000),
+                               rtol=1e-6)
+    tracemalloc.start()
+    out = postprocess(small, (2, 100_000))  # the whole cover resize would be 75000 × 100000
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == (2, 100_000) and peak < 200e6, peak
+
+
 def test_a_vgg_only_file_is_not_a_model(tmp_path):
     path = tmp_path / "vgg.npz"
     save_weights(path, {"backbone": {}}, {"model": "vgg16", "source": "x",
