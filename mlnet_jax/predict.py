@@ -41,11 +41,11 @@ from PIL import Image
 
 from mlnet_jax.atomic import atomic_path
 from mlnet_jax.errors import UserError
-from mlnet_jax.image_io import MAX_PIXELS, ImageError, is_image_path, load_image
+from mlnet_jax.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, is_image_path, load_image
 from mlnet_jax.overlay import blur_map, map_to_uint8, overlay
 from mlnet_jax.preprocessing import letterbox, postprocess
 from mlnet_jax.video import OUTPUT_SUFFIX as VIDEO_SUFFIX
-from mlnet_jax.video import is_video_path
+from mlnet_jax.video import VIDEO_EXTENSIONS, is_video_path
 
 DEFAULT_CACHE = "~/.cache/mlnet_jax/jax_cache"  # the training configs' default too
 OVERLAY_SUFFIX = "_overlay"
@@ -83,17 +83,29 @@ def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], list[Pa
     """(images and videos under ``input_path`` in sorted order, other files skipped).
 
     Hidden files and folders, and ``output_dir`` when it lies inside the input, are not
-    walked, so a rerun never predicts on its own outputs.
+    walked, so a rerun never predicts on its own outputs; ``output_dir`` equal to the input
+    folder is refused for the same reason. Symbolic links to folders are followed, each real
+    folder walked once (a link back up the tree is not a loop).
     """
     if input_path.is_file():
         return [input_path], []
     if not input_path.is_dir():
         raise UserError(f"--input {input_path}: no such file or folder")
     out_resolved = output_dir.resolve()
+    if out_resolved == input_path.resolve():
+        raise UserError(f"--output {output_dir}: is the --input folder itself, so a rerun would "
+                        "predict on its own maps; name another folder (one inside the input is "
+                        f"fine, e.g. {output_dir / 'maps'})")
     found, skipped = [], []
-    for folder, dirs, files in os.walk(input_path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and (Path(folder) / d).resolve() != out_resolved)
+    walked = {input_path.resolve()}
+    for folder, dirs, files in os.walk(input_path, followlinks=True):
+        kept = []
+        for name in sorted(dirs):
+            real = (Path(folder) / name).resolve()
+            if not name.startswith(".") and real != out_resolved and real not in walked:
+                walked.add(real)
+                kept.append(name)
+        dirs[:] = kept
         for name in sorted(files):
             path = Path(folder) / name
             if name.startswith("."):
@@ -130,6 +142,10 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
                 jobs.append(Job(source, video, map_path, overlay_path, renamed=attempt > 0))
                 break
     return jobs
+
+
+def _listed(extensions) -> str:
+    return " ".join(sorted(extensions))
 
 
 def _key(path: Path) -> str:
@@ -212,7 +228,9 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
                 try:
                     image, boxed = future.result()
                 except ImageError as e:
-                    report.fail(job.source, str(e), say)
+                    hint = "" if is_image_path(job.source) else \
+                        f" (videos are read by extension: {_listed(VIDEO_EXTENSIONS)})"
+                    report.fail(job.source, f"{e}{hint}", say)
                     bar.update(1)
                     continue
                 except Exception as e:  # noqa: BLE001 — one bad file must not stop the run
@@ -369,8 +387,8 @@ def run(args: argparse.Namespace) -> int:
     input_path, output_dir = Path(args.input).expanduser(), Path(args.output).expanduser()
     sources, skipped = find_inputs(input_path, output_dir)
     if not sources:
-        raise UserError(f"--input {input_path}: no images or videos found (extensions: images "
-                        ".jpg .png .bmp .webp .tif .gif, videos .mp4 .avi .mov .mkv)")
+        raise UserError(f"--input {input_path}: no images or videos found (extensions: "
+                        f"images {_listed(IMAGE_EXTENSIONS)}, videos {_listed(VIDEO_EXTENSIONS)})")
     root = input_path if input_path.is_dir() else input_path.parent
     jobs = plan_outputs(sources, root, output_dir, args.overlay, args.map_video)
     check_output_dir(output_dir)

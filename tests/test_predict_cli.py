@@ -273,6 +273,24 @@ def test_same_stems_do_not_overwrite_and_outputs_inside_the_input_are_not_inputs
     assert Image.open(out / "x.png.png").size == (6, 30)
 
 
+def test_linked_folders_are_walked_once_and_unknown_extensions_get_a_hint(model_file, tmp_path,
+                                                                         capsys):
+    src, elsewhere, out = tmp_path / "in", tmp_path / "elsewhere", tmp_path / "out"
+    src.mkdir()
+    elsewhere.mkdir()
+    Image.fromarray(_noise(10, 20)).save(src / "real.jpg")
+    Image.fromarray(_noise(12, 8)).save(elsewhere / "linked.jpg")
+    (src / "link").symlink_to(elsewhere, target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)  # must not be walked forever
+    assert _predict(model_file, src, out) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
+        "link/linked.png", "real.png"]
+    assert Image.open(out / "link" / "linked.png").size == (8, 12)
+    (tmp_path / "clip.mpg").write_bytes(b"\x00\x00\x01\xba not a picture")
+    assert _predict(model_file, tmp_path / "clip.mpg", out) == 2
+    assert "videos are read by extension: .avi .m4v .mkv .mov .mp4 .webm" in capsys.readouterr().err
+
+
 def test_an_existing_output_survives_a_failed_write(model_file, tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -339,7 +357,10 @@ def test_an_unwritable_output_folder_is_one_line(model_file, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--input", "{tmp}/missing"], "no such file or folder"),
-    (["--input", "{tmp}/empty_dir"], "no images or videos found"),
+    (["--input", "{tmp}/empty_dir"], "no images or videos found (extensions: images .bmp .gif "
+                                     ".jpe .jpeg .jpg .png .tif .tiff .webp, videos .avi .m4v "
+                                     ".mkv .mov .mp4 .webm)"),
+    (["--input", "{tmp}/empty_dir", "--output", "{tmp}/empty_dir/."], "is the --input folder"),
     (["--input", "{tmp}/x.png", "--batch-size", "0"], "--batch-size"),
 ])
 def test_input_errors_are_one_line(model_file, tmp_path, capsys, args, message):
