@@ -40,5 +40,6 @@ def download_weights(name: str, timeout: float = 60.0) -> tuple[Path, str]:
         reason = getattr(e, "reason", e)
         raise WeightsError(
             f"could not download {url} ({reason}); without network, fetch that file on another "
-            f"machine and run: python -m mlnet_jax.convert_weights {filename} DST") from None
+            "machine, then convert it (python -m mlnet_jax.convert_weights FILE DST) or save it "
+            f"as {target}, where --download finds it") from None
     return target, fmt

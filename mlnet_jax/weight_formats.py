@@ -269,9 +269,11 @@ def detect_format(path: str | os.PathLike) -> str:
             layers = _keras_layers_with_weights(f)
         if not layers:
             raise WeightsError(f"{path}: HDF5 file without Keras weights (no layer_names / layer_{{id}})")
-        if any(ws[0].ndim == 2 for _, ws in layers) or len(layers) in (15, 16):
-            return "mlnet-keras1"
-        return "keras" if layers[0][1][0].shape[:2] == (3, 3) else "keras1"
+        if layers[0][1][0].shape[:2] == (3, 3):  # HWIO kernels: Keras 2, with or without top
+            return "keras"
+        # OIHW (Theano): ML-Net if a convolution follows VGG's 13 (its head), where VGG-16 with
+        # its top has the 2-D fc1.
+        return "mlnet-keras1" if len(layers) > 13 and layers[13][1][0].ndim == 4 else "keras1"
     if head.startswith(b"PK") or head[:1] == b"\x80":
         return "torchvision"
     if len(head) >= 9 and head[8:9] == b"{":

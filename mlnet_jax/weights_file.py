@@ -50,14 +50,24 @@ def save_weights(path: str | os.PathLike, params: dict, metadata: dict[str, Any]
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, **metadata}
     arrays = {k: v.astype(np.float32) for k, v in flatten(params).items()}
     arrays[_METADATA_KEY] = np.asarray(json.dumps(metadata, sort_keys=True))
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot write the weights file ({e.strerror or e})") from None
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     """(params, metadata) from a file written by :func:`save_weights`."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head and not head.startswith(b"PK"):  # not a zip, so not an .npz of ours
+            raise WeightsError(
+                f"{path}: not a converted mlnet_jax weights file; convert it first with python -m "
+                "mlnet_jax.convert_weights SRC DST.npz (--format mlnet-keras1 for the authors' "
+                "released ML-Net)")
         with np.load(path, allow_pickle=False) as data:
             if _METADATA_KEY not in data.files:
                 raise WeightsError(f"{path}: not an mlnet_jax weights file (no {_METADATA_KEY}); "

@@ -12,6 +12,7 @@ import pytest
 import reference_numpy as ref
 from mlnet_jax import VGG16, load_vgg16
 from mlnet_jax.convert_weights import main as convert_main
+from mlnet_jax.errors import WeightsError
 from mlnet_jax.weight_formats import KERAS1_VGG_LAYER_IDS, TORCHVISION_CONV_INDICES, detect_format
 from mlnet_jax.weights_file import read_weights
 
@@ -122,7 +123,8 @@ def test_safetensors_bfloat16_is_read_without_torch(tmp_path):
 
 # --- Keras layouts --------------------------------------------------------------------------
 
-def write_keras2(path, convs_hwio):
+def write_keras2(path, convs_hwio, top=False):
+    """Keras save_weights layout; ``top`` adds the classifier's dense layers (shrunk shapes)."""
     with h5py.File(path, "w") as f:
         names = []
         for b, n in [(1, 2), (2, 2), (3, 3), (4, 3), (5, 3)]:
@@ -130,11 +132,18 @@ def write_keras2(path, convs_hwio):
                 names.append(f"block{b}_conv{i}")
                 if i == n:
                     names.append(f"block{b}_pool")
+        dense = {"fc1": (8, 4), "fc2": (4, 4), "predictions": (4, 3)} if top else {}
+        names += ["flatten", *dense] if top else []
         f.attrs["layer_names"] = [n.encode() for n in names]
         convs = iter(convs_hwio)
         for name in names:
             g = f.create_group(name)
-            if "conv" in name:
+            if name in dense:
+                weight_names = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
+                g.attrs["weight_names"] = weight_names
+                g[weight_names[0].decode()] = np.ones(dense[name], np.float32)
+                g[weight_names[1].decode()] = np.zeros(dense[name][1:], np.float32)
+            elif "conv" in name:
                 kernel, bias = next(convs)
                 weight_names = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
                 g.attrs["weight_names"] = weight_names
@@ -158,11 +167,12 @@ def write_keras1_vgg(path, convs_oihw):
                 g.attrs["nb_params"] = 0
 
 
-def test_keras2_layout_converts_exactly(tmp_path):
+@pytest.mark.parametrize("top", [False, True])
+def test_keras2_layout_converts_exactly(tmp_path, top):
     rng = np.random.default_rng(1)
     convs = [(np.transpose(k, (2, 3, 1, 0)).copy(), b) for k, b in random_oihw(rng)]
-    src = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    write_keras2(src, convs)
+    src = tmp_path / f"vgg16_weights_tf_dim_ordering_tf_kernels{'' if top else '_notop'}.h5"
+    write_keras2(src, convs, top)
     assert detect_format(src) == "keras"
     dst = convert(tmp_path, src)
     _, metadata = read_weights(dst)
@@ -190,6 +200,12 @@ def test_keras1_theano_layout_converts_exactly(tmp_path):
 
 
 # --- Errors ---------------------------------------------------------------------------------
+
+def test_a_keras1_vgg_with_its_top_is_not_taken_for_ml_net(tmp_path):
+    src = tmp_path / "vgg16_keras1_top.h5"
+    write_keras2(src, random_oihw(np.random.default_rng(3)), top=True)  # OIHW kernels
+    assert detect_format(src) == "keras1"
+
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "mlnet_jax.convert_weights", *map(str, args)],
@@ -234,6 +250,21 @@ def test_not_a_weights_file(tmp_path, content):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_unwritable_destination_and_an_unconverted_checkpoint_are_one_line(tmp_path, capsys):
+    src = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    write_keras2(src, [(np.transpose(k, (2, 3, 1, 0)).copy(), b)
+                       for k, b in random_oihw(np.random.default_rng(5))])
+    (tmp_path / "a_folder").mkdir()
+    assert convert_main([str(src), str(tmp_path / "a_folder")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'a_folder'}: cannot write the weights file (Is a directory)"
+    assert list((tmp_path / "a_folder").iterdir()) == [] and sorted(
+        p.name for p in tmp_path.iterdir()) == ["a_folder", src.name]  # no temporary file left
+    with pytest.raises(WeightsError, match="not a converted mlnet_jax weights file; convert it "
+                                           "first with python -m mlnet_jax.convert_weights"):
+        read_weights(src)  # e.g. --checkpoint given the unconverted file
+
+
 def test_truncated_safetensors_is_reported(tmp_path):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     src = tmp_path / "model.safetensors"
@@ -253,7 +284,7 @@ def test_existing_output_survives_a_failed_conversion(tmp_path):
     assert dst.read_bytes() == b"previous"
 
 
-def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
+def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch, capsys):
     import urllib.request
 
     def offline(*args, **kwargs):
@@ -264,6 +295,10 @@ def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
     code = convert_main(["--download", "timm", str(tmp_path / "out.npz")])
     assert code == 2
     assert not (tmp_path / "out.npz").exists()
+    # It names the URL and the exact cache path a copy fetched elsewhere must have.
+    err = capsys.readouterr().err
+    assert "https://huggingface.co/timm/vgg16.tv_in1k" in err
+    assert f"save it as {tmp_path / 'cache' / 'vgg16.tv_in1k.safetensors'}," in err
 
 
 def test_download_uses_a_local_copy_in_the_cache(tmp_path, monkeypatch):
