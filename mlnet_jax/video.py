@@ -1,7 +1,8 @@
 """Video frames in and out through PyAV (FFmpeg), the optional ``video`` extra.
 
-Frames are read as RGB uint8 arrays turned upright (phone videos store a rotation that players
-apply; the output has none, so it is applied to the pixels). Output is always MP4/H.264 at the
+Frames are read as RGB uint8 arrays as displayed: widened where pixels are not square
+(anamorphic video) and turned upright (phone videos store a rotation that players apply; the
+output has neither, so both are applied to the pixels). Output is always MP4/H.264 at the
 input's frame rate and displayed size; audio is not copied. PyAV is imported only when a video
 is opened, so the rest of the package works without it.
 """
@@ -69,7 +70,7 @@ def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, Iterator[np
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate or _FALLBACK_RATE
-        decoded = _upright_frames(container, stream, path)
+        decoded = _upright_frames(container, stream, path, stream.sample_aspect_ratio)
         # The first frame tells the displayed size (rotation is per frame in FFmpeg).
         first = next(decoded, None)
         if first is None:
@@ -81,12 +82,19 @@ def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, Iterator[np
         container.close()
 
 
-def _upright_frames(container, stream, path: Path) -> Iterator[np.ndarray]:
+def _upright_frames(container, stream, path: Path, pixel_aspect: Fraction | None
+                    ) -> Iterator[np.ndarray]:
+    """Frames as displayed: non-square pixels (anamorphic video, ``pixel_aspect`` ≠ 1) widened
+    to the display aspect, then turned upright."""
     av = require_av()
     try:
         for frame in container.decode(stream):
-            array = frame.to_ndarray(format="rgb24")
-            turns = round(getattr(frame, "rotation", 0) or 0) // 90  # counter-clockwise
+            width = frame.width
+            if pixel_aspect and pixel_aspect != 1:
+                width = max(1, round(frame.width * pixel_aspect))
+            array = frame.to_ndarray(format="rgb24", width=width, height=frame.height,
+                                     interpolation="BILINEAR")
+            turns = round(frame.rotation or 0) // 90  # counter-clockwise
             yield np.ascontiguousarray(np.rot90(array, turns)) if turns % 4 else array
     except av.error.FFmpegError as e:
         raise VideoError(f"{path}: corrupt video data ({_reason(e)})") from None

@@ -9,7 +9,7 @@ import pytest
 
 from mlnet_jax.inference import Predictor
 from mlnet_jax.predict import Report, main, plan_outputs, predict_video
-from mlnet_jax.video import MISSING_EXTRA
+from mlnet_jax.video import MISSING_EXTRA, open_video
 from test_predict_cli import model_file  # noqa: F401 — the shared tiny model fixture
 
 
@@ -17,7 +17,8 @@ def _needs_av():
     return pytest.importorskip("av", reason="the video extra (PyAV) is not installed")
 
 
-def _write_clip(path, frames, rate, codec="mpeg4", width=64, height=48, rotation=0):
+def _write_clip(path, frames, rate, codec="mpeg4", width=64, height=48, rotation=0,
+                pixel_aspect=None):
     """A clip of a bright square moving over a dark gradient, written with PyAV directly."""
     av = _needs_av()
     with av.open(str(path), mode="w") as container:
@@ -25,6 +26,8 @@ def _write_clip(path, frames, rate, codec="mpeg4", width=64, height=48, rotation
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if rotation:
             stream.set_display_rotation(rotation)
+        if pixel_aspect:
+            stream.codec_context.sample_aspect_ratio = pixel_aspect
         for i in range(frames):
             image = np.tile(np.linspace(0, 80, width, dtype=np.uint8), (height, 1))[..., None]
             image = np.repeat(image, 3, axis=-1)
@@ -80,6 +83,25 @@ def test_frames_go_through_the_model_in_batches_and_rotation_is_applied(model_fi
     assert calls == [4, 4, 2]
     frames, rate, size = _read_clip(job.overlay_path)
     assert len(frames) == 10 and rate == 24 and size == (64, 32)  # displayed upright
+
+
+def test_an_anamorphic_video_is_seen_and_written_at_its_display_aspect(model_file, tmp_path):  # noqa: F811
+    # Stored 64×48 with pixels 4/3 wide: displayed 85×48 (16:9).
+    _write_clip(tmp_path / "wide.mp4", 6, Fraction(24), "libx264", pixel_aspect=Fraction(4, 3))
+    with open_video(tmp_path / "wide.mp4") as (info, frames):
+        first = next(frames)
+    assert (info.width, info.height) == (85, 48) and first.shape == (48, 85, 3)
+    # The square (stored columns x..x+12 of 64) spans 4/3 as many displayed columns.
+    bright = np.flatnonzero(first[16, :, 0] > 160)
+    assert bright.size == pytest.approx(12 * 4 / 3, abs=2)
+    predictor = Predictor.load(model_file, batch_size=4)
+    [job] = plan_outputs([tmp_path / "wide.mp4"], tmp_path, tmp_path / "out", overlay=False,
+                         map_video=True)
+    report = Report()
+    predict_video(predictor, job, report=report, progress=False)
+    assert not report.failed and report.frames == 6
+    for path in (job.overlay_path, job.map_path):
+        assert _read_clip(path)[2] == (48, 85)
 
 
 def test_a_bad_video_is_one_line_and_keeps_the_previous_output(model_file, tmp_path, capsys):  # noqa: F811
