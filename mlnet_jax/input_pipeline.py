@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mlnet_jax.errors import UserError
+from mlnet_jax.image_io import to_rgb
 from mlnet_jax.preprocessing import ground_truth_map, letterbox
 
 OUTPUT_STRIDE = 8
@@ -128,9 +129,14 @@ def check_model_size(model_size: Sequence[int]) -> tuple[int, int]:
 
 
 def decode_image(record: dict) -> Image.Image:
+    """RGB as prediction reads it (:func:`mlnet_jax.image_io.to_rgb`: 16-bit scaled, not
+    clipped; transparency on white), so a model trains on the pixels it will be shown."""
     try:
         pil = Image.open(io.BytesIO(record["image"]))
-        return pil.convert("RGB")
+        if pil.mode == "RGB":
+            pil.load()
+            return pil
+        return Image.fromarray(to_rgb(pil))
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot decode the image of {record['file_name'] or 'a record'}: "
                         f"{e}") from None

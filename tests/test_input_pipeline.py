@@ -178,6 +178,24 @@ def test_tfds_source_feeds_train_and_eval(tmp_path):
     assert only["saliency_map_full"] == [None] and only["mask"].tolist() == [True]
 
 
+def test_training_decodes_images_as_prediction_reads_them(tmp_path):
+    from mlnet_jax.datasets.records import read_image
+    from mlnet_jax.image_io import load_image
+    rng = np.random.default_rng(0)
+    sixteen = rng.integers(0, 65536, (6, 5), dtype=np.uint16)
+    rgba = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    rgba[..., 3] = rng.choice([0, 128, 255], (6, 5))
+    for name, array in (("sixteen.png", sixteen), ("sixteen.tif", sixteen), ("alpha.png", rgba)):
+        Image.fromarray(array).save(tmp_path / name)
+        data, _ = read_image(tmp_path / name)  # as prepared (a TIFF is re-encoded as PNG)
+        decoded = np.asarray(ip.decode_image({"image": data, "file_name": name}))
+        np.testing.assert_array_equal(decoded, load_image(tmp_path / name), err_msg=name)
+    # Scaled from 16 bits and composited on white, not clipped to white or showing hidden RGB.
+    np.testing.assert_array_equal(load_image(tmp_path / "sixteen.png")[..., 0],
+                                  np.round(sixteen / 257).astype(np.uint8))
+    assert (load_image(tmp_path / "alpha.png")[rgba[..., 3] == 0] == 255).all()
+
+
 def test_bad_arguments_are_user_errors():
     with pytest.raises(UserError, match="divisible by 8"):
         loader(model_size=(20, 24))

@@ -23,6 +23,7 @@ from PIL import Image
 
 from mlnet_jax.datasets.layouts import Item
 from mlnet_jax.errors import UserError
+from mlnet_jax.image_io import to_rgb
 
 log = logging.getLogger("mlnet_jax.datasets")
 
@@ -61,8 +62,7 @@ def read_image(path: Path) -> tuple[bytes, tuple[int, int]]:
                     "taken as stored (%dx%d), as eye trackers show them", path, orientation,
                     pil.height, pil.width)
     if pil.format not in _KEPT_FORMATS:
-        rgb = pil.convert("RGB")
-        data = encode_png(np.asarray(rgb))
+        data = encode_png(to_rgb(pil))  # as prediction reads it: 16-bit scaled, alpha on white
     return data, (pil.height, pil.width)
 
 
