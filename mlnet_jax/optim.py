@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from mlnet_jax.errors import UserError
 from mlnet_jax.vgg import VGG16_CONV_NAMES
 
 
@@ -33,7 +34,8 @@ def frozen_layer_names(frozen_convs: int) -> tuple[str, ...]:
     """The first ``frozen_convs`` VGG convolutions (10 = conv1_1…conv4_3, torchvision's first
     23 ``features`` modules)."""
     if not 0 <= frozen_convs <= len(VGG16_CONV_NAMES):
-        raise ValueError(f"config.frozen_convs must be in 0..{len(VGG16_CONV_NAMES)}, got {frozen_convs}")
+        raise UserError(f"config.frozen_convs must be in 0..{len(VGG16_CONV_NAMES)} (VGG-16 "
+                        f"convolutions; the report's setup is 10), got {frozen_convs}")
     return VGG16_CONV_NAMES[:frozen_convs]
 
 

@@ -286,7 +286,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     config_json = _jsonable_config(config)
     meta = {"config": config_json, "model": info.to_metadata(), "best_val_loss": None,
             "best_step": None, "epochs_without_improvement": 0, "stopped_early": False,
-            "worker_count": worker_count}
+            "evaluation_pending": False, "worker_count": worker_count}
 
     rng = jax.random.PRNGKey(config.seed)
     if saved_meta is not None:
@@ -300,8 +300,20 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                                 abstract)
         state, data_state, meta = checkpoints.restore(abstract)
         meta.update(config=config_json, worker_count=worker_count)
-        loader.set_state(_decode_state(data_state))
+        try:
+            loader.set_state(_decode_state(data_state))
+        except ValueError as e:  # grain: the sampler (record count, seed, sharding) differs
+            raise UserError(f"{workdir}: the training split is not the one this run was reading "
+                            f"({str(e).splitlines()[0]}); was the dataset prepared again? Use "
+                            "another --workdir to start over") from None
         _log(f"resuming from {workdir / 'checkpoints'} at step {int(state.step)}")
+        # patience may have changed (a resumable change): the stop is decided again with it.
+        stopped = _patience_exhausted(meta["epochs_without_improvement"],
+                                      config.early_stopping_patience)
+        if meta["stopped_early"] and not stopped:
+            _log(f"the run had stopped early; continuing with early_stopping_patience "
+                 f"{config.early_stopping_patience}")
+        meta["stopped_early"] = stopped
     else:
         params = initial_params(model, info, rng, loaded)
         state = create_train_state(params, tx, config.frozen_convs, config.seed)
@@ -318,16 +330,54 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
          f"{epoch_steps} steps/epoch, {total_steps} steps; workdir {workdir}")
 
     last_good_step = checkpoints.latest_step()
+    pending: list = []   # step metrics still on the device, oldest first
+    fetched: list = []   # fetched and checked, not yet logged
+
+    def check_finite() -> None:
+        """Fetch the pending steps' metrics; stop at the first non-finite one, so no checkpoint
+        is ever written after it (such a step leaves the state as it was)."""
+        nonlocal pending
+        new, pending = jax.device_get(pending), []
+        for i, m in enumerate(new):
+            if int(m["nonfinite"]):
+                raise TrainingStopped(
+                    f"the loss became NaN/Inf at step {step - len(new) + i + 1}; training stopped "
+                    f"(check the data and the learning rate). The last good checkpoint (step "
+                    f"{last_good_step}) is kept in {workdir / 'checkpoints'}.", 1)
+        fetched.extend(new)
 
     def save(is_best: bool = False) -> None:
         nonlocal last_good_step
+        check_finite()
         checkpoints.save(step, state, _encode_state(loader.get_state()), meta, is_best=is_best)
         last_good_step = step
+
+    def end_epoch(bar) -> None:
+        """Evaluate on the validation split, keep the best checkpoint, count towards early
+        stopping (Keras 1's rule), and save."""
+        result = evaluate_split(state.params, evaluate_fn, eval_source, config, info,
+                                mesh, grid_path=workdir / f"eval_step{step:07d}.png")
+        writer.write(step, "eval", result)
+        best = meta["best_val_loss"]
+        is_best = best is None or result["loss"] < best
+        if is_best:
+            meta.update(best_val_loss=result["loss"], best_step=step, epochs_without_improvement=0)
+        else:
+            meta["epochs_without_improvement"] += 1
+        meta.update(evaluation_pending=False, stopped_early=_patience_exhausted(
+            meta["epochs_without_improvement"], config.early_stopping_patience))
+        if jax.process_index() == 0:
+            bar.write(f"epoch {step // epoch_steps}: validation loss {result['loss']:.4f}, "
+                      f"CC {result['cc']:.3f}, KLD {result['kld']:.3f}, NSS {result['nss']:.3f}, "
+                      f"SIM {result['sim']:.3f}" + (" (best)" if is_best else ""))
+        save(is_best)
 
     try:
         first_step = step + 1
         with _StopRequest() as stop, _progress(total_steps, step) as bar:
-            pending: list[dict] = []
+            if meta.get("evaluation_pending"):
+                _log(f"evaluating epoch {step // epoch_steps}: a stop came before its evaluation")
+                end_epoch(bar)
             window_start, window_images = time.perf_counter(), 0
             while step < total_steps and not meta["stopped_early"]:
                 batch = next(loader)
@@ -341,14 +391,9 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                     window_images += config.global_batch_size
                 epoch_end = step % epoch_steps == 0
                 if step % config.log_every_steps == 0 or epoch_end or stop.signum is not None:
-                    fetched = jax.device_get(pending)
-                    pending = []
-                    if any(int(m["nonfinite"]) for m in fetched):
-                        raise TrainingStopped(
-                            f"the loss became NaN/Inf before step {step}; training stopped (check "
-                            f"the data and the learning rate). The last good checkpoint "
-                            f"(step {last_good_step}) is kept in {workdir / 'checkpoints'}.", 1)
+                    check_finite()
                     loss = float(np.mean([m["loss"] for m in fetched]))
+                    fetched.clear()
                     record = {"loss": loss, "learning_rate": float(learning_rate(step))}
                     if window_images:
                         record["images_per_second"] = window_images / (time.perf_counter() - window_start)
@@ -357,29 +402,13 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                     window_start, window_images = time.perf_counter(), 0
                 bar.update(1)
                 if stop.signum is not None:
+                    meta["evaluation_pending"] = epoch_end  # done first when the run resumes
                     save()
                     raise TrainingStopped(f"received signal {stop.signum}; saved a checkpoint at step "
                                           f"{step} in {workdir / 'checkpoints'}; rerun the same command "
                                           "to resume", 128 + stop.signum)
                 if epoch_end:
-                    result = evaluate_split(state.params, evaluate_fn, eval_source, config, info,
-                                            mesh, grid_path=workdir / f"eval_step{step:07d}.png")
-                    writer.write(step, "eval", result)
-                    best = meta["best_val_loss"]
-                    is_best = best is None or result["loss"] < best
-                    if is_best:
-                        meta.update(best_val_loss=result["loss"], best_step=step,
-                                    epochs_without_improvement=0)
-                    else:
-                        meta["epochs_without_improvement"] += 1
-                    patience = config.early_stopping_patience
-                    if patience > 0 and meta["epochs_without_improvement"] >= patience:
-                        meta["stopped_early"] = True
-                    if jax.process_index() == 0:
-                        bar.write(f"epoch {step // epoch_steps}: validation loss {result['loss']:.4f}, "
-                                  f"CC {result['cc']:.3f}, KLD {result['kld']:.3f}, NSS {result['nss']:.3f}, "
-                                  f"SIM {result['sim']:.3f}" + (" (best)" if is_best else ""))
-                    save(is_best)
+                    end_epoch(bar)
                 elif step % config.checkpoint_every_steps == 0:
                     save()
         if step == total_steps or meta["stopped_early"]:
@@ -393,6 +422,12 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     finally:
         writer.close()
         checkpoints.close()
+
+
+def _patience_exhausted(epochs_without_improvement: int, patience: int) -> bool:
+    """Keras 1's ``EarlyStopping``, which the original used: with patience p it stops at the
+    (p + 1)-th epoch in a row without a better validation loss. Patience 0 disables it here."""
+    return patience > 0 and epochs_without_improvement > patience
 
 
 def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, evaluate_fn,

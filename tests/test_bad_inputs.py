@@ -155,7 +155,23 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_unknown_compute_dtype_is_named(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("--config.compute_dtype=float16", "config.compute_dtype='float16': expected one of float32, "
+                                       "bfloat16"),
+    ("--config.frozen_convs=23", "config.frozen_convs must be in 0..13 (VGG-16 convolutions; the "
+                                 "report's setup is 10), got 23"),
+])
+def test_out_of_range_config_values_are_named(tmp_path, override, message):
     one_line_error(cli("mlnet_jax.train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
-                       "--config.compute_dtype=float16"),
-                   "config.compute_dtype='float16': expected one of float32, bfloat16")
+                       override), message)
+
+
+@pytest.mark.timeout(300)
+def test_a_training_split_that_changed_size_is_named_on_resume(tmp_path):
+    from mlnet_jax.train import train_and_evaluate
+    workdir = tmp_path / "run"
+    train_and_evaluate(tiny_config(num_epochs=1), workdir)
+    with pytest.raises(UserError, match=f"{workdir}: the training split is not the one this run "
+                                        r"was reading \(.*\); was the dataset prepared again\?"):
+        train_and_evaluate(tiny_config(num_epochs=2, synthetic_train_size=48), workdir,
+                           override_config=True)

@@ -276,16 +276,73 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     train_cli(workdir, "--config.num_epochs=1")
+    # The first bad step (5: step 4's update is the one that blows up) is a scheduled save
+    # before any log point: the save must check it first, not write a checkpoint "5" that
+    # holds step 4's state (a non-finite step leaves the state as it was).
     result = train_cli(workdir, "--config.num_epochs=3", "--override_config",
-                       "--config.learning_rate=1e30", check=False)
+                       "--config.learning_rate=1e30", "--config.log_every_steps=100",
+                       "--config.checkpoint_every_steps=5", check=False)
     assert result.returncode == 1
     import re
-    match = re.search(r"NaN/Inf before step (\d+).*last good checkpoint \(step (\d+)\)", result.stderr)
+    match = re.search(r"NaN/Inf at step (\d+).*last good checkpoint \(step (\d+)\)", result.stderr)
     assert match, result.stderr[-2000:]
-    bad_step, good_step = int(match[1]), int(match[2])
+    assert (int(match[1]), int(match[2])) == (5, 3)
     step, state, _ = latest_state(workdir)
-    assert step == good_step < bad_step  # nothing saved after the failure
+    assert step == 3 and int(state["step"]) == 3  # nothing saved after the failure
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+
+
+def _eval_steps(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if r["kind"] == "eval"]
+
+
+@pytest.mark.timeout(300)
+def test_early_stopping_is_keras1s_and_a_resume_decides_it_again(tmp_path):
+    workdir = tmp_path / "run"
+    # Learning rate 0: epoch 1 is the best, and no later one improves on it.
+    frozen = ("--config.learning_rate=0", "--config.num_epochs=5")
+    train_cli(workdir, *frozen, "--config.early_stopping_patience=1")
+    # Keras 1 with patience 1 stops at the 2nd epoch in a row without improvement (epoch 3).
+    assert _eval_steps(workdir) == [3, 6, 9]
+    out = train_cli(workdir, *frozen, "--config.early_stopping_patience=2")
+    assert "the run had stopped early; continuing" in out.stdout + out.stderr
+    assert _eval_steps(workdir) == [3, 6, 9, 12]
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_during_an_epochs_last_step_evaluates_that_epoch_on_resume(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import mlnet_jax.input_pipeline as input_pipeline
+    from mlnet_jax.train import TrainingStopped, train_and_evaluate
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+    real = input_pipeline.prefetch_to_device
+
+    def stopped_at_the_third_batch(*args, **kwargs):
+        loader = real(*args, **kwargs)
+
+        class Loader:
+            get_state, set_state = loader.get_state, loader.set_state
+            taken = 0
+
+            def __next__(self):
+                Loader.taken += 1
+                if Loader.taken == 3:  # step 3 ends epoch 1
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return next(loader)
+        return Loader()
+
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(input_pipeline, "prefetch_to_device", stopped_at_the_third_batch)
+    with pytest.raises(TrainingStopped, match="received signal 15; saved a checkpoint at step 3"):
+        train_and_evaluate(tiny.get_config(), workdir)
+    assert _eval_steps(workdir) == []
+    monkeypatch.setattr(input_pipeline, "prefetch_to_device", real)
+    train_and_evaluate(tiny.get_config(), workdir)
+    assert _eval_steps(workdir) == [3, 6]  # as a run without the stop
 
 
 def test_packaged_configs_are_found_without_a_checkout(tmp_path, monkeypatch):

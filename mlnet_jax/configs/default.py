@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.global_batch_size = 10
     config.num_epochs = 20
     config.steps_per_epoch = -1           # -1: one pass over the training split
-    config.early_stopping_patience = 5    # epochs without a better validation loss
+    config.early_stopping_patience = 5    # Keras 1's: stop at the 6th epoch in a row without a
+                                          # better validation loss; 0 disables
 
     # Evaluation, logging, checkpoints.
     config.eval_batch_size = 10
