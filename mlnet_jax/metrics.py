@@ -478,7 +478,11 @@ def _threshold_bins(p: jax.Array, step_size: float) -> tuple[jax.Array, jax.Arra
     thresholds = matlab_colon(0.0, step_size, 1.0)
     lo = p.min(axis=(1, 2), keepdims=True)
     hi = p.max(axis=(1, 2), keepdims=True)
-    s = (p - lo) / jnp.where(hi > lo, hi - lo, 1)
+    # A true division, as MATLAB's: XLA rewrites x / broadcast(d) into x · (1/d), which scales
+    # some maxima to 0.99999994 (missing t = 1) and moves levels off their thresholds. The
+    # barrier hides that the divisor is a broadcast.
+    span = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(hi > lo, hi - lo, 1), p.shape))
+    s = (p - lo) / span
     bins = sum((s >= float(t)).astype(jnp.int32) for t in thresholds) - 1
     return bins.reshape(p.shape[0], -1), (hi > lo)[:, 0, 0], thresholds.size
 

@@ -582,6 +582,29 @@ def test_resize_bilinear_window_is_the_crop_of_the_whole(channels):
     np.testing.assert_array_equal(window, whole[30:41, 4:13])
 
 
+def test_batched_thresholds_scale_by_true_division_as_matlab():
+    import jax
+    # A map whose min-max scaling by a reciprocal multiply gives its maximum 0.99999994:
+    # levels 0, .5, .95, 1 with fixations on .95 and 1, other fixations on .5 and .95 (m = 2:
+    # deterministic). MATLAB's curve (0,0),(0,.5),(.5,1),(1,1) has area .875; dropping the
+    # maximum below t = 1 gives .75.
+    lo, hi = np.float32(3.5755613), np.float32(923.9032)
+    p = np.array([[lo, 460.0], [lo + np.float32(0.95) * (hi - lo), hi]], np.float32)
+    fixations, others = np.array([[0, 0], [1, 1]]), np.array([[0, 1], [1, 0]])
+    assert M.auc_shuffled(p, fixations, others) == pytest.approx(0.875)
+    assert float(M.batched_auc_shuffled(p[None], fixations[None], others[None], 0)[0]) == \
+        pytest.approx(0.875)
+    # Every map's maximum reaches t = 1 and every pixel has NumPy's float32-division bin.
+    rng = np.random.default_rng(0)
+    maps = (rng.random((200, 7, 9)) * rng.uniform(1e-3, 1e3, (200, 1, 1))
+            + rng.uniform(-5, 5, (200, 1, 1))).astype(np.float32)
+    bins = np.asarray(jax.jit(M._threshold_bins, static_argnums=1)(maps, 0.1)[0])
+    lo, hi = maps.min(axis=(1, 2), keepdims=True), maps.max(axis=(1, 2), keepdims=True)
+    scaled = (maps - lo) / (hi - lo)
+    want = sum((scaled >= np.float32(t)).astype(int) for t in M.matlab_colon(0.0, 0.1, 1.0)) - 1
+    np.testing.assert_array_equal(bins, want.reshape(200, -1))
+
+
 def test_resize_bilinear_hand_values():
     # [[0, 1]] to 4 columns: source x = (j + .5)/2 - .5 = -.25, .25, .75, 1.25, clamped to
     # [0, 1] → 0, .25, .75, 1 (what cv2.resize gives).
