@@ -394,7 +394,8 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
                     check_finite()
                     loss = float(np.mean([m["loss"] for m in fetched]))
                     fetched.clear()
-                    record = {"loss": loss, "learning_rate": float(learning_rate(step))}
+                    # The rate step N's update used: the schedule counts updates from 0.
+                    record = {"loss": loss, "learning_rate": float(learning_rate(step - 1))}
                     if window_images:
                         record["images_per_second"] = window_images / (time.perf_counter() - window_start)
                         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_second']:.1f}")
@@ -444,7 +445,8 @@ def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, ev
         params = jax.device_put(best_params, replicated(mesh))
     result = evaluate_split(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True)
     result["checkpoint"] = source
-    result["step"] = int(state.step)
+    result["step"] = int(state.step)  # where training ended
+    result["checkpoint_step"] = int(state.step) if best_step is None else best_step  # scored
     if jax.process_index() == 0:
         with atomic_path(workdir / "final_metrics.json") as tmp:
             strict = {k: None if isinstance(v, float) and not np.isfinite(v) else v

@@ -185,6 +185,8 @@ def test_train_command_writes_everything_and_learns(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in evals)
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) == 9 and all(r["images_per_second"] > 0 for r in train[1:])
+    # Each step logs the rate its update used: lr / (1 + decay · updates before it).
+    assert [r["learning_rate"] for r in train[:2]] == pytest.approx([1e-2, 1e-2 / (1 + 5e-4)])
     # It learns: the training objective falls. (At 4×4 output maps the held-out loss is no
     # such signal: an all-zero map scores 0.08 there, so a collapsed readout "improves" it;
     # test_demo.py checks what the model learns, by CC against the centre bias.)
@@ -195,6 +197,8 @@ def test_train_command_writes_everything_and_learns(tmp_path):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     final = json.loads((workdir / "final_metrics.json").read_text())
     assert {"cc", "centre_bias_cc", "num_images"} <= set(final) and final["num_images"] == 8
+    best_step = min((r for r in evals), key=lambda r: r["loss"])["step"]
+    assert (final["checkpoint"], final["checkpoint_step"], final["step"]) == ("best", best_step, 9)
     # The checkpoint is self-describing: prediction needs only the directory.
     from mlnet_jax import load_model
     model, variables, info = load_model(workdir)
