@@ -102,21 +102,28 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         header = json.loads(data[8:8 + header_len])
     except (struct.error, ValueError, UnicodeDecodeError):
         raise WeightsError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (bad header)")
     base, tensors = 8 + header_len, {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        start, end = info["data_offsets"]
-        raw = data[base + start:base + end]
-        if len(raw) != end - start:
-            raise WeightsError(f"{path}: truncated file (tensor {key} ends past the end of the file)")
-        if info["dtype"] == "BF16":
-            array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _SAFETENSORS_DTYPES:
-            array = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]])
-        else:
-            continue  # integer buffers are not weights
-        tensors[key] = array.reshape(info["shape"])
+        try:
+            start, end = info["data_offsets"]
+            raw = data[base + start:base + end]
+            if len(raw) != end - start:
+                raise WeightsError(f"{path}: truncated file (tensor {key} ends past the end of "
+                                   "the file)")
+            if info["dtype"] == "BF16":
+                array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            elif info["dtype"] in _SAFETENSORS_DTYPES:
+                array = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]])
+            else:
+                continue  # integer buffers are not weights
+            tensors[key] = array.reshape(info["shape"])
+        except (KeyError, TypeError, ValueError) as e:  # a header entry that does not fit
+            raise WeightsError(f"{path}: malformed safetensors entry for tensor {key} "
+                               f"({type(e).__name__}: {e})") from None
     return tensors
 
 

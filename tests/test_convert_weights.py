@@ -250,6 +250,22 @@ def test_not_a_weights_file(tmp_path, content):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("header, reason", [
+    ({"w": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 16]}}, "ValueError"),
+    ({"w": [0, 16]}, "TypeError"),
+    ({"w": {"dtype": "F32", "shape": [4]}}, "KeyError"),
+    ([1, 2], None),
+])
+def test_a_malformed_safetensors_header_is_one_line(tmp_path, capsys, header, reason):
+    header = json.dumps(header).encode()
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    assert convert_main([str(src), str(tmp_path / "out.npz"), "--format", "safetensors"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(src) in err
+    assert (f"malformed safetensors entry for tensor w ({reason}" if reason else "bad header") in err
+
+
 def test_an_unwritable_destination_and_an_unconverted_checkpoint_are_one_line(tmp_path, capsys):
     src = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     write_keras2(src, [(np.transpose(k, (2, 3, 1, 0)).copy(), b)
