@@ -25,8 +25,10 @@ def convert(src: str, dst: str, fmt: str = "auto") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlnet_jax.convert_weights", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mlnet_jax.convert_weights", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s SRC DST [--format F] | %(prog)s --download NAME DST [--debug]")
     parser.add_argument("paths", nargs="+", metavar="SRC DST",
                         help="source file and destination .npz (only DST with --download)")
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS)

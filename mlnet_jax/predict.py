@@ -13,7 +13,8 @@ Hidden files and folders and the output folder itself (when inside the input) ar
 When two inputs would write the same file (``x.jpg`` and ``x.png`` in one folder; names are
 compared ignoring case), the later one in sorted order is named after its full file name
 (``x.png.png``, ``x.png_overlay.png``) and a note says so; the same happens to an output that
-would replace an input (``--output`` equal to the input folder).
+would replace an input (a single file's map written into its own folder). ``--output`` equal
+to the input folder is refused: a rerun would predict on its own maps.
 
 A bad file never stops the run: each failure is one ``error: FILE: reason`` line, every good
 file is written, and the exit status is 2 if anything failed. Every file is written under a
