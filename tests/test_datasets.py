@@ -283,6 +283,40 @@ def test_cli_corrupt_image_is_named(tmp_path, capsys):
     assert code == 2 and str(bad) in _error_line(err)
 
 
+def test_a_failed_overwrite_keeps_the_prepared_dataset(tmp_path, capsys, monkeypatch):
+    manual = tmp_path / "manual"
+    fake.write_salicon(manual, {"train": 3, "validation": 1})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    args = ["salicon2015", "--manual_dir", str(manual), "--data_dir", "~/tfds"]
+    assert _cli(args, capsys)[0] == 0
+    data_dir = tmp_path / "home" / "tfds"  # '~' expanded, not a folder named '~' here
+
+    def images():
+        return {k: r["image"] for k, r in _read_all("salicon2015", "train", data_dir).items()}
+
+    before = images()
+    assert len(before) == 3 and not (tmp_path / "~").exists()
+    bad = manual / "images" / "train" / "COCO_train2014_000000000002.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # found only while writing, after the scan
+    code, _, err = _cli(args + ["--overwrite"], capsys)
+    assert code == 2 and str(bad) in _error_line(err) and "previously prepared" in err
+    assert images() == before
+    assert [p.name for p in (data_dir / "salicon2015").iterdir()] == ["1.0.0"]
+
+
+@pytest.mark.parametrize("cut", [0, 100])
+def test_cli_empty_or_cut_short_mat_is_named(tmp_path, capsys, cut):
+    manual = tmp_path / "manual"
+    fake.write_salicon(manual, {"train": 2, "validation": 1})
+    mat = manual / "fixations" / "train" / "COCO_train2014_000000000002.mat"
+    mat.write_bytes(mat.read_bytes()[:cut])
+    code, _, err = _cli(["salicon2015", "--manual_dir", str(manual), "--data_dir",
+                         str(tmp_path / "tfds")], capsys)
+    assert code == 2 and f"cannot read fixations {mat}" in _error_line(err)
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("fields, missing", [(("location",), "'gaze.fixations'"),
                                              (None, "'gaze'")])
 def test_cli_mat_without_gaze_fields(tmp_path, capsys, fields, missing):

@@ -221,4 +221,5 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None,
     if name not in BUILDERS:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return BUILDERS[name](data_dir=os.fspath(data_dir) if data_dir else None, **kwargs)
+    data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None  # '~/tfds' in a flag
+    return BUILDERS[name](data_dir=data_dir, **kwargs)

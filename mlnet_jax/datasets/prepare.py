@@ -113,13 +113,28 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrit
                  builder.data_dir)
     else:
         builder.scan(manual)  # every layout problem, before anything is written
-        if builder.data_path.exists():  # --overwrite, or the remains of a failed run
-            shutil.rmtree(builder.data_path)
-            builder = make_builder()  # forget the deleted dataset's info
+        # --overwrite keeps the prepared dataset aside until the new one is complete (a bad
+        # file is found only while writing); the remains of a failed run are just removed.
+        previous = builder.data_path.with_name(f".{builder.data_path.name}.previous")
+        if builder.data_path.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            if builder.is_prepared():
+                builder.data_path.rename(previous)
+            else:
+                shutil.rmtree(builder.data_path)
+            builder = make_builder()  # forget the moved dataset's info
         tfds.disable_progress_bar()  # ours counts images; TFDS's does not know the total
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+        try:
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+        except BaseException:
+            if previous.exists():
+                shutil.rmtree(builder.data_path, ignore_errors=True)
+                previous.rename(builder.data_path)
+                log.warning("the previously prepared %s in %s is kept", name, builder.data_dir)
+            raise
+        shutil.rmtree(previous, ignore_errors=True)
     sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
     for message in check_split_sizes(name, sizes):
         log.warning("%s", message)
