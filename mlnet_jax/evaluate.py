@@ -13,11 +13,11 @@ checkpoint. With ``--baseline`` no checkpoint is needed: the baseline map is sco
 Every image is predicted in batches on all local devices, its map resized back to the image's
 size and scored with CC, KLD, NSS, SIM, AUC-Judd, AUC-Borji and sAUC
 (:mod:`mlnet_jax.evaluation`). Prints a table (mean, std, n per metric), writes a JSON summary
-and, beside it, a CSV with one row per image. Default output: ``<workdir>/eval_<split>.json``
-for a workdir; ``<workdir>/eval_<split>_<best|checkpoints><step>.json`` for a checkpoint
-directory of a workdir (``<parent>/eval_<split>_<name>.json`` for another directory);
-``<dir>/<stem>_eval_<split>.json`` beside an ``.npz``; with ``--baseline``, ``_<baseline>``
-is appended, and without a checkpoint it is ``./eval_<dataset>_<split>_<baseline>.json``.
+and, beside it, a CSV with one row per image. Default output, with ``D = <dataset>_<split>``:
+``<workdir>/eval_D.json`` for a workdir; ``<workdir>/eval_D_<best|checkpoints><step>.json``
+for a checkpoint directory of a workdir (``<parent>/eval_D_<name>.json`` for another
+directory); ``<dir>/<stem>_eval_D.json`` beside an ``.npz``; with ``--baseline``,
+``_<baseline>`` is appended, and without a checkpoint it is ``./eval_D_<baseline>.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -87,18 +88,31 @@ def load_checkpoint(path: str):
 def default_output(checkpoint: str, dataset: str, split: str, baseline: str | None) -> Path:
     """Where the JSON goes without ``--output`` (see the module docstring)."""
     from mlnet_jax.checkpointing import BEST_DIR, LATEST_DIR  # noqa: PLC0415
-    suffix = f"_{baseline}" if baseline else ""
+    # The dataset is in every name: one model scored on SALICON, MIT1003 and CAT2000 keeps all.
+    data, suffix = f"{dataset}_{split}", f"_{baseline}" if baseline else ""
     if not checkpoint:
-        return Path(f"eval_{dataset}_{split}{suffix}.json")
+        return Path(f"eval_{data}{suffix}.json")
     p = Path(checkpoint).expanduser()
     if p.is_file():
-        return p.parent / f"{p.stem}_eval_{split}{suffix}.json"
+        return p.parent / f"{p.stem}_eval_{data}{suffix}.json"
     if (p / "state").is_dir() and (p / "meta").is_dir():  # one checkpoint directory
         parent = p.absolute().parent
         if parent.name in (BEST_DIR, LATEST_DIR):  # <workdir>/best/<step>
-            return parent.parent / f"eval_{split}_{parent.name}{p.name}{suffix}.json"
-        return parent / f"eval_{split}_{p.name}{suffix}.json"
-    return p / f"eval_{split}{suffix}.json"
+            return parent.parent / f"eval_{data}_{parent.name}{p.name}{suffix}.json"
+        return parent / f"eval_{data}_{p.name}{suffix}.json"
+    return p / f"eval_{data}{suffix}.json"
+
+
+def _check_writable(json_path: Path) -> None:
+    """Refuse an output that cannot be written, without creating anything yet."""
+    if json_path.is_dir():
+        raise UserError(f"--output {json_path}: is a folder; name the JSON file to write")
+    existing = next(p for p in json_path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output {json_path}: cannot write there ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {json_path}: cannot write there (permission denied in "
+                        f"{existing})")
 
 
 def csv_path_for(json_path: Path) -> Path:
@@ -171,6 +185,7 @@ def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
         checkpoint, config.dataset, split, baseline)
     if json_path.suffix == ".csv":
         raise UserError(f"--output {output}: name the JSON file; the CSV is written beside it")
+    _check_writable(json_path)  # before scoring a whole split, not after
 
     predict = None
     model_meta = resolved = None
@@ -241,10 +256,11 @@ def _config_for(FLAGS):
     """``--config`` if given; else the config the checkpoint was trained with (so a SALICON
     checkpoint is scored on SALICON), with any ``--config.key=value`` overrides applied; else
     the demo config."""
-    if FLAGS["config"].present or not FLAGS.checkpoint or not Path(FLAGS.checkpoint).is_dir():
+    checkpoint = Path(FLAGS.checkpoint).expanduser()  # '--checkpoint=~/run': no shell expansion
+    if FLAGS["config"].present or not FLAGS.checkpoint or not checkpoint.is_dir():
         return FLAGS.config
     from mlnet_jax.checkpointing import stored_config  # noqa: PLC0415
-    stored = stored_config(FLAGS.checkpoint)
+    stored = stored_config(checkpoint)
     if stored is None:
         return FLAGS.config
     import ml_collections  # noqa: PLC0415

@@ -24,9 +24,9 @@ SHORT_DEMO = ("--config.num_epochs=1", "--config.steps_per_epoch=20",
               "--config.synthetic_eval_size=16", "--config.compilation_cache_dir=")
 
 
-def run(*args, cwd=ROOT, check=True, timeout=300):
+def run(*args, cwd=ROOT, check=True, timeout=300, env=None):
     result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                            timeout=timeout, cwd=cwd)
+                            timeout=timeout, cwd=cwd, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
@@ -104,7 +104,7 @@ def test_evaluate_a_checkpoint_on_a_prepared_salicon(demo_run, salicon, tmp_path
     # One checkpoint directory: default output in its workdir, named after it.
     step_dir = demo_run / "checkpoints" / "20"
     evaluate_cli("--checkpoint", step_dir, "--config", SALICON_CONFIG, data)
-    by_step = check_outputs(demo_run / "eval_validation_checkpoints20.json", 6, with_loss=True)
+    by_step = check_outputs(demo_run / "eval_salicon2015_validation_checkpoints20.json", 6, with_loss=True)
 
     # A full-model .npz (what convert_weights writes): default output beside it.
     from mlnet_jax.checkpointing import restore_for_inference
@@ -112,7 +112,7 @@ def test_evaluate_a_checkpoint_on_a_prepared_salicon(demo_run, salicon, tmp_path
     params, metadata = restore_for_inference(demo_run)
     save_weights(tmp_path / "model.npz", params, metadata)
     evaluate_cli("--checkpoint", tmp_path / "model.npz", "--config", SALICON_CONFIG, data)
-    by_npz = check_outputs(tmp_path / "model_eval_validation.json", 6, with_loss=True)
+    by_npz = check_outputs(tmp_path / "model_eval_salicon2015_validation.json", 6, with_loss=True)
     for name in METRICS:  # best and latest are both step 20 here
         assert by_step["metrics"][name] == pytest.approx(by_workdir["metrics"][name], rel=1e-5)
         assert by_npz["metrics"][name] == pytest.approx(by_workdir["metrics"][name], rel=1e-5)
@@ -134,7 +134,7 @@ def test_trained_demo_model_beats_the_centre_bias_on_the_demo_data(demo_run, tmp
     args = ("--config", DEMO_CONFIG, "--config.synthetic_eval_size=16")
     out = evaluate_cli("--checkpoint", demo_run, *args)
     check_table(out.stdout, 16)
-    model = check_outputs(demo_run / "eval_validation.json", 16, with_loss=True)["metrics"]
+    model = check_outputs(demo_run / "eval_synthetic_validation.json", 16, with_loss=True)["metrics"]
     evaluate_cli("--baseline", "centre", "--output", tmp_path / "centre.json", *args)
     centre = check_outputs(tmp_path / "centre.json", 16, with_loss=False)["metrics"]
     # Training's own evaluation of the same split and checkpoint agrees on the shared metrics.
@@ -156,7 +156,13 @@ def test_errors_are_one_line_with_exit_code_2(salicon, tmp_path):
         "no such file": ("--checkpoint", tmp_path / "missing", "--config", SALICON_CONFIG,
                          f"--config.data_dir={salicon}"),
         "--checkpoint": ("--config", SALICON_CONFIG, f"--config.data_dir={salicon}"),
+        "is a folder; name the JSON file": ("--baseline", "centre", "--config", SALICON_CONFIG,
+                                            f"--config.data_dir={salicon}", "--output", tmp_path),
+        "cannot write there": ("--baseline", "centre", "--config", SALICON_CONFIG,
+                               f"--config.data_dir={salicon}", "--output",
+                               tmp_path / "a_file" / "eval.json"),
     }
+    (tmp_path / "a_file").write_text("")
     for expected, args in cases.items():
         result = evaluate_cli(*args, check=False, cwd=tmp_path)
         assert result.returncode == 2, (expected, result.stderr[-2000:])
@@ -245,8 +251,10 @@ def test_without_config_the_checkpoints_training_config_is_used(salicon, tmp_pat
     run("-m", "mlnet_jax.train", f"--config={TESTS / 'configs' / 'tiny.py'}", f"--workdir={workdir}",
         "--config.dataset=salicon2015", f"--config.data_dir={salicon}", "--config.num_epochs=1",
         "--config.steps_per_epoch=1", "--config.global_batch_size=2")
-    out = evaluate_cli("--checkpoint", workdir, "--config.eval_max_images=4",
-                       "--output", tmp_path / "eval.json")
+    import os
+    # '--checkpoint=~/run' (no shell expansion in that form) finds the same training config.
+    out = evaluate_cli("--checkpoint=~/run", "--config.eval_max_images=4",
+                       "--output", tmp_path / "eval.json", env=dict(os.environ, HOME=str(tmp_path)))
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["dataset"] == "salicon2015" and summary["num_images"] == 4
     assert "salicon2015/validation: 4 images" in out.stdout

@@ -33,7 +33,7 @@ def test_the_notebook_runs_in_its_demo_setting(tmp_path):
     workdir = tmp_path / "runs" / "colab_demo"
     final = json.loads((workdir / "final_metrics.json").read_text())
     assert final["step"] == 8 and final["cc"] > final["centre_bias_cc"]
-    assert (workdir / "eval_validation.json").is_file()
+    assert (workdir / "eval_synthetic_validation.json").is_file()
     overlays = sorted(p.name for p in (tmp_path / "predictions").glob("sample*_overlay.png"))
     assert overlays == [f"sample{i}_overlay.png" for i in range(4)]
     if importlib.util.find_spec("av") is not None:  # with the video extra, the video cell ran
