@@ -6,6 +6,7 @@ so it is reported as ``error: <message>`` (``--debug`` shows the traceback inste
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -37,14 +38,27 @@ def resolve_packaged_config(argv: list[str]) -> list[str]:
     return argv
 
 
-def run_absl(body: Callable[[], int | None], argv: list[str] | None = None) -> int:
-    """Parse absl flags, run ``body()`` and return its exit status (``--debug`` must be defined)."""
+def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
+             config: tuple[str, str] | None = None) -> int:
+    """Parse absl flags, run ``body()`` and return its exit status (``--debug`` must be defined).
+
+    ``config=(default file, help)`` defines the ``--config`` flag (ml_collections) here, so a
+    ``--config.key`` naming no field and a config file that cannot be loaded are one line too.
+    """
     from absl import app, flags
 
     argv = resolve_packaged_config(sys.argv if argv is None else argv)
+    if config is not None:
+        from ml_collections import config_flags
+        try:  # it applies the --config.key overrides it finds in sys.argv here
+            config_flags.DEFINE_config_file("config", config[0], config[1], lock_config=True)
+        except (KeyError, AttributeError) as e:
+            return _no_such_field(e)
 
     def run(_):
         try:
+            if config is not None:
+                _load_config(flags.FLAGS)
             return body() or 0
         except UserError as e:
             if flags.FLAGS.debug:
@@ -56,4 +70,30 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None) -> i
         app.run(lambda args: sys.exit(run(args)), argv=argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
+    except (KeyError, AttributeError) as e:
+        if config is None or flags.FLAGS.is_parsed():  # raised by the body: a bug
+            raise
+        return _no_such_field(e)  # applying a --config.key to the --config file given
     return 0
+
+
+def _no_such_field(error: Exception) -> int:
+    """ml_collections' KeyError text: the field in quotes, maybe with 'Did you mean "x"'."""
+    text = str(error)
+    field = re.search(r"'([^'\\]+)", text)
+    field = field.group(1) if field else text
+    guess = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f" (did you mean {guess.group(1)}?)" if guess else ""
+    print(f"error: --config.{field}: the config has no field {field!r}{hint}", file=sys.stderr)
+    return 2
+
+
+def _load_config(FLAGS) -> None:
+    """Load ``--config`` now (ml_collections defers a failure to the first use of the config)."""
+    from ml_collections import config_flags
+    try:
+        FLAGS.config.to_dict  # on a failed load, a stand-in that raises on any attribute
+    except OSError as e:
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        raise UserError(f"--config {config_flags.get_config_filename(FLAGS['config'])}: cannot "
+                        f"load it ({reason})") from None

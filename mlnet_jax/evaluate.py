@@ -278,14 +278,11 @@ def main(argv=None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", str(DEMO_CONFIG),
-                                    "Configuration file naming the dataset (as for training).",
-                                    lock_config=True)
     flags.DEFINE_string("checkpoint", "", "Training workdir (best, else latest checkpoint), one "
                         "checkpoint directory, or a converted full-model .npz.")
     flags.DEFINE_string("split", "", "Split to score (default: config.eval_split).")
     flags.DEFINE_string("output", "", "JSON summary path (CSV beside it); default beside the "
-                        "checkpoint: <workdir>/eval_<split>.json.")
+                        "checkpoint: <workdir>/eval_<dataset>_<split>.json.")
     flags.DEFINE_enum("baseline", "none", ["none", "centre", "spectral_residual"],
                       "Score a baseline map instead of the model (no checkpoint needed).")
     flags.DEFINE_enum("metrics_backend", "auto", list(BACKENDS),
@@ -311,7 +308,8 @@ def main(argv=None) -> int:
                  progress=FLAGS.progress)
         return 0
 
-    return run_absl(run, argv)
+    return run_absl(run, argv, config=(str(DEMO_CONFIG), "Configuration file naming the "
+                                       "dataset (as for training)."))
 
 
 if __name__ == "__main__":

@@ -467,10 +467,7 @@ def _progress(total: int, initial: int):
 
 def main(argv=None) -> int:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", str(DEMO_CONFIG), "Training configuration file.",
-                                    lock_config=True)
     flags.DEFINE_string("workdir", DEMO_WORKDIR, "Directory for checkpoints, logs and figures.")
     flags.DEFINE_bool("override_config", False, "Resume even if the config differs from the checkpoint's.")
     flags.DEFINE_bool("debug", False, "Show tracebacks for errors.")
@@ -495,7 +492,8 @@ def main(argv=None) -> int:
             return e.exit_code
         return 0
 
-    return run_absl(run, argv)
+    return run_absl(run, argv, config=(str(DEMO_CONFIG), "Training configuration file."))
+
 
 if __name__ == "__main__":
     sys.exit(main())

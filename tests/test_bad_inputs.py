@@ -160,10 +160,20 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
                                        "bfloat16"),
     ("--config.frozen_convs=23", "config.frozen_convs must be in 0..13 (VGG-16 convolutions; the "
                                  "report's setup is 10), got 23"),
+    ("--config.learning_rat=0.1", "--config.learning_rat: the config has no field 'learning_rat' "
+                                  "(did you mean learning_rate?)"),
+    ("--config=no_such_config.py", "--config no_such_config.py: cannot load it ([Errno 2] No "
+                                   "such file or directory"),
 ])
 def test_out_of_range_config_values_are_named(tmp_path, override, message):
     one_line_error(cli("mlnet_jax.train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
                        override), message)
+
+
+def test_a_wrong_config_field_without_a_config_file_is_named(tmp_path):
+    # Here the demo config is the default and the override is applied while flags are defined.
+    one_line_error(cli("mlnet_jax.evaluate", "--baseline", "centre", "--config.eval_max_image=3"),
+                   "--config.eval_max_image: the config has no field 'eval_max_image'")
 
 
 @pytest.mark.timeout(300)
