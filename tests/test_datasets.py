@@ -157,6 +157,34 @@ def test_folder_without_validation_and_overwrite(tmp_path, capsys):
     assert summary == [["train", "3", "records"]]
 
 
+def test_nothing_of_a_layout_is_dropped_silently(tmp_path, caplog):
+    import shutil
+    # CAT2000 unzipped in part: a category with maps and fixations but no stimuli folder.
+    fake.write_cat2000(tmp_path / "cat", per_category=2)
+    shutil.rmtree(tmp_path / "cat" / "trainSet" / "Stimuli" / "Art")
+    with pytest.raises(UserError, match=r"categories in .*FIXATIONMAPS have no folder in "
+                                        r".*Stimuli: Art"):
+        prepare("cat2000", str(tmp_path / "cat"), str(tmp_path / "tfds"), progress=False)
+    # A folder dataset whose fixations/ holds nothing usable would give NSS and AUCs n = 0.
+    fake.write_folder(tmp_path / "folder", n=3, fixations=None)
+    (tmp_path / "folder" / "fixations").mkdir()
+    for i in range(3):
+        np.save(tmp_path / "folder" / "fixations" / f"img{i:02d}.npy", np.zeros((2, 2)))
+    with pytest.raises(UserError, match=r"fixations: no fixation files \(.*\.mat.*\) among its "
+                                        "files; remove the folder"):
+        prepare("folder", str(tmp_path / "folder"), str(tmp_path / "tfds"), progress=False)
+    # Files of another kind are skipped with a warning naming them.
+    shutil.rmtree(tmp_path / "folder" / "fixations")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "folder" / "images" / "x.gif")
+    (tmp_path / "folder" / "images" / "gone.png").symlink_to(tmp_path / "missing.png")
+    with caplog.at_level(logging.WARNING, logger="mlnet_jax.datasets"):
+        sizes = prepare("folder", str(tmp_path / "folder"), str(tmp_path / "tfds"),
+                        progress=False)
+    assert sum(sizes.values()) == 3
+    assert "images: 2 files skipped, not images" in caplog.text
+    assert "gone.png" in caplog.text and "x.gif" in caplog.text
+
+
 def test_fixation_conversion_from_one_based_xy(caplog):
     got = records.xy1_to_rc0(np.array([[1.0, 1.0], [32, 24], [3.4, 2.6], [0, 5], [33, 1]]),
                              (24, 32), Path("f.mat"))

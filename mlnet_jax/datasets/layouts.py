@@ -26,6 +26,7 @@ Layouts (``DIR`` is ``--manual_dir``):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -33,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from mlnet_jax.errors import UserError
+
+log = logging.getLogger("mlnet_jax.datasets")
 
 SPLIT_SEED = 0
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -94,17 +97,24 @@ def _names(paths: Iterable[str]) -> str:
 
 def list_files(folder: Path, extensions: frozenset[str], what: str,
                allow_empty: bool = False) -> dict[str, Path]:
-    """stem → file for the files of ``folder`` with one of ``extensions`` (hidden files skipped)."""
+    """stem → file for the files of ``folder`` with one of ``extensions``. Hidden files and
+    folders are skipped silently; other files (another extension, a broken link) with a
+    warning naming them."""
     found: dict[str, Path] = {}
     duplicates: list[str] = []
+    skipped: list[str] = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith(".") or path.is_dir():
             continue
-        if path.suffix.lower() not in extensions:
+        if not path.is_file() or path.suffix.lower() not in extensions:
+            skipped.append(path.name)
             continue
         if path.stem in found:
             duplicates.append(f"{found[path.stem].name} / {path.name}")
         found[path.stem] = path
+    if skipped:
+        log.warning("%s: %d files skipped, not %s (%s) or not readable: %s", folder,
+                    len(skipped), what, "/".join(sorted(extensions)), _names(skipped))
     if duplicates:
         raise UserError(f"{folder}: several {what} share a file stem: {_names(duplicates)}")
     if not found and not allow_empty:
@@ -214,10 +224,16 @@ def cat2000(manual_dir: str | Path, seed: int = SPLIT_SEED,
     stim_root = _require_dir(train_set / "Stimuli", "CAT2000 stimuli, one folder per category")
     map_root = _require_dir(train_set / "FIXATIONMAPS", "CAT2000 fixation maps per category")
     loc_root = _require_dir(train_set / "FIXATIONLOCS", "CAT2000 fixation .mat files per category")
-    categories = sorted(p.name for p in stim_root.iterdir()
-                        if p.is_dir() and not p.name.startswith("."))
+    def category_folders(root: Path) -> set[str]:
+        return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+    categories = sorted(category_folders(stim_root))
     if not categories:
         raise UserError(f"no category folders in {stim_root}")
+    for root in (map_root, loc_root):  # a partial unzip must not drop a category silently
+        if extra := sorted(category_folders(root) - set(categories)):
+            raise UserError(f"categories in {root} have no folder in {stim_root}: "
+                            f"{_names(extra)}")
     splits: dict[str, list[Item]] = {"train": [], "validation": []}
     for category in categories:
         stim_dir = stim_root / category
@@ -256,10 +272,13 @@ def folder(manual_dir: str | Path, validation_fraction: float = FOLDER_VALIDATIO
     fixations: dict[str, Path] = {}
     fix_dir = root / "fixations"
     if fix_dir.is_dir():
-        fixations = list_files(fix_dir, MAT_EXTENSIONS | IMAGE_EXTENSIONS, "fixation files",
-                               allow_empty=True)
+        extensions = MAT_EXTENSIONS | IMAGE_EXTENSIONS
+        fixations = list_files(fix_dir, extensions, "fixation files", allow_empty=True)
         if fixations:
             check_matched(images, fixations, "images", "fixation files", image_dir, fix_dir)
+        elif any(not p.name.startswith(".") for p in fix_dir.iterdir()):
+            raise UserError(f"{fix_dir}: no fixation files ({'/'.join(sorted(extensions))}) "
+                            "among its files; remove the folder to prepare without fixations")
     train, validation = split_stems(
         images, _validation_count(len(images), validation_fraction),
         np.random.default_rng(seed))
