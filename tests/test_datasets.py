@@ -261,6 +261,12 @@ def test_cli_wrong_and_empty_manual_dir(tmp_path, capsys):
     empty.mkdir()
     code, _, err = _cli(["cat2000", "--manual_dir", str(empty)], capsys)
     assert code == 2 and str(empty) in _error_line(err) and "is empty" in err
+    fake.write_folder(tmp_path / "manual", n=2)
+    (tmp_path / "a_file").write_text("")
+    code, _, err = _cli(["folder", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
+                         str(tmp_path / "a_file")], capsys)
+    assert code == 2 and _error_line(err) == f"error: --data_dir {tmp_path / 'a_file'}: is a file; " \
+        "name a folder (created if missing)"
 
 
 def test_cli_missing_folder_names_expected_path(tmp_path, capsys):
