@@ -18,7 +18,8 @@ class MetricWriter:
 
     A run resumed at ``resume_step`` replays the steps after it, so records past that step
     (written before a crash, or torn by it) are dropped from both, not duplicated:
-    ``replayed`` counts the JSON lines dropped.
+    ``replayed`` counts the JSON lines dropped. A ``final`` record is dropped too: the run
+    writes it again when it ends. Non-finite values are written as JSON ``null``.
     """
 
     def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0):
@@ -35,8 +36,9 @@ class MetricWriter:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float, np.number))}
+        strict = {k: v if np.isfinite(v) else None for k, v in clean.items()}  # no bare NaN
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), "kind": kind, **clean}) + "\n")
+            f.write(json.dumps({"step": int(step), "kind": kind, **strict}, allow_nan=False) + "\n")
         for key, value in clean.items():
             self._tb.add_scalar(f"{kind}/{key}", value, int(step))
         self._tb.flush()
@@ -54,8 +56,9 @@ def _keep_records_up_to(path: Path, last_step: int) -> int:
     kept, dropped = [], 0
     for line in path.read_text().splitlines():
         try:
-            keep = int(json.loads(line)["step"]) <= last_step
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(line)
+            keep = int(record["step"]) <= last_step and record.get("kind") != "final"
+        except (ValueError, KeyError, TypeError, AttributeError):
             keep = False
         if keep:
             kept.append(line + "\n")

@@ -216,10 +216,19 @@ def test_resumed_metric_log_drops_the_records_of_replayed_steps(tmp_path):
         f.write('{"step": 6, "kind": "tr')  # a line cut short by a crash
     resumed = MetricWriter(tmp_path, resume_step=3)  # the checkpoint was at step 3
     resumed.write(4, "train", {"loss": 0.04})
+    resumed.write(4, "final", {"loss": 0.4, "cc": float("nan")})  # strict JSON: null
     resumed.close()
     records = [json.loads(line) for line in writer.path.read_text().splitlines()]
-    assert [(r["step"], r["loss"]) for r in records] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.04)]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.04),
+                                                         (4, 0.4)]
+    assert records[-1]["cc"] is None and "NaN" not in writer.path.read_text()
     assert resumed.replayed == 4
+    # Rerunning the finished run (resumed at its last step) writes its final record again,
+    # not a second one.
+    rerun = MetricWriter(tmp_path, resume_step=4)
+    rerun.close()
+    assert rerun.replayed == 1 and [r["kind"] for r in map(
+        json.loads, writer.path.read_text().splitlines())] == ["train"] * 4
     again = MetricWriter(tmp_path, resume_step=4)
     again.close()
     assert again.replayed == 0  # nothing past step 4: the file is left as it is
