@@ -97,7 +97,8 @@ def save_training_curves(path: Path, metrics_jsonl: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line]
+    records = [{k: np.nan if v is None else v for k, v in json.loads(line).items()}
+               for line in Path(metrics_jsonl).read_text().splitlines() if line]
     train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and "loss" in r]
     evals = [r for r in records if r["kind"] == "eval"]
     fig, (ax_loss, ax_cc) = plt.subplots(1, 2, figsize=(10, 4))
