@@ -269,7 +269,7 @@ def software_versions() -> dict:
 # with cuBLASLt allowed. xla_* compile the code as it is with other XLA options (this
 # executable only).
 
-def _v0_pool(x, stride, alignment):
+def _v0_pool(x, stride, alignment, ties=None):
     """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
     import flax.linen as nn
     from mlnet_jax.vgg import max_pool_values
@@ -291,7 +291,7 @@ def _v1_relu(x):
     return jax.nn.relu(x)
 
 
-def _v1_pool(x, stride, alignment):
+def _v1_pool(x, stride, alignment, ties=None):
     """v1's pools: the same values, autodiff's gradient (argmax masks with a tie count)."""
     from mlnet_jax.vgg import max_pool_values
     return max_pool_values(x, stride, alignment)

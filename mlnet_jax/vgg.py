@@ -29,19 +29,34 @@ VGG16_CONV_NAMES: tuple[str, ...] = tuple(name for name, _ in VGG16_CONVS)
 _POOL_STRIDE_AFTER = {"conv1_2": 2, "conv2_2": 2, "conv3_3": 2, "conv4_3": 1}
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.Array:
-    """2×2 max pooling with 'same' output size ceil(n / stride), and the gradient of the
-    original ML-Net's Theano ``MaxPoolGrad``: every input equal to its window's maximum receives
-    that window's whole gradient, summed over the windows it belongs to.
+PoolTies = Literal["all", "first"]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment,
+                 ties: PoolTies = "all") -> jax.Array:
+    """2×2 max pooling with 'same' output size ceil(n / stride), with a gradient computed from
+    the input and the pooled output (no argmax masks stored).
+
+    ``ties="all"`` is the original ML-Net's Theano ``MaxPoolGrad``: every input equal to its
+    window's maximum receives the window's whole gradient. ``"first"`` gives it to the first
+    maximum in row-major order, as PyTorch and TensorFlow do (what ``standard`` weights were
+    trained with), and keeps bfloat16's rounding from making ties the original never had
+    (6 % of pool1's windows at random init, which inflated conv1's gradient by ~18 %).
 
     JAX's own gradients split ties instead, and need a tie count, so XLA builds and stores an
-    argmax mask per pool in the forward pass (629 MB at pool1 per 32×480×640 step). This one
-    compares ``x`` with the pooled output in the backward pass: one compare-and-select per
-    window offset, fused with the ReLU mask before it. After a ReLU the two gradients differ
-    only where two positive inputs tie for a window's maximum.
+    argmax mask per pool in the forward pass (629 MB at pool1 per 32×480×640 step). These
+    compare ``x`` with the pooled output in the backward pass, fused with the ReLU mask
+    before it. After a ReLU the three differ only where two positive inputs tie for a
+    window's maximum.
     """
     return max_pool_values(x, stride, alignment)
+
+
+def pool_ties(alignment: PoolingAlignment, dtype) -> PoolTies:
+    """Theano's rule where the original's gradient is the reference (``keras1`` weights in
+    float32); the first maximum otherwise."""
+    return "all" if alignment == "keras1" and jnp.dtype(dtype) == jnp.float32 else "first"
 
 
 def max_pool_values(x: jax.Array, stride: int, alignment: PoolingAlignment) -> jax.Array:
@@ -74,31 +89,53 @@ def max_pool_values(x: jax.Array, stride: int, alignment: PoolingAlignment) -> j
     return nn.max_pool(x, (2, 2), strides=(stride, stride), padding=pad)
 
 
-def _max_pool_forward(x, stride, alignment):
+def _max_pool_forward(x, stride, alignment, ties):
     y = max_pool_values(x, stride, alignment)
     return y, (x, y)
 
 
-def _max_pool_backward(stride, alignment, residuals, g):
+def _max_pool_backward(stride, alignment, ties, residuals, g):
     x, y = residuals
     start = -1 if alignment == "keras1" else 0  # window i covers s·i + start + {0, 1}
     grad = jnp.zeros_like(x)
+    zero = jnp.zeros((), g.dtype)
+    taken = None  # windows whose gradient an earlier (row-major) maximum already took
     for row in (0, 1):
         for col in (0, 1):
             offset = (start + row, start + col)
-            y_at = _spread(y, x.shape, stride, offset, jnp.nan)
-            g_at = _spread(g, x.shape, stride, offset, 0)
-            grad = grad + jnp.where(x == y_at, g_at, jnp.zeros((), g.dtype))
+            is_max = _window_element(x, y.shape, stride, offset) == y  # in window space
+            if ties == "first":
+                is_max, taken = (is_max, is_max) if taken is None else (
+                    is_max & ~taken, taken | is_max)
+            grad = grad + _spread(jnp.where(is_max, g, zero), x.shape, stride, offset, 0)
     return (grad,)
 
 
 max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
+def _window_element(x: jax.Array, out_shape: tuple, stride: int, offset: tuple[int, int]
+                    ) -> jax.Array:
+    """(B, h, w, C): for each window (i, j), its element x[stride·i + offset[0], stride·j +
+    offset[1]]; NaN (equal to nothing) where that falls outside ``x``."""
+    config, starts, limits, strides = [(0, 0, 0)], [0], [x.shape[0]], [1]
+    for axis, low in zip((1, 2), offset):
+        n, m = x.shape[axis], out_shape[axis]
+        last = low + (m - 1) * stride
+        config.append((max(-low, 0), max(last + 1 - n, 0), 0))
+        starts.append(low + max(-low, 0))
+        limits.append(last + max(-low, 0) + 1)
+        strides.append(stride)
+    config.append((0, 0, 0))
+    starts.append(0), limits.append(x.shape[3]), strides.append(1)
+    padded = jax.lax.pad(x, jnp.asarray(jnp.nan, x.dtype), config)
+    return jax.lax.slice(padded, starts, limits, strides)
+
+
 def _spread(v: jax.Array, shape: tuple, stride: int, offset: tuple[int, int], fill) -> jax.Array:
     """``v`` (B, h, w, C) placed on an input grid of ``shape``: v[i, j] lands at
-    (stride·i + offset[0], stride·j + offset[1]); positions no window element maps to hold
-    ``fill`` (NaN equals nothing, so they get no gradient). Negative padding crops."""
+    (stride·i + offset[0], stride·j + offset[1]); other positions hold ``fill``. Negative
+    padding crops (window elements outside the input)."""
     config = [(0, 0, 0)]
     for axis, low in zip((1, 2), offset):
         n, m = shape[axis], v.shape[axis]
@@ -129,7 +166,8 @@ class VGG16(nn.Module):
                         param_dtype=jnp.float32, name=name)(x)
             x = relu(x)
             if name in _POOL_STRIDE_AFTER:
-                x = max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling)
+                x = max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling,
+                                 pool_ties(self.pooling, self.dtype))
                 if name in ("conv3_3", "conv4_3"):
                     outputs[f"pool{name[4]}"] = x
         outputs["conv5_3"] = x

@@ -57,9 +57,11 @@ def max_pool(x: np.ndarray, stride: int, alignment: str) -> np.ndarray:
     return out
 
 
-def max_pool_grad(x: np.ndarray, g: np.ndarray, stride: int, alignment: str) -> np.ndarray:
+def max_pool_grad(x: np.ndarray, g: np.ndarray, stride: int, alignment: str,
+                  ties: str = "all") -> np.ndarray:
     """Theano's MaxPoolGrad (what the original ML-Net trained with) for ML-Net's 2×2 windows,
-    x (B, h, w, C): each input equal to its window's maximum gets the window's whole gradient."""
+    x (B, h, w, C): each input equal to its window's maximum gets the window's whole gradient;
+    with ``ties="first"`` only the first such input in row-major order (PyTorch, TensorFlow)."""
     start = -1 if alignment == "keras1" else 0
     b, rows, cols, c = x.shape
     grad = np.zeros_like(x)
@@ -74,6 +76,8 @@ def max_pool_grad(x: np.ndarray, g: np.ndarray, stride: int, alignment: str) -> 
                     for r, q in cells:
                         if x[n, r, q, ch] == peak:
                             grad[n, r, q, ch] += g[n, i, j, ch]
+                            if ties == "first":
+                                break
     return grad
 
 

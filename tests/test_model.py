@@ -81,22 +81,44 @@ def test_stride_one_pooling_gradient_matches_reduce_window(alignment):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(6, 8), (7, 5)])  # odd sizes take the reduce_window path
 @pytest.mark.parametrize("values", ["continuous", "many_ties"])
-def test_pooling_gradient_is_the_original_theano_gradient(alignment, stride, size, values):
+@pytest.mark.parametrize("ties", ["all", "first"])
+def test_pooling_gradient_is_theanos_or_the_first_maximums(alignment, stride, size, values, ties):
     rng = np.random.default_rng(1)
     shape = (2, *size, 3)
     x = rng.uniform(0, 1, shape) if values == "continuous" else rng.integers(0, 3, shape)
     x = jnp.asarray(x, jnp.float32)
-    y, vjp = jax.vjp(lambda v: max_pool_2x2(v, stride, alignment), x)
+    y, vjp = jax.vjp(lambda v: max_pool_2x2(v, stride, alignment, ties), x)
     y_autodiff, vjp_autodiff = jax.vjp(lambda v: max_pool_values(v, stride, alignment), x)
     np.testing.assert_array_equal(y, y_autodiff)
     g = jnp.asarray(rng.integers(1, 5, y.shape), jnp.float32)  # integers: exact sums
     (grad,) = vjp(g)
     np.testing.assert_array_equal(grad, ref.max_pool_grad(np.asarray(x), np.asarray(g),
-                                                          stride, alignment))
+                                                          stride, alignment, ties))
     if values == "continuous":  # no ties: autodiff's gradient is the same
         np.testing.assert_array_equal(grad, vjp_autodiff(g)[0])
-    else:  # ties: autodiff splits, Theano gives each tied input the whole window's gradient
+    elif ties == "all":  # autodiff splits ties, Theano gives each the window's whole gradient
         assert float(grad.sum()) > float(vjp_autodiff(g)[0].sum())
+    else:  # one input per window takes the window's gradient
+        assert float(grad.sum()) == float(g.sum())
+
+
+def test_first_maximum_pooling_gradient_is_pytorchs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 3, (2, 6, 8, 3)).astype(np.float32)  # many ties
+    g = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+    (ours,) = jax.vjp(lambda v: max_pool_2x2(v, 2, "standard", "first"), jnp.asarray(x))[1](
+        jnp.asarray(g))
+    t = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    torch.nn.functional.max_pool2d(t, 2, 2).backward(torch.tensor(g).permute(0, 3, 1, 2))
+    np.testing.assert_array_equal(ours, t.grad.permute(0, 2, 3, 1).numpy())
+
+
+def test_pool_ties_are_theanos_only_for_keras1_weights_in_float32():
+    from mlnet_jax.vgg import pool_ties
+    assert pool_ties("keras1", jnp.float32) == "all"
+    assert pool_ties("keras1", jnp.bfloat16) == "first"  # bf16 rounding makes new ties
+    assert pool_ties("standard", jnp.float32) == pool_ties("standard", jnp.bfloat16) == "first"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
