@@ -49,14 +49,22 @@ class RunCheckpoints:
         # Best first: a crash between the two saves then replays this step, saving both.
         try:
             # best/ keeps one checkpoint: Orbax retires the previous best once the new one is saved.
-            if is_best and self.best.latest_step() != step:
-                self.best.save(step, args=args, force=True)
-            if self.latest.latest_step() != step:
-                self.latest.save(step, args=args, force=True)
-        except OSError as e:
+            for manager, wanted in ((self.best, is_best), (self.latest, True)):
+                if not wanted:
+                    continue
+                if manager.latest_step() != step:
+                    manager.save(step, args=args, force=True)
+                else:  # the same step saved again (after an evaluation a stop had left): the
+                    _rewrite_meta(manager, step, meta)  # state and data are the same
+        except (OSError, ValueError) as e:
+            # tensorstore reports a full disk as ValueError: RESOURCE_EXHAUSTED … [os_error_code=28]
+            if isinstance(e, ValueError) and "RESOURCE_EXHAUSTED" not in str(e) \
+                    and "os_error_code" not in str(e):
+                raise
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
             previous = self.latest.latest_step()
             raise UserError(f"could not write the checkpoint of step {step} in "
-                            f"{self.latest.directory} ({e.strerror or e}); the previous checkpoint "
+                            f"{self.latest.directory} ({reason}); the previous checkpoint "
                             f"(step {previous}) is intact: free space and rerun to resume") from None
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, dict]:
@@ -74,6 +82,19 @@ class RunCheckpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _rewrite_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> None:
+    """Replace the ``meta`` item of an existing checkpoint, atomically (the JSON file Orbax's
+    JSON handler wrote)."""
+    import json
+
+    from mlnet_jax.atomic import atomic_path
+    path = Path(manager.directory) / str(step) / "meta" / "metadata"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; cannot update this checkpoint's progress record")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(meta))
 
 
 def _step_dir_for(path: Path) -> Path:
@@ -105,7 +126,15 @@ def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
     step_dir = _step_dir_for(Path(path).absolute())
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
         meta = checkpointer.restore(step_dir / "meta")
-    with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(step_dir / "state")
+    # As NumPy, whatever devices or processes saved it (their layout would be required).
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        metadata = handler.metadata(step_dir / "state")
+        tree = getattr(metadata, "tree", metadata)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = handler.restore(step_dir / "state",
+                                args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    finally:
+        handler.close()
     params = merge_params(state["trainable"], state["frozen"])
     return jax.tree.map(np.asarray, params), meta["model"]

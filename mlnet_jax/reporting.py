@@ -19,7 +19,8 @@ class MetricWriter:
     A run resumed at ``resume_step`` replays the steps after it, so records past that step
     (written before a crash, or torn by it) are dropped from both, not duplicated:
     ``replayed`` counts the JSON lines dropped. A ``final`` record is dropped too: the run
-    writes it again when it ends. Non-finite values are written as JSON ``null``.
+    writes it again when it ends (and it is not mirrored to TensorBoard, where a purge cannot
+    remove it). Non-finite values are written as JSON ``null``.
     """
 
     def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0):
@@ -35,10 +36,13 @@ class MetricWriter:
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float, np.number))}
+        clean = {k: float(v) for k, v in values.items()
+                 if isinstance(v, (int, float, np.number)) and k not in ("step", "kind")}
         strict = {k: v if np.isfinite(v) else None for k, v in clean.items()}  # no bare NaN
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": int(step), "kind": kind, **strict}, allow_nan=False) + "\n")
+        if kind == "final":  # in final_metrics.json; a rerun would plot it twice at one step
+            return
         for key, value in clean.items():
             self._tb.add_scalar(f"{kind}/{key}", value, int(step))
         self._tb.flush()

@@ -251,6 +251,10 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     from mlnet_jax.input_pipeline import auto_worker_count, prefetch_to_device, train_loader
     from mlnet_jax.reporting import MetricWriter, save_training_curves
 
+    for field in ("num_epochs", "global_batch_size", "eval_batch_size", "log_every_steps",
+                  "checkpoint_every_steps", "keep_checkpoints"):
+        if config[field] < 1:  # 0 would divide by zero, or keep no checkpoint to resume from
+            raise UserError(f"config.{field} must be at least 1, got {config[field]}")
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,13 @@ def test_unwritable_workdir(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    # What tensorstore (Orbax's array writer) raises on a full disk.
+    ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/d/abc\": No space left on "
+               "device [os_error_code='28'] [source locations='tensorstore/...']"),
+])
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, error):
     import orbax.checkpoint as ocp
     from mlnet_jax.train import train_and_evaluate
     from test_train import latest_state
@@ -98,7 +104,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     def save(self, step, *args, **kwargs):
         calls.append(step)
         if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
@@ -160,6 +166,8 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
                                        "bfloat16"),
     ("--config.frozen_convs=23", "config.frozen_convs must be in 0..13 (VGG-16 convolutions; the "
                                  "report's setup is 10), got 23"),
+    ("--config.keep_checkpoints=0", "config.keep_checkpoints must be at least 1, got 0"),
+    ("--config.checkpoint_every_steps=0", "config.checkpoint_every_steps must be at least 1"),
     ("--config.learning_rat=0.1", "--config.learning_rat: the config has no field 'learning_rat' "
                                   "(did you mean learning_rate?)"),
     ("--config=no_such_config.py", "--config no_such_config.py: cannot load it ([Errno 2] No "

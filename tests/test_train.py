@@ -216,12 +216,13 @@ def test_resumed_metric_log_drops_the_records_of_replayed_steps(tmp_path):
         f.write('{"step": 6, "kind": "tr')  # a line cut short by a crash
     resumed = MetricWriter(tmp_path, resume_step=3)  # the checkpoint was at step 3
     resumed.write(4, "train", {"loss": 0.04})
-    resumed.write(4, "final", {"loss": 0.4, "cc": float("nan")})  # strict JSON: null
+    resumed.write(4, "final", {"loss": 0.4, "cc": float("nan"), "step": 4.0})  # NaN: null
     resumed.close()
     records = [json.loads(line) for line in writer.path.read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in records] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.04),
                                                          (4, 0.4)]
     assert records[-1]["cc"] is None and "NaN" not in writer.path.read_text()
+    assert type(records[-1]["step"]) is int  # the record's own step, not the values' float
     assert resumed.replayed == 4
     # Rerunning the finished run (resumed at its last step) writes its final record again,
     # not a second one.
@@ -349,13 +350,22 @@ def test_a_stop_during_an_epochs_last_step_evaluates_that_epoch_on_resume(tmp_pa
         return Loader()
 
     workdir = tmp_path / "run"
+    config = tiny.get_config()
+    config.num_epochs = 1  # the stop comes in the run's last step: no later save
     monkeypatch.setattr(input_pipeline, "prefetch_to_device", stopped_at_the_third_batch)
     with pytest.raises(TrainingStopped, match="received signal 15; saved a checkpoint at step 3"):
-        train_and_evaluate(tiny.get_config(), workdir)
+        train_and_evaluate(config, workdir)
     assert _eval_steps(workdir) == []
     monkeypatch.setattr(input_pipeline, "prefetch_to_device", real)
-    train_and_evaluate(tiny.get_config(), workdir)
-    assert _eval_steps(workdir) == [3, 6]  # as a run without the stop
+    train_and_evaluate(config, workdir)
+    assert _eval_steps(workdir) == [3]  # as a run without the stop
+    from mlnet_jax.checkpointing import RunCheckpoints
+    checkpoints = RunCheckpoints(workdir, 2)
+    meta = checkpoints.read_meta()
+    checkpoints.close()
+    assert meta["evaluation_pending"] is False and meta["best_step"] == 3  # recorded at step 3
+    train_and_evaluate(config, workdir)  # the finished run again: nothing left to evaluate
+    assert _eval_steps(workdir) == [3]
 
 
 def test_packaged_configs_are_found_without_a_checkout(tmp_path, monkeypatch):
@@ -386,6 +396,11 @@ def test_two_process_training_run_end_to_end(tmp_path):
     assert final["num_images"] == 8 and final["step"] == 6
     assert "2 process(es)" in outputs[0][0] and "epoch 2:" in outputs[0][0]
     assert "epoch" not in outputs[1][0]  # one console report, from process 0
+    # Saved by two processes, read by one (predict, evaluate, init_weights on a laptop).
+    from mlnet_jax import load_model
+    model, variables, info = load_model(workdir)
+    maps = model.apply(variables, jnp.zeros((1, *info.input_size, 3)), train=False)
+    assert maps.shape == (1, 4, 4, 1) and bool(jnp.isfinite(maps).all())
 
 
 def test_compilation_cache_is_on_by_default_in_train_and_predict_and_can_be_turned_off():
