@@ -166,12 +166,37 @@ def make_sources(config):
 
 
 def _encode_state(state) -> dict:
-    return {"iterator": state.decode() if isinstance(state, bytes) else state}
+    """Every process's input position, keyed by process index (only process 0 writes the
+    checkpoint's JSON items, so each must reach it)."""
+    from jax.experimental import multihost_utils
+
+    text = json.dumps({"bytes": state.decode()} if isinstance(state, bytes) else {"value": state})
+    if jax.process_count() == 1:
+        return {"iterators": [text]}
+    data = np.frombuffer(text.encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return {"iterators": [bytes(row[:int(n)]).decode()
+                          for row, n in zip(gathered, lengths.reshape(-1))]}
 
 
-def _decode_state(saved: dict):
-    value = saved["iterator"]
-    return value.encode() if isinstance(value, str) else value
+def _decode_state(saved: dict, workdir: Path):
+    """This process's input position from :func:`_encode_state`'s record (or the single
+    ``iterator`` of checkpoints written before it)."""
+    if "iterator" in saved:
+        if jax.process_count() > 1:
+            raise UserError(f"{workdir}: this checkpoint holds one process's input position; "
+                            f"resume it with 1 process, not {jax.process_count()}")
+        value = saved["iterator"]
+        return value.encode() if isinstance(value, str) else value
+    iterators = saved["iterators"]
+    if len(iterators) != jax.process_count():
+        raise UserError(f"{workdir}: the run was saved by {len(iterators)} process(es); resume it "
+                        f"with the same number, not {jax.process_count()}")
+    mine = json.loads(iterators[jax.process_index()])
+    return mine["bytes"].encode() if "bytes" in mine else mine["value"]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -305,7 +330,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
         state, data_state, meta = checkpoints.restore(abstract)
         meta.update(config=config_json, worker_count=worker_count)
         try:
-            loader.set_state(_decode_state(data_state))
+            loader.set_state(_decode_state(data_state, workdir))
         except ValueError as e:  # grain: the sampler (record count, seed, sharding) differs
             raise UserError(f"{workdir}: the training split is not the one this run was reading "
                             f"({str(e).splitlines()[0]}); was the dataset prepared again? Use "

@@ -388,9 +388,12 @@ def test_two_process_training_run_end_to_end(tmp_path):
     workdir = tmp_path / "run"
     script = ("import jax, sys; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
               "from mlnet_jax.train import main; sys.exit(main(sys.argv))")
-    outputs = run_two_processes(lambda address, k: [
-        "-c", script, f"--config={TINY_CONFIG}", f"--workdir={workdir}",
-        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={k}"])
+    for epochs in (1, 2):  # one epoch, then resumed for the second: each process's position
+        outputs = run_two_processes(lambda address, k: [
+            "-c", script, f"--config={TINY_CONFIG}", f"--workdir={workdir}",
+            f"--config.num_epochs={epochs}", f"--coordinator_address={address}",
+            "--num_processes=2", f"--process_id={k}"])
+    assert "resuming from" in outputs[0][0] + outputs[0][1]
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6"]
     final = json.loads((workdir / "final_metrics.json").read_text())
     assert final["num_images"] == 8 and final["step"] == 6
