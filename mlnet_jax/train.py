@@ -272,10 +272,6 @@ def _jsonable_config(config) -> dict:
 def train_and_evaluate(config, workdir: str | Path, override_config: bool = False) -> dict:
     """Train (resuming from the workdir's latest checkpoint), evaluate each epoch, and write
     ``final_metrics.json`` with the held-out split's metrics. Returns those metrics."""
-    from mlnet_jax.checkpointing import RunCheckpoints
-    from mlnet_jax.input_pipeline import auto_worker_count, prefetch_to_device, train_loader
-    from mlnet_jax.reporting import MetricWriter, save_training_curves
-
     for field in ("num_epochs", "global_batch_size", "eval_batch_size", "log_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints"):
         if config[field] < 1:  # 0 would divide by zero, or keep no checkpoint to resume from
@@ -287,6 +283,43 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
             pass  # a unique name: every process of a multi-host run checks at once
     except OSError as e:
         raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from None
+    with _WorkdirLock(workdir):
+        return _train_and_evaluate(config, workdir, override_config)
+
+
+class _WorkdirLock:
+    """An exclusive lock on ``workdir/.lock`` held by process 0 while it trains: a second
+    training in the same workdir would interleave its checkpoints and logs with this one's."""
+
+    def __init__(self, workdir: Path):
+        self.path, self.file = workdir / ".lock", None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        if jax.process_index() != 0:
+            return self
+        self.file = open(self.path, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise UserError(f"--workdir {self.path.parent}: another training is running in it "
+                            "(it holds .lock); wait for it, or use another --workdir") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # releases the lock
+
+
+def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
+    from mlnet_jax.checkpointing import RunCheckpoints
+    from mlnet_jax.input_pipeline import auto_worker_count, prefetch_to_device, train_loader
+    from mlnet_jax.reporting import MetricWriter, save_training_curves
+
     enable_compilation_cache(config.compilation_cache_dir, "config.compilation_cache_dir")
     mesh = data_mesh()
     if config.global_batch_size % mesh.size:

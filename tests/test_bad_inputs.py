@@ -184,6 +184,19 @@ def test_a_wrong_config_field_without_a_config_file_is_named(tmp_path):
                    "--config.eval_max_image: the config has no field 'eval_max_image'")
 
 
+def test_a_second_training_in_a_busy_workdir_is_refused(tmp_path):
+    import fcntl
+
+    from mlnet_jax.train import train_and_evaluate
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / ".lock", "a") as held:  # as the first training holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match=f"--workdir {workdir}: another training is running"):
+            train_and_evaluate(tiny_config(num_epochs=1), workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock"]  # nothing else touched
+
+
 @pytest.mark.timeout(300)
 def test_a_training_split_that_changed_size_is_named_on_resume(tmp_path):
     from mlnet_jax.train import train_and_evaluate
