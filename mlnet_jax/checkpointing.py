@@ -122,8 +122,19 @@ def stored_config(path: str | Path) -> dict | None:
 
 
 def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
-    """(params as NumPy, model metadata) from a workdir or checkpoint directory."""
-    step_dir = _step_dir_for(Path(path).absolute())
+    """(params as NumPy, model metadata) from a workdir or checkpoint directory. A training
+    writing to the workdir may retire the checkpoint just found: then the newer one is read."""
+    for attempt in range(3):
+        step_dir = _step_dir_for(Path(path).absolute())
+        try:
+            return _restore_params(step_dir)
+        except Exception:  # noqa: BLE001 — Orbax's error for a directory deleted mid-read varies
+            if step_dir.exists() or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _restore_params(step_dir: Path) -> tuple[dict, dict]:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
         meta = checkpointer.restore(step_dir / "meta")
     # As NumPy, whatever devices or processes saved it (their layout would be required).

@@ -67,3 +67,23 @@ def test_sigkill_at_three_random_moments_then_restart_gives_identical_parameters
 def logged_losses(workdir: Path) -> list[tuple[int, str, float]]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [(r["step"], r["kind"], r["loss"]) for r in map(json.loads, lines) if r["kind"] != "final"]
+
+
+def test_a_checkpoint_retired_while_being_read_is_replaced_by_the_newer_one(tmp_path, monkeypatch):
+    """Predict or evaluate on a workdir a training is writing to: the best checkpoint found can
+    be retired (deleted) before it is read; the newer one is read instead."""
+    from mlnet_jax import checkpointing
+    checkpoints = checkpointing.RunCheckpoints(tmp_path, 2)
+    state = {"trainable": {"w": np.arange(3.0, dtype=np.float32)}, "frozen": {}}
+    checkpoints.save(7, state, {}, {"model": {"input_size": [32, 32]}}, is_best=True)
+    checkpoints.close()
+    real, calls = checkpointing._step_dir_for, []
+
+    def resolved_then_retired(path):
+        calls.append(path)
+        return path / "best" / "5" if len(calls) == 1 else real(path)  # 5: already deleted
+
+    monkeypatch.setattr(checkpointing, "_step_dir_for", resolved_then_retired)
+    params, model = checkpointing.restore_for_inference(tmp_path)
+    assert len(calls) == 2 and model == {"input_size": [32, 32]}
+    np.testing.assert_array_equal(params["w"], [0, 1, 2])
