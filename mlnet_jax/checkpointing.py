@@ -57,7 +57,7 @@ class RunCheckpoints:
                 else:  # the same step saved again (after an evaluation a stop had left): the
                     _rewrite_meta(manager, step, meta)  # state and data are the same
         except (OSError, ValueError) as e:
-            # tensorstore reports a full disk as ValueError: RESOURCE_EXHAUSTED … [os_error_code=28]
+            # tensorstore reports a full disk as ValueError (RESOURCE_EXHAUSTED, os_error_code)
             if isinstance(e, ValueError) and "RESOURCE_EXHAUSTED" not in str(e) \
                     and "os_error_code" not in str(e):
                 raise

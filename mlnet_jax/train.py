@@ -166,8 +166,8 @@ def make_sources(config):
 
 
 def _encode_state(state) -> dict:
-    """Every process's input position, keyed by process index (only process 0 writes the
-    checkpoint's JSON items, so each must reach it)."""
+    """Every process's input position, in process order (only process 0 writes the
+    checkpoint's JSON items, so each must reach it; a collective, like the save itself)."""
     from jax.experimental import multihost_utils
 
     text = json.dumps({"bytes": state.decode()} if isinstance(state, bytes) else {"value": state})

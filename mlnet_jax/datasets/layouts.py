@@ -224,6 +224,7 @@ def cat2000(manual_dir: str | Path, seed: int = SPLIT_SEED,
     stim_root = _require_dir(train_set / "Stimuli", "CAT2000 stimuli, one folder per category")
     map_root = _require_dir(train_set / "FIXATIONMAPS", "CAT2000 fixation maps per category")
     loc_root = _require_dir(train_set / "FIXATIONLOCS", "CAT2000 fixation .mat files per category")
+
     def category_folders(root: Path) -> set[str]:
         return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
 

@@ -99,7 +99,7 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrit
 
     if validation_fraction is not None and name != "folder":
         raise UserError("--validation_fraction applies to the 'folder' dataset only")
-    if data_dir and Path(data_dir).expanduser().exists() and not Path(data_dir).expanduser().is_dir():
+    if data_dir and Path(data_dir).expanduser().is_file():
         raise UserError(f"--data_dir {data_dir}: is a file; name a folder (created if missing)")
     manual = layouts.check_manual_dir(manual_dir)
 

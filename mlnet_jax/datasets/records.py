@@ -142,7 +142,7 @@ def _loadmat(path: Path) -> dict:
         return scipy.io.loadmat(str(path))
     except NotImplementedError as e:  # MATLAB v7.3 (HDF5) files
         raise UserError(f"cannot read fixations {path}: {e} (save it as a v7 .mat)") from None
-    except Exception as e:  # noqa: BLE001 — scipy: MatReadError (empty), IndexError (cut short)…
+    except Exception as e:  # noqa: BLE001 — scipy: MatReadError (empty), IndexError (cut)…
         raise UserError(f"cannot read fixations {path}: {str(e) or type(e).__name__}") from None
 
 
