@@ -18,8 +18,8 @@ class MetricWriter:
 
     A run resumed at ``resume_step`` replays the steps after it, so records past that step
     (written before a crash, or torn by it) are dropped from both, not duplicated:
-    ``replayed`` counts the JSON lines dropped. A ``final`` record is dropped too: the run
-    writes it again when it ends (and it is not mirrored to TensorBoard, where a purge cannot
+    ``replayed`` counts the records of steps that run again. A ``final`` record is dropped
+    too (not counted): the run writes it again when it ends (and it is not mirrored to TensorBoard, where a purge cannot
     remove it). Non-finite values are written as JSON ``null``.
     """
 
@@ -53,22 +53,24 @@ class MetricWriter:
 
 
 def _keep_records_up_to(path: Path, last_step: int) -> int:
-    """Rewrite the JSON-lines file at ``path`` without records after ``last_step`` (and without
-    a line a crash cut short); returns how many lines went."""
+    """Rewrite the JSON-lines file at ``path`` without records after ``last_step``, ``final``
+    records and lines a crash cut short; returns how many records of later steps went."""
     if not path.exists():
         return 0
-    kept, dropped = [], 0
+    kept, dropped, changed = [], 0, False
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-            keep = int(record["step"]) <= last_step and record.get("kind") != "final"
-        except (ValueError, KeyError, TypeError, AttributeError):
-            keep = False
+            later = int(record["step"]) > last_step
+            keep = not later and record.get("kind") != "final"
+        except (ValueError, KeyError, TypeError, AttributeError):  # cut short: the last line
+            later, keep = bool(line.strip()), False
         if keep:
             kept.append(line + "\n")
         else:
-            dropped += bool(line.strip())
-    if dropped:
+            changed = True
+            dropped += later
+    if changed:
         with atomic_path(path) as tmp:
             tmp.write_text("".join(kept))
     return dropped
