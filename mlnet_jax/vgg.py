@@ -107,7 +107,7 @@ def _max_pool_backward(stride, alignment, ties, residuals, g):
             if ties == "first":
                 is_max, taken = (is_max, is_max) if taken is None else (
                     is_max & ~taken, taken | is_max)
-            grad = grad + _spread(jnp.where(is_max, g, zero), x.shape, stride, offset, 0)
+            grad = grad + _spread(jnp.where(is_max, g, zero), x.shape, stride, offset)
     return (grad,)
 
 
@@ -132,16 +132,16 @@ def _window_element(x: jax.Array, out_shape: tuple, stride: int, offset: tuple[i
     return jax.lax.slice(padded, starts, limits, strides)
 
 
-def _spread(v: jax.Array, shape: tuple, stride: int, offset: tuple[int, int], fill) -> jax.Array:
+def _spread(v: jax.Array, shape: tuple, stride: int, offset: tuple[int, int]) -> jax.Array:
     """``v`` (B, h, w, C) placed on an input grid of ``shape``: v[i, j] lands at
-    (stride·i + offset[0], stride·j + offset[1]); other positions hold ``fill``. Negative
-    padding crops (window elements outside the input)."""
+    (stride·i + offset[0], stride·j + offset[1]); other positions hold 0. Negative padding
+    crops (window elements outside the input)."""
     config = [(0, 0, 0)]
     for axis, low in zip((1, 2), offset):
         n, m = shape[axis], v.shape[axis]
         config.append((low, n - (low + (m - 1) * stride + 1), stride - 1))
     config.append((0, 0, 0))
-    return jax.lax.pad(v, jnp.asarray(fill, v.dtype), config)
+    return jax.lax.pad(v, jnp.zeros((), v.dtype), config)
 
 
 class VGG16(nn.Module):
