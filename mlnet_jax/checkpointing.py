@@ -10,6 +10,7 @@ complete, so a checkpoint cut short by a crash is never taken as the latest.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mlnet_jax.atomic import atomic_path
 from mlnet_jax.errors import UserError
 from mlnet_jax.optim import merge_params
 
@@ -87,9 +89,6 @@ class RunCheckpoints:
 def _rewrite_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> None:
     """Replace the ``meta`` item of an existing checkpoint, atomically (the JSON file Orbax's
     JSON handler wrote)."""
-    import json
-
-    from mlnet_jax.atomic import atomic_path
     path = Path(manager.directory) / str(step) / "meta" / "metadata"
     if not path.is_file():
         raise UserError(f"{path}: missing; cannot update this checkpoint's progress record")
