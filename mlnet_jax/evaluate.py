@@ -159,6 +159,12 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=list))
 
 
+def _has_ground_truth(record: dict) -> bool:
+    """Whether a record can be scored: found before predicting, so a test split fails fast
+    (the first record answers for every split that has ground truth)."""
+    return bool(record["saliency_map"]) or len(record["fixations"]) > 0
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
@@ -203,6 +209,9 @@ def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
     source = split_source(config, split)
     total = len(source) if config.eval_max_images < 0 else min(len(source),
                                                                 config.eval_max_images)
+    if total and not any(_has_ground_truth(source[i]) for i in range(total)):
+        raise UserError(f"{config.dataset}/{split} has no ground truth (saliency maps or "
+                        "fixations): nothing to score (a test split?)")
     from tqdm import tqdm  # noqa: PLC0415
     with tqdm(total=total, unit="img", disable=None if progress else True,
               file=sys.stderr, dynamic_ncols=True) as bar:
@@ -214,9 +223,6 @@ def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
     if scores.num_images == 0:
         raise UserError(f"{config.dataset}/{split} has no images to evaluate")
     metrics = {name: scores.summary[name] for name in ALL_METRICS}
-    if all(stats["n"] == 0 for stats in metrics.values()):
-        raise UserError(f"{config.dataset}/{split} has no ground truth (saliency maps or "
-                        "fixations): nothing to score (a test split?)")
 
     what = f"baseline {baseline}" if baseline else f"ML-Net {resolved}"
     summary = {

@@ -204,6 +204,32 @@ def test_images_without_fixations_are_nan_and_excluded_from_means():
             np.testing.assert_equal(a[name], b[name])
 
 
+def test_a_split_without_ground_truth_is_refused_before_anything_is_predicted(monkeypatch,
+                                                                              tmp_path):
+    from mlnet_jax import evaluate as evaluate_module
+    from mlnet_jax.configs.demo import get_config
+    from mlnet_jax.errors import UserError
+    from mlnet_jax.input_pipeline import RecordSource
+
+    records = [dict(r, saliency_map=b"", fixations=np.zeros((0, 2), np.int32))
+               for r in _synthetic_records(4)]
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("the split was scored before its ground truth was checked")
+
+    monkeypatch.setattr(evaluate_module, "split_source",
+                        lambda config, split: RecordSource(records, "no truth"))
+    monkeypatch.setattr(evaluate_module, "score_split", must_not_score)
+    with pytest.raises(UserError, match="has no ground truth"):
+        evaluate_module.evaluate(get_config(), baseline="centre", split="test",
+                                 output=str(tmp_path / "e.json"), progress=False)
+    # One image with fixations is enough to score the split.
+    records[3] = dict(records[3], fixations=np.array([[1, 2]], np.int32))
+    with pytest.raises(AssertionError, match="was scored"):
+        evaluate_module.evaluate(get_config(), baseline="centre", split="test",
+                                 output=str(tmp_path / "e.json"), progress=False)
+
+
 def test_sauc_negatives_are_other_images_fixations_scaled_to_this_image():
     from mlnet_jax.evaluation import FixationTable
     records = [{"image": b"", "fixations": np.asarray([[i, 2 * i]]), "image_size": (10, 20),
