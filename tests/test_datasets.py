@@ -185,6 +185,16 @@ def test_nothing_of_a_layout_is_dropped_silently(tmp_path, caplog):
     assert "gone.png" in caplog.text and "x.gif" in caplog.text
 
 
+def test_an_empty_salicon_test_folder_skips_the_optional_test_split(tmp_path, caplog):
+    from mlnet_jax.datasets import layouts
+    fake.write_salicon(tmp_path / "manual", {"train": 2, "validation": 1})
+    (tmp_path / "manual" / "images" / "test").mkdir()
+    with caplog.at_level(logging.WARNING, logger="mlnet_jax.datasets"):
+        splits = layouts.salicon(tmp_path / "manual")
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2, "validation": 1}
+    assert "test has no images: no test split prepared" in caplog.text
+
+
 def test_fixation_conversion_from_one_based_xy(caplog):
     got = records.xy1_to_rc0(np.array([[1.0, 1.0], [32, 24], [3.4, 2.6], [0, 5], [33, 1]]),
                              (24, 32), Path("f.mat"))

@@ -172,7 +172,10 @@ def salicon(manual_dir: str | Path) -> dict[str, list[Item]]:
         if split == "test":
             if not image_dir.is_dir():
                 continue  # the test images are a separate download; they have no maps anyway
-            images = list_files(image_dir, IMAGE_EXTENSIONS, "images")
+            images = list_files(image_dir, IMAGE_EXTENSIONS, "images", allow_empty=True)
+            if not images:
+                log.warning("%s has no images: no test split prepared", image_dir)
+                continue
             splits[split] = [Item(key=s, file_name=p.name, image=p) for s, p in images.items()]
             continue
         _require_dir(image_dir, f"SALICON {split} images")
