@@ -8,6 +8,7 @@ feeds only its shard of every global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -27,6 +28,7 @@ from mlnet_jax.compilation_cache import enable_compilation_cache
 from mlnet_jax.compute_dtype import compute_dtype
 from mlnet_jax.errors import UserError
 from mlnet_jax.evaluation import evaluate_split
+from mlnet_jax.file_lock import exclusive_lock
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.loss import mlnet_loss
 from mlnet_jax.models import OUTPUT_STRIDE, MLNet
@@ -283,36 +285,12 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
             pass  # a unique name: every process of a multi-host run checks at once
     except OSError as e:
         raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e})") from None
-    with _WorkdirLock(workdir):
+    # Process 0 holds the lock: a second training in the same workdir would interleave its
+    # checkpoints and logs with this one's.
+    lock = exclusive_lock(workdir / ".lock", f"--workdir {workdir}: another training is "
+                          "running in it (it holds .lock); wait for it, or use another --workdir")
+    with lock if jax.process_index() == 0 else contextlib.nullcontext():
         return _train_and_evaluate(config, workdir, override_config)
-
-
-class _WorkdirLock:
-    """An exclusive lock on ``workdir/.lock`` held by process 0 while it trains: a second
-    training in the same workdir would interleave its checkpoints and logs with this one's."""
-
-    def __init__(self, workdir: Path):
-        self.path, self.file = workdir / ".lock", None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return self
-        if jax.process_index() != 0:
-            return self
-        self.file = open(self.path, "a")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.close()
-            raise UserError(f"--workdir {self.path.parent}: another training is running in it "
-                            "(it holds .lock); wait for it, or use another --workdir") from None
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()  # releases the lock
 
 
 def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:

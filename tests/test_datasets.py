@@ -346,7 +346,38 @@ def test_a_failed_overwrite_keeps_the_prepared_dataset(tmp_path, capsys, monkeyp
     code, _, err = _cli(args + ["--overwrite"], capsys)
     assert code == 2 and str(bad) in _error_line(err) and "previously prepared" in err
     assert images() == before
-    assert [p.name for p in (data_dir / "salicon2015").iterdir()] == ["1.0.0"]
+    assert sorted(p.name for p in (data_dir / "salicon2015").iterdir()) == [".lock", "1.0.0"]
+
+
+def test_what_a_stopped_prepare_left_is_cleaned_and_a_set_aside_dataset_put_back(
+        tmp_path, capsys):
+    from mlnet_jax.file_lock import exclusive_lock
+    manual = tmp_path / "manual"
+    fake.write_salicon(manual, {"train": 3, "validation": 1})
+    data_dir = tmp_path / "tfds"
+    args = ["salicon2015", "--manual_dir", str(manual), "--data_dir", str(data_dir)]
+    assert _cli(args, capsys)[0] == 0
+
+    def images():
+        return {k: r["image"] for k, r in _read_all("salicon2015", "train", data_dir).items()}
+
+    before = images()
+    assert len(before) == 3
+    # As a prepare --overwrite killed while writing leaves it: the old dataset set aside,
+    # TFDS's half-written folder beside it.
+    folder = data_dir / "salicon2015"
+    (folder / "1.0.0").rename(folder / ".1.0.0.previous")
+    (folder / "incomplete.ABC123_1.0.0" / "x").mkdir(parents=True)
+    code, out, err = _cli(args, capsys)
+    assert code == 0 and "put back the salicon2015 prepared earlier" in err
+    assert "incomplete.ABC123_1.0.0" in err and "already prepared" in err
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "1.0.0"]
+    assert images() == before
+    # A second prepare while one is building is refused, not interleaved.
+    with exclusive_lock(folder / ".lock", "held"):
+        code, _, err = _cli(args + ["--overwrite"], capsys)
+    assert code == 2 and "is being prepared in" in _error_line(err)
+    assert images() == before
 
 
 @pytest.mark.parametrize("cut", [0, 100])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mlnet_jax.datasets import DATASET_NAMES
 from mlnet_jax.errors import UserError
+from mlnet_jax.file_lock import exclusive_lock
 
 log = logging.getLogger("mlnet_jax.datasets")
 
@@ -89,12 +90,74 @@ def check_split_sizes(name: str, sizes: dict[str, int]) -> list[str]:
     return messages
 
 
+def _previous_path(builder) -> Path:
+    """Where ``--overwrite`` keeps the prepared dataset until the new one is complete."""
+    return builder.data_path.with_name(f".{builder.data_path.name}.previous")
+
+
+def _build_lock(builder, name: str):
+    """Held while building: two prepares of one dataset would write into each other's way,
+    and under it whatever a killed prepare left is known to be dead."""
+    folder = Path(builder.data_path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--data_dir {folder.parent}: cannot write there "
+                        f"({e.strerror or e})") from None
+    return exclusive_lock(folder / ".lock", f"{name} is being prepared in {folder.parent} by "
+                          f"another process (it holds {folder / '.lock'}); wait for it")
+
+
+def _clean_up_after_a_killed_run(builder, name: str) -> bool:
+    """Remove TFDS's ``incomplete.*`` folders and put back a dataset that a killed
+    ``--overwrite`` had set aside. True when a dataset was put back."""
+    data_path = Path(builder.data_path)
+    for leftover in sorted(data_path.parent.glob(f"incomplete.*_{data_path.name}")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        log.info("removed %s, left by a prepare that was stopped", leftover)
+    previous = _previous_path(builder)
+    if previous.is_dir() and not data_path.exists():
+        previous.rename(data_path)
+        log.warning("put back the %s prepared earlier in %s, set aside by an --overwrite that "
+                    "was stopped", name, data_path)
+        return True
+    return False
+
+
+def _build(builder, make_builder, manual: Path, name: str):
+    """Write the dataset; returns the builder that reads it."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    builder.scan(manual)  # every layout problem, before anything is written
+    # --overwrite keeps the prepared dataset aside until the new one is complete (a bad file
+    # is found only while writing); the remains of a failed run are just removed.
+    previous = _previous_path(builder)
+    if builder.data_path.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        if builder.is_prepared():
+            builder.data_path.rename(previous)
+        else:
+            shutil.rmtree(builder.data_path)
+        builder = make_builder()  # forget the moved dataset's info
+    tfds.disable_progress_bar()  # ours counts images; TFDS's does not know the total
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    except BaseException:
+        if previous.exists():
+            shutil.rmtree(builder.data_path, ignore_errors=True)
+            previous.rename(builder.data_path)
+            log.warning("the previously prepared %s in %s is kept", name, builder.data_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    return builder
+
+
 def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrite: bool = False,
             validation_fraction: float | None = None, workers: int = 0,
             progress: bool = True) -> dict[str, int]:
     """Build ``name`` from ``manual_dir``; returns records per split. Raises UserError."""
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-
     from mlnet_jax.datasets import builders, layouts  # noqa: PLC0415
 
     if validation_fraction is not None and name != "folder":
@@ -110,34 +173,16 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrit
         builder.progress = progress
         return builder
 
-    builder = make_builder()
-    if builder.is_prepared() and not overwrite:
+    builder, built = make_builder(), False
+    if overwrite or not builder.is_prepared():
+        with _build_lock(builder, name):
+            if _clean_up_after_a_killed_run(builder, name):
+                builder = make_builder()  # read the restored dataset's info
+            if overwrite or not builder.is_prepared():
+                builder, built = _build(builder, make_builder, manual, name), True
+    if not built:
         log.info("%s is already prepared in %s (use --overwrite to rebuild)", name,
                  builder.data_dir)
-    else:
-        builder.scan(manual)  # every layout problem, before anything is written
-        # --overwrite keeps the prepared dataset aside until the new one is complete (a bad
-        # file is found only while writing); the remains of a failed run are just removed.
-        previous = builder.data_path.with_name(f".{builder.data_path.name}.previous")
-        if builder.data_path.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            if builder.is_prepared():
-                builder.data_path.rename(previous)
-            else:
-                shutil.rmtree(builder.data_path)
-            builder = make_builder()  # forget the moved dataset's info
-        tfds.disable_progress_bar()  # ours counts images; TFDS's does not know the total
-        try:
-            builder.download_and_prepare(
-                file_format="array_record",
-                download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-        except BaseException:
-            if previous.exists():
-                shutil.rmtree(builder.data_path, ignore_errors=True)
-                previous.rename(builder.data_path)
-                log.warning("the previously prepared %s in %s is kept", name, builder.data_dir)
-            raise
-        shutil.rmtree(previous, ignore_errors=True)
     sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
     for message in check_split_sizes(name, sizes):
         log.warning("%s", message)
