@@ -148,9 +148,20 @@ def test_folder_without_validation_and_overwrite(tmp_path, capsys):
     assert main(args) == 0
     assert prepare("folder", str(tmp_path / "manual"), str(tmp_path / "tfds"),
                    progress=False) == {"train": 2, "validation": 1}
-    # Already prepared: reused, even with another fraction, until --overwrite.
+    # Already prepared: reused, with a warning, until --overwrite.
+    assert main(args) == 0
+    assert "warning" not in capsys.readouterr().err
     assert main(args + ["--validation_fraction", "0"]) == 0
-    assert "already prepared" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already prepared" in err
+    assert "was prepared with validation_fraction 0.1, not 0.0: it is reused as it is" in err
+    other = tmp_path / "other"
+    fake.write_folder(other, n=3)
+    assert main(["folder", "--manual_dir", str(other), "--data_dir",
+                 str(tmp_path / "tfds")]) == 0
+    err = capsys.readouterr().err
+    assert f"was prepared with manual_dir {(tmp_path / 'manual').resolve()}, not " \
+           f"{other.resolve()}" in err
     assert main(args + ["--validation_fraction", "0", "--overwrite"]) == 0
     summary = [line.split() for line in capsys.readouterr().out.splitlines()
                if line.startswith("  ")]

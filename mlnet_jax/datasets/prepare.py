@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 import sys
@@ -21,6 +22,8 @@ from mlnet_jax.errors import UserError
 from mlnet_jax.file_lock import exclusive_lock
 
 log = logging.getLogger("mlnet_jax.datasets")
+#: Written beside TFDS's files: the folder and split fraction a dataset was prepared from.
+PROVENANCE_FILE = "prepared_from.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,8 +153,31 @@ def _build(builder, make_builder, manual: Path, name: str):
             previous.rename(builder.data_path)
             log.warning("the previously prepared %s in %s is kept", name, builder.data_dir)
         raise
+    (Path(builder.data_path) / PROVENANCE_FILE).write_text(
+        json.dumps(_provenance(builder, manual), indent=1) + "\n")
     shutil.rmtree(previous, ignore_errors=True)
     return builder
+
+
+def _provenance(builder, manual: Path) -> dict:
+    """What a rerun must match to reuse the prepared dataset."""
+    return {"manual_dir": str(manual.resolve()),
+            "validation_fraction": getattr(builder, "validation_fraction", None)}
+
+
+def _warn_if_prepared_differently(builder, manual: Path, name: str) -> None:
+    """A rerun with another --manual_dir or --validation_fraction reuses the dataset as it
+    is: say so, rather than let the user believe it was rebuilt from what they named."""
+    try:
+        recorded = json.loads((Path(builder.data_path) / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return  # prepared by an older version: nothing to compare
+    wanted = _provenance(builder, manual)
+    for field, value in wanted.items():
+        if recorded.get(field) != value:
+            log.warning("%s in %s was prepared with %s %s, not %s: it is reused as it is "
+                        "(--overwrite rebuilds it; another --data_dir keeps both)", name,
+                        builder.data_dir, field, recorded.get(field), value)
 
 
 def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrite: bool = False,
@@ -181,6 +207,7 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrit
             if overwrite or not builder.is_prepared():
                 builder, built = _build(builder, make_builder, manual, name), True
     if not built:
+        _warn_if_prepared_differently(builder, manual, name)
         log.info("%s is already prepared in %s (use --overwrite to rebuild)", name,
                  builder.data_dir)
     sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
