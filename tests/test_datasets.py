@@ -206,6 +206,26 @@ def test_an_empty_salicon_test_folder_skips_the_optional_test_split(tmp_path, ca
     assert "test has no images: no test split prepared" in caplog.text
 
 
+def test_salicon_fixations_of_a_resized_image_are_rescaled_from_their_resolution(tmp_path,
+                                                                                caplog):
+    # Recorded on a 48x64 screen; the image was resized to 24x32 (half).
+    xy = [np.array([[1.0, 1.0], [64.0, 48.0], [33.0, 17.0]])]
+    mat = fake.salicon_mat(tmp_path / "a.mat", xy, (48, 64))
+    item = layouts.Item(key="a", file_name="a.jpg", image=tmp_path / "a.jpg", fixations=mat,
+                        fixation_format="gaze_mat")
+    with caplog.at_level(logging.WARNING, logger="mlnet_jax.datasets"):
+        got = records.read_fixations(item, (24, 32))
+    # Pixel k spans k ± 0.5: x = 64 → 32, y = 48 → 24; x = 33 → 16.75 → 17; y = 17 → 8.75 → 9.
+    assert sorted(map(tuple, got.tolist())) == [(0, 0), (8, 16), (23, 31)]
+    assert "recorded at 48x64, its image is 24x32; coordinates rescaled" in caplog.text
+    # At its own resolution nothing moves.
+    mat = fake.salicon_mat(tmp_path / "b.mat", xy, (48, 64))
+    item = layouts.Item(key="b", file_name="b.jpg", image=tmp_path / "b.jpg", fixations=mat,
+                        fixation_format="gaze_mat")
+    assert sorted(map(tuple, records.read_fixations(item, (48, 64)).tolist())) == [
+        (0, 0), (16, 32), (47, 63)]
+
+
 def test_fixation_conversion_from_one_based_xy(caplog):
     got = records.xy1_to_rc0(np.array([[1.0, 1.0], [32, 24], [3.4, 2.6], [0, 5], [33, 1]]),
                              (24, 32), Path("f.mat"))

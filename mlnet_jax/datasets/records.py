@@ -168,19 +168,36 @@ def gaze_points(mat: dict, path: Path) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros((0, 2))
 
 
+def at_image_size(points: np.ndarray, mat: dict, image_size: tuple[int, int],
+                  path: Path) -> np.ndarray:
+    """SALICON's 1-based (x, y) rescaled from the ``resolution`` (rows, cols) they were
+    recorded at to the image's size, if the image is a resized copy (not clipped to it)."""
+    resolution = np.asarray(mat.get("resolution", ()), np.float64).ravel()
+    if (resolution.size != 2 or not np.isfinite(resolution).all() or (resolution <= 0).any()
+            or tuple(resolution) == tuple(image_size) or points.size == 0):
+        return points
+    log.warning("%s: fixations recorded at %dx%d, its image is %dx%d; coordinates rescaled",
+                path, resolution[0], resolution[1], image_size[0], image_size[1])
+    scale_xy = np.asarray(image_size[::-1], np.float64) / resolution[::-1]
+    return (np.asarray(points, np.float64) - 0.5) * scale_xy + 0.5  # pixel k spans k ± 0.5
+
+
 def read_fixations(item: Item, image_size: tuple[int, int]) -> np.ndarray:
     """0-based (row, col) int32 fixations of ``item`` in the format its layout names."""
     path, fmt = item.fixations, item.fixation_format
     if path is None:
         return np.zeros((0, 2), np.int32)
     if fmt == "gaze_mat":
-        return xy1_to_rc0(gaze_points(_loadmat(path), path), image_size, path)
+        mat = _loadmat(path)
+        return xy1_to_rc0(at_image_size(gaze_points(mat, path), mat, image_size, path),
+                          image_size, path)
     if fmt == "points_mat":
         mat = _loadmat(path)
         if "fixations" in mat:
             return xy1_to_rc0(mat["fixations"], image_size, path)
         if "gaze" in mat:
-            return xy1_to_rc0(gaze_points(mat, path), image_size, path)
+            return xy1_to_rc0(at_image_size(gaze_points(mat, path), mat, image_size, path),
+                              image_size, path)
         raise UserError(f"{path}: missing variable 'fixations' (an N×2 array of 1-based (x, y))")
     if fmt == "fixlocs_mat":
         mat = _loadmat(path)
