@@ -32,6 +32,7 @@ import itertools
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -51,6 +52,11 @@ from mlnet_jax.video import VIDEO_EXTENSIONS, is_video_path
 DEFAULT_CACHE = "~/.cache/mlnet_jax/jax_cache"  # the training configs' default too
 OVERLAY_SUFFIX = "_overlay"
 MAP_SUFFIX = ".png"
+#: Pixels the worker threads decode and write at once (≈ 2.4 GB at ~12 bytes a pixel): eight
+#: 12-megapixel photos side by side, but one 150-megapixel image at a time.
+PIXELS_AT_ONCE = 200_000_000
+#: Larger images are decoded again to write their overlay instead of waiting in memory.
+KEEP_FOR_OVERLAY = 4_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,11 +191,58 @@ def full_size_map(raw: np.ndarray, size: tuple[int, int], blur: float = 0.0) -> 
     return blur_map(saliency, blur) if blur > 0 else saliency
 
 
-def _finish_image(job: Job, image: np.ndarray, raw: np.ndarray, blur: float) -> None:
-    saliency = full_size_map(raw, image.shape[:2], blur)
+class PixelBudget:
+    """Megapixels being decoded or written at once, over all worker threads (each pixel costs
+    ~12 bytes there: RGB, float map, PNG rows). A task waits for the budget before it starts
+    and holds it only while it runs, never while waiting on another, so it cannot deadlock;
+    an image larger than the whole budget runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.peak = limit, 0, 0
+        self._free = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.limit)
+        with self._free:
+            self._free.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._free:
+                self.used -= pixels
+                self._free.notify_all()
+
+
+def _header_pixels(path: Path) -> int:
+    """Width × height from the file's header (0 if unreadable: decoding will say why)."""
+    try:
+        with Image.open(path) as image:
+            return image.size[0] * image.size[1]
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+    """What writing needs of a decoded image: its size, and its pixels only for an overlay
+    of a photo of up to KEEP_FOR_OVERLAY pixels (larger ones are decoded again to write the
+    overlay, so that no more than the queues' count of small images waits in memory)."""
+
+    size: tuple[int, int]
+    image: np.ndarray | None
+
+
+def _finish_image(job: Job, decoded: _Decoded, raw: np.ndarray, blur: float,
+                  max_pixels: int) -> None:
+    saliency = full_size_map(raw, decoded.size, blur)
     if job.map_path is not None:
         write_png(job.map_path, map_to_uint8(saliency))
     if job.overlay_path is not None:
+        image = decoded.image if decoded.image is not None else load_image(job.source,
+                                                                            max_pixels)
         write_png(job.overlay_path, overlay(image, saliency))
 
 
@@ -202,7 +255,8 @@ def _batched(predictor, items: Iterable[tuple]) -> Iterator[tuple]:
 
 
 def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 0.0,
-                   max_pixels: int = MAX_PIXELS, workers: int = 4, progress: bool = True) -> None:
+                   max_pixels: int = MAX_PIXELS, workers: int = 4, progress: bool = True,
+                   pixels_at_once: int = PIXELS_AT_ONCE) -> None:
     """Decode and letterbox in ``workers`` threads ahead of the device, predict in padded
     batches, then resize, blur, colour and write in the threads; the device thread only feeds
     the device. Failures go to ``report``, one line each."""
@@ -213,9 +267,18 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
     workers = max(1, workers)
     size = predictor.info.input_size
 
-    def load(job: Job) -> tuple[np.ndarray, np.ndarray]:
-        image = load_image(job.source, max_pixels)
-        return image, letterbox(image, size)
+    budget = PixelBudget(pixels_at_once)
+
+    def load(job: Job) -> tuple[_Decoded, np.ndarray]:
+        with budget.hold(_header_pixels(job.source)):
+            image = load_image(job.source, max_pixels)
+            keep = job.overlay_path is not None and image.shape[0] * image.shape[1] <= \
+                KEEP_FOR_OVERLAY
+            return _Decoded(image.shape[:2], image if keep else None), letterbox(image, size)
+
+    def write(job: Job, decoded: _Decoded, raw: np.ndarray) -> None:
+        with budget.hold(decoded.size[0] * decoded.size[1]):
+            _finish_image(job, decoded, raw, blur, max_pixels)
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
             tqdm(total=len(jobs), unit="img", disable=not progress, dynamic_ncols=True,
@@ -227,7 +290,7 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
         def decoded() -> Iterator[tuple]:
             for job, future in _prefetch(pool, jobs, load, 2 * predictor.batch_size + workers):
                 try:
-                    image, boxed = future.result()
+                    image, boxed = future.result()  # image: a _Decoded
                 except ImageError as e:
                     hint = "" if is_image_path(job.source) else \
                         f" (videos are read by extension: {_listed(VIDEO_EXTENSIONS)})"
@@ -254,7 +317,7 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
 
         writes: collections.deque[tuple[Job, concurrent.futures.Future]] = collections.deque()
         for job, image, raw in _batched(predictor, decoded()):
-            writes.append((job, pool.submit(_finish_image, job, image, raw, blur)))
+            writes.append((job, pool.submit(write, job, image, raw)))
             while writes and (writes[0][1].done() or len(writes) > 2 * workers):
                 finish(*writes.popleft())
         while writes:

@@ -187,6 +187,55 @@ def test_one_compilation_serves_every_size(model_file, tmp_path):
         assert Image.open(job.map_path).size == (cols, rows)
 
 
+def test_large_photos_are_decoded_and_written_a_pixel_budget_at_a_time(model_file, tmp_path,
+                                                                        monkeypatch):
+    import tracemalloc
+
+    import mlnet_jax.predict as predict_module
+    budgets = []
+
+    class Recorded(predict_module.PixelBudget):
+        def __init__(self, limit):
+            super().__init__(limit)
+            budgets.append(self)
+
+    monkeypatch.setattr(predict_module, "PixelBudget", Recorded)
+    predictor = Predictor.load(model_file, batch_size=4)
+    rows, cols, n = 600, 800, 12
+    decoded_mb = rows * cols * 3 / 1e6
+    sources = []
+    for i in range(n):
+        sources.append(tmp_path / f"im{i:02d}.png")
+        Image.fromarray(_noise(rows, cols, seed=i)).save(sources[-1])
+
+    def run(out, overlay, **kwargs):
+        jobs = plan_outputs(sources, tmp_path, tmp_path / out, overlay=overlay, map_video=False)
+        report = Report()
+        tracemalloc.start()
+        predict_images(predictor, jobs, report=report, workers=4, progress=False, **kwargs)
+        peak_mb = tracemalloc.get_traced_memory()[1] / 1e6
+        tracemalloc.stop()
+        assert report.done == n and not report.failed
+        outputs = [p.read_bytes() for job in jobs for p in (job.map_path, job.overlay_path) if p]
+        return outputs, peak_mb
+
+    run("warm", False)
+    reference, _ = run("all_at_once", True, pixels_at_once=10**12)
+    one = rows * cols
+    # Maps only: the pixels are dropped once letterboxed, one image is decoded or written at
+    # a time: far below the 12 decoded images the queues could hold.
+    maps, peak_mb = run("maps", False, pixels_at_once=one)
+    assert maps == reference[::2] and peak_mb < 10 * decoded_mb, peak_mb
+    assert budgets[-1].peak == one
+    # Overlays of photos above KEEP_FOR_OVERLAY are decoded again to be written, not kept.
+    monkeypatch.setattr(predict_module, "KEEP_FOR_OVERLAY", one - 1)
+    overlays, peak_mb = run("overlays", True, pixels_at_once=one)
+    assert overlays == reference and peak_mb < 20 * decoded_mb, peak_mb
+    # Two images fit a budget of 2.5: they run side by side, never three.
+    run("two", False, pixels_at_once=5 * one // 2)
+    assert budgets[-1].peak == 2 * one
+
+
 def test_bad_files_are_named_once_and_the_good_ones_written(model_file, tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
