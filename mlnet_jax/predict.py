@@ -8,7 +8,7 @@ Outputs mirror the input: ``--input photos`` with ``photos/a/b/x.jpg`` writes
 ``OUT/a/b/x.png`` (8-bit grey map at the image's size) and, with ``--overlay``,
 ``OUT/a/b/x_overlay.png`` (the image with a colour heatmap blended over it). A single file
 writes ``OUT/<stem>.png``. A video ``clip.mp4`` writes ``OUT/clip_overlay.mp4`` (same frame
-rate and size, H.264, no audio) and, with ``--map-video``, the grey map video ``OUT/clip.mp4``.
+times and displayed size, H.264, no audio) and, with ``--map-video``, the grey map video ``OUT/clip.mp4``.
 Hidden files and folders and the output folder itself (when inside the input) are skipped.
 When two inputs would write the same file (``x.jpg`` and ``x.png`` in one folder; names are
 compared ignoring case), the later one in sorted order is named after its full file name
@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -370,21 +371,23 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
                                            dynamic_ncols=True, file=sys.stderr,
                                            desc=job.source.name))
             pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
-            pending: collections.deque[concurrent.futures.Future] = collections.deque()
+            pending: collections.deque[tuple] = collections.deque()  # (time, future)
 
             def encode_oldest() -> None:
                 nonlocal count
-                blended, grey = pending.popleft().result()
+                time_s, future = pending.popleft()
+                blended, grey = future.result()
                 if overlay_writer is not None:
-                    overlay_writer.write(blended)
+                    overlay_writer.write(blended, time_s)
                 if map_writer is not None:
-                    map_writer.write(grey)
+                    map_writer.write(grey, time_s)
                 count += 1
                 bar.update(1)
 
-            boxed = ((None, frame, letterbox(frame, size)) for frame in frames)
-            for _, frame, raw in _batched(predictor, boxed):
-                pending.append(pool.submit(_video_frames, frame, raw, blur, map_writer is not None))
+            boxed = ((time_s, frame, letterbox(frame, size)) for time_s, frame in frames)
+            for time_s, frame, raw in _batched(predictor, boxed):
+                pending.append((time_s, pool.submit(_video_frames, frame, raw, blur,
+                                                    map_writer is not None)))
                 while len(pending) > 2 * max(workers, predictor.batch_size):
                     encode_oldest()
             while pending:
@@ -396,8 +399,15 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
         report.fail(job.source, f"{job.source}: {type(e).__name__}: {e}")
         return
     seconds = time.perf_counter() - start
-    report.done += 1
     report.frames += count
+    # Fewer frames than the container lists (beyond what edit lists may hide): cut short.
+    short = bool(info.frames) and count < info.frames - max(2, info.frames // 100)
+    if frames.stopped_by or short:
+        listed = f" of the {info.frames} its container lists" if info.frames else ""
+        report.fail(job.source, f"{job.source}: {frames.stopped_by or 'cut short?'}: {count} "
+                                f"frames{listed} decoded; the output has those")
+        return
+    report.done += 1
     print(f"{job.source}: {count} frames in {seconds:.1f} s ({count / max(seconds, 1e-9):.1f} "
           f"frames/s) → {job.overlay_path}" + (f", {job.map_path}" if job.map_path else ""),
           file=sys.stderr, flush=True)
@@ -515,20 +525,43 @@ def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job], skipped: lis
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so that the files being written are removed on the way out
+    as they are for Ctrl-C (the default action would leave their temporary files)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        with _sigterm_raises():
+            return run(args)
     except UserError as e:
         if args.debug:
             raise
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("interrupted; finished outputs are complete, none is half-written", file=sys.stderr)
-        return 130
+        stopped = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"{stopped}; finished outputs are complete, none is half-written", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, _Terminated) else 130
     except Exception as e:  # noqa: BLE001 — one line for people; --debug for the traceback
         if args.debug:
             raise

@@ -2,16 +2,16 @@
 
 Frames are read as RGB uint8 arrays as displayed: widened where pixels are not square
 (anamorphic video) and turned upright (phone videos store a rotation that players apply; the
-output has neither, so both are applied to the pixels). Output is always MP4/H.264 at the
-input's frame rate and displayed size; audio is not copied. PyAV is imported only when a video
-is opened, so the rest of the package works without it.
+output has neither, so both are applied to the pixels), each with its time. Output is always
+MP4/H.264 at the input's displayed size and frame times (a variable frame rate, as phones
+record, keeps its timing); audio is not copied. PyAV is imported only when a video is opened,
+so the rest of the package works without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -26,6 +26,8 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
 OUTPUT_SUFFIX = ".mp4"
 MISSING_EXTRA = "video input needs the video extra: pip install 'mlnet-jax[video]'"
 _FALLBACK_RATE = Fraction(25)
+#: The output's time base: fine enough for any input's frame times (MPEG's 90 kHz clock).
+TIME_BASE = Fraction(1, 90000)
 
 
 class VideoError(UserError):
@@ -56,52 +58,108 @@ class VideoInfo:
 
 
 @contextlib.contextmanager
-def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, Iterator[np.ndarray]]]:
-    """``with open_video(p) as (info, frames)``: frames are upright H×W×3 uint8 RGB arrays."""
+def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, "Frames"]]:
+    """``with open_video(p) as (info, frames)``: ``frames`` gives (time in seconds or None,
+    upright H×W×3 uint8 RGB array), every one at the first one's size."""
     av = require_av()
     path = Path(path)
-    try:
-        container = av.open(str(path), mode="r")
+    try:  # absolute: FFmpeg reads a relative 'a:b.mp4' as a URL of protocol 'a'
+        container = av.open(str(path.absolute()), mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"{path}: cannot open as a video ({_reason(e)})") from None
+    frames = None
     try:
-        if not container.streams.video:
-            raise VideoError(f"{path}: has no video stream")
-        stream = container.streams.video[0]
+        stream = _main_video_stream(container, path)
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate or _FALLBACK_RATE
-        decoded = _upright_frames(container, stream, path, stream.sample_aspect_ratio)
+        frames = Frames(container, stream, path)
         # The first frame tells the displayed size (rotation is per frame in FFmpeg).
-        first = next(decoded, None)
-        if first is None:
-            raise VideoError(f"{path}: has no frames")
-        info = VideoInfo(width=first.shape[1], height=first.shape[0], rate=Fraction(rate),
-                         frames=int(stream.frames) or None)
-        yield info, itertools.chain([first], decoded)
+        width, height = frames.size()
+        yield VideoInfo(width=width, height=height, rate=Fraction(rate),
+                        frames=int(stream.frames) or None), frames
     finally:
+        if frames is not None:
+            frames.close()
         container.close()
 
 
-def _upright_frames(container, stream, path: Path, pixel_aspect: Fraction | None
-                    ) -> Iterator[np.ndarray]:
-    """Frames as displayed: non-square pixels (anamorphic video, ``pixel_aspect`` ≠ 1) widened
-    to the display aspect, then turned upright."""
+class Frames:
+    """A video's (time, frame as displayed) pairs: non-square pixels (anamorphic video)
+    widened to the display aspect, then turned upright; a frame whose stored size differs
+    from the first one's (a resolution change mid-stream) scaled to it, as players do.
+
+    Corrupt data after the first frame ends the frames there, as a player stops, and
+    ``stopped_by`` says why (None when the file was read to its end)."""
+
+    def __init__(self, container, stream, path: Path):
+        self.stopped_by: str | None = None
+        self._path, self._first = path, None
+        self._decoded = self._decode(container, stream, path, stream.sample_aspect_ratio)
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) as displayed, from the first frame (kept for iteration)."""
+        if self._first is None:
+            self._first = next(self._decoded, None)
+            if self._first is None:
+                raise VideoError(f"{self._path}: has no frames")
+        return self._first[1].shape[1], self._first[1].shape[0]
+
+    def __iter__(self) -> Iterator[tuple[float | None, np.ndarray]]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        yield from self._decoded
+
+    def close(self) -> None:
+        self._decoded.close()
+
+    def _decode(self, container, stream, path: Path, pixel_aspect: Fraction | None):
+        av = require_av()
+        size = None  # stored (width, height) every frame is converted to
+        try:
+            for frame in container.decode(stream):
+                if size is None:
+                    width = frame.width
+                    if pixel_aspect and pixel_aspect != 1:  # even where the width is ours to pick
+                        width = max(2, 2 * round(frame.width * pixel_aspect / 2))
+                    size = width, frame.height
+                array = frame.to_ndarray(format="rgb24", width=size[0], height=size[1],
+                                         interpolation="BILINEAR")
+                turns = _counter_clockwise_turns(frame.rotation)
+                yield frame.time, np.ascontiguousarray(np.rot90(array, turns)) if turns else array
+        except av.error.FFmpegError as e:
+            if size is None:
+                raise VideoError(f"{path}: corrupt video data ({_reason(e)})") from None
+            self.stopped_by = f"corrupt video data ({_reason(e)})"
+
+
+def _main_video_stream(container, path: Path):
+    """The video, not cover art: streams flagged as an attached picture (an album cover, a
+    thumbnail) are passed over, and of the others FFmpeg's choice is taken."""
     av = require_av()
+    attached = av.stream.Disposition.attached_pic
+    videos = [s for s in container.streams.video if not s.disposition & attached]
+    if not videos:
+        only = " (only cover art)" if container.streams.video else ""
+        raise VideoError(f"{path}: has no video stream{only}")
     try:
-        for frame in container.decode(stream):
-            width = frame.width
-            if pixel_aspect and pixel_aspect != 1:
-                width = max(1, round(frame.width * pixel_aspect))
-            array = frame.to_ndarray(format="rgb24", width=width, height=frame.height,
-                                     interpolation="BILINEAR")
-            turns = round(frame.rotation or 0) // 90  # counter-clockwise
-            yield np.ascontiguousarray(np.rot90(array, turns)) if turns % 4 else array
-    except av.error.FFmpegError as e:
-        raise VideoError(f"{path}: corrupt video data ({_reason(e)})") from None
+        best = container.streams.best("video")
+    except Exception:  # noqa: BLE001 — FFmpeg finds none it prefers
+        best = None
+    return best if best in videos else videos[0]
+
+
+def _counter_clockwise_turns(rotation) -> int:
+    """Quarter turns for a frame's display rotation in degrees; none for what is no
+    rotation (FFmpeg gives INT_MIN for a singular display matrix)."""
+    if rotation is None or not -360 <= rotation <= 360:
+        return 0
+    return (round(rotation) // 90) % 4
 
 
 class VideoWriter:
-    """H.264 MP4 writer for RGB frames at a fixed rate; the file appears only when complete.
+    """H.264 MP4 writer for RGB frames at their times (or ``rate``); the file appears only
+    when complete.
 
     Use as a context manager: on an exception the partial file is removed and any previous
     file at ``path`` is left as it was.
@@ -111,6 +169,8 @@ class VideoWriter:
                  crf: int = 18):
         self.path, self.width, self.height, self.rate, self.crf = Path(path), width, height, rate, crf
         self._stack = contextlib.ExitStack()
+        self._anchor = None  # (pts, time, frames written) where the frame rate last held
+        self._written = 0
 
     def __enter__(self) -> "VideoWriter":
         av = require_av()
@@ -123,19 +183,42 @@ class VideoWriter:
             self._stream.width, self._stream.height = self.width, self.height
             self._stream.pix_fmt = "yuv420p" if even else "yuv444p"
             self._stream.options = {"crf": str(self.crf), "preset": "veryfast"}
+            self._stream.codec_context.time_base = TIME_BASE
         except Exception:
             self._stack.close()
             raise
         return self
 
-    def write(self, rgb: np.ndarray) -> None:
+    def write(self, rgb: np.ndarray, time: float | None = None) -> None:
+        """Append a frame shown at ``time`` seconds (the input's clock; None: one frame
+        after the previous one)."""
         av = require_av()
         if rgb.shape != (self.height, self.width, 3):
             raise ValueError(f"frame of shape {rgb.shape}, the video is {self.height}×{self.width}×3")
-        # No pts: PyAV numbers frames at the stream rate (explicit pts at a 1/rate time base
-        # upset the MP4 muxer once B-frames are reordered).
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, np.uint8), format="rgb24")
+        frame.pts, frame.time_base = self._pts(time), TIME_BASE
         self._container.mux(self._stream.encode(frame))
+        self._written += 1
+
+    def _pts(self, time: float | None) -> int:
+        """Frames at the nominal rate are numbered exactly from the last anchor (input clocks
+        round, e.g. to milliseconds); a gap off the rate by over half a frame (a variable
+        frame rate) is kept as the input times it, and anchors the count again."""
+        if self._anchor is None:
+            self._anchor = (0, time, 0)
+            return 0
+        pts, start, index = self._anchor
+        frames = self._written - index
+        nominal = pts + round(frames / self.rate / TIME_BASE)
+        if time is None or start is None:
+            return nominal
+        actual = pts + round((Fraction(time) - Fraction(start)) / TIME_BASE)
+        if abs(actual - nominal) <= round(1 / self.rate / TIME_BASE / 2):
+            return nominal
+        previous = pts + round((frames - 1) / self.rate / TIME_BASE) if frames > 1 else pts
+        actual = max(actual, previous + 1)  # times must increase
+        self._anchor = (actual, time, self._written)
+        return actual
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

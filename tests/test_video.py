@@ -1,6 +1,7 @@
 """Video prediction: a generated clip round-trips with the same frame count, size and rate;
 frames go through the model in batches; without PyAV a one-line message names the extra."""
 
+import re
 import sys
 from fractions import Fraction
 
@@ -17,27 +18,62 @@ def _needs_av():
     return pytest.importorskip("av", reason="the video extra (PyAV) is not installed")
 
 
+def _frame_image(i, width=64, height=48, noise=False):
+    if noise:  # incompressible: packets spread evenly over the file
+        return np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = np.tile(np.linspace(0, 80, width, dtype=np.uint8), (height, 1))[..., None]
+    image = np.repeat(image, 3, axis=-1)
+    x = (i * 3) % (width - 12)
+    image[10:22, x:x + 12] = (250, 240, 30)
+    return image
+
+
+def _add_cover_art(av, container):
+    """A one-frame MJPEG stream flagged as an attached picture (an album cover)."""
+    stream = container.add_stream("mjpeg", rate=1)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuvj420p"
+    stream.disposition = av.stream.Disposition.attached_pic.value  # PyAV 14 takes only ints
+    return stream, [av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8),
+                                               format="rgb24")]
+
+
 def _write_clip(path, frames, rate, codec="mpeg4", width=64, height=48, rotation=0,
-                pixel_aspect=None):
-    """A clip of a bright square moving over a dark gradient, written with PyAV directly."""
+                pixel_aspect=None, times=None, cover_art=False, noise=False, options=None):
+    """A clip of a bright square moving over a dark gradient, written with PyAV directly;
+    ``times`` (seconds) for a variable frame rate, ``cover_art`` adds an attached picture as
+    the first stream."""
     av = _needs_av()
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options=options or {}) as container:
+        covers = [_add_cover_art(av, container)] if cover_art else []
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if rotation:
+            if not hasattr(stream, "set_display_rotation"):
+                pytest.skip("this PyAV cannot write a display rotation (PyAV 18 can)")
             stream.set_display_rotation(rotation)
         if pixel_aspect:
             stream.codec_context.sample_aspect_ratio = pixel_aspect
+        if times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for cover, pictures in covers:
+            for picture in pictures + [None]:
+                for packet in cover.encode(picture):
+                    container.mux(packet)
         for i in range(frames):
-            image = np.tile(np.linspace(0, 80, width, dtype=np.uint8), (height, 1))[..., None]
-            image = np.repeat(image, 3, axis=-1)
-            x = (i * 3) % (width - 12)
-            image[10:22, x:x + 12] = (250, 240, 30)
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame = av.VideoFrame.from_ndarray(_frame_image(i, width, height, noise),
+                                               format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = round(times[i] * 1000), Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+
+
+def _frame_times(path):
+    av = _needs_av()
+    with av.open(str(path)) as container:
+        return [float(f.time) for f in container.decode(container.streams.video[0])]
 
 
 def _read_clip(path):
@@ -89,8 +125,9 @@ def test_an_anamorphic_video_is_seen_and_written_at_its_display_aspect(model_fil
     # Stored 64×48 with pixels 4/3 wide: displayed 85×48 (16:9).
     _write_clip(tmp_path / "wide.mp4", 6, Fraction(24), "libx264", pixel_aspect=Fraction(4, 3))
     with open_video(tmp_path / "wide.mp4") as (info, frames):
-        first = next(frames)
-    assert (info.width, info.height) == (85, 48) and first.shape == (48, 85, 3)
+        _, first = next(iter(frames))
+    # 85.3 displayed columns, made even (86) for the 4:2:0 chroma players expect.
+    assert (info.width, info.height) == (86, 48) and first.shape == (48, 86, 3)
     # The square (stored columns x..x+12 of 64) spans 4/3 as many displayed columns.
     bright = np.flatnonzero(first[16, :, 0] > 160)
     assert bright.size == pytest.approx(12 * 4 / 3, abs=2)
@@ -101,7 +138,7 @@ def test_an_anamorphic_video_is_seen_and_written_at_its_display_aspect(model_fil
     predict_video(predictor, job, report=report, progress=False)
     assert not report.failed and report.frames == 6
     for path in (job.overlay_path, job.map_path):
-        assert _read_clip(path)[2] == (48, 85)
+        assert _read_clip(path)[2] == (48, 86)
 
 
 def test_a_bad_video_is_one_line_and_keeps_the_previous_output(model_file, tmp_path, capsys):  # noqa: F811
@@ -127,3 +164,137 @@ def test_without_the_extra_the_message_names_it(model_file, tmp_path, capsys, mo
                  "--output", str(tmp_path / "out"), "--compilation-cache", ""])
     err = capsys.readouterr().err
     assert code == 2 and MISSING_EXTRA in err and "clip.mp4" in err and "Traceback" not in err
+
+
+def test_cover_art_is_passed_over_and_alone_is_no_video(model_file, tmp_path, capsys):  # noqa: F811
+    av = _needs_av()
+    _write_clip(tmp_path / "clip.mkv", 8, Fraction(15), "libx264", cover_art=True)
+    with av.open(str(tmp_path / "clip.mkv")) as container:  # the cover really comes first
+        assert container.streams.video[0].codec_context.name == "mjpeg"
+    with av.open(str(tmp_path / "song.mp4"), "w") as container:  # an audio file with a cover
+        cover, pictures = _add_cover_art(av, container)
+        audio = container.add_stream("aac", rate=44100)
+        for picture in pictures + [None]:
+            container.mux(cover.encode(picture))
+        for i in range(8):
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                                 layout="mono")
+            samples.sample_rate, samples.pts = 44100, i * 1024
+            container.mux(audio.encode(samples))
+        container.mux(audio.encode(None))
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(model_file), "--input", str(tmp_path), "--output", str(out),
+                 "--compilation-cache", ""])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {tmp_path / 'song.mp4'}: has no video stream (only cover " \
+                         "art)" in err
+    frames, rate, size = _read_clip(out / "clip_overlay.mp4")
+    assert len(frames) == 8 and rate == 15 and size == (48, 64)
+
+
+def test_a_variable_frame_rate_keeps_its_timing(model_file, tmp_path):  # noqa: F811
+    # 10 frames at 30 fps, a pause of two seconds, 10 more: as phones record in low light.
+    times = [i / 30 for i in range(10)] + [2.3 + i / 30 for i in range(10)]
+    _write_clip(tmp_path / "vfr.mkv", 20, Fraction(30), "libx264", times=times)
+    source_times = _frame_times(tmp_path / "vfr.mkv")
+    assert source_times[10] == pytest.approx(2.3)
+    predictor = Predictor.load(model_file, batch_size=4)
+    [job] = plan_outputs([tmp_path / "vfr.mkv"], tmp_path, tmp_path / "out", overlay=False,
+                         map_video=True)
+    report = Report()
+    predict_video(predictor, job, report=report, progress=False)
+    assert not report.failed and report.frames == 20
+    # Within the input clock's milliseconds: frames on the nominal rate come out exactly on it.
+    expected = np.subtract(source_times, source_times[0])
+    for path in (job.overlay_path, job.map_path):
+        got = _frame_times(path)
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        np.testing.assert_allclose(got[:10], np.arange(10) / 30, atol=1e-5)
+
+
+def test_a_file_cut_short_is_written_as_far_as_it_goes_and_named(model_file, tmp_path,  # noqa: F811
+                                                                 capsys):
+    whole = tmp_path / "whole.mp4"
+    _write_clip(whole, 60, Fraction(15), "libx264", noise=True,
+                options={"movflags": "faststart"})  # the frame count comes first
+    data = whole.read_bytes()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.mp4").write_bytes(data[:len(data) // 2])
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(model_file), "--input", str(tmp_path / "in"),
+                 "--output", str(out), "--compilation-cache", ""])
+    err = capsys.readouterr().err
+    written = len(_read_clip(out / "cut_overlay.mp4")[0])
+    assert code == 2 and 10 < written < 50
+    # PyAV's threaded decoding ends quietly (cut short?), unthreaded on corrupt data.
+    assert re.search(rf"error: {re.escape(str(tmp_path / 'in' / 'cut.mp4'))}: "
+                     rf"(cut short\?|corrupt video data \(.*\)): {written} frames of the 60 its "
+                     "container lists decoded; the output has those", err), err
+
+
+def test_odd_names_size_changes_and_rotation_matrices(model_file, tmp_path, monkeypatch,  # noqa: F811
+                                                      capsys):
+    import io
+
+    from mlnet_jax.video import _counter_clockwise_turns
+    av = _needs_av()
+    # A relative name whose first part holds a colon is a file, not an FFmpeg protocol.
+    monkeypatch.chdir(tmp_path)
+    _write_clip(tmp_path / "12:30 clip.mp4", 4, Fraction(10), "libx264")
+    # A stream whose resolution changes midway (64×48, then 128×96): scaled to the first.
+    raw = b""
+    for width, height in ((64, 48), (128, 96)):
+        buffer = io.BytesIO()
+        with av.open(buffer, "w", format="h264") as container:
+            stream = container.add_stream("libx264", rate=10)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(3):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(
+                    _frame_image(i, width, height), format="rgb24")))
+            container.mux(stream.encode(None))
+        raw += buffer.getvalue()
+    (tmp_path / "two_sizes.h264").write_bytes(raw)
+    with av.open(str(tmp_path / "two_sizes.h264"), format="h264") as source, \
+            av.open(str(tmp_path / "two_sizes.mkv"), "w") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for i, packet in enumerate(p for p in source.demux(video=0) if p.size):
+            packet.stream, packet.time_base = stream, Fraction(1, 1000)
+            packet.pts = packet.dts = i * 100
+            target.mux(packet)
+    assert [f.width for f in av.open(str(tmp_path / "two_sizes.mkv")).decode(video=0)] == \
+        [64] * 3 + [128] * 3
+    for name in ("12:30 clip.mp4", "two_sizes.mkv"):
+        code = main(["--checkpoint", str(model_file), "--input", name, "--output", "out",
+                     "--compilation-cache", ""])
+        assert code == 0, capsys.readouterr().err
+    assert len(_read_clip(tmp_path / "out" / "12:30 clip_overlay.mp4")[0]) == 4
+    frames, _, size = _read_clip(tmp_path / "out" / "two_sizes_overlay.mp4")
+    assert len(frames) == 6 and size == (48, 64)
+    # FFmpeg's rotation of a singular display matrix (INT_MIN) is no rotation.
+    assert [_counter_clockwise_turns(r) for r in (None, 0, 90, -90, 180, 270, -2**31)] == \
+        [0, 0, 1, 3, 2, 3, 0]
+
+
+def test_sigterm_removes_the_files_being_written(model_file, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import os
+    import signal
+
+    import mlnet_jax.predict as predict_module
+    _write_clip(tmp_path / "long.mp4", 30, Fraction(15), "libx264")
+    frames_made = []
+    original = predict_module._video_frames
+
+    def then_terminated(*args):
+        frames_made.append(1)
+        if len(frames_made) == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    monkeypatch.setattr(predict_module, "_video_frames", then_terminated)
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(model_file), "--input", str(tmp_path / "long.mp4"),
+                 "--output", str(out), "--map-video", "--compilation-cache", "", "--workers", "1"])
+    assert code == 128 + signal.SIGTERM
+    assert "terminated; finished outputs are complete" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # neither the videos nor their temporary files
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
