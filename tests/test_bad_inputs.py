@@ -141,6 +141,15 @@ def test_outputs_get_the_mode_a_plain_open_gives_not_owner_only(tmp_path):
     assert result.stdout.split() == ["0o640", "0o640"]  # 0o666 & ~0o027, replaced file too
 
 
+def test_a_long_legal_output_name_gets_a_legal_temporary_name(tmp_path):
+    from mlnet_jax.atomic import atomic_path
+    target = tmp_path / ("x" * 243 + "_overlay.png")  # 255 bytes: the longest legal name
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"written")
+    assert target.read_bytes() == b"written" and [p.name for p in tmp_path.iterdir()] == [
+        target.name]
+
+
 def test_nan_image_array_is_refused_by_the_predictor(tmp_path):
     from mlnet_jax.inference import to_rgb_array
     image = np.random.default_rng(0).uniform(0, 1, (8, 8, 3)).astype(np.float32)
