@@ -227,13 +227,38 @@ def test_salicon_fixations_of_a_resized_image_are_rescaled_from_their_resolution
 
 
 def test_fixation_conversion_from_one_based_xy(caplog):
-    got = records.xy1_to_rc0(np.array([[1.0, 1.0], [32, 24], [3.4, 2.6], [0, 5], [33, 1]]),
-                             (24, 32), Path("f.mat"))
+    got = records.xy1_to_rc0(np.array([[1.0, 1.0], [32, 24], [3.4, 2.6], [0, 5], [33, 1],
+                                       [np.nan, 3], [4, np.inf]]), (24, 32), Path("f.mat"))
     # (x=1, y=1) → (0, 0); (32, 24) → (23, 31); (3.4, 2.6) rounds to (x=3, y=3) → (2, 2);
-    # x=0 and x=33 are outside a 32-column image.
+    # x=0 and x=33 are outside a 32-column image; NaN and inf are no place at all.
     assert sorted(map(tuple, got.tolist())) == [(0, 0), (2, 2), (23, 31)]
     assert got.dtype == np.int32
     assert "2 fixations outside the 24x32 image dropped" in caplog.text
+    assert "2 fixations that are not finite numbers dropped" in caplog.text
+
+
+def test_a_map_in_colour_is_refused_and_grey_stored_as_colour_is_read(tmp_path):
+    from matplotlib import colormaps
+    truth = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (48, 1))
+    Image.fromarray(np.repeat(truth[..., None], 3, axis=-1)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.repeat(truth[..., None], 3, axis=-1)).save(tmp_path / "rgb.jpg",
+                                                                  quality=75)
+    jet = (colormaps["jet"](truth / 255.0)[..., :3] * 255).astype(np.uint8)
+    Image.fromarray(jet).save(tmp_path / "jet.png")
+    assert np.array_equal(_decode(records.read_map(tmp_path / "rgb.png", (48, 64))), truth)
+    from_jpeg = _decode(records.read_map(tmp_path / "rgb.jpg", (48, 64))).astype(int)
+    assert np.abs(from_jpeg - truth).max() <= 3
+    with pytest.raises(UserError, match=r"jet.png: map is in colour .*expected grey levels"):
+        records.read_map(tmp_path / "jet.png", (48, 64))
+
+
+def test_an_empty_or_unknown_image_file_is_named_plainly(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(UserError, match=r"cannot read image .*empty.jpg: empty file \(0 bytes\)$"):
+        records.read_image(tmp_path / "empty.jpg")
+    with pytest.raises(UserError, match=r"text.jpg: not an image file Pillow can read$"):
+        records.read_image(tmp_path / "text.jpg")
 
 
 def test_builders_are_not_registered_and_reimport_cleanly():
@@ -281,6 +306,28 @@ def _error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def test_fixations_that_are_not_numbers_are_named(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    fake.write_folder(folder, n=3)
+    cell = np.empty((2,), dtype=object)
+    cell[0], cell[1] = np.array([[1.0, 2.0]]), np.array([[3.0, 4.0], [5.0, 6.0]])
+    scipy.io.savemat(str(folder / "fixations" / "img00.mat"), {"fixations": cell})
+    salicon = tmp_path / "salicon"
+    fake.write_salicon(salicon, {"train": 2, "validation": 1})
+    gaze = np.empty((1, 1), dtype=[("location", object), ("fixations", object)])
+    gaze[0, 0]["location"], gaze[0, 0]["fixations"] = np.zeros((0, 2)), "n/a"
+    mat = salicon / "fixations" / "train" / "COCO_train2014_000000000001.mat"
+    scipy.io.savemat(str(mat), {"gaze": gaze})
+    for name, manual, bad, expected in (
+            ("folder", folder, folder / "fixations" / "img00.mat", "fixations"),
+            ("salicon2015", salicon, mat, "gaze.fixations")):
+        code, _, err = _cli([name, "--manual_dir", str(manual), "--data_dir",
+                             str(tmp_path / "tfds")], capsys)
+        assert code == 2 and "Traceback" not in err, err
+        assert f"{bad}: {expected} must be a numeric N×2 array of 1-based (x, y), not " \
+            in _error_line(err)
 
 
 def test_cli_summary_and_split_size_warning(tmp_path, capsys):

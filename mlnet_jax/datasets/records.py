@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mlnet_jax.datasets.layouts import Item
 from mlnet_jax.errors import UserError
@@ -35,8 +35,12 @@ def _open(path: Path, what: str) -> tuple[bytes, Image.Image]:
     """(raw bytes, fully decoded PIL image); truncated or corrupt files name themselves."""
     try:
         data = path.read_bytes()
+        if not data:
+            raise UserError(f"cannot read {what} {path}: empty file (0 bytes)")
         pil = Image.open(io.BytesIO(data))
         pil.load()
+    except UnidentifiedImageError:
+        raise UserError(f"cannot read {what} {path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read {what} {path}: {e}") from None
     return data, pil
@@ -73,20 +77,32 @@ def _exif_orientation(pil: Image.Image):
         return None
 
 
-def grey_map(pil: Image.Image) -> np.ndarray:
-    """uint8 grey map; 16-bit and float maps are scaled by their maximum, colour maps → luma."""
+#: Mean difference between colour channels (levels) above which a map is not grey: JPEG's
+#: chroma noise on a grey map stays near 1; a colormap rendering (jet) is tens.
+COLOUR_LEVELS = 8
+
+
+def grey_map(pil: Image.Image, path: Path) -> np.ndarray:
+    """uint8 grey map; 16-bit and float maps are scaled by their maximum, grey stored as RGB
+    → its grey. A map in colour (a heatmap rendering) is refused: its luma is not saliency."""
     if pil.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         values = np.asarray(pil, np.float64)
         peak = values.max()
         return (np.clip(values / peak, 0, 1) * 255 + 0.5).astype(np.uint8) if peak > 0 else \
             np.zeros(values.shape, np.uint8)
+    if pil.mode not in ("1", "L", "LA", "La"):
+        rgb = np.asarray(pil.convert("RGB"), np.int16)
+        spread = np.abs(np.diff(rgb, axis=-1)).mean()
+        if spread > COLOUR_LEVELS:
+            raise UserError(f"{path}: map is in colour (its channels differ by {spread:.0f} "
+                            "levels on average; a heatmap rendering?); expected grey levels")
     return np.asarray(pil.convert("L"))
 
 
 def read_map(path: Path, image_size: tuple[int, int]) -> bytes:
     """PNG bytes of the grey map at ``image_size`` (resized with a warning when it differs)."""
     data, pil = _open(path, "saliency map")
-    grey = grey_map(pil)
+    grey = grey_map(pil, path)
     changed = pil.format != "PNG" or pil.mode != "L"
     if grey.shape != tuple(image_size):
         log.warning("%s: map is %dx%d but its image is %dx%d; resized (bilinear) to the image",
@@ -99,15 +115,31 @@ def read_map(path: Path, image_size: tuple[int, int]) -> bytes:
     return encode_png(grey) if changed else data
 
 
+def _numbers(values, path: Path, what: str) -> np.ndarray:
+    """``values`` as float64, or a UserError naming the file (a cell array, text)."""
+    try:
+        return np.asarray(values, np.float64)
+    except (ValueError, TypeError):
+        kind = np.asarray(values, dtype=object).dtype.kind if not isinstance(
+            values, np.ndarray) else values.dtype.kind
+        found = "text" if kind in "US" else "a cell array or mixed values"
+        raise UserError(f"{path}: {what} must be a numeric N×2 array of 1-based (x, y), not "
+                        f"{found}") from None
+
+
 def xy1_to_rc0(points: np.ndarray, image_size: tuple[int, int], path: Path) -> np.ndarray:
     """1-based (x, y) points → unique 0-based (row, col) int32 inside the image."""
-    points = np.asarray(points, np.float64)
+    points = _numbers(points, path, "fixations")
     if points.size == 0:
         return np.zeros((0, 2), np.int32)
     if points.ndim != 2 or points.shape[1] != 2:
         raise UserError(f"{path}: fixations must be an N×2 array of (x, y), got shape "
                         f"{points.shape}")
-    points = points[np.isfinite(points).all(axis=1)]
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():
+        log.warning("%s: %d fixations that are not finite numbers dropped", path,
+                    int((~finite).sum()))
+    points = points[finite]
     rc = np.rint(points[:, ::-1]).astype(np.int64) - 1
     return _inside(rc, image_size, path)
 
@@ -158,7 +190,7 @@ def gaze_points(mat: dict, path: Path) -> np.ndarray:
                         f"{', '.join(names) or 'none'})")
     chunks = []
     for observer in gaze.flat:
-        points = np.asarray(observer["fixations"], np.float64)
+        points = _numbers(observer["fixations"], path, "gaze.fixations")
         if points.size == 0:
             continue
         if points.ndim != 2 or points.shape[1] != 2:
@@ -213,7 +245,7 @@ def read_fixations(item: Item, image_size: tuple[int, int]) -> np.ndarray:
         return binary_to_rc0(locs > 0, image_size, path)
     if fmt == "binary_image":
         _, pil = _open(path, "fixation map")
-        return binary_to_rc0(grey_map(pil) > BINARY_THRESHOLD, image_size, path)
+        return binary_to_rc0(grey_map(pil, path) > BINARY_THRESHOLD, image_size, path)
     raise ValueError(f"unknown fixation format {fmt!r}")
 
 
