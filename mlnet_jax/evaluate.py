@@ -107,6 +107,9 @@ def _check_writable(json_path: Path) -> None:
     """Refuse an output that cannot be written, without creating anything yet."""
     if json_path.is_dir():
         raise UserError(f"--output {json_path}: is a folder; name the JSON file to write")
+    if csv_path_for(json_path).is_dir():
+        raise UserError(f"--output {json_path}: the per-image CSV beside it, "
+                        f"{csv_path_for(json_path)}, is a folder")
     existing = next(p for p in json_path.absolute().parents if p.exists())
     if not existing.is_dir():
         raise UserError(f"--output {json_path}: cannot write there ({existing} is a file)")
@@ -138,20 +141,20 @@ def format_table(metrics: dict[str, dict], title: str) -> str:
 
 
 def write_outputs(json_path: Path, summary: dict, rows: list[dict], columns: list[str]) -> Path:
-    """The JSON summary and the per-image CSV beside it, each written atomically."""
+    """The per-image CSV and the JSON summary beside it, each written atomically."""
     from mlnet_jax.atomic import atomic_path  # noqa: PLC0415
     csv_path = csv_path_for(json_path)
     summary = dict(summary, per_image_csv=csv_path.name)
-    with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     header = ["index", "file_name", "num_fixations"] + columns
-    with atomic_path(csv_path) as tmp:
+    with atomic_path(csv_path) as tmp:  # first: the JSON must never name a CSV not written
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
             for row in rows:
                 writer.writerow([repr(float(row[c])) if isinstance(row[c], float) else row[c]
                                  for c in header])
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return csv_path
 
 

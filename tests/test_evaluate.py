@@ -161,8 +161,12 @@ def test_errors_are_one_line_with_exit_code_2(salicon, tmp_path):
         "cannot write there": ("--baseline", "centre", "--config", SALICON_CONFIG,
                                f"--config.data_dir={salicon}", "--output",
                                tmp_path / "a_file" / "eval.json"),
+        "the per-image CSV beside it": ("--baseline", "centre", "--config", SALICON_CONFIG,
+                                        f"--config.data_dir={salicon}", "--output",
+                                        tmp_path / "res.json"),
     }
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "res.csv").mkdir()
     for expected, args in cases.items():
         result = evaluate_cli(*args, check=False, cwd=tmp_path)
         assert result.returncode == 2, (expected, result.stderr[-2000:])
