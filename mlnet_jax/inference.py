@@ -20,7 +20,7 @@ from PIL import Image
 
 from mlnet_jax.compute_dtype import check_backend_computes
 from mlnet_jax.errors import WeightsError
-from mlnet_jax.image_io import as_displayed, to_rgb, wide_to_uint8
+from mlnet_jax.image_io import as_displayed, load_image, to_rgb, wide_to_uint8
 from mlnet_jax.models import MLNet
 from mlnet_jax.preprocessing import letterbox, normalize, postprocess
 from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
@@ -101,32 +101,41 @@ def make_predict_fn(model: MLNet, preprocessing: str, mesh=None) -> Callable:
 
 
 def to_rgb_array(image) -> np.ndarray:
-    """uint8 H×W×3 RGB from a PIL image or an array (NumPy, JAX or anything ``np.asarray``
-    takes: greyscale, RGB or RGBA).
+    """uint8 H×W×3 RGB from a file path, a PIL image or an array (NumPy, JAX or anything
+    ``np.asarray`` takes: greyscale, RGB or RGBA).
 
-    PIL images are turned as their EXIF orientation says, as ``load_image`` turns files, then
-    go through :func:`mlnet_jax.image_io.to_rgb` (16-bit scaled, not clipped; transparency on
-    white). Arrays: uint16 is scaled from 0–65535, other integers as a 16-bit PIL image is
-    (0–255 if they fit, else 0–65535); floats are 0–1 when their maximum is at most 1, else
-    0–255.
+    Paths are read by :func:`mlnet_jax.image_io.load_image`, as the command reads files; PIL
+    images are turned as their EXIF orientation says, then go through
+    :func:`mlnet_jax.image_io.to_rgb` (16-bit scaled, not clipped; transparency on white).
+    Arrays: uint16 is scaled from 0–65535, other integers as a 16-bit PIL image is (0–255 if
+    they fit, else 0–65535); floats are 0–1 when their maximum is at most 1, else 0–255 (values
+    outside 0–255 are refused, not clipped); RGBA is put on white.
     """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
     if isinstance(image, Image.Image):
         return to_rgb(as_displayed(image))
     array = np.asarray(image)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"expected an H×W, H×W×3 or H×W×4 image, got shape {array.shape}")
+    if 0 in array.shape[:2]:
+        raise ValueError(f"empty image: shape {array.shape}")
     if array.dtype.kind in "iu" and array.dtype != np.uint8:
         array = wide_to_uint8(array, "I;16" if array.dtype == np.uint16 else "I")
     elif array.dtype != np.uint8:
         if not np.isfinite(array).all():
             raise ValueError("image array contains NaN or Inf values; expected finite pixel values")
-        scale = 255.0 if array.size and float(array.max()) <= 1.0 else 1.0
-        array = np.clip(array.astype(np.float32) * scale, 0, 255).astype(np.uint8)
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(f"image values run from {low:g} to {high:g}; expected 0–1 or 0–255 "
+                             "(undo any normalisation first: the model normalises itself)")
+        scale = 255.0 if high <= 1.0 else 1.0
+        array = np.clip(np.round(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
     if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an H×W, H×W×3 or H×W×4 image, got shape {array.shape}")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return np.ascontiguousarray(array[..., :3])
+        array = array[..., None]
+    if array.shape[-1] == 4:
+        return to_rgb(Image.fromarray(array, "RGBA"))
+    return np.ascontiguousarray(np.broadcast_to(array, array.shape[:2] + (3,)))
 
 
 class Predictor:
@@ -182,14 +191,16 @@ class Predictor:
             yield from _fetched(*pending)
 
     def __call__(self, images: Sequence | np.ndarray | Image.Image) -> list[np.ndarray] | np.ndarray:
-        """Maps at original size: one image (PIL, H×W or H×W×C array) → one map; a list or an
-        N×H×W×C array (NumPy, JAX, anything ``np.asarray`` takes) → a list of maps."""
-        if isinstance(images, Image.Image):
+        """Maps at original size: one image (a file path, PIL, H×W or H×W×C array) → one map;
+        a list or an N×H×W×C array (NumPy, JAX, anything ``np.asarray`` takes) → a list."""
+        if isinstance(images, (Image.Image, str, os.PathLike)):
             single, items = True, [images]
         elif isinstance(images, (list, tuple)) or not hasattr(images, "__array__"):
             single, items = False, list(images)
         else:
             array = np.asarray(images)
+            if array.ndim > 4:
+                raise ValueError(f"expected an image or an N×H×W×C batch, got shape {array.shape}")
             single = array.ndim <= 3
             items = [array] if single else list(array)
         maps = list(self.iter_maps(items))

@@ -489,6 +489,24 @@ def test_the_python_api_reads_arrays_and_photos_as_the_command_does(model_file, 
     np.testing.assert_allclose(from_pil, predictor(load_image(tmp_path / "turned.jpg")), atol=1e-6)
     with pytest.raises(ValueError, match="batch_size"):
         Predictor.load(model_file, batch_size=0)
+    # A path is read as the command reads it; one path is one image, not its characters.
+    np.testing.assert_allclose(predictor(str(tmp_path / "turned.jpg")), from_pil, atol=1e-6)
+    assert len(predictor([tmp_path / "turned.jpg", str(tmp_path / "turned.jpg")])) == 2
+    # RGBA arrays are put on white, as PIL images and files are.
+    rgba = np.dstack([image, np.where(np.arange(20) < 10, 0, 255).astype(np.uint8)[None]
+                      .repeat(12, axis=0)])
+    np.testing.assert_allclose(predictor(rgba), predictor(Image.fromarray(rgba, "RGBA")),
+                               atol=1e-6)
+    white_left = image.copy()
+    white_left[:, :10] = 255
+    np.testing.assert_allclose(predictor(rgba), predictor(white_left), atol=1e-6)
+    # Floats are rounded as the command rounds a float image; outside 0–255 is refused.
+    np.testing.assert_allclose(predictor(image / 255.0), want, atol=1e-6)
+    for bad, message in ((image - 128.0, "from -128 to"), (image * 2.0, "expected 0–1 or 0–255"),
+                         (np.zeros((0, 40, 3)), r"empty image: shape \(0, 40, 3\)"),
+                         (np.zeros((1, 2, 30, 40, 3), np.uint8), r"shape \(1, 2, 30, 40, 3\)")):
+        with pytest.raises(ValueError, match=message):
+            predictor(bad)
 
 
 def test_overlay_colours_only_where_salient():
