@@ -100,6 +100,8 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     is at most 1, else as 0–255. Alpha is composited onto white.
     """
     mode = image.mode
+    if mode in ("L", "RGB") and "transparency" in image.info:  # a PNG colour key
+        image, mode = image.convert("RGBA"), "RGBA"
     if mode in ("RGB",):
         return np.asarray(image, np.uint8).copy()
     if mode.startswith("I") or mode == "F":

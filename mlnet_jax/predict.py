@@ -13,7 +13,9 @@ Hidden files and folders and the output folder itself (when inside the input) ar
 When two inputs would write the same file (``x.jpg`` and ``x.png`` in one folder; names are
 compared ignoring case), the later one in sorted order is named after its full file name
 (``x.png.png``, ``x.png_overlay.png``) and a note says so; the same happens to an output that
-would replace an input (a single file's map written into its own folder). ``--output`` equal
+would replace an input, a folder another output needs, or a PNG this command did not write
+(a photo beside a single file predicted into its own folder; outputs are tagged
+``Software: mlnet_jax``). ``--output`` equal
 to the input folder is refused: a rerun would predict on its own maps.
 
 A bad file never stops the run: each failure is one ``error: FILE: reason`` line, every good
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from mlnet_jax.atomic import atomic_path
 from mlnet_jax.errors import UserError
@@ -52,6 +54,7 @@ from mlnet_jax.video import VIDEO_EXTENSIONS, is_video_path
 
 DEFAULT_CACHE = "~/.cache/mlnet_jax/jax_cache"  # the training configs' default too
 OVERLAY_SUFFIX = "_overlay"
+SOFTWARE_TAG = "mlnet_jax"  # in every map and overlay PNG
 MAP_SUFFIX = ".png"
 #: Pixels the worker threads decode and write at once (≈ 2.4 GB at ~12 bytes a pixel): eight
 #: 12-megapixel photos side by side, but one 150-megapixel image at a time.
@@ -98,7 +101,8 @@ def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], list[Pa
     if input_path.is_file():
         return [input_path], []
     if not input_path.is_dir():
-        raise UserError(f"--input {input_path}: no such file or folder")
+        what = "not a file or folder" if input_path.exists() else "no such file or folder"
+        raise UserError(f"--input {input_path}: {what}")
     out_resolved = output_dir.resolve()
     if out_resolved == input_path.resolve():
         raise UserError(f"--output {output_dir}: is the --input folder itself, so a rerun would "
@@ -126,12 +130,26 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
                  map_video: bool) -> list[Job]:
     """Output paths mirroring each source's path relative to ``root``.
 
-    A source whose outputs are already claimed by an earlier source, or would replace an input
-    file, is named after its full file name instead (names compared ignoring case, as on
-    macOS and Windows file systems).
+    A source whose outputs are already claimed by an earlier source, would replace an input
+    file, a folder another output needs, or a PNG this command did not write (a photo beside
+    a single input), is named after its full file name instead (names compared ignoring case,
+    as on macOS and Windows file systems).
     """
     sources = list(sources)
     claimed = {_key(s) for s in sources}
+    for source in sources:  # the folders outputs go into cannot also be output files
+        relative = source.relative_to(root) if source != root else Path(source.name)
+        claimed |= {_key(output_dir / parent) for parent in relative.parents}
+
+    def taken(path: Path) -> bool:
+        """Claimed by this run, a folder, or a PNG another program wrote (a photo beside the
+        input): none of them is replaced."""
+        if _key(path) in claimed:
+            return True
+        if path.is_dir():
+            return True
+        return path.suffix.lower() == MAP_SUFFIX and path.exists() and not _is_ours(path)
+
     jobs = []
     for source in sources:
         relative = source.relative_to(root) if source != root else Path(source.name)
@@ -144,9 +162,9 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
             base = (relative.stem, relative.name)[attempt] if attempt < 2 else f"{relative.name}~{attempt}"
             map_path = folder / f"{base}{suffix}" if want_map else None
             overlay_path = folder / f"{base}{OVERLAY_SUFFIX}{suffix}" if want_overlay else None
-            keys = {_key(p) for p in (map_path, overlay_path) if p is not None}
-            if not keys & claimed:
-                claimed |= keys
+            outputs = [p for p in (map_path, overlay_path) if p is not None]
+            if not any(taken(p) for p in outputs):
+                claimed |= {_key(p) for p in outputs}
                 jobs.append(Job(source, video, map_path, overlay_path, renamed=attempt > 0))
                 break
     return jobs
@@ -182,8 +200,19 @@ def write_png(path: Path, array: np.ndarray) -> None:
     """PNG written under a temporary name, renamed into place when complete. zlib level 1:
     encoding is the costliest host step of a folder run (a smooth 640×480 map: 7 ms and 79 kB
     at level 1, 11 ms and 66 kB at level 4, 30 ms at PIL's default 6)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE_TAG)  # how a rerun tells its own outputs from photos
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1, pnginfo=info)
+
+
+def _is_ours(path: Path) -> bool:
+    """Whether the PNG at ``path`` is an output of this command (so a rerun may replace it)."""
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == SOFTWARE_TAG
+    except Exception:  # noqa: BLE001 — unreadable: not ours
+        return False
 
 
 def full_size_map(raw: np.ndarray, size: tuple[int, int], blur: float = 0.0) -> np.ndarray:
@@ -466,6 +495,9 @@ def run(args: argparse.Namespace) -> int:
     root = input_path if input_path.is_dir() else input_path.parent
     jobs = plan_outputs(sources, root, output_dir, args.overlay, args.map_video)
     check_output_dir(output_dir)
+    if input_path.is_dir() and output_dir.resolve().is_relative_to(input_path.resolve()):
+        print(_one_line(f"note: the output folder {output_dir} lies inside the input; files in "
+                        "it are not read as inputs"), file=sys.stderr)
     with _pillow_bomb_check_left_to_us(args.max_pixels):
         return _predict_jobs(args, dtype, jobs, skipped, output_dir)
 
@@ -517,8 +549,9 @@ def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job], skipped: lis
         print(f"skipped {len(skipped)} file(s) that are not images or videos by their extension "
               f"({', '.join(kinds[:8])}{', …' if len(kinds) > 8 else ''})", file=sys.stderr)
     for job in (j for j in jobs if j.renamed):
-        print(f"note: {job.source} shares its name with another input; its outputs are named "
-              f"{(job.map_path or job.overlay_path).name}", file=sys.stderr)
+        print(_one_line(f"note: {job.source}'s outputs would replace another input's, a folder "
+                        "or a file this command did not write; they are named "
+                        f"{(job.map_path or job.overlay_path).name}"), file=sys.stderr)
     if report.failed:
         print(f"{len(report.failed)} of {len(jobs)} inputs failed", file=sys.stderr)
         return 2
@@ -571,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(text: str, limit: int = 400) -> str:
-    line = " ".join(text.split())
+    """One line: control characters (a newline inside a file name, in an exception's text) are
+    escaped, so the line names the right file."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 

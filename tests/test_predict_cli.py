@@ -316,10 +316,56 @@ def test_same_stems_do_not_overwrite_and_outputs_inside_the_input_are_not_inputs
         assert _predict(model_file, src, out, "--overlay") == 0
     err = capsys.readouterr().err
     assert "note: " in err and "x.png.png" in err
+    assert f"note: the output folder {out} lies inside the input; files in it are not read" in err
     assert sorted(p.name for p in out.rglob("*")) == [
         "x.png", "x.png.png", "x.png_overlay.png", "x_overlay.png"]
     assert Image.open(out / "x.png").size == (20, 10)
     assert Image.open(out / "x.png.png").size == (6, 30)
+
+
+def test_no_output_replaces_a_photo_or_a_folder_and_odd_names_are_shown_escaped(
+        model_file, tmp_path, capsys):
+    # One photo predicted into its own folder, where another photo has its map's name.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(_noise(10, 20)).save(folder / "x.jpg")
+    Image.fromarray(_noise(30, 40, seed=1)).save(folder / "x.png")
+    photo = (folder / "x.png").read_bytes()
+    for _ in range(2):  # a rerun replaces its own map, never the photo
+        assert _predict(model_file, folder / "x.jpg", folder) == 0
+        assert (folder / "x.png").read_bytes() == photo
+        assert sorted(p.name for p in folder.iterdir()) == ["x.jpg", "x.jpg.png", "x.png"]
+    assert "they are named x.jpg.png" in capsys.readouterr().err
+    # A map whose name is a folder another output needs.
+    src = tmp_path / "in"
+    (src / "x.png").mkdir(parents=True)
+    Image.fromarray(_noise(10, 20)).save(src / "x.jpg")
+    Image.fromarray(_noise(12, 8)).save(src / "x.png" / "y.jpg")
+    assert _predict(model_file, src, tmp_path / "out") == 0
+    assert Image.open(tmp_path / "out" / "x.jpg.png").size == (20, 10)
+    assert Image.open(tmp_path / "out" / "x.png" / "y.png").size == (8, 12)
+    # A newline in a name is shown escaped, so the line names that file, not its neighbour.
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "bad\nname.jpg").write_bytes(b"")
+    Image.fromarray(_noise(10, 20)).save(odd / "bad name.jpg")
+    assert _predict(model_file, odd, tmp_path / "odd_out") == 2
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert line == f"error: {odd}/bad\\nname.jpg: empty file (0 bytes)"
+    # Something that exists but is neither a file nor a folder.
+    assert main(["--checkpoint", str(model_file), "--input", "/dev/null", "--output",
+                 str(tmp_path / "o")]) == 2
+    assert "--input /dev/null: not a file or folder" in capsys.readouterr().err
+
+
+def test_a_colour_key_transparency_is_put_on_white():
+    from mlnet_jax.image_io import to_rgb
+    for mode, key, colour in (("RGB", (10, 20, 30), (10, 20, 30)), ("L", 7, 7)):
+        image = Image.new(mode, (4, 2), colour)
+        image.info["transparency"] = key
+        assert (to_rgb(image) == 255).all(), mode
+        image.info.pop("transparency")
+        assert not (to_rgb(image) == 255).any(), mode
 
 
 def test_linked_folders_are_walked_once_and_unknown_extensions_get_a_hint(model_file, tmp_path,
