@@ -83,11 +83,12 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> tuple[MLNet, dict,
     return model, variables, info
 
 
-def make_predict_fn(model: MLNet, preprocessing: str, mesh=None) -> Callable:
+def make_predict_fn(model: MLNet, preprocessing: str, mesh=None) -> "BatchPredictFn":
     """jit-compiled ``fn(variables, images) -> maps (B, h/8, w/8)`` in float32.
 
     ``images`` are letterboxed NHWC RGB uint8 (normalised on the device with ``preprocessing``)
-    or already-normalised float32. The batch is split over all devices of ``mesh``.
+    or already-normalised float32. The batch is split over all devices of ``mesh``; any batch
+    size works (padded to a multiple of the device count), as does an array on one device.
     """
     mesh = data_mesh() if mesh is None else mesh
 
@@ -96,8 +97,42 @@ def make_predict_fn(model: MLNet, preprocessing: str, mesh=None) -> Callable:
             images = normalize(images, preprocessing)
         return model.apply(variables, images, train=False)[..., 0]
 
-    return jax.jit(predict, in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                   out_shardings=batch_sharding(mesh))
+    return BatchPredictFn(jax.jit(predict, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                                  out_shardings=batch_sharding(mesh)), mesh)
+
+
+class BatchPredictFn:
+    """:func:`make_predict_fn`'s function. ``jitted`` is the compiled function itself, which
+    takes only batches that divide over the mesh and arrays placed on it (``lower`` is its)."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+        self._data = batch_sharding(mesh)
+
+    def __call__(self, variables, images):
+        n = images.shape[0]
+        pad = -n % self.mesh.size
+        if pad:  # rare (a batch the devices do not divide): done on the host
+            images = np.asarray(images)
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        elif _committed(images) and not images.sharding.is_equivalent_to(self._data,
+                                                                           images.ndim):
+            images = jax.device_put(images, self._data)  # e.g. placed on one device
+        maps = self.jitted(variables, images)
+        return maps[:n] if pad else maps
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+
+def _committed(images) -> bool:
+    """Whether ``images`` is a JAX array placed on given devices (a tracer has no placement)."""
+    if not isinstance(images, jax.Array):
+        return False
+    try:
+        return bool(images.committed)
+    except jax.errors.ConcretizationTypeError:  # traced (jax.make_jaxpr, an outer jit)
+        return False
 
 
 def to_rgb_array(image) -> np.ndarray:
@@ -163,7 +198,7 @@ class Predictor:
     @property
     def num_compilations(self) -> int:
         """How many times the batch function was compiled (1 after any number of image sizes)."""
-        return self._predict._cache_size()
+        return self._predict.jitted._cache_size()
 
     def predict_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Raw maps (n, h/8, w/8) for n ≤ batch_size letterboxed uint8 images."""

@@ -44,6 +44,32 @@ def test_predict_fn_normalises_uint8_on_device(model_file):
     assert from_uint8.shape == (2, 6, 8)
 
 
+@pytest.mark.timeout(300)
+def test_predict_fn_takes_any_batch_and_placement_on_two_devices(model_file, tmp_path):
+    import subprocess
+    import sys
+    images = np.random.default_rng(1).integers(0, 256, (3, *INPUT, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    script = (
+        "import sys, jax, numpy as np; jax.config.update('jax_num_cpu_devices', 2)\n"
+        "from mlnet_jax import load_model, make_predict_fn\n"
+        "model, variables, info = load_model(sys.argv[1])\n"
+        "predict = make_predict_fn(model, info.preprocessing)\n"
+        "images = np.load(sys.argv[2])\n"
+        "odd = np.asarray(predict(variables, images))\n"
+        "one = np.asarray(predict(variables, images[:1]))\n"
+        "placed = np.asarray(predict(variables, jax.device_put(images[1:], jax.devices()[0])))\n"
+        "assert len(jax.devices()) == 2\n"
+        "np.save(sys.argv[3], np.concatenate([odd, one, placed]))\n")
+    subprocess.run([sys.executable, "-c", script, str(model_file), str(tmp_path / "images.npy"),
+                    str(tmp_path / "maps.npy")], check=True, timeout=240)
+    model, variables, info = load_model(model_file)
+    want = np.asarray(make_predict_fn(model, info.preprocessing)(variables, images))
+    got = np.load(tmp_path / "maps.npy")
+    np.testing.assert_allclose(got, np.concatenate([want, want[:1], want[1:]]), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_maps_have_the_original_sizes_with_one_compilation(model_file):
     predictor = Predictor.load(model_file, batch_size=2)
     rng = np.random.default_rng(1)
@@ -55,7 +81,7 @@ def test_maps_have_the_original_sizes_with_one_compilation(model_file):
     assert [m.shape for m in maps] == sizes
     for m in maps[:3]:
         assert m.dtype == np.float32 and m.min() >= 0 and m.max() == pytest.approx(1.0)
-    assert predictor._predict._cache_size() == 1
+    assert predictor._predict.jitted._cache_size() == 1
 
 
 def test_the_next_batch_is_on_the_device_before_this_ones_maps_are_fetched(model_file):
