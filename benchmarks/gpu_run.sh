@@ -68,10 +68,14 @@ log() { echo "[gpu_run $(( $(date +%s) - START ))s $(date -u +%T)] $*" | tee -a 
 EXTRA_ARGS=()
 VARIANTS=${VARIANTS-cand_conv1_1x1,cand_conv1_gemm,cand_conv1_gemm_lt}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
-[ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$OUT/profile")
+# Dumps and traces are written outside $OUT and packed into it at the end: the device tool
+# brings back only a few files, not deeply nested, so if the run is cut short the JSON files
+# in $OUT still come back (the dumps and traces are lost with the cut instead).
+ART=$(mktemp -d)
+[ "${PROFILE:-1}" = 1 ] && EXTRA_ARGS+=(--profile "$ART/profile")
 if [ "${DUMP:-1}" = 1 ]; then
-  mkdir -p "$OUT/dumps"
-  EXTRA_ARGS+=(--dump-dir "$OUT/dumps")
+  mkdir -p "$ART/dumps"
+  EXTRA_ARGS+=(--dump-dir "$ART/dumps")
 fi
 
 {
@@ -98,7 +102,8 @@ if compgen -G "$BENCH/wheels/*.whl" > /dev/null; then
     --target /tmp/site "$BENCH"/wheels/*.whl >> "$OUT/env.txt" 2>&1 \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! python3 -c "import grain, array_record" >> "$OUT/env.txt" 2>&1; then
+if ! python3 -c "import grain, array_record; print('grain', grain.__version__)" \
+    >> "$OUT/env.txt" 2>&1; then
   log "grain is not importable (carry .bench after --prepare): --pipeline skipped"
   PIPE_ARGS=()
 fi
@@ -134,6 +139,7 @@ else
   log "no jax_throughput.json: see run.log"
 fi
 for d in dumps profile; do  # one file back instead of one per executable or trace
-  [ -d "$OUT/$d" ] && tar -C "$OUT" -czf "$OUT/$d.tar.gz" "$d" && rm -rf "${OUT:?}/$d"
+  [ -d "$ART/$d" ] && tar -C "$ART" -czf "$OUT/$d.tar.gz" "$d"
 done
+rm -rf "${ART:?}"
 log "done in $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

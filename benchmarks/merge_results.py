@@ -170,7 +170,10 @@ def main(argv=None) -> int:
     jax_result = json.loads(Path(args.jax).read_text())
     torch_rows = []
     if args.torch and Path(args.torch).exists():
-        torch_rows = json.loads(Path(args.torch).read_text())
+        try:
+            torch_rows = json.loads(Path(args.torch).read_text())
+        except json.JSONDecodeError as e:  # the peer killed while rewriting its file
+            print(f"{args.torch} is cut short ({e}): ratios are null", file=sys.stderr)
     else:
         print(f"no PyTorch peer results at {args.torch}: ratios are null", file=sys.stderr)
     merged = merge(jax_result, torch_rows, args.headline)

@@ -799,9 +799,16 @@ def measure_pipeline(bench: Bench, key: tuple, b: int, h: int, w: int) -> dict:
     from mlnet_jax.input_pipeline import RecordSource, prefetch_to_device, train_loader
 
     args = bench.args
-    compiled, state, _ = bench.kept[key]
+    compiled = bench.kept[key][0]
     out = {"case": key[0], "dtype": key[1], "mode": key[2], "records": args.pipeline_records,
            "image_size": [480, 640], "cpu_count": os.cpu_count(), "runs": []}
+
+    def train_step(batch):
+        """One step on the kept state, kept at once: every call donates the previous one, so
+        a failure here must not leave the profile a deleted state."""
+        bench.kept[key][1], _ = compiled(bench.kept[key][1], batch)
+        return bench.kept[key][1]
+
     with tempfile.TemporaryDirectory(prefix="mlnet_fake_salicon_") as tmp:
         t = time.perf_counter()
         records = write_fake_salicon(Path(tmp), args.pipeline_records)
@@ -830,14 +837,14 @@ def measure_pipeline(bench: Bench, key: tuple, b: int, h: int, w: int) -> dict:
             jax.block_until_ready(batch)
             run["loader_only_images_per_s"] = windows * steps * b / (time.perf_counter() - t)
             for _ in range(warm):
-                state, metrics = compiled(state, next(loader))
+                state = train_step(next(loader))
             jax.block_until_ready(state)
             rates = []
             t_all = time.perf_counter()
             for _ in range(windows):
                 t = time.perf_counter()
                 for _ in range(steps):
-                    state, metrics = compiled(state, next(loader))
+                    state = train_step(next(loader))
                 jax.block_until_ready(state)
                 rates.append(steps * b / (time.perf_counter() - t))
             run["images_per_s"] = windows * steps * b / (time.perf_counter() - t_all)
@@ -845,16 +852,15 @@ def measure_pipeline(bench: Bench, key: tuple, b: int, h: int, w: int) -> dict:
             del loader, batch
             synth = synthetic_batch(b, h, w, bench.data, seed=1)
             for _ in range(warm):
-                state, metrics = compiled(state, synth)
+                state = train_step(synth)
             jax.block_until_ready(state)
             t = time.perf_counter()
             for _ in range(windows * steps):
-                state, metrics = compiled(state, synth)
+                state = train_step(synth)
             jax.block_until_ready(state)
             run["synthetic_images_per_s"] = windows * steps * b / (time.perf_counter() - t)
             run["ratio_to_synthetic"] = run["images_per_s"] / run["synthetic_images_per_s"]
             out["runs"].append(run)
-    bench.kept[key][1] = state
     done = [r for r in out["runs"] if "ratio_to_synthetic" in r]
     if done:
         # Each run has its own synthetic reference from the same minute: rank by the ratio.
@@ -1184,7 +1190,10 @@ def main(argv=None) -> int:
         for c in args.cases}
     save()
 
-    for label, thunk in plan(args, bench):
+    planned = list(plan(args, bench))
+    result["planned"] = [label for label, _ in planned]  # a killed run shows what never ran
+    save()
+    for label, thunk in planned:
         if elapsed() > args.deadline:
             result["skipped"].append(label)
             continue
@@ -1203,7 +1212,10 @@ def main(argv=None) -> int:
                 print(f"           {row['images_per_s']:.1f} img/s, {row['step_ms']:.2f} ms/step, "
                       f"{row['tflops']:.1f} TFLOP/s, compile {row['compile_s']:.1f} s", flush=True)
         save()
-    result["complete"] = not result["skipped"]
+    result["failed"] = [r["label"] for r in result["results"] if "error" in r] + [
+        name for name in ("pipeline", "predict_files")
+        if isinstance(result.get(name), dict) and "error" in result[name]]
+    result["complete"] = not result["skipped"] and not result["failed"]
     save()
     print_table(result)
     print(f"JSON: {output}")

@@ -186,7 +186,54 @@ def test_the_device_script_runs_the_peer_then_ours_and_merges_them(tmp_path):
     assert ours["args"]["deadline"] < 400 - 120  # the budget's margin, after the peer's time
     assert {"dumps.tar.gz", "profile.tar.gz", "env.txt", "gpu_samples.csv"} <= {
         p.name for p in out.iterdir()}
+    # Nothing nested: what the device tool may leave out if the run is cut is packed at the end.
+    assert not [p for p in out.iterdir() if p.is_dir()]
+    assert ours["planned"] and ours["complete"] and ours["failed"] == []
     assert "1755, 1980, 2619, 690.00, 700.00, 66" in (out / "gpu_samples.csv").read_text()
+
+
+PIPELINE_FAILS = """import importlib.util, sys
+spec = importlib.util.spec_from_file_location("throughput", sys.argv[1])
+throughput = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(throughput)
+import mlnet_jax.input_pipeline as input_pipeline
+original = input_pipeline.prefetch_to_device
+def failing(*args, **kwargs):
+    for i, batch in enumerate(original(*args, **kwargs)):
+        if i == 8:  # after the loader-only phase, among the train steps on the kept state
+            raise RuntimeError("a grain worker died")
+        yield batch
+input_pipeline.prefetch_to_device = failing
+throughput.main(["--cases", "1x32x48", "--quick", "--width-multiplier", "0.25", "--dtypes",
+                 "bfloat16", "--modes", "full", "--no-compile-cache", "--no-predict",
+                 "--pipeline", "--pipeline-records", "4", "--profile", sys.argv[2] + "/profile",
+                 "--output", sys.argv[2] + "/result.json"])
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_pipeline_run_loses_only_itself(tmp_path):
+    subprocess.run([sys.executable, "-c", PIPELINE_FAILS, str(REPO / "benchmarks" / "throughput.py"),
+                    str(tmp_path)], check=True, capture_output=True, timeout=280, cwd=REPO)
+    result = json.loads((tmp_path / "result.json").read_text())
+    [failed] = [r for r in result["results"] if "error" in r]
+    assert failed["label"].startswith("pipeline") and "grain worker died" in failed["error"]
+    assert result["failed"] == [failed["label"]] and not result["complete"]
+    # The profile after it traces the train step on the kept state, which the pipeline's
+    # steps had donated: it must have been kept up to date.
+    profile = result["profile"]["1x32x48 bfloat16 full"]
+    assert "error" not in profile and profile["traced_s"] > 0
+
+
+def test_merge_survives_a_peer_file_cut_short(tmp_path, capsys):
+    (tmp_path / "jax.json").write_text(json.dumps({"card": "cpu", "date": "2026-11-27",
+                                                   "results": []}))
+    (tmp_path / "peer.json").write_text('[{"fw": "torch", "task": "tr')
+    assert merge_results.main(["--jax", str(tmp_path / "jax.json"), "--torch",
+                               str(tmp_path / "peer.json"), "--out-dir", str(tmp_path)]) == 0
+    assert "is cut short" in capsys.readouterr().err
+    (merged,) = tmp_path.glob("2026-11-27-*.json")
+    assert json.loads(merged.read_text())["train_ratio_vs_torch_compile"] is None
 
 
 def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
