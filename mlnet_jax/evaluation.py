@@ -250,6 +250,21 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+class _Head:
+    """The first ``n`` records of a source."""
+
+    def __init__(self, source, n: int):
+        self._source, self._n = source, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self._n:
+            raise IndexError(index)
+        return self._source[index]
+
+
 def score_split(source, *, model_size: Sequence[int], batch_size: int,
                 predict: Callable[[dict], dict] | None = None,
                 baselines: dict[str, str] | None = None,
@@ -262,12 +277,13 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     ``predict(batch)`` returns ``{"pred": (B, h, w), "loss": (B,)}`` batch-sharded global
     arrays for the padded eval batch (its result is only read after the next batch has been
     dispatched); without it only ``baselines`` (``{column prefix: baseline name}``) are
-    scored. ``batch_size`` is per process. ``max_images`` ≥ 0 stops after that many images
-    (split over processes). ``grid=(path, n)`` saves the first n images, truths and model
+    scored. ``batch_size`` is per process. ``max_images`` ≥ 0 scores the split's first that many
+    images (the same ones with any number of processes). ``grid=(path, n)`` saves the first n images, truths and model
     maps as a PNG grid. ``progress(n)`` is called with each batch's image count.
     """
     from mlnet_jax.baselines import baseline_map  # noqa: PLC0415
-    from mlnet_jax.input_pipeline import as_source, decode_image, eval_batches, shard_range
+    from mlnet_jax.input_pipeline import (RecordSource, as_source, decode_image,  # noqa: PLC0415
+                                          eval_batches, shard_range)
     from mlnet_jax.preprocessing import postprocess  # noqa: PLC0415
 
     unknown = sorted(set(metric_names) - set(ALL_METRICS))
@@ -279,10 +295,10 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     if not prefixes:
         raise ValueError("nothing to score: pass predict and/or baselines")
     src = as_source(source)
+    table = FixationTable(src) if "auc_shuffled" in metric_names else None  # the whole split's
+    if 0 <= max_images < len(src):  # the first images of the split, however many processes
+        src = RecordSource(_Head(src, max_images), f"the first {max_images} of {src!r}")
     start, _ = shard_range(len(src), jax.process_index(), jax.process_count())
-    local_limit = (math.ceil(max_images / jax.process_count()) if max_images >= 0
-                   else len(src))
-    table = FixationTable(src) if "auc_shuffled" in metric_names else None
     needs_pixels = "spectral_residual" in baselines.values()
     rows: list[dict] = []
     grid_lists: tuple[list, list, list] = ([], [], [])
@@ -296,8 +312,6 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
             preds, losses = _host_rows(out["pred"]), _host_rows(out["loss"])
         items = []
         for i, size in enumerate(batch["image_size"]):
-            if len(rows) + len(items) >= local_limit:
-                break
             size = (int(size[0]), int(size[1]))
             index = start + batch_number * batch_size + i
             truth = batch["saliency_map_full"][i]
@@ -330,10 +344,6 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     pending: tuple[dict, dict | None, int] | None = None
     for number, batch in enumerate(eval_batches(src, model_size=model_size,
                                                 batch_size=batch_size)):
-        # Same decision on every process (batch counts, not local image counts), so
-        # collective predict calls stay in lockstep.
-        if 0 <= max_images <= number * batch_size * jax.process_count():
-            break
         out = predict(batch) if predict is not None else None  # dispatched, not awaited
         if pending is not None:
             score(*pending)

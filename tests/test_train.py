@@ -391,12 +391,20 @@ def test_two_process_training_run_end_to_end(tmp_path):
     for epochs in (1, 2):  # one epoch, then resumed for the second: each process's position
         outputs = run_two_processes(lambda address, k: [
             "-c", script, f"--config={TINY_CONFIG}", f"--workdir={workdir}",
-            f"--config.num_epochs={epochs}", f"--coordinator_address={address}",
-            "--num_processes=2", f"--process_id={k}"])
+            f"--config.num_epochs={epochs}", "--config.eval_max_images=5",
+            f"--coordinator_address={address}", "--num_processes=2", f"--process_id={k}"])
     assert "resuming from" in outputs[0][0] + outputs[0][1]
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "6"]
     final = json.loads((workdir / "final_metrics.json").read_text())
-    assert final["num_images"] == 8 and final["step"] == 6
+    # The split's first 5 of 8 images, as one process scores them (not 3 + 3 of each shard).
+    assert final["num_images"] == 5 and final["step"] == 6
+    alone = subprocess.run([sys.executable, "-m", "mlnet_jax.evaluate", "--noprogress",
+                            f"--checkpoint={workdir}", f"--output={tmp_path / 'alone.json'}"],
+                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert alone["num_images"] == 5
+    assert alone["metrics"]["cc"]["mean"] == pytest.approx(final["cc"], rel=1e-5)
     assert "2 process(es)" in outputs[0][0] and "epoch 2:" in outputs[0][0]
     assert "epoch" not in outputs[1][0]  # one console report, from process 0
     # Saved by two processes, read by one (predict, evaluate, init_weights on a laptop).

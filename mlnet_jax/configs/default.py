@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Evaluation, logging, checkpoints.
     config.eval_batch_size = 10
-    config.eval_max_images = -1           # -1: the whole evaluation split
+    config.eval_max_images = -1           # -1: the whole evaluation split; N: its first N
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
