@@ -160,14 +160,16 @@ def _score_numpy(items: list[_Item], metric_names: Sequence[str], seed: int) -> 
                 item.row[prefix + name] = value
 
 
-def _score_jax(items: list[_Item], metric_names: Sequence[str], key: jax.Array) -> None:
+def _score_jax(items: list[_Item], metric_names: Sequence[str], seed: int) -> None:
     """Batched metrics per group of same-size images; groups are padded to a power of two
-    (zero maps, results dropped) so each image size compiles a few shapes only."""
+    (zero maps, results dropped) so each image size compiles a few shapes only. Each image
+    draws from its own key (the seed and its index), as the NumPy backend does, so results
+    do not depend on the batch size or the device count."""
     from mlnet_jax import metrics  # noqa: PLC0415
     groups: dict[tuple[int, int], list[_Item]] = {}
     for item in items:
         groups.setdefault(item.fixations.shape, []).append(item)
-    for g, (shape, group) in enumerate(sorted(groups.items())):
+    for shape, group in sorted(groups.items()):
         n = len(group)
         padded = 1 << max(n - 1, 0).bit_length()
 
@@ -182,9 +184,11 @@ def _score_jax(items: list[_Item], metric_names: Sequence[str], key: jax.Array) 
         fixations = stack([it.fixations for it in group])
         others = stack([it.others for it in group]) if "auc_shuffled" in metric_names else None
         has_truth = np.asarray([it.truth is not None for it in group])
-        for p, prefix in enumerate(group[0].maps):
+        seeds = [_per_image_seed(seed, it.row["index"]) for it in group]
+        keys = jax.vmap(jax.random.key)(np.asarray(seeds + [0] * (padded - n), np.uint32))
+        for prefix in group[0].maps:
             preds = stack([it.maps[prefix] for it in group])
-            k = jax.random.fold_in(jax.random.fold_in(key, g), p)
+            k = keys
             results = {}
             for name in metric_names:
                 if name in CONTINUOUS_METRICS:
@@ -304,7 +308,6 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     grid_lists: tuple[list, list, list] = ([], [], [])
     if jax.process_index() != 0:
         grid = None  # only process 0 writes it
-    key = jax.random.key(seed)
 
     def score(batch: dict, out: dict | None, batch_number: int) -> None:
         preds = losses = None
@@ -336,7 +339,7 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
         if backend == "numpy":
             _score_numpy(items, metric_names, seed)
         else:
-            _score_jax(items, metric_names, jax.random.fold_in(key, batch_number))
+            _score_jax(items, metric_names, seed)
         rows.extend(item.row for item in items)
         if progress is not None:
             progress(len(items))

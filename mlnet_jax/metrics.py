@@ -337,9 +337,17 @@ def _constant_j(m: jax.Array) -> jax.Array:
     return m.max(axis=(1, 2)) == m.min(axis=(1, 2))
 
 
-def _key(key: Any) -> jax.Array:
+def _keys(key: Any, batch: int) -> jax.Array:
+    """(B,) keys, one per image: ``key`` is an int seed or one key (split into B), or already
+    B keys (each image's draws then depend on its own key only, not on its batch)."""
     if isinstance(key, (int, np.integer)):
-        return jax.random.key(int(key))
+        key = jax.random.key(int(key))
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # raw uint32 data (PRNGKey)
+        key = jax.random.wrap_key_data(key)
+    if key.ndim == 0:
+        return jax.random.split(key, batch)
+    if key.shape != (batch,):
+        raise ValueError(f"expected one key or {batch} keys, got keys of shape {key.shape}")
     return key
 
 
@@ -412,7 +420,7 @@ def _search(lo: jax.Array, hi: jax.Array, greater: Any, size: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "n_buckets"))
-def _auc_judd(p: jax.Array, fix: jax.Array, key: jax.Array, k: int,
+def _auc_judd(p: jax.Array, fix: jax.Array, keys: jax.Array, k: int,
               n_buckets: int) -> jax.Array:
     b = p.shape[0]
     v = p.reshape(b, -1)
@@ -423,8 +431,8 @@ def _auc_judd(p: jax.Array, fix: jax.Array, key: jax.Array, k: int,
     rows = jnp.arange(b)[:, None]
     j = jnp.arange(k)
     # Pseudo-random tie key per pixel: ties in value are ordered by it (MATLAB: jitter).
-    seed = _hash32(jax.random.bits(key, (), jnp.uint32))
-    tie = _hash32(jnp.arange(b * n, dtype=jnp.uint32).reshape(b, n) ^ seed)
+    seed = _hash32(jax.vmap(lambda k: jax.random.bits(k, (), jnp.uint32))(keys))
+    tie = _hash32(jnp.arange(n, dtype=jnp.uint32)[None, :] ^ seed[:, None])
     # The fixated pixels (at most k), sorted by (value, tie key), descending.
     top, index = jax.lax.top_k(jnp.where(f, v, -jnp.inf), k)
     valid = j < n_fix[:, None]
@@ -522,20 +530,23 @@ def _auc_from_rates(tp: jax.Array, fp: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("n_splits", "step_size"))
-def _auc_borji(p: jax.Array, fix: jax.Array, key: jax.Array, n_splits: int,
+def _auc_borji(p: jax.Array, fix: jax.Array, keys: jax.Array, n_splits: int,
                step_size: float) -> jax.Array:
     bins, ok, n_t = _threshold_bins(p, step_size)
     every, fixated = _histograms(bins, [fix > 0], n_t)
     n_fix = fixated.sum(axis=1)
     n_pix = bins.shape[1]
     tp = _rate_at_or_above(fixated, n_fix[:, None])
-    # Nf pixels drawn uniformly with replacement fall in the bins multinomially. Trials and
-    # probabilities come broadcast to (B, S) and (B, S, T), not through ``shape``, which means
-    # the whole result shape in JAX 0.10 and the shape without the bins in 0.12.
-    trials = jnp.broadcast_to(n_fix[:, None].astype(jnp.float32), (p.shape[0], n_splits))
-    probabilities = jnp.broadcast_to((every.astype(jnp.float32) / n_pix)[:, None, :],
-                                     (p.shape[0], n_splits, n_t))
-    draws = jax.random.multinomial(key, trials, probabilities, dtype=jnp.float32)
+    # Nf pixels drawn uniformly with replacement fall in the bins multinomially, each image
+    # with its own key. Trials and probabilities come broadcast to (S,) and (S, T), not
+    # through ``shape``, which means the whole result shape in JAX 0.10 and the shape without
+    # the bins in 0.12.
+    def draw(key, n, fractions):
+        trials = jnp.broadcast_to(n.astype(jnp.float32), (n_splits,))
+        probabilities = jnp.broadcast_to(fractions[None, :], (n_splits, n_t))
+        return jax.random.multinomial(key, trials, probabilities, dtype=jnp.float32)
+
+    draws = jax.vmap(draw)(keys, n_fix, every.astype(jnp.float32) / n_pix)
     fp = _rate_at_or_above(draws, n_fix[:, None, None])
     auc = _auc_from_rates(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
     return jnp.where((n_fix <= 1) | ~ok, jnp.nan, auc)
@@ -544,7 +555,7 @@ def _auc_borji(p: jax.Array, fix: jax.Array, key: jax.Array, n_splits: int,
 _DRAW_BLOCK = 32
 
 
-def _draw_without_replacement(key: jax.Array, counts: jax.Array, m: jax.Array,
+def _draw_without_replacement(keys: jax.Array, counts: jax.Array, m: jax.Array,
                               n_splits: int) -> jax.Array:
     """(B, S, T) bin counts of m[b] items drawn without replacement from a population with
     ``counts[b]`` items per bin, for S independent splits: m sequential draws, each picking a
@@ -555,7 +566,8 @@ def _draw_without_replacement(key: jax.Array, counts: jax.Array, m: jax.Array,
 
     def block(state):
         i, remaining, chosen = state
-        u = jax.random.uniform(jax.random.fold_in(key, i), (_DRAW_BLOCK, b, n_splits))
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i),
+                                                  (_DRAW_BLOCK, n_splits)), out_axes=1)(keys)
 
         def draw(t, st):
             remaining, chosen = st
@@ -576,14 +588,14 @@ def _draw_without_replacement(key: jax.Array, counts: jax.Array, m: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("n_splits", "step_size"))
-def _auc_shuffled(p: jax.Array, fix: jax.Array, other: jax.Array, key: jax.Array,
+def _auc_shuffled(p: jax.Array, fix: jax.Array, other: jax.Array, keys: jax.Array,
                   n_splits: int, step_size: float) -> jax.Array:
     bins, ok, n_t = _threshold_bins(p, step_size)
     _, fixated, others = _histograms(bins, [fix > 0, other > 0], n_t)
     n_fix = fixated.sum(axis=1)
     m = jnp.minimum(n_fix, others.sum(axis=1))
     tp = _rate_at_or_above(fixated, n_fix[:, None])
-    chosen = _draw_without_replacement(key, others, m, n_splits)
+    chosen = _draw_without_replacement(keys, others, m, n_splits)
     fp = _rate_at_or_above(chosen, m[:, None, None])
     auc = _auc_from_rates(jnp.broadcast_to(tp[:, None, :], fp.shape), fp).mean(axis=1)
     return jnp.where((n_fix == 0) | (m == 0) | ~ok, jnp.nan, auc)
@@ -625,7 +637,7 @@ def _fixation_bound(fixation_maps: jax.Array, max_fixations: int | None) -> int:
 
 def batched_auc_judd(preds: Any, fixation_maps: Any, key: Any = 0, *,
                      max_fixations: int | None = None) -> jax.Array:
-    """(B,) AUC-Judd; ``key`` is a ``jax.random`` key or an int seed.
+    """(B,) AUC-Judd; ``key`` is an int seed, a ``jax.random`` key, or (B,) keys, one per image.
 
     Sort-free rank formulation (sorting every pixel is slow outside GPUs): with MATLAB's
     thresholds each non-fixated pixel is credited min((2·#fixated above it + 1) / (2·Nf), 1),
@@ -641,31 +653,36 @@ def batched_auc_judd(preds: Any, fixation_maps: Any, key: Any = 0, *,
     p = _stack(preds, "preds")
     f = _stack(fixation_maps, "fixation_maps")
     k = _fixation_bound(f, max_fixations)
-    return _auc_judd(p, f, _key(key), k=k, n_buckets=max(1024, 4 * k))
+    return _auc_judd(p, f, _keys(key, p.shape[0]), k=k, n_buckets=max(1024, 4 * k))
 
 
 def batched_auc_borji(preds: Any, fixation_maps: Any, key: Any = 0, *, n_splits: int = 100,
                       step_size: float = 0.1) -> jax.Array:
-    """(B,) AUC-Borji; ``key`` is a ``jax.random`` key or an int seed.
+    """(B,) AUC-Borji; ``key`` is an int seed, a ``jax.random`` key, or (B,) keys, one per
+    image.
 
     Fixed-size: only how many negatives land at or above each threshold matters, so each split
     draws the per-bin counts of Nf uniform pixels (multinomial over the bins' pixel fractions),
     the same distribution as :func:`auc_borji`'s draws. NaN with ≤ 1 fixated pixel or a
     constant map.
     """
-    return _auc_borji(_stack(preds, "preds"), _stack(fixation_maps, "fixation_maps"),
-                      _key(key), n_splits=int(n_splits), step_size=float(step_size))
+    p = _stack(preds, "preds")
+    return _auc_borji(p, _stack(fixation_maps, "fixation_maps"), _keys(key, p.shape[0]),
+                      n_splits=int(n_splits), step_size=float(step_size))
 
 
 def batched_auc_shuffled(preds: Any, fixation_maps: Any, other_fixation_maps: Any,
                          key: Any = 0, *, n_splits: int = 100,
                          step_size: float = 0.1) -> jax.Array:
-    """(B,) shuffled AUC; ``key`` is a ``jax.random`` key or an int seed.
+    """(B,) shuffled AUC; ``key`` is an int seed, a ``jax.random`` key, or (B,) keys, one per
+    image.
 
     Per split, m = min(Nf, N_other) of the pixels > 0 of ``other_fixation_maps`` are drawn
     without replacement (as :func:`auc_shuffled`), tracked as per-threshold-bin counts in a loop
     of max(m) steps. NaN with no fixated pixel, no other-fixated pixel or a constant map.
     """
-    return _auc_shuffled(_stack(preds, "preds"), _stack(fixation_maps, "fixation_maps"),
-                         _stack(other_fixation_maps, "other_fixation_maps"), _key(key),
-                         n_splits=int(n_splits), step_size=float(step_size))
+    p = _stack(preds, "preds")
+    return _auc_shuffled(p, _stack(fixation_maps, "fixation_maps"),
+                         _stack(other_fixation_maps, "other_fixation_maps"),
+                         _keys(key, p.shape[0]), n_splits=int(n_splits),
+                         step_size=float(step_size))

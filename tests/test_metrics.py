@@ -542,6 +542,22 @@ def test_batched_accepts_key_or_seed():
     import jax
     a = np.asarray(M.batched_auc_borji(PREDS, FIXS, jax.random.key(9)))
     assert np.array_equal(a, np.asarray(M.batched_auc_borji(PREDS, FIXS, 9)))
+    assert np.array_equal(a, np.asarray(M.batched_auc_borji(PREDS, FIXS, jax.random.PRNGKey(9))))
+
+
+def test_with_a_key_per_image_its_result_does_not_depend_on_its_batch():
+    import jax
+    keys = jax.random.split(jax.random.key(5), len(PREDS))
+    order = np.arange(len(PREDS))[::-1]
+    tied = np.round(PREDS * 4) / 4  # ties, so AUC-Judd's tie order is drawn too
+    for name, args in (("auc_judd", (tied, FIXS)), ("auc_borji", (PREDS, FIXS)),
+                       ("auc_shuffled", (PREDS, FIXS, OTHERS))):
+        fn = getattr(M, f"batched_{name}")
+        whole = np.asarray(fn(*args, keys))
+        reversed_ = np.asarray(fn(*(a[order] for a in args), keys[order]))[order]
+        np.testing.assert_array_equal(whole, reversed_, err_msg=name)
+        alone = np.asarray(fn(*(a[1:2] for a in args), keys[1:2]))
+        np.testing.assert_allclose(alone, whole[1:2], rtol=1e-6, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------
