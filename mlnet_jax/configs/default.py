@@ -33,7 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.momentum = 0.9
     config.global_batch_size = 10
     config.num_epochs = 20
-    config.steps_per_epoch = -1           # -1: one pass over the training split
+    config.steps_per_epoch = -1           # -1: N // global_batch_size steps, about one pass
+    #                                       (the stream is continuous: the images left over
+    #                                       start the next epoch, reshuffled)
     config.early_stopping_patience = 5    # Keras 1's: stop at the 6th epoch in a row without a
                                           # better validation loss; 0 disables
 
