@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -125,8 +126,13 @@ class Frames:
                     size = width, frame.height
                 array = frame.to_ndarray(format="rgb24", width=size[0], height=size[1],
                                          interpolation="BILINEAR")
-                turns = _counter_clockwise_turns(frame.rotation)
-                yield frame.time, np.ascontiguousarray(np.rot90(array, turns)) if turns else array
+                matrix = _display_matrix(frame)
+                if matrix is not None:
+                    yield frame.time, _as_displayed(array, matrix)
+                else:
+                    turns = _counter_clockwise_turns(frame.rotation)
+                    yield frame.time, np.ascontiguousarray(np.rot90(array, turns)) if turns \
+                        else array
         except av.error.FFmpegError as e:
             if size is None:
                 raise VideoError(f"{path}: corrupt video data ({_reason(e)})") from None
@@ -147,6 +153,38 @@ def _main_video_stream(container, path: Path):
     except Exception:  # noqa: BLE001 — FFmpeg finds none it prefers
         best = None
     return best if best in videos else videos[0]
+
+
+def _display_matrix(frame) -> np.ndarray | None:
+    """The frame's display matrix (9 int32, 16.16 fixed point), if it has one."""
+    for data in frame.side_data:
+        if getattr(data.type, "name", "") == "DISPLAYMATRIX":
+            values = np.frombuffer(bytes(data), "<i4")
+            return values if values.size == 9 else None
+    return None
+
+
+def _as_displayed(array: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``array`` turned and mirrored as FFmpeg's own autorotate does (``fftools``: its
+    quarter turns and flips; another angle, or a singular matrix, is left as stored)."""
+    a, b, c, d = (float(v) / 65536 for v in matrix[[0, 1, 3, 4]])
+    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+    if scale_x == 0 or scale_y == 0:
+        return array
+    theta = round(math.degrees(math.atan2(b / scale_y, a / scale_x)))  # clockwise degrees
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        out = array.swapaxes(0, 1) if matrix[3] > 0 else np.rot90(array, -1)
+    elif abs(theta - 180) < 1:
+        out = array[:, ::-1] if matrix[0] < 0 else array
+        out = out[::-1] if matrix[4] < 0 else out
+    elif abs(theta - 270) < 1:
+        out = np.rot90(array, -1)[::-1] if matrix[3] < 0 else np.rot90(array, 1)
+    elif abs(theta) < 1:
+        out = array[::-1] if matrix[4] < 0 else array
+    else:
+        out = array
+    return out if out is array else np.ascontiguousarray(out)
 
 
 def _counter_clockwise_turns(rotation) -> int:

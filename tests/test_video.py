@@ -298,3 +298,46 @@ def test_sigterm_removes_the_files_being_written(model_file, tmp_path, capsys, m
     assert "terminated; finished outputs are complete" in capsys.readouterr().err
     assert list(out.iterdir()) == []  # neither the videos nor their temporary files
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _by_display_matrix(image, matrix):
+    """Where FFmpeg's definition of a display matrix (libavutil/display.h) puts each pixel:
+    (p', q') = (a·p + c·q, b·p + d·q) for the pixel at (p, q) = (column, row); the result
+    shifted into the frame."""
+    a, b, c, d = (float(v) / 65536 for v in np.asarray(matrix)[[0, 1, 3, 4]])
+    rows, cols = np.indices(image.shape[:2])
+    p, q = cols + 0.5, rows + 0.5
+    new_cols, new_rows = a * p + c * q, b * p + d * q
+    new_cols = np.floor(new_cols - new_cols.min()).astype(int)
+    new_rows = np.floor(new_rows - new_rows.min()).astype(int)
+    out = np.zeros((new_rows.max() + 1, new_cols.max() + 1, 3), image.dtype)
+    out[new_rows, new_cols] = image
+    return out
+
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+def test_turns_and_mirrors_follow_the_display_matrix(tmp_path, degrees):
+    from mlnet_jax.video import _display_matrix
+    av = _needs_av()
+    for hflip, vflip in ((False, False), (True, False), (False, True)):
+        path = tmp_path / f"turned_{hflip}_{vflip}.mp4"
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("libx264", rate=10)
+            stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv444p"
+            if not hasattr(stream, "set_display_rotation"):
+                pytest.skip("this PyAV cannot write a display matrix (PyAV 18 can)")
+            stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(
+                _frame_image(0, 64, 32, noise=True), format="rgb24")))
+            container.mux(stream.encode(None))
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0))
+            stored, matrix = frame.to_ndarray(format="rgb24"), _display_matrix(frame)
+        with open_video(path) as (info, frames):
+            _, shown = next(iter(frames))
+        if matrix is None:  # no transformation stored at all
+            assert degrees == 0 and not hflip and not vflip
+            matrix = [65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30]
+        np.testing.assert_array_equal(shown, _by_display_matrix(stored, matrix),
+                                      err_msg=f"{degrees}° hflip={hflip} vflip={vflip}")
+        assert (info.width, info.height) == shown.shape[1::-1]
