@@ -222,7 +222,7 @@ def full_size_map(raw: np.ndarray, size: tuple[int, int], blur: float = 0.0) -> 
 
 
 class PixelBudget:
-    """Megapixels being decoded or written at once, over all worker threads (each pixel costs
+    """Pixels being decoded or written at once, over all worker threads (each pixel costs
     ~12 bytes there: RGB, float map, PNG rows). A task waits for the budget before it starts
     and holds it only while it runs, never while waiting on another, so it cannot deadlock;
     an image larger than the whole budget runs alone."""
