@@ -388,6 +388,7 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
 
     start = time.perf_counter()
     count = 0
+    first_s = span = None  # the first frame's time; the last one's after it (seconds)
     size = predictor.info.input_size
     workers = max(1, workers)
     try:
@@ -398,13 +399,16 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
                 if path is not None else None for path in (job.overlay_path, job.map_path))
             bar = stack.enter_context(tqdm(total=info.frames, unit="frame", disable=not progress,
                                            dynamic_ncols=True, file=sys.stderr,
-                                           desc=job.source.name))
+                                           desc=_one_line(job.source.name)))
             pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
             pending: collections.deque[tuple] = collections.deque()  # (time, future)
 
             def encode_oldest() -> None:
-                nonlocal count
+                nonlocal count, first_s, span
                 time_s, future = pending.popleft()
+                if time_s is not None:
+                    first_s = time_s if first_s is None else first_s
+                    span = time_s - first_s
                 blended, grey = future.result()
                 if overlay_writer is not None:
                     overlay_writer.write(blended, time_s)
@@ -429,17 +433,21 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
         return
     seconds = time.perf_counter() - start
     report.frames += count
-    # Fewer frames than the container lists (beyond what edit lists may hide): cut short.
-    short = bool(info.frames) and count < info.frames - max(2, info.frames // 100)
+    # Decoding ended well before the stream's duration (which, unlike the frame count, follows
+    # an edit list): the file is cut short; PyAV's threaded decoding ends such a file quietly.
+    frame_s = float(1 / info.rate)
+    short = (info.duration is not None and span is not None
+             and span + frame_s < 0.99 * info.duration - 2 * frame_s)
     if frames.stopped_by or short:
         listed = f" of the {info.frames} its container lists" if info.frames else ""
         report.fail(job.source, f"{job.source}: {frames.stopped_by or 'cut short?'}: {count} "
                                 f"frames{listed} decoded; the output has those")
         return
     report.done += 1
-    print(f"{job.source}: {count} frames in {seconds:.1f} s ({count / max(seconds, 1e-9):.1f} "
-          f"frames/s) → {job.overlay_path}" + (f", {job.map_path}" if job.map_path else ""),
-          file=sys.stderr, flush=True)
+    print(_one_line(f"{job.source}: {count} frames in {seconds:.1f} s "
+                    f"({count / max(seconds, 1e-9):.1f} frames/s) → {job.overlay_path}"
+                    + (f", {job.map_path}" if job.map_path else ""), limit=10_000), file=sys.stderr,
+          flush=True)
 
 
 # --------------------------------------------------------------------------- command line

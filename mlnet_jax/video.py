@@ -29,6 +29,9 @@ MISSING_EXTRA = "video input needs the video extra: pip install 'mlnet-jax[video
 _FALLBACK_RATE = Fraction(25)
 #: The output's time base: fine enough for any input's frame times (MPEG's 90 kHz clock).
 TIME_BASE = Fraction(1, 90000)
+#: How far (seconds) an input time may be from the nominal rate's grid and still be put on
+#: it: Matroska's clock rounds to milliseconds.
+SNAP = Fraction(1, 1000)
 
 
 class VideoError(UserError):
@@ -50,12 +53,14 @@ def require_av():
 
 @dataclasses.dataclass(frozen=True)
 class VideoInfo:
-    """What the output must match: displayed size, frame rate, and the frame count if known."""
+    """What the output must match: displayed size and frame rate; the frame count and the
+    duration in seconds (which follows an edit list, unlike the count) if the file says."""
 
     width: int
     height: int
     rate: Fraction
     frames: int | None
+    duration: float | None = None
 
 
 @contextlib.contextmanager
@@ -77,7 +82,9 @@ def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, "Frames"]]:
         # The first frame tells the displayed size (rotation is per frame in FFmpeg).
         width, height = frames.size()
         yield VideoInfo(width=width, height=height, rate=Fraction(rate),
-                        frames=int(stream.frames) or None), frames
+                        frames=int(stream.frames) or None,
+                        duration=float(stream.duration * stream.time_base)
+                        if stream.duration and stream.time_base else None), frames
     finally:
         if frames is not None:
             frames.close()
@@ -86,8 +93,9 @@ def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, "Frames"]]:
 
 class Frames:
     """A video's (time, frame as displayed) pairs: non-square pixels (anamorphic video)
-    widened to the display aspect, then turned upright; a frame whose stored size differs
-    from the first one's (a resolution change mid-stream) scaled to it, as players do.
+    widened to the display aspect, then turned upright as the first frame's display matrix
+    says; a frame whose stored size differs from the first one's (a resolution change
+    mid-stream) scaled to it, as players do.
 
     Corrupt data after the first frame ends the frames there, as a player stops, and
     ``stopped_by`` says why (None when the file was read to its end)."""
@@ -117,6 +125,7 @@ class Frames:
     def _decode(self, container, stream, path: Path, pixel_aspect: Fraction | None):
         av = require_av()
         size = None  # stored (width, height) every frame is converted to
+        upright = None  # the turn and mirroring every frame gets
         try:
             for frame in container.decode(stream):
                 if size is None:
@@ -126,13 +135,9 @@ class Frames:
                     size = width, frame.height
                 array = frame.to_ndarray(format="rgb24", width=size[0], height=size[1],
                                          interpolation="BILINEAR")
-                matrix = _display_matrix(frame)
-                if matrix is not None:
-                    yield frame.time, _as_displayed(array, matrix)
-                else:
-                    turns = _counter_clockwise_turns(frame.rotation)
-                    yield frame.time, np.ascontiguousarray(np.rot90(array, turns)) if turns \
-                        else array
+                if upright is None:  # the first frame's turn for every frame, as FFmpeg does
+                    upright = _upright_function(frame)
+                yield frame.time, upright(array)
         except av.error.FFmpegError as e:
             if size is None:
                 raise VideoError(f"{path}: corrupt video data ({_reason(e)})") from None
@@ -153,6 +158,15 @@ def _main_video_stream(container, path: Path):
     except Exception:  # noqa: BLE001 — FFmpeg finds none it prefers
         best = None
     return best if best in videos else videos[0]
+
+
+def _upright_function(frame):
+    """array → array as displayed, from ``frame``'s display matrix (or its rotation)."""
+    matrix = _display_matrix(frame)
+    if matrix is not None:
+        return lambda array: _as_displayed(array, matrix)
+    turns = _counter_clockwise_turns(frame.rotation)
+    return lambda array: np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
 def _display_matrix(frame) -> np.ndarray | None:
@@ -207,8 +221,8 @@ class VideoWriter:
                  crf: int = 18):
         self.path, self.width, self.height, self.rate, self.crf = Path(path), width, height, rate, crf
         self._stack = contextlib.ExitStack()
-        self._anchor = None  # (pts, time, frames written) where the frame rate last held
-        self._written = 0
+        self._anchor = None  # (pts, input time, frames written) where the rate's grid starts
+        self._written = self._last = 0
 
     def __enter__(self) -> "VideoWriter":
         av = require_av()
@@ -239,24 +253,24 @@ class VideoWriter:
         self._written += 1
 
     def _pts(self, time: float | None) -> int:
-        """Frames at the nominal rate are numbered exactly from the last anchor (input clocks
-        round, e.g. to milliseconds); a gap off the rate by over half a frame (a variable
-        frame rate) is kept as the input times it, and anchors the count again."""
+        """The input's time on the output clock. A time within the input clock's rounding
+        (``SNAP``) of the nominal rate's grid, counted from the last frame off it, is put on
+        the grid, so a constant rate stays exact; any other keeps the input's time (a
+        variable frame rate) and starts the grid again from there."""
         if self._anchor is None:
             self._anchor = (0, time, 0)
             return 0
         pts, start, index = self._anchor
-        frames = self._written - index
-        nominal = pts + round(frames / self.rate / TIME_BASE)
+        nominal = pts + round((self._written - index) / self.rate / TIME_BASE)
         if time is None or start is None:
-            return nominal
-        actual = pts + round((Fraction(time) - Fraction(start)) / TIME_BASE)
-        if abs(actual - nominal) <= round(1 / self.rate / TIME_BASE / 2):
-            return nominal
-        previous = pts + round((frames - 1) / self.rate / TIME_BASE) if frames > 1 else pts
-        actual = max(actual, previous + 1)  # times must increase
-        self._anchor = (actual, time, self._written)
-        return actual
+            chosen = nominal
+        else:
+            actual = pts + round((Fraction(time) - Fraction(start)) / TIME_BASE)
+            chosen = nominal if abs(actual - nominal) <= SNAP / TIME_BASE else actual
+            if chosen != nominal:
+                self._anchor = (max(chosen, self._last + 1), time, self._written)
+        self._last = max(chosen, self._last + 1)  # times must increase
+        return self._last
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
