@@ -28,8 +28,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The name is cut so that a legal long name (up to 255 bytes) keeps a legal temporary one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    # The name is cut (in bytes: 255 is the usual limit) so that a legal long name keeps a
+    # legal temporary one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{_cut(path.name, 200)}.", suffix=".tmp",
+                               dir=path.parent)
     os.close(fd)
     os.chmod(tmp, _FILE_MODE)
     tmp_path = Path(tmp)
@@ -39,3 +41,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _cut(name: str, most_bytes: int) -> str:
+    """The longest start of ``name`` whose file-system encoding fits in ``most_bytes``."""
+    while len(os.fsencode(name)) > most_bytes:
+        name = name[:-1]
+    return name

@@ -13,9 +13,9 @@ Hidden files and folders and the output folder itself (when inside the input) ar
 When two inputs would write the same file (``x.jpg`` and ``x.png`` in one folder; names are
 compared ignoring case), the later one in sorted order is named after its full file name
 (``x.png.png``, ``x.png_overlay.png``) and a note says so; the same happens to an output that
-would replace an input, a folder another output needs, or a PNG this command did not write
-(a photo beside a single file predicted into its own folder; outputs are tagged
-``Software: mlnet_jax``). ``--output`` equal
+would replace an input, a folder another output needs, or, beside its input, a file this
+command did not write (a photo ``x.png`` beside a single ``x.jpg`` predicted into its own
+folder; outputs are tagged ``mlnet_jax``). ``--output`` equal
 to the input folder is refused: a rerun would predict on its own maps.
 
 A bad file never stops the run: each failure is one ``error: FILE: reason`` line, every good
@@ -54,7 +54,7 @@ from mlnet_jax.video import VIDEO_EXTENSIONS, is_video_path
 
 DEFAULT_CACHE = "~/.cache/mlnet_jax/jax_cache"  # the training configs' default too
 OVERLAY_SUFFIX = "_overlay"
-SOFTWARE_TAG = "mlnet_jax"  # in every map and overlay PNG
+SOFTWARE_TAG = "mlnet_jax"  # in every map and overlay PNG, and every video's comment
 MAP_SUFFIX = ".png"
 #: Pixels the worker threads decode and write at once (≈ 2.4 GB at ~12 bytes a pixel): eight
 #: 12-megapixel photos side by side, but one 150-megapixel image at a time.
@@ -137,18 +137,18 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
     """
     sources = list(sources)
     claimed = {_key(s) for s in sources}
-    for source in sources:  # the folders outputs go into cannot also be output files
-        relative = source.relative_to(root) if source != root else Path(source.name)
-        claimed |= {_key(output_dir / parent) for parent in relative.parents}
+    folders = {(source.relative_to(root) if source != root else Path(source.name)).parent
+               for source in sources}
+    for folder in {parent for f in folders for parent in (f, *f.parents)}:
+        claimed.add(_key(output_dir / folder))  # a folder outputs go into is no output file
 
-    def taken(path: Path) -> bool:
-        """Claimed by this run, a folder, or a PNG another program wrote (a photo beside the
-        input): none of them is replaced."""
-        if _key(path) in claimed:
+    def taken(path: Path, source: Path) -> bool:
+        """Claimed by this run, a folder, or, beside its input, a file this command did not
+        write (a photo ``x.png`` beside ``x.jpg``): none of them is replaced."""
+        if _key(path) in claimed or path.is_dir():
             return True
-        if path.is_dir():
-            return True
-        return path.suffix.lower() == MAP_SUFFIX and path.exists() and not _is_ours(path)
+        return (path.parent.resolve() == source.parent.resolve() and path.exists()
+                and not is_our_output(path))
 
     jobs = []
     for source in sources:
@@ -163,7 +163,7 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
             map_path = folder / f"{base}{suffix}" if want_map else None
             overlay_path = folder / f"{base}{OVERLAY_SUFFIX}{suffix}" if want_overlay else None
             outputs = [p for p in (map_path, overlay_path) if p is not None]
-            if not any(taken(p) for p in outputs):
+            if not any(taken(p, source) for p in outputs):
                 claimed |= {_key(p) for p in outputs}
                 jobs.append(Job(source, video, map_path, overlay_path, renamed=attempt > 0))
                 break
@@ -206,13 +206,29 @@ def write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=1, pnginfo=info)
 
 
-def _is_ours(path: Path) -> bool:
-    """Whether the PNG at ``path`` is an output of this command (so a rerun may replace it)."""
+def is_our_output(path: Path) -> bool:
+    """Whether ``path`` is an output of this command (so a rerun may replace it): a PNG with
+    our ``Software`` text (read from the chunks before the pixels, without decoding), or a
+    video with our ``comment``."""
+    if path.suffix.lower() == VIDEO_SUFFIX:
+        from mlnet_jax.video import is_our_video  # noqa: PLC0415
+        return is_our_video(path)
+    wanted = b"Software\0" + SOFTWARE_TAG.encode()
     try:
-        with Image.open(path) as image:
-            return image.info.get("Software") == SOFTWARE_TAG
-    except Exception:  # noqa: BLE001 — unreadable: not ours
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while len(header := f.read(8)) == 8:
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return False
+                data = f.read(length)
+                if kind == b"tEXt" and data == wanted:
+                    return True
+                f.seek(4, os.SEEK_CUR)  # the chunk's CRC
+    except OSError:
         return False
+    return False
 
 
 def full_size_map(raw: np.ndarray, size: tuple[int, int], blur: float = 0.0) -> np.ndarray:

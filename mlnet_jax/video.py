@@ -25,6 +25,7 @@ from mlnet_jax.errors import UserError
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm"})
 OUTPUT_SUFFIX = ".mp4"
+OUR_COMMENT = "mlnet_jax"  # the container comment of every video written here
 MISSING_EXTRA = "video input needs the video extra: pip install 'mlnet-jax[video]'"
 _FALLBACK_RATE = Fraction(25)
 #: The output's time base: fine enough for any input's frame times (MPEG's 90 kHz clock).
@@ -209,6 +210,16 @@ def _counter_clockwise_turns(rotation) -> int:
     return (round(rotation) // 90) % 4
 
 
+def is_our_video(path: Path) -> bool:
+    """Whether the video at ``path`` was written by :class:`VideoWriter`."""
+    try:
+        av = require_av()
+        with av.open(str(Path(path).absolute())) as container:
+            return container.metadata.get("comment") == OUR_COMMENT
+    except Exception:  # noqa: BLE001 — unreadable, or no PyAV: not known to be ours
+        return False
+
+
 class VideoWriter:
     """H.264 MP4 writer for RGB frames at their times (or ``rate``); the file appears only
     when complete.
@@ -229,6 +240,7 @@ class VideoWriter:
         tmp = self._stack.enter_context(atomic_path(self.path))
         try:
             self._container = av.open(str(tmp), mode="w", format="mp4")
+            self._container.metadata["comment"] = OUR_COMMENT  # how a rerun knows it
             # 4:2:0 chroma needs even sizes; odd ones keep their size with 4:4:4.
             even = self.width % 2 == 0 and self.height % 2 == 0
             self._stream = self._container.add_stream("libx264", rate=self.rate)

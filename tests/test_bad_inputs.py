@@ -141,9 +141,11 @@ def test_outputs_get_the_mode_a_plain_open_gives_not_owner_only(tmp_path):
     assert result.stdout.split() == ["0o640", "0o640"]  # 0o666 & ~0o027, replaced file too
 
 
-def test_a_long_legal_output_name_gets_a_legal_temporary_name(tmp_path):
+@pytest.mark.parametrize("stem", ["x" * 243, "中" * 77, "é" * 117], ids=["ascii", "cjk", "accents"])
+def test_a_long_legal_output_name_gets_a_legal_temporary_name(tmp_path, stem):
     from mlnet_jax.atomic import atomic_path
-    target = tmp_path / ("x" * 243 + "_overlay.png")  # 255 bytes: the longest legal name
+    target = tmp_path / (stem + "_overlay.png")  # 243–255 bytes: legal, barely
+    assert len(os.fsencode(target.name)) <= 255
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"written")
     assert target.read_bytes() == b"written" and [p.name for p in tmp_path.iterdir()] == [

@@ -59,12 +59,14 @@ def _noise(rows, cols, channels=3, seed=0):
     return rng.integers(0, 256, shape, dtype=np.uint8)
 
 
-def _png_header_only(path: Path, width: int, height: int) -> None:
-    """A tiny PNG file that declares ``width`` × ``height`` 1-bit pixels (a decompression bomb)."""
+def _png_header_only(path: Path, width: int, height: int, text: bytes = b"") -> None:
+    """A tiny PNG file that declares ``width`` × ``height`` 1-bit pixels (a decompression
+    bomb), with a tEXt chunk if ``text``."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(
             ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + (chunk(b"tEXt", text) if text else b"")
                      + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
@@ -336,6 +338,18 @@ def test_no_output_replaces_a_photo_or_a_folder_and_odd_names_are_shown_escaped(
         assert (folder / "x.png").read_bytes() == photo
         assert sorted(p.name for p in folder.iterdir()) == ["x.jpg", "x.jpg.png", "x.png"]
     assert "they are named x.jpg.png" in capsys.readouterr().err
+    # Elsewhere an existing output is replaced, tagged or not (an older version's maps).
+    Image.fromarray(_noise(5, 5)).save(tmp_path / "elsewhere.png")
+    assert _predict(model_file, folder / "x.jpg", tmp_path / "maps") == 0
+    (tmp_path / "maps" / "x.png").write_bytes((tmp_path / "elsewhere.png").read_bytes())
+    assert _predict(model_file, folder / "x.jpg", tmp_path / "maps") == 0
+    assert [p.name for p in (tmp_path / "maps").iterdir()] == ["x.png"]
+    assert Image.open(tmp_path / "maps" / "x.png").size == (20, 10)
+    # Our tag is read from the chunks, not by decoding: a huge map of ours is still ours.
+    from mlnet_jax.predict import is_our_output
+    _png_header_only(tmp_path / "huge.png", 30000, 30000, b"Software\0mlnet_jax")
+    _png_header_only(tmp_path / "other.png", 30000, 30000, b"Software\0GIMP")
+    assert is_our_output(tmp_path / "huge.png") and not is_our_output(tmp_path / "other.png")
     # A map whose name is a folder another output needs.
     src = tmp_path / "in"
     (src / "x.png").mkdir(parents=True)

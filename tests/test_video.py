@@ -395,3 +395,17 @@ def test_a_rotation_that_appears_on_a_later_frame_keeps_the_first_frames_shape()
     frames = Frames(Container(), Stream(), Path("clip.mp4"))
     assert frames.size() == (64, 48)
     assert [frame.shape for _, frame in frames] == [(48, 64, 3)] * 2
+
+
+def test_a_video_beside_its_input_never_replaces_the_users_but_a_rerun_replaces_ours(
+        model_file, tmp_path, capsys):  # noqa: F811
+    _write_clip(tmp_path / "clip.mov", 4, Fraction(10), "libx264")
+    _write_clip(tmp_path / "clip.mp4", 6, Fraction(10), "libx264")  # the user's, not a map
+    theirs = (tmp_path / "clip.mp4").read_bytes()
+    for _ in range(2):
+        assert main(["--checkpoint", str(model_file), "--input", str(tmp_path / "clip.mov"),
+                     "--output", str(tmp_path), "--map-video", "--compilation-cache", ""]) == 0
+        assert (tmp_path / "clip.mp4").read_bytes() == theirs
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "clip.mov", "clip.mov.mp4", "clip.mov_overlay.mp4", "clip.mp4"]
+    assert len(_read_clip(tmp_path / "clip.mov.mp4")[0]) == 4
