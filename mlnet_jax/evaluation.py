@@ -14,12 +14,12 @@ other images (:func:`other_fixation_map`). An image without fixations gets NaN f
 fixation metrics, one without a continuous map NaN for CC/KLD/SIM; means, standard deviations
 and counts ``n`` are over the finite values only.
 
-Two metric backends: ``numpy`` (:mod:`mlnet_jax.metrics` per image, float64, MATLAB's draws;
-the random metrics are seeded per image from (seed, image index), so results do not depend on
-batch size or process count) and ``jax`` (the ``batched_*`` functions on the default device,
-images grouped by size; float32, random parts equal in distribution, seeded per group, so they
-depend on the batching). ``auto`` picks ``jax`` on accelerators and ``numpy`` on CPU, where
-both cost about the same.
+Two metric backends: ``numpy`` (:mod:`mlnet_jax.metrics` per image, float64, MATLAB's draws)
+and ``jax`` (the ``batched_*`` functions on the default device, images grouped by size;
+float32, random parts equal in distribution). In both the random metrics are seeded per image
+from (seed, image index), so results do not depend on the batch size or the device or process
+count. ``auto`` picks ``jax`` on accelerators and ``numpy`` on CPU, where both cost about the
+same.
 """
 
 from __future__ import annotations

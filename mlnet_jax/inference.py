@@ -112,7 +112,10 @@ class BatchPredictFn:
     def __call__(self, variables, images):
         n = images.shape[0]
         pad = -n % self.mesh.size
-        if pad:  # rare (a batch the devices do not divide): done on the host
+        if pad and isinstance(images, jax.core.Tracer):  # inside an outer jit
+            images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:],
+                                                        images.dtype)])
+        elif pad:  # rare (a batch the devices do not divide): done on the host
             images = np.asarray(images)
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
         elif _committed(images) and not images.sharding.is_equivalent_to(self._data,

@@ -59,15 +59,16 @@ def test_predict_fn_takes_any_batch_and_placement_on_two_devices(model_file, tmp
         "odd = np.asarray(predict(variables, images))\n"
         "one = np.asarray(predict(variables, images[:1]))\n"
         "placed = np.asarray(predict(variables, jax.device_put(images[1:], jax.devices()[0])))\n"
+        "traced = np.asarray(jax.jit(predict)(variables, images))\n"
         "assert len(jax.devices()) == 2\n"
-        "np.save(sys.argv[3], np.concatenate([odd, one, placed]))\n")
+        "np.save(sys.argv[3], np.concatenate([odd, one, placed, traced]))\n")
     subprocess.run([sys.executable, "-c", script, str(model_file), str(tmp_path / "images.npy"),
                     str(tmp_path / "maps.npy")], check=True, timeout=240)
     model, variables, info = load_model(model_file)
     want = np.asarray(make_predict_fn(model, info.preprocessing)(variables, images))
     got = np.load(tmp_path / "maps.npy")
-    np.testing.assert_allclose(got, np.concatenate([want, want[:1], want[1:]]), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(got, np.concatenate([want, want[:1], want[1:], want]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_maps_have_the_original_sizes_with_one_compilation(model_file):
