@@ -6,6 +6,7 @@ import importlib
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -449,6 +450,12 @@ def test_what_a_stopped_prepare_left_is_cleaned_and_a_set_aside_dataset_put_back
     code, out, err = _cli(args, capsys)
     assert code == 0 and "put back the salicon2015 prepared earlier" in err
     assert "incomplete.ABC123_1.0.0" in err and "already prepared" in err
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "1.0.0"]
+    assert images() == before
+    # Stopped after the rebuild was complete but before the old copy was removed.
+    shutil.copytree(folder / "1.0.0", folder / ".1.0.0.previous")
+    code, out, err = _cli(args, capsys)
+    assert code == 0 and "the copy an --overwrite that was stopped had kept" in err
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "1.0.0"]
     assert images() == before
     # A second prepare while one is building is refused, not interleaved.

@@ -124,6 +124,9 @@ def _clean_up_after_a_killed_run(builder, name: str) -> bool:
         log.warning("put back the %s prepared earlier in %s, set aside by an --overwrite that "
                     "was stopped", name, data_path)
         return True
+    if previous.exists():  # the rebuild was complete; only the old copy's removal was not
+        shutil.rmtree(previous, ignore_errors=True)
+        log.info("removed %s, the copy an --overwrite that was stopped had kept", previous)
     return False
 
 
@@ -200,7 +203,7 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrit
         return builder
 
     builder, built = make_builder(), False
-    if overwrite or not builder.is_prepared():
+    if overwrite or not builder.is_prepared() or _previous_path(builder).exists():
         with _build_lock(builder, name):
             if _clean_up_after_a_killed_run(builder, name):
                 builder = make_builder()  # read the restored dataset's info
