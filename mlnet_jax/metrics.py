@@ -389,7 +389,11 @@ def _sim(p: jax.Array, g: jax.Array) -> jax.Array:
         scaled = _minmax_j(m)
         scaled = scaled / _sum(scaled)[:, None, None]
         return jnp.where(jnp.any(m != 0, axis=(1, 2), keepdims=True), scaled, m)
-    return _sum(jnp.minimum(norm(p), norm(g)))
+    # A constant non-zero map is NaN, said explicitly: XLA:CPU's fused minimum-and-sum drops
+    # the NaN that min-max scaling gives it (SIM came out 1.0 for a constant prediction).
+    undefined = (_constant_j(p) & jnp.any(p != 0, axis=(1, 2))) | (
+        _constant_j(g) & jnp.any(g != 0, axis=(1, 2)))
+    return jnp.where(undefined, jnp.nan, _sum(jnp.minimum(norm(p), norm(g))))
 
 
 def _hash32(x: jax.Array) -> jax.Array:
