@@ -21,20 +21,18 @@ def resolve_packaged_config(argv: list[str]) -> list[str]:
     """Let ``--config configs/X.py`` name the configs shipped in the package when there is no
     such file here (a pip install without a checkout, e.g. on Colab)."""
     argv = list(argv)
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            index, path = i, arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            index, path = i + 1, argv[i + 1]
-        else:
-            continue
-        file, sep, rest = path.partition(":")  # config_flags allows 'file.py:argument'
-        parts = Path(file).parts
-        if not Path(file).exists() and len(parts) == 2 and parts[0] == "configs":
-            packaged = PACKAGED_CONFIGS / parts[1]
-            if packaged.exists():
-                resolved = f"{packaged}{sep}{rest}"
-                argv[index] = f"--config={resolved}" if index == i else resolved
+    found = _config_argument(argv)
+    if found is None:
+        return argv
+    index, path = found
+    file, sep, rest = path.partition(":")  # config_flags allows 'file.py:argument'
+    parts = Path(file).parts
+    if not Path(file).exists() and len(parts) == 2 and parts[0] == "configs":
+        packaged = PACKAGED_CONFIGS / parts[1]
+        if packaged.exists():
+            resolved = f"{packaged}{sep}{rest}"
+            argv[index] = f"--config={resolved}" if argv[index].startswith("--config=") \
+                else resolved
     return argv
 
 
@@ -43,7 +41,8 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
     """Parse absl flags, run ``body()`` and return its exit status (``--debug`` must be defined).
 
     ``config=(default file, help)`` defines the ``--config`` flag (ml_collections) here, so a
-    ``--config.key`` naming no field and a config file that cannot be loaded are one line too.
+    ``--config.key`` naming no field and a config file that cannot be loaded are one line too,
+    as is any flag absl cannot parse (absl itself exits 1 with two lines).
     """
     from absl import app, flags
 
@@ -54,6 +53,25 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
             config_flags.DEFINE_config_file("config", config[0], config[1], lock_config=True)
         except (KeyError, AttributeError) as e:
             return _no_such_field(e)
+        except OSError as e:  # an override applied to a file that could not be loaded
+            return _cannot_load(argv, e)
+        # --help lists the main module's key flags; --config is defined here, not there.
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
+
+    def parse(args: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(args)
+        except flags.Error as e:
+            print(f"error: {e}", file=sys.stderr)
+        except (KeyError, AttributeError) as e:  # a --config.key naming no field
+            if config is None:
+                raise
+            _no_such_field(e)
+        except OSError as e:  # a --config.key applied to a file that could not be loaded
+            if config is None:
+                raise
+            _cannot_load(args, e)
+        sys.exit(2)
 
     def run(_):
         try:
@@ -67,14 +85,29 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
             return 2
 
     try:
-        app.run(lambda args: sys.exit(run(args)), argv=argv)
+        app.run(lambda args: sys.exit(run(args)), argv=argv, flags_parser=parse)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
-    except (KeyError, AttributeError) as e:
-        if config is None or flags.FLAGS.is_parsed():  # raised by the body: a bug
-            raise
-        return _no_such_field(e)  # applying a --config.key to the --config file given
     return 0
+
+
+def _config_argument(argv: list[str]) -> tuple[int, str] | None:
+    """(index, value) of ``--config``'s value in ``argv``: the last one, which absl uses."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            found = i, arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            found = i + 1, argv[i + 1]
+    return found
+
+
+def _cannot_load(argv: list[str], error: OSError) -> int:
+    found = _config_argument(argv)
+    reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+    print(f"error: --config {found[1] if found else ''}: cannot load it ({reason})",
+          file=sys.stderr)
+    return 2
 
 
 def _no_such_field(error: Exception) -> int:

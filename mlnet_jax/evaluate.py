@@ -34,7 +34,7 @@ import jax
 from mlnet_jax.cli import run_absl
 from mlnet_jax.errors import UserError
 from mlnet_jax.evaluation import (ALL_METRICS, BACKENDS, SAUC_OTHER_IMAGES, per_process_batch,
-                                  resolve_backend, score_split)
+                                  require_ground_truth, resolve_backend, score_split)
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.py"
 METRIC_LABELS = {"cc": "CC", "kld": "KLD", "nss": "NSS", "sim": "SIM", "auc_judd": "AUC-Judd",
@@ -162,12 +162,6 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=list))
 
 
-def _has_ground_truth(record: dict) -> bool:
-    """Whether a record can be scored: found before predicting, so a test split fails fast
-    (the first record answers for every split that has ground truth)."""
-    return bool(record["saliency_map"]) or len(record["fixations"]) > 0
-
-
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
@@ -212,9 +206,7 @@ def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
     source = split_source(config, split)
     total = len(source) if config.eval_max_images < 0 else min(len(source),
                                                                 config.eval_max_images)
-    if total and not any(_has_ground_truth(source[i]) for i in range(total)):
-        raise UserError(f"{config.dataset}/{split} has no ground truth (saliency maps or "
-                        "fixations): nothing to score (a test split?)")
+    require_ground_truth(source, total, f"{config.dataset}/{split}")
     from tqdm import tqdm  # noqa: PLC0415
     with tqdm(total=total, unit="img", disable=None if progress else True,
               file=sys.stderr, dynamic_ncols=True) as bar:
@@ -309,12 +301,16 @@ def main(argv=None) -> int:
         # TFDS and Orbax log warnings through absl (e.g. when probing an unprepared data_dir);
         # errors are reported as one line, so only --debug shows them.
         logging.set_verbosity(logging.WARNING if FLAGS.debug else logging.ERROR)
-        evaluate(_config_for(FLAGS), checkpoint=FLAGS.checkpoint, split=FLAGS.split,
-                 output=FLAGS.output,
+        if not 0 <= FLAGS.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")
+        config = _config_for(FLAGS)
+        config_file = (config_flags.get_config_filename(FLAGS["config"])
+                       if config is FLAGS.config else
+                       f"the config stored with {Path(FLAGS.checkpoint).expanduser()}")
+        evaluate(config, checkpoint=FLAGS.checkpoint, split=FLAGS.split, output=FLAGS.output,
                  baseline=None if FLAGS.baseline == "none" else FLAGS.baseline,
                  metrics_backend=FLAGS.metrics_backend, sauc_others=FLAGS.sauc_others,
-                 seed=FLAGS.seed, config_file=config_flags.get_config_filename(FLAGS["config"]),
-                 progress=FLAGS.progress)
+                 seed=FLAGS.seed, config_file=config_file, progress=FLAGS.progress)
         return 0
 
     return run_absl(run, argv, config=(str(DEMO_CONFIG), "Configuration file naming the "

@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from mlnet_jax.errors import UserError
 from mlnet_jax.inference import ModelInfo
 
 #: What training scores every epoch (cheap, deterministic).
@@ -252,6 +253,16 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "numpy" if jax.default_backend() == "cpu" else "jax"
     return backend
+
+
+def require_ground_truth(source, count: int, name: str) -> None:
+    """UserError unless one of the first ``count`` records has a map or fixations: checked
+    before predicting, so a test split fails at once (the first record answers for every
+    split that has ground truth)."""
+    if count and not any(bool(source[i]["saliency_map"]) or len(source[i]["fixations"]) > 0
+                         for i in range(count)):
+        raise UserError(f"{name} has no ground truth (saliency maps or fixations): nothing to "
+                        "score (a test split?)")
 
 
 class _Head:

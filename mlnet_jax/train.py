@@ -27,7 +27,7 @@ from mlnet_jax.cli import run_absl
 from mlnet_jax.compilation_cache import enable_compilation_cache
 from mlnet_jax.compute_dtype import compute_dtype
 from mlnet_jax.errors import UserError
-from mlnet_jax.evaluation import evaluate_split
+from mlnet_jax.evaluation import evaluate_split, require_ground_truth
 from mlnet_jax.file_lock import exclusive_lock
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.loss import mlnet_loss
@@ -64,8 +64,6 @@ def model_info_from_config(config, init_metadata: dict | None) -> ModelInfo:
     preprocessing = (config.preprocessing if config.preprocessing != "auto"
                      else init_metadata.get("preprocessing", "caffe"))
     rows, cols = config.input_size
-    if rows % OUTPUT_STRIDE or cols % OUTPUT_STRIDE:
-        raise UserError(f"config.input_size must be divisible by {OUTPUT_STRIDE}, got {rows}x{cols}")
     return ModelInfo(input_size=(rows, cols), preprocessing=preprocessing, pooling=pooling,
                      prior=config.prior, source=init_metadata.get("source", "random"),
                      width_multiplier=config.width_multiplier)
@@ -91,8 +89,10 @@ def initial_params(model: MLNet, info: ModelInfo, rng: jax.Array, loaded: dict |
     rows, cols = info.input_size
     params = jax.jit(model.init)(rng, jnp.zeros((1, rows, cols, 3)))["params"]
     params = flax.core.unfreeze(params)
+    if loaded is not None and "prior" in loaded and "prior" not in params:
+        _log("config.prior is False: the prior in config.init_weights is not used")
     for key in ("backbone", "head", "prior"):
-        if loaded is not None and key in loaded:
+        if loaded is not None and key in loaded and key in params:
             check_param_shapes({key: params[key]}, {key: loaded[key]}, "config.init_weights",
                                needs="this config's model needs",
                                hint=" (different input_size or width_multiplier?)")
@@ -251,8 +251,9 @@ def steps_per_epoch(config, num_train_records: int) -> int:
 # Fields a resumed run may change freely (e.g. to train for more epochs).
 RESUMABLE_CHANGES = frozenset({
     "num_epochs", "early_stopping_patience", "log_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "eval_max_images", "eval_batch_size", "grid_images",
-    "compilation_cache_dir", "data_dir"})
+    "keep_checkpoints", "eval_batch_size", "grid_images", "compilation_cache_dir", "data_dir"})
+#: Fields that shape the saved state: not even --override_config can change them on resume.
+STATE_SHAPING = ("input_size", "width_multiplier", "prior", "frozen_convs")
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -271,13 +272,50 @@ def _jsonable_config(config) -> dict:
     return json.loads(json.dumps(config.to_dict(), default=list))
 
 
-def train_and_evaluate(config, workdir: str | Path, override_config: bool = False) -> dict:
-    """Train (resuming from the workdir's latest checkpoint), evaluate each epoch, and write
-    ``final_metrics.json`` with the held-out split's metrics. Returns those metrics."""
+POOLINGS = ("auto", "standard", "keras1")
+PREPROCESSINGS = ("auto", "caffe", "torch")
+
+
+def check_config(config) -> None:
+    """Every field's range, as one line naming it, before anything is loaded or compiled."""
+    def fail(field: str, expected: str) -> None:
+        raise UserError(f"config.{field} must be {expected}, got {config[field]!r}")
+
     for field in ("num_epochs", "global_batch_size", "eval_batch_size", "log_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints"):
         if config[field] < 1:  # 0 would divide by zero, or keep no checkpoint to resume from
-            raise UserError(f"config.{field} must be at least 1, got {config[field]}")
+            fail(field, "at least 1")
+    for field, lowest in (("steps_per_epoch", 1), ("eval_max_images", 1), ("worker_count", 0)):
+        if config[field] != -1 and config[field] < lowest:
+            fail(field, f"-1 (the default) or at least {lowest}")
+    if config.early_stopping_patience < 0:
+        fail("early_stopping_patience", "at least 0 (0 disables it)")
+    if not 0 <= config.dropout_rate < 1:
+        fail("dropout_rate", "in [0, 1)")
+    if not config.learning_rate > 0:
+        fail("learning_rate", "positive")
+    if not config.lr_decay >= 0:
+        fail("lr_decay", "at least 0")
+    if not 0 <= config.momentum < 1:
+        fail("momentum", "in [0, 1)")
+    if not config.width_multiplier > 0:
+        fail("width_multiplier", "positive")
+    size = tuple(config.input_size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 and v % OUTPUT_STRIDE == 0
+                                 for v in size):
+        fail("input_size", f"(rows, cols), each a positive multiple of {OUTPUT_STRIDE}")
+    if config.pooling not in POOLINGS:
+        fail("pooling", " or ".join(POOLINGS))
+    if config.preprocessing not in PREPROCESSINGS:
+        fail("preprocessing", " or ".join(PREPROCESSINGS))
+    if not 0 <= config.seed < 2**32:
+        fail("seed", "in [0, 2**32)")
+
+
+def train_and_evaluate(config, workdir: str | Path, override_config: bool = False) -> dict:
+    """Train (resuming from the workdir's latest checkpoint), evaluate each epoch, and write
+    ``final_metrics.json`` with the held-out split's metrics. Returns those metrics."""
+    check_config(config)
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -311,63 +349,79 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
     tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
     learning_rate = keras1_decay_schedule(config.learning_rate, config.lr_decay)
     train_source, eval_source = make_sources(config)
+    require_ground_truth(eval_source, len(eval_source) if config.eval_max_images < 0 else
+                         min(len(eval_source), config.eval_max_images),
+                         f"config.eval_split {config.dataset}/{config.eval_split}")
     epoch_steps = steps_per_epoch(config, len(train_source))
     total_steps = epoch_steps * config.num_epochs
 
     checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
-    saved_meta = checkpoints.read_meta() if checkpoints.latest_step() is not None else None
-    worker_count = config.worker_count
-    if worker_count < 0:  # auto, fixed at the first start: the data position depends on it
-        worker_count = (saved_meta or {}).get("worker_count", auto_worker_count(jax.default_backend()))
-    loader = prefetch_to_device(
-        train_loader(train_source, model_size=info.input_size, global_batch_size=config.global_batch_size,
-                     seed=config.seed, worker_count=worker_count),
-        size=2, sharding=batch_sharding(mesh))
-    config_json = _jsonable_config(config)
-    meta = {"config": config_json, "model": info.to_metadata(), "best_val_loss": None,
-            "best_step": None, "epochs_without_improvement": 0, "stopped_early": False,
-            "evaluation_pending": False, "worker_count": worker_count}
+    try:  # an error before the loop's try/finally must close the manager too (its thread)
+        saved_meta = checkpoints.read_meta() if checkpoints.latest_step() is not None else None
+        worker_count = config.worker_count
+        if worker_count < 0:  # auto, fixed at the first start: the data position depends on it
+            worker_count = (saved_meta or {}).get("worker_count", auto_worker_count(jax.default_backend()))
+        loader = prefetch_to_device(
+            train_loader(train_source, model_size=info.input_size, global_batch_size=config.global_batch_size,
+                         seed=config.seed, worker_count=worker_count),
+            size=2, sharding=batch_sharding(mesh))
+        config_json = _jsonable_config(config)
+        meta = {"config": config_json, "model": info.to_metadata(), "best_val_loss": None,
+                "best_step": None, "epochs_without_improvement": 0, "stopped_early": False,
+                "evaluation_pending": False, "worker_count": worker_count}
 
-    rng = jax.random.PRNGKey(config.seed)
-    if saved_meta is not None:
-        diffs = config_differences(saved_meta["config"], config_json)
-        if diffs and not override_config:
-            raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
-                            "use another --workdir, or pass --override_config to continue anyway")
-        abstract = jax.eval_shape(lambda: create_train_state(
-            initial_params(model, info, rng, None), tx, config.frozen_convs, config.seed))
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
-                                abstract)
-        state, data_state, meta = checkpoints.restore(abstract)
-        meta.update(config=config_json, worker_count=worker_count)
-        try:
-            loader.set_state(_decode_state(data_state, workdir))
-        except ValueError as e:  # grain: the sampler (record count, seed, sharding) differs
-            raise UserError(f"{workdir}: the training split is not the one this run was reading "
-                            f"({str(e).splitlines()[0]}); was the dataset prepared again? Use "
-                            "another --workdir to start over") from None
-        _log(f"resuming from {workdir / 'checkpoints'} at step {int(state.step)}")
-        # patience may have changed (a resumable change): the stop is decided again with it.
-        stopped = _patience_exhausted(meta["epochs_without_improvement"],
-                                      config.early_stopping_patience)
-        if meta["stopped_early"] and not stopped:
-            _log(f"the run had stopped early; continuing with early_stopping_patience "
-                 f"{config.early_stopping_patience}")
-        meta["stopped_early"] = stopped
-    else:
-        params = initial_params(model, info, rng, loaded)
-        state = create_train_state(params, tx, config.frozen_convs, config.seed)
-        source = config.init_weights or "random weights (config.init_weights is empty)"
-        _log(f"initialised from {source}; preprocessing {info.preprocessing}, pooling {info.pooling}")
-    state = jax.device_put(state, replicated(mesh))
-    train_fn, evaluate_fn = compile_steps(model, tx, info.preprocessing, mesh)
-    step = int(state.step)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=step)
-    if writer.replayed:
-        _log(f"dropped {writer.replayed} record(s) after step {step} from "
-             f"{writer.path.name}: those steps run again")
-    _log(f"{jax.device_count()} device(s) over {jax.process_count()} process(es); "
-         f"{epoch_steps} steps/epoch, {total_steps} steps; workdir {workdir}")
+        rng = jax.random.PRNGKey(config.seed)
+        if saved_meta is not None:
+            diffs = config_differences(saved_meta["config"], config_json)
+            if diffs and not override_config:
+                raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+                                "use another --workdir, or pass --override_config to continue anyway")
+            shaping = [f"config.{field}" for field in STATE_SHAPING if json.dumps(
+                saved_meta["config"].get(field)) != json.dumps(config_json.get(field))]
+            if worker_count != saved_meta.get("worker_count", worker_count):
+                shaping.append("config.worker_count (the input position is per worker)")
+            if shaping:
+                raise UserError(f"{workdir}: {', '.join(shaping)} cannot change when resuming, not "
+                                "even with --override_config (the saved state has another shape); "
+                                f"use another --workdir, with --config.init_weights={workdir} to "
+                                "start from this run's weights")
+            abstract = jax.eval_shape(lambda: create_train_state(
+                initial_params(model, info, rng, None), tx, config.frozen_convs, config.seed))
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
+                                    abstract)
+            state, data_state, meta = checkpoints.restore(abstract)
+            meta.update(config=config_json, worker_count=worker_count)
+            try:
+                loader.set_state(_decode_state(data_state, workdir))
+            except ValueError as e:  # grain: the sampler (record count, seed, sharding) differs
+                raise UserError(f"{workdir}: the training split is not the one this run was reading "
+                                f"({str(e).splitlines()[0]}); was the dataset prepared again? Use "
+                                "another --workdir to start over") from None
+            _log(f"resuming from {workdir / 'checkpoints'} at step {int(state.step)}")
+            # patience may have changed (a resumable change): the stop is decided again with it.
+            stopped = _patience_exhausted(meta["epochs_without_improvement"],
+                                          config.early_stopping_patience)
+            if meta["stopped_early"] and not stopped:
+                _log(f"the run had stopped early; continuing with early_stopping_patience "
+                     f"{config.early_stopping_patience}")
+            meta["stopped_early"] = stopped
+        else:
+            params = initial_params(model, info, rng, loaded)
+            state = create_train_state(params, tx, config.frozen_convs, config.seed)
+            source = config.init_weights or "random weights (config.init_weights is empty)"
+            _log(f"initialised from {source}; preprocessing {info.preprocessing}, pooling {info.pooling}")
+        state = jax.device_put(state, replicated(mesh))
+        train_fn, evaluate_fn = compile_steps(model, tx, info.preprocessing, mesh)
+        step = int(state.step)
+        writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=step)
+        if writer.replayed:
+            _log(f"dropped {writer.replayed} record(s) after step {step} from "
+                 f"{writer.path.name}: those steps run again")
+        _log(f"{jax.device_count()} device(s) over {jax.process_count()} process(es); "
+             f"{epoch_steps} steps/epoch, {total_steps} steps; workdir {workdir}")
+    except BaseException:
+        checkpoints.close()
+        raise
 
     last_good_step = checkpoints.latest_step()
     pending: list = []   # step metrics still on the device, oldest first
@@ -380,10 +434,12 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
         new, pending = jax.device_get(pending), []
         for i, m in enumerate(new):
             if int(m["nonfinite"]):
+                kept = (f"The last good checkpoint (step {last_good_step}) is kept in "
+                        f"{workdir / 'checkpoints'}." if last_good_step is not None else
+                        "No checkpoint had been written yet: a rerun starts over.")
                 raise TrainingStopped(
                     f"the loss became NaN/Inf at step {step - len(new) + i + 1}; training stopped "
-                    f"(check the data and the learning rate). The last good checkpoint (step "
-                    f"{last_good_step}) is kept in {workdir / 'checkpoints'}.", 1)
+                    f"(check the data and the learning rate). {kept}", 1)
         fetched.extend(new)
 
     def save(is_best: bool = False) -> None:
@@ -522,6 +578,9 @@ def main(argv=None) -> int:
         logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
         FLAGS = flags.FLAGS
         if FLAGS.coordinator_address:
+            if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+                raise UserError(f"--process_id must be in [0, --num_processes={FLAGS.num_processes})"
+                                f", got {FLAGS.process_id}")
             jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         elif FLAGS.distributed:
             jax.distributed.initialize()

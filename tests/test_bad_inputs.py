@@ -183,10 +183,43 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
                                   "(did you mean learning_rate?)"),
     ("--config=no_such_config.py", "--config no_such_config.py: cannot load it ([Errno 2] No "
                                    "such file or directory"),
+    # absl's own parse errors (two lines, exit 1 by itself), and a missing file with an override.
+    ("--config.num_epochs=abc", "error: flag --config.num_epochs=abc: invalid literal for int()"),
+    ("--no_such_flag", "error: Unknown command line flag 'no_such_flag'"),
+    (("--config=no_such_config.py", "--config.num_epochs=1"),
+     "--config no_such_config.py: cannot load it ([Errno 2] No such file or directory"),
+    (("--coordinator_address=localhost:1", "--num_processes=2", "--process_id=5"),
+     "--process_id must be in [0, --num_processes=2), got 5"),
 ])
 def test_out_of_range_config_values_are_named(tmp_path, override, message):
+    overrides = override if isinstance(override, tuple) else (override,)
     one_line_error(cli("mlnet_jax.train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
-                       override), message)
+                       *overrides), message)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("dropout_rate", 1.0, "in [0, 1)"), ("dropout_rate", -0.1, "in [0, 1)"),
+    ("learning_rate", 0.0, "positive"), ("lr_decay", -1.0, "at least 0"),
+    ("momentum", 2.0, "in [0, 1)"), ("width_multiplier", 0.0, "positive"),
+    ("input_size", (48, 64, 3), "(rows, cols), each a positive multiple of 8"),
+    ("input_size", (0, 64), "(rows, cols), each a positive multiple of 8"),
+    ("input_size", (50, 64), "(rows, cols), each a positive multiple of 8"),
+    ("pooling", "foo", "auto or standard or keras1"),
+    ("preprocessing", "foo", "auto or caffe or torch"), ("seed", -1, "in [0, 2**32)"),
+    ("steps_per_epoch", 0, "-1 (the default) or at least 1"),
+    ("eval_max_images", 0, "-1 (the default) or at least 1"),
+    ("worker_count", -5, "-1 (the default) or at least 0"),
+    ("early_stopping_patience", -1, "at least 0 (0 disables it)"),
+])
+def test_every_config_field_is_checked_before_anything_runs(tmp_path, field, value, expected):
+    from mlnet_jax.train import train_and_evaluate
+    config = tiny_config()
+    with config.unlocked():
+        config[field] = value
+    with pytest.raises(UserError) as raised:
+        train_and_evaluate(config, tmp_path / "run")
+    assert str(raised.value) == f"config.{field} must be {expected}, got {value!r}"
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def test_a_wrong_config_field_without_a_config_file_is_named(tmp_path):

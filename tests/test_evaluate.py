@@ -294,3 +294,6 @@ def test_without_config_the_checkpoints_training_config_is_used(salicon, tmp_pat
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["dataset"] == "salicon2015" and summary["num_images"] == 4
     assert "salicon2015/validation: 4 images" in out.stdout
+    assert summary["config_file"] == f"the config stored with {workdir}"  # not the demo's file
+    # --help lists --config (it is defined in mlnet_jax.cli, not in the command's module).
+    assert "--config: Configuration file" in evaluate_cli("--help", check=False).stdout

@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from mlnet_jax.errors import UserError
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.optim import keras1_decay_schedule, make_optimizer
 from mlnet_jax.train import create_train_state, initial_params, train_step
@@ -242,6 +243,19 @@ def test_a_different_config_is_refused_on_resume(tmp_path):
     result = train_cli(workdir, "--config.learning_rate=0.5", check=False)
     assert result.returncode == 2
     assert "learning_rate: 0.01 → 0.5" in result.stderr and "--override_config" in result.stderr
+    # Fewer evaluation images would make the next epoch's loss incomparable with the best's.
+    result = train_cli(workdir, "--config.eval_max_images=2", check=False)
+    assert result.returncode == 2 and "eval_max_images: -1 → 2" in result.stderr
+    # What shapes the saved state cannot change, not even with --override_config.
+    result = train_cli(workdir, "--config.prior=False", "--override_config", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "config.prior cannot change when resuming, not even with --override_config" in \
+        result.stderr and f"--config.init_weights={workdir}" in result.stderr
+    # As advised: another workdir from this run's weights, without the prior it had.
+    result = train_cli(tmp_path / "no_prior", "--config.prior=False", "--config.num_epochs=1",
+                       f"--config.init_weights={workdir}")
+    assert "config.prior is False: the prior in config.init_weights is not used" in result.stdout
+    assert (tmp_path / "no_prior" / "final_metrics.json").exists()
 
 
 @pytest.mark.timeout(600)
@@ -304,6 +318,10 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     step, state, _ = latest_state(workdir)
     assert step == 3 and int(state["step"]) == 3  # nothing saved after the failure
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+    # Before any checkpoint: said so, not "the last good checkpoint (step None)".
+    result = train_cli(tmp_path / "fresh", "--config.learning_rate=1e30", check=False)
+    assert result.returncode == 1
+    assert "No checkpoint had been written yet: a rerun starts over." in result.stderr
 
 
 def _eval_steps(workdir):
@@ -425,3 +443,21 @@ def test_compilation_cache_is_on_by_default_in_train_and_predict_and_can_be_turn
     before = jax.config.jax_compilation_cache_dir
     enable_compilation_cache("")  # '' disables: the setting stays as it was
     assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_an_evaluation_split_without_ground_truth_is_refused_before_training(tmp_path,
+                                                                          monkeypatch):
+    import mlnet_jax.train as train_module
+    from mlnet_jax.input_pipeline import RecordSource
+    sys.path.insert(0, str(Path(__file__).parent / "configs"))
+    import tiny
+    config = tiny.get_config()
+    train_source, eval_source = train_module.make_sources(config)
+    bare = [dict(eval_source[i], saliency_map=b"", fixations=np.zeros((0, 2), np.int32))
+            for i in range(len(eval_source))]
+    monkeypatch.setattr(train_module, "make_sources",
+                        lambda config: (train_source, RecordSource(bare, "no truth")))
+    with pytest.raises(UserError, match=r"config.eval_split synthetic/validation has no ground "
+                                        r"truth \(saliency maps or fixations\)"):
+        train_module.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
