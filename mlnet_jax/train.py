@@ -342,22 +342,24 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
         suggestion = -(-config.global_batch_size // mesh.size) * mesh.size
         raise UserError(f"config.global_batch_size={config.global_batch_size} cannot be split over "
                         f"{mesh.size} devices; use a multiple of {mesh.size} (e.g. {suggestion})")
-    loaded, init_metadata = read_init_weights(config.init_weights)
-    info = model_info_from_config(config, init_metadata)
     dtype = compute_dtype(config.compute_dtype, "config.compute_dtype")
-    model = info.build(dtype).clone(dropout_rate=config.dropout_rate)
-    tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
-    learning_rate = keras1_decay_schedule(config.learning_rate, config.lr_decay)
-    train_source, eval_source = make_sources(config)
-    require_ground_truth(eval_source, len(eval_source) if config.eval_max_images < 0 else
-                         min(len(eval_source), config.eval_max_images),
-                         f"config.eval_split {config.dataset}/{config.eval_split}")
-    epoch_steps = steps_per_epoch(config, len(train_source))
-    total_steps = epoch_steps * config.num_epochs
-
     checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
     try:  # an error before the loop's try/finally must close the manager too (its thread)
         saved_meta = checkpoints.read_meta() if checkpoints.latest_step() is not None else None
+        if saved_meta is None:
+            loaded, init_metadata = read_init_weights(config.init_weights)
+            info = model_info_from_config(config, init_metadata)
+        else:  # the model the run started as: init_weights may be gone, or converted again
+            loaded, info = None, ModelInfo.from_metadata(saved_meta["model"])
+        model = info.build(dtype).clone(dropout_rate=config.dropout_rate)
+        tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
+        learning_rate = keras1_decay_schedule(config.learning_rate, config.lr_decay)
+        train_source, eval_source = make_sources(config)
+        require_ground_truth(eval_source, len(eval_source) if config.eval_max_images < 0 else
+                             min(len(eval_source), config.eval_max_images),
+                             f"config.eval_split {config.dataset}/{config.eval_split}")
+        epoch_steps = steps_per_epoch(config, len(train_source))
+        total_steps = epoch_steps * config.num_epochs
         worker_count = config.worker_count
         if worker_count < 0:  # auto, fixed at the first start: the data position depends on it
             worker_count = (saved_meta or {}).get("worker_count", auto_worker_count(jax.default_backend()))

@@ -461,3 +461,26 @@ def test_an_evaluation_split_without_ground_truth_is_refused_before_training(tmp
                                         r"truth \(saliency maps or fixations\)"):
         train_module.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_takes_the_model_from_the_checkpoint_not_init_weights_again(tmp_path):
+    import shutil
+
+    from mlnet_jax.train import train_and_evaluate
+    sys.path.insert(0, str(Path(__file__).parent / "configs"))
+    import tiny
+
+    def config(**fields):
+        c = tiny.get_config()
+        for key, value in fields.items():
+            setattr(c, key, value)
+        return c
+
+    train_and_evaluate(config(num_epochs=1), tmp_path / "first")
+    run = config(num_epochs=1, init_weights=str(tmp_path / "first"))
+    train_and_evaluate(run, tmp_path / "second")
+    shutil.rmtree(tmp_path / "first")  # the weights it started from are gone
+    run.num_epochs = 2
+    final = train_and_evaluate(run, tmp_path / "second")
+    assert final["step"] == 6
