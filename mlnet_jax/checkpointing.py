@@ -10,6 +10,7 @@ complete, so a checkpoint cut short by a crash is never taken as the latest.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,19 @@ class RunCheckpoints:
         # Best first: a crash between the two saves then replays this step, saving both.
         try:
             # best/ keeps one checkpoint: Orbax retires the previous best once the new one is saved.
+            # The state of a step already in checkpoints/ is this run's: saving that step
+            # again (after its evaluation) only updates the meta. A best/ of that step
+            # without it is a killed run's: replaced.
+            saved_before = self.latest.latest_step() == step
             for manager, wanted in ((self.best, is_best), (self.latest, True)):
                 if not wanted:
                     continue
-                if manager.latest_step() != step:
+                if manager.latest_step() == step and saved_before:
+                    _rewrite_meta(manager, step, meta)
+                else:
+                    if manager.latest_step() == step:
+                        manager.delete(step)
                     manager.save(step, args=args, force=True)
-                else:  # the same step saved again (after an evaluation a stop had left): the
-                    _rewrite_meta(manager, step, meta)  # state and data are the same
         except (OSError, ValueError) as e:
             # tensorstore reports a full disk as ValueError (RESOURCE_EXHAUSTED, os_error_code)
             if isinstance(e, ValueError) and "RESOURCE_EXHAUSTED" not in str(e) \
@@ -65,9 +72,11 @@ class RunCheckpoints:
                 raise
             reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
             previous = self.latest.latest_step()
+            full = getattr(e, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in str(e)
             raise UserError(f"could not write the checkpoint of step {step} in "
                             f"{self.latest.directory} ({reason}); the previous checkpoint "
-                            f"(step {previous}) is intact: free space and rerun to resume") from None
+                            f"(step {previous}) is intact: {'free space' if full else 'fix that'}"
+                            " and rerun to resume") from None
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of ``step`` (default: the latest)."""

@@ -255,6 +255,10 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+class EvaluationStopped(Exception):
+    """``score_split``'s ``should_stop`` said so between two batches."""
+
+
 def require_ground_truth(source, count: int, name: str) -> None:
     """UserError unless one of the first ``count`` records has a map or fixations: checked
     before predicting, so a test split fails at once (the first record answers for every
@@ -286,7 +290,8 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
                 metric_names: Sequence[str] = FAST_METRICS, max_images: int = -1,
                 sauc_others: int = SAUC_OTHER_IMAGES, seed: int = 0, backend: str = "auto",
                 grid: tuple[Path, int] | None = None,
-                progress: Callable[[int], None] | None = None) -> SplitScores:
+                progress: Callable[[int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> SplitScores:
     """Score every image of ``source`` (this process's shard), model and/or baselines.
 
     ``predict(batch)`` returns ``{"pred": (B, h, w), "loss": (B,)}`` batch-sharded global
@@ -294,7 +299,8 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     dispatched); without it only ``baselines`` (``{column prefix: baseline name}``) are
     scored. ``batch_size`` is per process. ``max_images`` ≥ 0 scores the split's first that many
     images (the same ones with any number of processes). ``grid=(path, n)`` saves the first n images, truths and model
-    maps as a PNG grid. ``progress(n)`` is called with each batch's image count.
+    maps as a PNG grid. ``progress(n)`` is called with each batch's image count;
+    ``should_stop()``, asked before each batch, raises :class:`EvaluationStopped` when true.
     """
     from mlnet_jax.baselines import baseline_map  # noqa: PLC0415
     from mlnet_jax.input_pipeline import (RecordSource, as_source, decode_image,  # noqa: PLC0415
@@ -358,6 +364,8 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     pending: tuple[dict, dict | None, int] | None = None
     for number, batch in enumerate(eval_batches(src, model_size=model_size,
                                                 batch_size=batch_size)):
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped
         out = predict(batch) if predict is not None else None  # dispatched, not awaited
         if pending is not None:
             score(*pending)
@@ -393,7 +401,8 @@ def per_process_batch(eval_batch_size: int) -> int:
 
 def evaluate_split(params, evaluate_fn, source, config, info: ModelInfo, mesh, *,
                    centre_bias: bool = False, grid_path: Path | None = None,
-                   metric_names: Sequence[str] = FAST_METRICS) -> dict:
+                   metric_names: Sequence[str] = FAST_METRICS,
+                   should_stop: Callable[[], bool] | None = None) -> dict:
     """Mean validation loss and CC/KLD/NSS/SIM at ground-truth resolution (plus, with
     ``centre_bias``, the same metrics of a Gaussian centre-bias map as ``centre_bias_*``)
     and ``num_images``; what training logs each epoch and writes to final_metrics.json."""
@@ -403,7 +412,8 @@ def evaluate_split(params, evaluate_fn, source, config, info: ModelInfo, mesh, *
         predict=model_predictor(params, evaluate_fn, mesh),
         baselines={"centre_bias_": "centre"} if centre_bias else None,
         metric_names=metric_names, max_images=config.eval_max_images, seed=config.seed,
-        grid=(grid_path, config.grid_images) if grid_path is not None else None)
+        grid=(grid_path, config.grid_images) if grid_path is not None else None,
+        should_stop=should_stop)
     result = {k: v["mean"] for k, v in scores.summary.items()}
     result["num_images"] = scores.summary["loss"]["n"]
     return result

@@ -17,21 +17,34 @@ class MetricWriter:
     TensorBoard event files (tensorboardX: no TensorFlow needed).
 
     A run resumed at ``resume_step`` replays the steps after it, so records past that step
-    (written before a crash, or torn by it) are dropped from both, not duplicated:
-    ``replayed`` counts the records of steps that run again. A ``final`` record is dropped
-    too (not counted): the run writes it again when it ends (and it is not mirrored to TensorBoard, where a purge cannot
-    remove it). Non-finite values are written as JSON ``null``.
+    (written before a crash, or torn by it) are dropped, not duplicated: ``replayed`` counts
+    the records of steps that run again. A ``final`` record is dropped too (not counted): the
+    run writes it again when it ends (it is not mirrored to TensorBoard), and so is the
+    ``eval`` record of ``resume_step`` when ``evaluation_pending`` (that evaluation runs
+    again). TensorBoard is then rebuilt from the records kept: its writer queues events in a
+    thread, so those of the last seconds before a kill may never have reached the file.
+    Non-finite values are written as JSON ``null``.
     """
 
-    def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0,
+                 evaluation_pending: bool = False):
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self.replayed = 0
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
-            self.replayed = _keep_records_up_to(self.path, resume_step)
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+            self.replayed = _keep_records_up_to(self.path, resume_step,
+                                                resume_step if evaluation_pending else None)
+            if resume_step == 0:
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            else:  # everything from step 1 purged, then written again from metrics.jsonl
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=1)
+                for line in self.path.read_text().splitlines() if self.path.exists() else ():
+                    record = json.loads(line)
+                    self._mirror(record.pop("step"), record.pop("kind"), {
+                        k: float("nan") if v is None else v for k, v in record.items()})
+                self._tb.flush()
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
@@ -41,20 +54,25 @@ class MetricWriter:
         strict = {k: v if np.isfinite(v) else None for k, v in clean.items()}  # no bare NaN
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": int(step), "kind": kind, **strict}, allow_nan=False) + "\n")
+        self._mirror(step, kind, clean)
+        self._tb.flush()
+
+    def _mirror(self, step: int, kind: str, values: dict) -> None:
         if kind == "final":  # in final_metrics.json; a rerun would plot it twice at one step
             return
-        for key, value in clean.items():
-            self._tb.add_scalar(f"{kind}/{key}", value, int(step))
-        self._tb.flush()
+        for key, value in values.items():
+            if np.isfinite(value):  # a NaN point plots nothing (and tensorboardX warns)
+                self._tb.add_scalar(f"{kind}/{key}", value, int(step))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
-def _keep_records_up_to(path: Path, last_step: int) -> int:
+def _keep_records_up_to(path: Path, last_step: int, evaluated_again: int | None = None) -> int:
     """Rewrite the JSON-lines file at ``path`` without records after ``last_step``, ``final``
-    records and lines a crash cut short; returns how many records of later steps went."""
+    records, the ``eval`` record of step ``evaluated_again`` and lines a crash cut short;
+    returns how many records of later steps went."""
     if not path.exists():
         return 0
     kept, dropped, changed = [], 0, False
@@ -62,7 +80,8 @@ def _keep_records_up_to(path: Path, last_step: int) -> int:
         try:
             record = json.loads(line)
             later = int(record["step"]) > last_step
-            keep = not later and record.get("kind") != "final"
+            again = record.get("kind") == "eval" and int(record["step"]) == evaluated_again
+            keep = not later and not again and record.get("kind") != "final"
         except (ValueError, KeyError, TypeError, AttributeError):  # cut short: the last line
             later, keep = bool(line.strip()), False
         if keep:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from mlnet_jax.cli import run_absl
 from mlnet_jax.compilation_cache import enable_compilation_cache
 from mlnet_jax.compute_dtype import compute_dtype
 from mlnet_jax.errors import UserError
-from mlnet_jax.evaluation import evaluate_split, require_ground_truth
+from mlnet_jax.evaluation import EvaluationStopped, evaluate_split, require_ground_truth
 from mlnet_jax.file_lock import exclusive_lock
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.loss import mlnet_loss
@@ -292,8 +293,8 @@ def check_config(config) -> None:
         fail("early_stopping_patience", "at least 0 (0 disables it)")
     if not 0 <= config.dropout_rate < 1:
         fail("dropout_rate", "in [0, 1)")
-    if not config.learning_rate > 0:
-        fail("learning_rate", "positive")
+    if not config.learning_rate >= 0:
+        fail("learning_rate", "at least 0")
     if not config.lr_decay >= 0:
         fail("lr_decay", "at least 0")
     if not 0 <= config.momentum < 1:
@@ -316,7 +317,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     """Train (resuming from the workdir's latest checkpoint), evaluate each epoch, and write
     ``final_metrics.json`` with the held-out split's metrics. Returns those metrics."""
     check_config(config)
-    workdir = Path(workdir)
+    workdir = Path(workdir).expanduser()  # '--workdir=~/run' reaches us unexpanded
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
@@ -415,7 +416,8 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
         state = jax.device_put(state, replicated(mesh))
         train_fn, evaluate_fn = compile_steps(model, tx, info.preprocessing, mesh)
         step = int(state.step)
-        writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=step)
+        writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=step,
+                              evaluation_pending=bool(meta.get("evaluation_pending")))
         if writer.replayed:
             _log(f"dropped {writer.replayed} record(s) after step {step} from "
                  f"{writer.path.name}: those steps run again")
@@ -427,7 +429,8 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
 
     last_good_step = checkpoints.latest_step()
     pending: list = []   # step metrics still on the device, oldest first
-    fetched: list = []   # fetched and checked, not yet logged
+    # fetched and checked, not yet logged (a resumed run starts with the saved run's)
+    fetched: list = [{"loss": v} for v in meta.pop("unlogged_losses", [])]
 
     def check_finite() -> None:
         """Fetch the pending steps' metrics; stop at the first non-finite one, so no checkpoint
@@ -447,17 +450,32 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
     def save(is_best: bool = False) -> None:
         nonlocal last_good_step
         check_finite()
+        # The losses since the last log record: a resumed run folds them into its next one.
+        meta["unlogged_losses"] = [float(m["loss"]) for m in fetched]
         checkpoints.save(step, state, _encode_state(loader.get_state()), meta, is_best=is_best)
         last_good_step = step
 
-    def end_epoch(bar) -> None:
-        """Evaluate on the validation split, keep the best checkpoint, count towards early
-        stopping (Keras 1's rule), and save."""
-        result = evaluate_split(state.params, evaluate_fn, eval_source, config, info,
-                                mesh, grid_path=workdir / f"eval_step{step:07d}.png")
+    def end_epoch(bar, stop) -> None:
+        """Save the epoch's state, evaluate on the validation split (a stop cuts it short:
+        the resumed run evaluates first), keep the best checkpoint, count towards early
+        stopping (Keras 1's rule), and record the outcome in the checkpoint."""
+        if not meta.get("evaluation_pending"):
+            meta["evaluation_pending"] = True
+            save()
+        try:  # every process must take the same batches: only a lone process stops midway
+            result = evaluate_split(
+                state.params, evaluate_fn, eval_source, config, info, mesh,
+                grid_path=workdir / f"eval_step{step:07d}.png",
+                should_stop=(lambda: stop.signum is not None) if jax.process_count() == 1
+                else None)
+        except EvaluationStopped:
+            raise TrainingStopped(
+                f"received signal {stop.signum} while evaluating step {step}; its checkpoint is "
+                f"saved in {workdir / 'checkpoints'}; rerun the same command to resume (the "
+                "evaluation runs first)", 128 + stop.signum) from None
         writer.write(step, "eval", result)
         best = meta["best_val_loss"]
-        is_best = best is None or result["loss"] < best
+        is_best = math.isfinite(result["loss"]) and (best is None or result["loss"] < best)
         if is_best:
             meta.update(best_val_loss=result["loss"], best_step=step, epochs_without_improvement=0)
         else:
@@ -468,6 +486,10 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
             bar.write(f"epoch {step // epoch_steps}: validation loss {result['loss']:.4f}, "
                       f"CC {result['cc']:.3f}, KLD {result['kld']:.3f}, NSS {result['nss']:.3f}, "
                       f"SIM {result['sim']:.3f}" + (" (best)" if is_best else ""))
+            if meta["stopped_early"]:
+                bar.write(f"early stopping: {meta['epochs_without_improvement']} epochs without a "
+                          f"better validation loss (patience {config.early_stopping_patience}); "
+                          f"the best is step {meta['best_step']}")
         save(is_best)
 
     try:
@@ -475,7 +497,7 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
         with _StopRequest() as stop, _progress(total_steps, step) as bar:
             if meta.get("evaluation_pending"):
                 _log(f"evaluating epoch {step // epoch_steps}: a stop came before its evaluation")
-                end_epoch(bar)
+                end_epoch(bar, stop)
             window_start, window_images = time.perf_counter(), 0
             while step < total_steps and not meta["stopped_early"]:
                 batch = next(loader)
@@ -488,7 +510,7 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
                 else:
                     window_images += config.global_batch_size
                 epoch_end = step % epoch_steps == 0
-                if step % config.log_every_steps == 0 or epoch_end or stop.signum is not None:
+                if step % config.log_every_steps == 0 or epoch_end:
                     check_finite()
                     loss = float(np.mean([m["loss"] for m in fetched]))
                     fetched.clear()
@@ -507,7 +529,12 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
                                           f"{step} in {workdir / 'checkpoints'}; rerun the same command "
                                           "to resume", 128 + stop.signum)
                 if epoch_end:
-                    end_epoch(bar)
+                    end_epoch(bar, stop)
+                    if stop.signum is not None:  # came during an evaluation that ran to its end
+                        raise TrainingStopped(
+                            f"received signal {stop.signum}; saved a checkpoint at step {step} in "
+                            f"{workdir / 'checkpoints'}; rerun the same command to resume",
+                            128 + stop.signum)
                 elif step % config.checkpoint_every_steps == 0:
                     save()
         if step == total_steps or meta["stopped_early"]:

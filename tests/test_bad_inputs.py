@@ -199,7 +199,7 @@ def test_out_of_range_config_values_are_named(tmp_path, override, message):
 
 @pytest.mark.parametrize("field, value, expected", [
     ("dropout_rate", 1.0, "in [0, 1)"), ("dropout_rate", -0.1, "in [0, 1)"),
-    ("learning_rate", 0.0, "positive"), ("lr_decay", -1.0, "at least 0"),
+    ("learning_rate", -0.1, "at least 0"), ("lr_decay", -1.0, "at least 0"),
     ("momentum", 2.0, "in [0, 1)"), ("width_multiplier", 0.0, "positive"),
     ("input_size", (48, 64, 3), "(rows, cols), each a positive multiple of 8"),
     ("input_size", (0, 64), "(rows, cols), each a positive multiple of 8"),
@@ -228,17 +228,23 @@ def test_a_wrong_config_field_without_a_config_file_is_named(tmp_path):
                    "--config.eval_max_image: the config has no field 'eval_max_image'")
 
 
-def test_a_second_training_in_a_busy_workdir_is_refused(tmp_path):
+def test_a_second_training_in_a_busy_workdir_is_refused(tmp_path, monkeypatch):
     import fcntl
 
     from mlnet_jax.train import train_and_evaluate
     workdir = tmp_path / "run"
     workdir.mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     with open(workdir / ".lock", "a") as held:  # as the first training holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match=f"--workdir {workdir}: another training is running"):
             train_and_evaluate(tiny_config(num_epochs=1), workdir)
+        # '--workdir=~/run' (no shell expansion in that form) is the same workdir.
+        with pytest.raises(UserError, match=f"--workdir {workdir}: another training is running"):
+            train_and_evaluate(tiny_config(num_epochs=1), "~/run")
     assert sorted(p.name for p in workdir.iterdir()) == [".lock"]  # nothing else touched
+    assert not (tmp_path / "~").exists()
 
 
 @pytest.mark.timeout(300)

@@ -87,3 +87,31 @@ def test_a_checkpoint_retired_while_being_read_is_replaced_by_the_newer_one(tmp_
     params, model = checkpointing.restore_for_inference(tmp_path)
     assert len(calls) == 2 and model == {"input_size": [32, 32]}
     np.testing.assert_array_equal(params["w"], [0, 1, 2])
+
+
+def test_a_best_checkpoint_left_by_a_killed_run_is_replaced_when_its_step_is_saved_again(
+        tmp_path):
+    import orbax.checkpoint as ocp
+
+    from mlnet_jax.checkpointing import RunCheckpoints
+    killed = {"w": np.full((3,), 1.0, np.float32)}
+    replayed = {"w": np.full((3,), 2.0, np.float32)}
+    checkpoints = RunCheckpoints(tmp_path, 2)
+    meta = {"best_step": 6}
+    # As a kill between the two saves of step 6 leaves it: best/6 written, checkpoints/6 not.
+    checkpoints.best.save(6, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(killed), data=ocp.args.JsonSave({}),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    assert checkpoints.latest_step() is None
+    # The resumed run reaches step 6 again with its own (here different) state.
+    checkpoints.save(6, replayed, {}, meta, is_best=True)
+    for manager in (checkpoints.best, checkpoints.latest):
+        restored = manager.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        np.testing.assert_array_equal(restored.state["w"], replayed["w"])
+    # Saving a step again after its evaluation only rewrites the progress record.
+    checkpoints.save(6, killed, {}, {"best_step": 6, "evaluated": True}, is_best=True)
+    restored = checkpoints.best.restore(6, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    np.testing.assert_array_equal(restored.state["w"], replayed["w"])
+    assert restored.meta["evaluated"] is True
+    checkpoints.close()

@@ -334,9 +334,11 @@ def test_early_stopping_is_keras1s_and_a_resume_decides_it_again(tmp_path):
     workdir = tmp_path / "run"
     # Learning rate 0: epoch 1 is the best, and no later one improves on it.
     frozen = ("--config.learning_rate=0", "--config.num_epochs=5")
-    train_cli(workdir, *frozen, "--config.early_stopping_patience=1")
+    out = train_cli(workdir, *frozen, "--config.early_stopping_patience=1")
     # Keras 1 with patience 1 stops at the 2nd epoch in a row without improvement (epoch 3).
     assert _eval_steps(workdir) == [3, 6, 9]
+    assert "early stopping: 2 epochs without a better validation loss (patience 1); the best " \
+           "is step 3" in out.stdout + out.stderr
     out = train_cli(workdir, *frozen, "--config.early_stopping_patience=2")
     assert "the run had stopped early; continuing" in out.stdout + out.stderr
     assert _eval_steps(workdir) == [3, 6, 9, 12]
@@ -484,3 +486,92 @@ def test_a_resume_takes_the_model_from_the_checkpoint_not_init_weights_again(tmp
     run.num_epochs = 2
     final = train_and_evaluate(run, tmp_path / "second")
     assert final["step"] == 6
+
+
+def _tensorboard_scalars(folder: Path) -> dict:
+    """{(tag, step): value} as TensorBoard shows them: event files in order, and a session
+    start at step s discards what came before at steps ≥ s (the purge)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    shown: dict = {}
+    for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        data = path.read_bytes()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                shown = {k: v for k, v in shown.items() if k[1] < event.step}
+            for value in event.summary.value:
+                shown[(value.tag, event.step)] = round(value.simple_value, 5)
+    return shown
+
+
+@pytest.mark.timeout(400)
+def test_stops_in_an_evaluation_and_off_a_log_step_leave_the_logs_of_an_unstopped_run(
+        tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import mlnet_jax.input_pipeline as input_pipeline
+    import mlnet_jax.train as train_module
+    from mlnet_jax.checkpointing import RunCheckpoints
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+    config = tiny.get_config()
+    config.log_every_steps = 2  # steps 2, 4 and the epoch ends 3, 6 log
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train_module.train_and_evaluate(config, straight)
+
+    real_evaluate = train_module.evaluate_split
+
+    def signalled_evaluation(*args, **kwargs):  # SIGTERM as the evaluation starts
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_split", signalled_evaluation)
+    with pytest.raises(train_module.TrainingStopped, match="received signal 15 while "
+                                                           "evaluating step 3"):
+        train_module.train_and_evaluate(config, stopped)
+    checkpoints = RunCheckpoints(stopped, 2)
+    assert checkpoints.latest_step() == 3 and checkpoints.read_meta()["evaluation_pending"]
+    checkpoints.close()
+    monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
+
+    real_prefetch = input_pipeline.prefetch_to_device
+
+    def signalled_at_step_5(*args, **kwargs):  # resumed at 3: its 2nd batch is step 5's
+        loader = real_prefetch(*args, **kwargs)
+
+        class Loader:
+            get_state, set_state = loader.get_state, loader.set_state
+            taken = 0
+
+            def __next__(self):
+                Loader.taken += 1
+                if Loader.taken == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return next(loader)
+        return Loader()
+
+    monkeypatch.setattr(input_pipeline, "prefetch_to_device", signalled_at_step_5)
+    with pytest.raises(train_module.TrainingStopped, match="saved a checkpoint at step 5"):
+        train_module.train_and_evaluate(config, stopped)
+    monkeypatch.setattr(input_pipeline, "prefetch_to_device", real_prefetch)
+    train_module.train_and_evaluate(config, stopped)
+
+    def records(workdir):
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["kind"], round(r.get("loss") or 0, 5)) for r in map(json.loads, lines)]
+
+    assert records(stopped) == records(straight)  # no step-5 record, no second eval of step 3
+    assert [(s, k) for s, k, _ in records(straight)] == [
+        (2, "train"), (3, "train"), (3, "eval"), (4, "train"), (6, "train"), (6, "eval"),
+        (6, "final")]
+    shown = {k: v for k, v in _tensorboard_scalars(stopped / "tensorboard").items()
+             if "images_per_second" not in k[0]}
+    assert shown == {k: v for k, v in _tensorboard_scalars(straight / "tensorboard").items()
+                     if "images_per_second" not in k[0]}
+    assert ("train/loss", 4) in shown and ("eval/loss", 3) in shown
