@@ -21,18 +21,15 @@ def resolve_packaged_config(argv: list[str]) -> list[str]:
     """Let ``--config configs/X.py`` name the configs shipped in the package when there is no
     such file here (a pip install without a checkout, e.g. on Colab)."""
     argv = list(argv)
-    found = _config_argument(argv)
-    if found is None:
-        return argv
-    index, path = found
-    file, sep, rest = path.partition(":")  # config_flags allows 'file.py:argument'
-    parts = Path(file).parts
-    if not Path(file).exists() and len(parts) == 2 and parts[0] == "configs":
-        packaged = PACKAGED_CONFIGS / parts[1]
-        if packaged.exists():
-            resolved = f"{packaged}{sep}{rest}"
-            argv[index] = f"--config={resolved}" if argv[index].startswith("--config=") \
-                else resolved
+    for index, path in _config_arguments(argv):
+        file, sep, rest = path.partition(":")  # config_flags allows 'file.py:argument'
+        parts = Path(file).parts
+        if not Path(file).exists() and len(parts) == 2 and parts[0] == "configs":
+            packaged = PACKAGED_CONFIGS / parts[1]
+            if packaged.exists():
+                resolved = f"{packaged}{sep}{rest}"
+                argv[index] = f"--config={resolved}" if argv[index].startswith("--config=") \
+                    else resolved
     return argv
 
 
@@ -91,21 +88,21 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
     return 0
 
 
-def _config_argument(argv: list[str]) -> tuple[int, str] | None:
-    """(index, value) of ``--config``'s value in ``argv``: the last one, which absl uses."""
-    found = None
+def _config_arguments(argv: list[str]) -> list[tuple[int, str]]:
+    """(index, value) of every ``--config`` value in ``argv``; absl uses the last."""
+    found = []
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
-            found = i, arg.split("=", 1)[1]
+            found.append((i, arg.split("=", 1)[1]))
         elif arg == "--config" and i + 1 < len(argv):
-            found = i + 1, argv[i + 1]
+            found.append((i + 1, argv[i + 1]))
     return found
 
 
 def _cannot_load(argv: list[str], error: OSError) -> int:
-    found = _config_argument(argv)
+    found = _config_arguments(argv)
     reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
-    print(f"error: --config {found[1] if found else ''}: cannot load it ({reason})",
+    print(f"error: --config {found[-1][1] if found else ''}: cannot load it ({reason})",
           file=sys.stderr)
     return 2
 
