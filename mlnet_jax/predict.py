@@ -504,8 +504,10 @@ def run(args: argparse.Namespace) -> int:
     """The command without its error handling; returns the exit status."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.blur < 0:
+    if not args.blur >= 0:  # NaN too
         raise UserError(f"--blur must be ≥ 0, got {args.blur}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.max_pixels < 1:
         raise UserError(f"--max-pixels must be at least 1, got {args.max_pixels}")
     from mlnet_jax.compute_dtype import compute_dtype

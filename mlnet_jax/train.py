@@ -80,8 +80,10 @@ def read_init_weights(path: str) -> tuple[dict | None, dict | None]:
         return restore_for_inference(p)
     from mlnet_jax.weights_file import read_weights
     if not p.exists():
-        raise UserError(f"config.init_weights: {p} does not exist (convert weights with "
-                        "python -m mlnet_jax.convert_weights, or set --config.init_weights='')")
+        hint = ("a training workdir: train it first, e.g. with configs/salicon.py" if not p.suffix
+                else "convert weights with python -m mlnet_jax.convert_weights")
+        raise UserError(f"config.init_weights: {p} does not exist ({hint}; or set "
+                        "--config.init_weights='' for random weights)")
     return read_weights(p)
 
 
@@ -344,6 +346,12 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
         raise UserError(f"config.global_batch_size={config.global_batch_size} cannot be split over "
                         f"{mesh.size} devices; use a multiple of {mesh.size} (e.g. {suggestion})")
     dtype = compute_dtype(config.compute_dtype, "config.compute_dtype")
+    train_source, eval_source = make_sources(config)
+    require_ground_truth(eval_source, len(eval_source) if config.eval_max_images < 0 else
+                         min(len(eval_source), config.eval_max_images),
+                         f"config.eval_split {config.dataset}/{config.eval_split}")
+    epoch_steps = steps_per_epoch(config, len(train_source))
+    total_steps = epoch_steps * config.num_epochs
     checkpoints = RunCheckpoints(workdir, config.keep_checkpoints)
     try:  # an error before the loop's try/finally must close the manager too (its thread)
         saved_meta = checkpoints.read_meta() if checkpoints.latest_step() is not None else None
@@ -355,12 +363,6 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
         model = info.build(dtype).clone(dropout_rate=config.dropout_rate)
         tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
         learning_rate = keras1_decay_schedule(config.learning_rate, config.lr_decay)
-        train_source, eval_source = make_sources(config)
-        require_ground_truth(eval_source, len(eval_source) if config.eval_max_images < 0 else
-                             min(len(eval_source), config.eval_max_images),
-                             f"config.eval_split {config.dataset}/{config.eval_split}")
-        epoch_steps = steps_per_epoch(config, len(train_source))
-        total_steps = epoch_steps * config.num_epochs
         worker_count = config.worker_count
         if worker_count < 0:  # auto, fixed at the first start: the data position depends on it
             worker_count = (saved_meta or {}).get("worker_count", auto_worker_count(jax.default_backend()))

@@ -471,6 +471,8 @@ def test_an_unwritable_output_folder_is_one_line(model_file, tmp_path, capsys):
                                      ".mkv .mov .mp4 .webm)"),
     (["--input", "{tmp}/empty_dir", "--output", "{tmp}/empty_dir/."], "is the --input folder"),
     (["--input", "{tmp}/x.png", "--batch-size", "0"], "--batch-size"),
+    (["--input", "{tmp}/x.png", "--blur", "nan"], "--blur must be ≥ 0, got nan"),
+    (["--input", "{tmp}/x.png", "--workers", "0"], "--workers must be at least 1, got 0"),
 ])
 def test_input_errors_are_one_line(model_file, tmp_path, capsys, args, message):
     (tmp_path / "empty_dir").mkdir()
