@@ -344,19 +344,14 @@ def test_early_stopping_is_keras1s_and_a_resume_decides_it_again(tmp_path):
     assert _eval_steps(workdir) == [3, 6, 9, 12]
 
 
-@pytest.mark.timeout(300)
-def test_a_stop_during_an_epochs_last_step_evaluates_that_epoch_on_resume(tmp_path, monkeypatch):
+def _sigterm_at_batch(prefetch_to_device, n: int):
+    """A ``prefetch_to_device`` whose loader sends this process SIGTERM as it hands out its
+    n-th batch (the step of that batch then completes, and the run stops)."""
     import os
     import signal
 
-    import mlnet_jax.input_pipeline as input_pipeline
-    from mlnet_jax.train import TrainingStopped, train_and_evaluate
-    sys.path.insert(0, str(TESTS / "configs"))
-    import tiny
-    real = input_pipeline.prefetch_to_device
-
-    def stopped_at_the_third_batch(*args, **kwargs):
-        loader = real(*args, **kwargs)
+    def prefetch(*args, **kwargs):
+        loader = prefetch_to_device(*args, **kwargs)
 
         class Loader:
             get_state, set_state = loader.get_state, loader.set_state
@@ -364,10 +359,22 @@ def test_a_stop_during_an_epochs_last_step_evaluates_that_epoch_on_resume(tmp_pa
 
             def __next__(self):
                 Loader.taken += 1
-                if Loader.taken == 3:  # step 3 ends epoch 1
+                if Loader.taken == n:
                     os.kill(os.getpid(), signal.SIGTERM)
                 return next(loader)
         return Loader()
+    return prefetch
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_during_an_epochs_last_step_evaluates_that_epoch_on_resume(tmp_path, monkeypatch):
+
+    import mlnet_jax.input_pipeline as input_pipeline
+    from mlnet_jax.train import TrainingStopped, train_and_evaluate
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+    real = input_pipeline.prefetch_to_device
+    stopped_at_the_third_batch = _sigterm_at_batch(real, 3)  # step 3 ends epoch 1
 
     workdir = tmp_path / "run"
     config = tiny.get_config()
@@ -541,22 +548,8 @@ def test_stops_in_an_evaluation_and_off_a_log_step_leave_the_logs_of_an_unstoppe
     monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
 
     real_prefetch = input_pipeline.prefetch_to_device
-
-    def signalled_at_step_5(*args, **kwargs):  # resumed at 3: its 2nd batch is step 5's
-        loader = real_prefetch(*args, **kwargs)
-
-        class Loader:
-            get_state, set_state = loader.get_state, loader.set_state
-            taken = 0
-
-            def __next__(self):
-                Loader.taken += 1
-                if Loader.taken == 2:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return next(loader)
-        return Loader()
-
-    monkeypatch.setattr(input_pipeline, "prefetch_to_device", signalled_at_step_5)
+    # Resumed at 3: its 2nd batch is step 5's.
+    monkeypatch.setattr(input_pipeline, "prefetch_to_device", _sigterm_at_batch(real_prefetch, 2))
     with pytest.raises(train_module.TrainingStopped, match="saved a checkpoint at step 5"):
         train_module.train_and_evaluate(config, stopped)
     monkeypatch.setattr(input_pipeline, "prefetch_to_device", real_prefetch)
