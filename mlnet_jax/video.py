@@ -171,12 +171,14 @@ def _upright_function(frame):
 
 
 def _display_matrix(frame) -> np.ndarray | None:
-    """The frame's display matrix (9 int32, 16.16 fixed point), if it has one."""
-    for data in frame.side_data:
-        if getattr(data.type, "name", "") == "DISPLAYMATRIX":
-            values = np.frombuffer(bytes(data), "<i4")
-            return values if values.size == 9 else None
-    return None
+    """The frame's display matrix (9 int32, 16.16 fixed point), if it has one (looked up by
+    type: iterating the side data gives the entries in PyAV 14–18, their types in 19)."""
+    from av.sidedata.sidedata import Type  # noqa: PLC0415
+    data = frame.side_data.get(Type.DISPLAYMATRIX)
+    if data is None:
+        return None
+    values = np.frombuffer(bytes(data), "<i4")
+    return values if values.size == 9 else None
 
 
 def _as_displayed(array: np.ndarray, matrix: np.ndarray) -> np.ndarray:

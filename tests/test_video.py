@@ -379,7 +379,7 @@ def test_a_rotation_that_appears_on_a_later_frame_keeps_the_first_frames_shape()
     class Frame:  # what PyAV hands over, for a display orientation met only on frame 2
         def __init__(self, time, rotation):
             self.width, self.height, self.time, self.rotation = 64, 48, time, rotation
-            self.side_data = []
+            self.side_data = {}  # no display matrix: the rotation field says it
 
         def to_ndarray(self, format, width, height, interpolation):
             return np.zeros((height, width, 3), np.uint8)
