@@ -260,41 +260,18 @@ def software_versions() -> dict:
 # Other versions of the levers (earlier ones re-created, or candidates), for a side-by-side
 # measurement in the same run; each patch lives only while the step is traced. Rows measured
 # under one carry "variant".
-# v1: the code before the output-masked ReLU and the original's pooling gradient (v2, the code
-# as it is): autodiff's gradients for both. v0: v1 before the first GPU measurement (pool4 by
-# reduce_window, one random word per dropout element); v0_pool4 / v0_dropout: v1 with one of
-# the two undone. cand_rgb8 / cand_conv1_gemm / cand_conv1_1x1 put in benchmarks/candidates.py's
-# levers (conv1_1 with its input padded to 8 channels / as a matrix product over its 3×3 patches /
-# as a 1×1 convolution over them), not adopted; cand_conv1_gemm_lt is cand_conv1_gemm compiled
-# with cuBLASLt allowed. xla_* compile the code as it is with other XLA options (this
-# executable only).
+# v2 / v1 / v0: earlier versions of the package's levers, re-created in benchmarks/versions.py
+# (v2: the ReLU and the pool as two operations, the code measured on 2026-11-27; v1: autodiff's
+# gradients for both; v0: v1 with pool4 by reduce_window and one random word per dropout
+# element; v0_pool4 / v0_dropout: v1 with one of the two undone). cand_rgb8 puts in
+# benchmarks/candidates.py's lever (conv1_1 with its input padded to 8 channels), not adopted.
+# xla_* compile the code as it is with other XLA options (this executable only).
 
-def _v0_pool(x, stride, alignment, ties=None):
-    """pool4 as v0 had it: reduce_window, whose gradient is XLA's select_and_scatter."""
-    import flax.linen as nn
-    from mlnet_jax.vgg import max_pool_values
-    if stride != 1:
-        return max_pool_values(x, stride, alignment)
-    return nn.max_pool(x, (2, 2), strides=(1, 1),
-                       padding=((1, 0), (1, 0)) if alignment == "keras1" else ((0, 1), (0, 1)))
-
-
-def _v0_dropout(rng, rate, shape):
-    """v0's dropout mask: one random word per element."""
-    import jax
-    return jax.random.bernoulli(rng, 1.0 - rate, shape)
-
-
-def _v1_relu(x):
-    """v1's ReLU: ``jax.nn.relu``, whose gradient keeps the pre-activation."""
-    import jax
-    return jax.nn.relu(x)
-
-
-def _v1_pool(x, stride, alignment, ties=None):
-    """v1's pools: the same values, autodiff's gradient (argmax masks with a tie count)."""
-    from mlnet_jax.vgg import max_pool_values
-    return max_pool_values(x, stride, alignment)
+def _version(name: str):
+    """A stand-in for a package function: ``versions.<name>``, loaded on first use."""
+    def call(*args, **kwargs):
+        return getattr(sibling("versions"), name)(*args, **kwargs)
+    return call
 
 
 def _conv_candidate(factory: str):
@@ -319,19 +296,19 @@ def sibling(name: str):
 
 _SIBLINGS: dict = {}
 _LOADED: dict = {}  # the original conv, and the candidates wrapping it
-_V1 = {("mlnet_jax.vgg", "relu"): _v1_relu, ("mlnet_jax.head", "relu"): _v1_relu,
-       ("mlnet_jax.vgg", "max_pool_2x2"): _v1_pool}
+_V1 = {("mlnet_jax.vgg", "relu"): _version("v1_relu"),
+       ("mlnet_jax.head", "relu"): _version("v1_relu"),
+       ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v1_relu_max_pool")}
 VARIANTS = {  # name -> {(module, attribute): replacement}
+    "v2": {("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v2_relu_max_pool")},
     "v1": _V1,
-    "v0": {**_V1, ("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool,
-           ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
-    "v0_pool4": {**_V1, ("mlnet_jax.vgg", "max_pool_2x2"): _v0_pool},
-    "v0_dropout": {**_V1, ("mlnet_jax.head", "dropout_keep_mask"): _v0_dropout},
+    "v0": {**_V1, ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v0_relu_max_pool"),
+           ("mlnet_jax.head", "dropout_keep_mask"): _version("v0_dropout_keep_mask")},
+    "v0_pool4": {**_V1, ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v0_relu_max_pool")},
+    "v0_dropout": {**_V1, ("mlnet_jax.head", "dropout_keep_mask"):
+                   _version("v0_dropout_keep_mask")},
     "cand_rgb8": {("jax.lax", "conv_general_dilated"):
                   _conv_candidate("conv_with_padded_colour_channels")},
-    "cand_conv1_gemm": {("jax.lax", "conv_general_dilated"): _conv_candidate("conv_as_patch_matmul")},
-    "cand_conv1_1x1": {("jax.lax", "conv_general_dilated"):
-                       _conv_candidate("conv_as_patch_conv1x1")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -339,16 +316,11 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
     # Convolutions and their element-wise users as cuDNN graphs (dgrad + the next ReLU mask).
     "xla_conv_fusion": {"xla_gpu_experimental_enable_conv_fusion": True},
     "xla_autotune_0": {"xla_gpu_autotune_level": 0},  # cuDNN's heuristic choice: compile time
-    # cand_conv1_gemm with cuBLASLt allowed (off by default), whose epilogue can add the bias
-    # and apply the ReLU inside the product.
-    "cand_conv1_gemm_lt": {"xla_gpu_enable_cublaslt": True},
 }
-VARIANTS["cand_conv1_gemm_lt"] = VARIANTS["cand_conv1_gemm"]
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
 # The others change gradients only.
-FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_conv1_gemm", "cand_conv1_1x1",
-                    *COMPILER_OPTIONS}
+FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", *COMPILER_OPTIONS}
 
 
 class patched:

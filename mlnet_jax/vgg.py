@@ -6,6 +6,7 @@ weights from every source land in the same tree.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import Literal
 
@@ -32,25 +33,66 @@ _POOL_STRIDE_AFTER = {"conv1_2": 2, "conv2_2": 2, "conv3_3": 2, "conv4_3": 1}
 PoolTies = Literal["all", "first"]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment,
-                 ties: PoolTies = "all") -> jax.Array:
-    """2×2 max pooling with 'same' output size ceil(n / stride), with a gradient computed from
-    the input and the pooled output (no argmax masks stored).
+def relu_max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment,
+                      ties: PoolTies = "first") -> jax.Array:
+    """``max_pool_values(relu(x))``, 2×2 windows with 'same' output size ceil(n / stride),
+    whose gradient needs only a 4-bit mask per window: which of its inputs take its gradient.
 
-    ``ties="all"`` is the original ML-Net's Theano ``MaxPoolGrad``: every input equal to its
-    window's maximum receives the window's whole gradient. ``"first"`` gives it to the first
-    maximum in row-major order, as PyTorch and TensorFlow do (what ``standard`` weights were
-    trained with), and keeps bfloat16's rounding from making ties the original never had
-    (6 % of pool1's windows at random init, which inflated conv1's gradient by ~18 %).
+    The winners are the window's elements equal to its maximum, and none where the maximum is
+    not positive (the ReLU's gradient is 0 there). ``ties="all"`` is the original ML-Net's
+    Theano ``MaxPoolGrad``: every maximum receives the window's whole gradient. ``"first"``
+    gives it to the first maximum in row-major order, as PyTorch and TensorFlow do (what
+    ``standard`` weights were trained with), and keeps bfloat16's rounding from making ties
+    the original never had (6 % of pool1's windows at random init, which inflated conv1's
+    gradient by ~18 %).
 
-    JAX's own gradients split ties instead, and need a tie count, so XLA builds and stores an
-    argmax mask per pool in the forward pass (629 MB at pool1 per 32×480×640 step). These
-    compare ``x`` with the pooled output in the backward pass, fused with the ReLU mask
-    before it. After a ReLU the three differ only where two positive inputs tie for a
-    window's maximum.
+    Why one operation: the backward pass then reads the pooled gradient and the mask (a
+    quarter of the input's elements, one byte each) and writes the input's gradient, instead of
+    keeping the ReLU's output for its mask and comparing it with the pooled output again
+    (pool1 of a 32×480×640 step: 1.7 GB moved instead of 5 GB, and the 1.26 GB output need not
+    be kept). JAX's own gradients split ties and store argmax masks with a tie count.
     """
-    return max_pool_values(x, stride, alignment)
+    return _relu_max_pool(x, stride, alignment, ties, x.shape[1:3])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _relu_max_pool(x, stride, alignment, ties, size):
+    return max_pool_values(jnp.maximum(x, 0), stride, alignment)
+
+
+def _relu_max_pool_forward(x, stride, alignment, ties, size):
+    # The barrier keeps XLA's simplifier from rewriting comparisons of the ReLU's output into
+    # ones of its input, which would keep the pre-activation (benchmarks/NOTES.md, v2a).
+    views = _window_views(jax.lax.optimization_barrier(jnp.maximum(x, 0)), stride, alignment)
+    y = functools.reduce(jnp.maximum, views)
+    winners, taken = jnp.zeros(y.shape, jnp.uint8), ~(y > 0)
+    for bit, view in enumerate(views):
+        wins = (view == y) & ~taken
+        if ties == "first":
+            taken = taken | wins
+        winners = winners | (wins.astype(jnp.uint8) << bit)
+    return y, winners
+
+
+def _relu_max_pool_backward(stride, alignment, ties, size, winners, g):
+    zero = jnp.zeros((), g.dtype)
+    if _pairs_of_rows_and_columns(stride, size):
+        b, h, w, c = g.shape
+        bit = jnp.arange(4, dtype=jnp.uint8).reshape(1, 1, 2, 1, 2, 1)  # row-major in window
+        wins = (winners[:, :, None, :, None, :] >> bit) & 1
+        grad = jnp.where(wins == 1, g[:, :, None, :, None, :], zero).reshape(b, 2 * h, 2 * w, c)
+        if alignment == "keras1":  # windows (2i − 1, 2i): undo the forward's shift
+            grad = jnp.pad(grad[:, 1:, 1:], ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return (grad,)
+    shape = (g.shape[0], *size, g.shape[3])
+    grad = jnp.zeros(shape, g.dtype)
+    for bit, offset in enumerate(_window_offsets(alignment)):
+        wins = jnp.where(((winners >> bit) & 1) == 1, g, zero)
+        grad = grad + _spread(wins, shape, stride, offset)
+    return (grad,)
+
+
+_relu_max_pool.defvjp(_relu_max_pool_forward, _relu_max_pool_backward)
 
 
 def pool_ties(alignment: PoolingAlignment, dtype) -> PoolTies:
@@ -69,10 +111,10 @@ def max_pool_values(x: jax.Array, stride: int, alignment: PoolingAlignment) -> j
     if alignment not in ("standard", "keras1"):
         raise ValueError(f"pooling alignment must be 'standard' or 'keras1', got {alignment!r}")
     rows, cols = x.shape[1:3]
-    if stride == 2 and rows % 2 == 0 and cols % 2 == 0:
+    if _pairs_of_rows_and_columns(stride, (rows, cols)):
         # Reshape-and-max: exact for even sizes, and its gradient avoids XLA's select_and_scatter.
         if alignment == "keras1":  # windows (2i − 1, 2i): shift down/right by one, zero-filled
-            x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :rows, :cols]
+            x = _shift_down_right(x)
         b, _, _, c = x.shape
         return jnp.max(x.reshape(b, rows // 2, 2, cols // 2, 2, c), axis=(2, 4))
     if stride == 1:
@@ -89,38 +131,42 @@ def max_pool_values(x: jax.Array, stride: int, alignment: PoolingAlignment) -> j
     return nn.max_pool(x, (2, 2), strides=(stride, stride), padding=pad)
 
 
-def _max_pool_forward(x, stride, alignment, ties):
-    y = max_pool_values(x, stride, alignment)
-    return y, (x, y)
+def _pairs_of_rows_and_columns(stride: int, size: tuple[int, int]) -> bool:
+    """Stride-2 windows that tile an even-sized input: pooling by reshape, no padding."""
+    return stride == 2 and size[0] % 2 == 0 and size[1] % 2 == 0
 
 
-def _max_pool_backward(stride, alignment, ties, residuals, g):
-    x, y = residuals
-    start = -1 if alignment == "keras1" else 0  # window i covers s·i + start + {0, 1}
-    grad = jnp.zeros_like(x)
-    zero = jnp.zeros((), g.dtype)
-    taken = None  # windows whose gradient an earlier (row-major) maximum already took
-    for row in (0, 1):
-        for col in (0, 1):
-            offset = (start + row, start + col)
-            is_max = _window_element(x, y.shape, stride, offset) == y  # in window space
-            if ties == "first":
-                is_max, taken = (is_max, is_max) if taken is None else (
-                    is_max & ~taken, taken | is_max)
-            grad = grad + _spread(jnp.where(is_max, g, zero), x.shape, stride, offset)
-    return (grad,)
+def _shift_down_right(x: jax.Array) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))[:, :x.shape[1], :x.shape[2]]
 
 
-max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
+def _window_offsets(alignment: PoolingAlignment) -> list[tuple[int, int]]:
+    """Where window i's four elements lie relative to stride·i, in row-major order."""
+    start = -1 if alignment == "keras1" else 0
+    return [(start + row, start + col) for row in (0, 1) for col in (0, 1)]
 
 
-def _window_element(x: jax.Array, out_shape: tuple, stride: int, offset: tuple[int, int]
-                    ) -> jax.Array:
+def _window_views(x: jax.Array, stride: int, alignment: PoolingAlignment) -> list[jax.Array]:
+    """(B, h, w, C) each: for every window, its element at each of the four offsets
+    (row-major), 0 where that falls outside ``x`` (x is post-ReLU: 0 never wins)."""
+    rows, cols = x.shape[1:3]
+    if _pairs_of_rows_and_columns(stride, (rows, cols)):
+        if alignment == "keras1":
+            x = _shift_down_right(x)
+        b, _, _, c = x.shape
+        pairs = x.reshape(b, rows // 2, 2, cols // 2, 2, c)
+        return [pairs[:, :, row, :, col, :] for row in (0, 1) for col in (0, 1)]
+    out_size = tuple(-(-n // stride) for n in (rows, cols))
+    return [_window_element(x, out_size, stride, offset) for offset in _window_offsets(alignment)]
+
+
+def _window_element(x: jax.Array, out_size: tuple[int, int], stride: int,
+                    offset: tuple[int, int]) -> jax.Array:
     """(B, h, w, C): for each window (i, j), its element x[stride·i + offset[0], stride·j +
-    offset[1]]; NaN (equal to nothing) where that falls outside ``x``."""
+    offset[1]]; 0 where that falls outside ``x``."""
     config, starts, limits, strides = [(0, 0, 0)], [0], [x.shape[0]], [1]
-    for axis, low in zip((1, 2), offset):
-        n, m = x.shape[axis], out_shape[axis]
+    for axis, low, m in zip((1, 2), offset, out_size):
+        n = x.shape[axis]
         last = low + (m - 1) * stride
         config.append((max(-low, 0), max(last + 1 - n, 0), 0))
         starts.append(low + max(-low, 0))
@@ -128,7 +174,7 @@ def _window_element(x: jax.Array, out_shape: tuple, stride: int, offset: tuple[i
         strides.append(stride)
     config.append((0, 0, 0))
     starts.append(0), limits.append(x.shape[3]), strides.append(1)
-    padded = jax.lax.pad(x, jnp.asarray(jnp.nan, x.dtype), config)
+    padded = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
     return jax.lax.slice(padded, starts, limits, strides)
 
 
@@ -164,11 +210,12 @@ class VGG16(nn.Module):
             features = max(1, round(features * self.width_multiplier))
             x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                         param_dtype=jnp.float32, name=name)(x)
-            x = relu(x)
             if name in _POOL_STRIDE_AFTER:
-                x = max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling,
-                                 pool_ties(self.pooling, self.dtype))
+                x = relu_max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling,
+                                      pool_ties(self.pooling, self.dtype))
                 if name in ("conv3_3", "conv4_3"):
                     outputs[f"pool{name[4]}"] = x
+            else:
+                x = relu(x)
         outputs["conv5_3"] = x
         return outputs

@@ -12,7 +12,7 @@ from mlnet_jax import MLNet, VGG16, mlnet_loss, prior_penalty
 from mlnet_jax.prior import apply_prior, interpolation_matrix, prior_shape, upsample_prior
 from mlnet_jax.head import dropout_keep_mask
 from mlnet_jax.relu import relu
-from mlnet_jax.vgg import max_pool_2x2, max_pool_values
+from mlnet_jax.vgg import max_pool_values, relu_max_pool_2x2
 
 
 def random_vgg_params(rng: np.random.Generator) -> dict:
@@ -61,9 +61,12 @@ def test_real_vgg16_widths_and_head_init():
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(6, 10), (7, 5)])  # even sizes take the reshape path
 def test_pooling_alignment_matches_index_formula(alignment, stride, size):
-    x = np.random.default_rng(0).uniform(0, 1, (1, *size, 3)).astype(np.float32)
-    got = np.asarray(max_pool_2x2(jnp.asarray(x), stride, alignment))[0]
-    np.testing.assert_allclose(got, ref.max_pool(x[0], stride, alignment), rtol=0, atol=0)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, *size, 3)).astype(np.float32)
+    want = ref.max_pool(ref.relu(x[0]), stride, alignment)
+    np.testing.assert_array_equal(max_pool_values(jnp.maximum(x, 0), stride, alignment)[0], want)
+    np.testing.assert_array_equal(relu_max_pool_2x2(jnp.asarray(x), stride, alignment)[0], want)
+    y, _ = jax.vjp(lambda v: relu_max_pool_2x2(v, stride, alignment), jnp.asarray(x))
+    np.testing.assert_array_equal(y[0], want)  # the forward rule's maximum of four views
 
 
 @pytest.mark.parametrize("alignment", ["standard", "keras1"])
@@ -72,45 +75,67 @@ def test_stride_one_pooling_gradient_matches_reduce_window(alignment):
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 7, 9, 4)), jnp.float32)
     pad = ((1, 0), (1, 0)) if alignment == "keras1" else ((0, 1), (0, 1))
     cotangent = jnp.asarray(np.random.default_rng(4).normal(size=(2, 7, 9, 4)), jnp.float32)
-    ours = jax.grad(lambda v: jnp.sum(max_pool_2x2(v, 1, alignment) * cotangent))(x)
-    want = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), (1, 1), pad) * cotangent))(x)
+    ours = jax.grad(lambda v: jnp.sum(relu_max_pool_2x2(v, 1, alignment) * cotangent))(x)
+    want = jax.grad(lambda v: jnp.sum(
+        nn.max_pool(jax.nn.relu(v), (2, 2), (1, 1), pad) * cotangent))(x)
     np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("alignment", ["standard", "keras1"])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [(6, 8), (7, 5)])  # odd sizes take the reduce_window path
+@pytest.mark.parametrize("size", [(6, 8), (7, 5)])  # odd sizes take the general path
 @pytest.mark.parametrize("values", ["continuous", "many_ties"])
 @pytest.mark.parametrize("ties", ["all", "first"])
 def test_pooling_gradient_is_theanos_or_the_first_maximums(alignment, stride, size, values, ties):
+    # The ReLU and the pool as one operation: Theano's MaxPoolGrad (or the first maximum's)
+    # of the ReLU's output, masked by the ReLU's gradient (0 at 0).
     rng = np.random.default_rng(1)
     shape = (2, *size, 3)
-    x = rng.uniform(0, 1, shape) if values == "continuous" else rng.integers(0, 3, shape)
+    x = rng.normal(size=shape) if values == "continuous" else rng.integers(-2, 3, shape)
     x = jnp.asarray(x, jnp.float32)
-    y, vjp = jax.vjp(lambda v: max_pool_2x2(v, stride, alignment, ties), x)
-    y_autodiff, vjp_autodiff = jax.vjp(lambda v: max_pool_values(v, stride, alignment), x)
+    y, vjp = jax.vjp(lambda v: relu_max_pool_2x2(v, stride, alignment, ties), x)
+    y_autodiff, vjp_autodiff = jax.vjp(
+        lambda v: max_pool_values(jax.nn.relu(v), stride, alignment), x)
     np.testing.assert_array_equal(y, y_autodiff)
     g = jnp.asarray(rng.integers(1, 5, y.shape), jnp.float32)  # integers: exact sums
     (grad,) = vjp(g)
-    np.testing.assert_array_equal(grad, ref.max_pool_grad(np.asarray(x), np.asarray(g),
-                                                          stride, alignment, ties))
-    if values == "continuous":  # no ties: autodiff's gradient is the same
+    positive = np.asarray(x) > 0
+    want = ref.max_pool_grad(ref.relu(np.asarray(x)), np.asarray(g), stride, alignment, ties)
+    np.testing.assert_array_equal(grad, want * positive)
+    windows_with_a_positive_maximum = float(jnp.sum(jnp.where(y > 0, g, 0)))
+    if values == "continuous":  # no ties among positives: autodiff's gradient is the same
         np.testing.assert_array_equal(grad, vjp_autodiff(g)[0])
     elif ties == "all":  # autodiff splits ties, Theano gives each the window's whole gradient
         assert float(grad.sum()) > float(vjp_autodiff(g)[0].sum())
-    else:  # one input per window takes the window's gradient
-        assert float(grad.sum()) == float(g.sum())
+    else:  # one input per window with a positive maximum takes the window's gradient
+        assert float(grad.sum()) == windows_with_a_positive_maximum
+
+
+@pytest.mark.parametrize("stride, size", [(2, (6, 8)), (2, (7, 5)), (1, (6, 8))])
+def test_pooling_keeps_only_a_byte_per_window_for_its_gradient(stride, size):
+    # What the backward pass reads: one uint8 mask per window, not the ReLU's output, the pooled
+    # output or argmax masks (JAX's own gradient of the two keeps all three). NaN takes nothing.
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, *size, 4)), jnp.float32)
+    x = x.at[0, 0, 0, 0].set(jnp.nan)
+    y, vjp = jax.vjp(lambda v: relu_max_pool_2x2(v, stride, "standard", "first"), x)
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(vjp)] == [(y.shape, jnp.uint8)]
+    _, vjp_autodiff = jax.vjp(lambda v: max_pool_values(jax.nn.relu(v), stride, "standard"), x)
+    assert sum(a.size for a in jax.tree.leaves(vjp_autodiff)) > x.size
+    (grad,) = vjp(jnp.ones_like(y))
+    assert bool(jnp.isnan(y[0, 0, 0, 0])) and float(grad[0, 0, 0, 0]) == 0
+    assert bool(jnp.all(jnp.isfinite(grad)))
 
 
 def test_first_maximum_pooling_gradient_is_pytorchs():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
-    x = rng.integers(0, 3, (2, 6, 8, 3)).astype(np.float32)  # many ties
+    x = rng.integers(-1, 3, (2, 6, 8, 3)).astype(np.float32)  # many ties, zeros and negatives
     g = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
-    (ours,) = jax.vjp(lambda v: max_pool_2x2(v, 2, "standard", "first"), jnp.asarray(x))[1](
-        jnp.asarray(g))
+    (ours,) = jax.vjp(lambda v: relu_max_pool_2x2(v, 2, "standard", "first"),
+                      jnp.asarray(x))[1](jnp.asarray(g))
     t = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
-    torch.nn.functional.max_pool2d(t, 2, 2).backward(torch.tensor(g).permute(0, 3, 1, 2))
+    torch.nn.functional.max_pool2d(torch.relu(t), 2, 2).backward(
+        torch.tensor(g).permute(0, 3, 1, 2))
     np.testing.assert_array_equal(ours, t.grad.permute(0, 2, 3, 1).numpy())
 
 
