@@ -225,6 +225,18 @@ def test_a_failed_pipeline_run_loses_only_itself(tmp_path):
     assert "error" not in profile and profile["traced_s"] > 0
 
 
+def test_predict_host_runs_the_commands_own_folder_path(tmp_path):
+    # The host ceiling of a folder run: every photo's map written as a PNG of its size by
+    # predict_images itself, per worker count, with a device stand-in that answers at once.
+    predict_host = throughput.sibling("predict_host")
+    out = tmp_path / "host.json"
+    assert predict_host.main(["--images", "3", "--workers", "1", "2", "--repeats", "1",
+                              "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert all(r["maps_written"] == 3 and r["images_per_s"] > 0 for r in rows)
+
+
 def test_merge_survives_a_peer_file_cut_short(tmp_path, capsys):
     (tmp_path / "jax.json").write_text(json.dumps({"card": "cpu", "date": "2026-11-27",
                                                    "results": []}))
