@@ -104,9 +104,12 @@ def _positive(value):
 
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
-echo "1980, 1980, 2619, 80.00, 700.00, 40"
+case "$*" in *clocks_event_reasons*) reasons=", 0x0000000000000004"; idle=", 0x1" ;; esac
+case "$*" in *clocks_event_reasons*OLD_DRIVER*|*OLD_DRIVER*clocks_event_reasons*)
+  echo 'Field "clocks_event_reasons.active" is not a valid field to query.'; exit 2 ;; esac
+echo "1980, 1980, 2619, 80.00, 700.00, 40$idle"
 case "$*" in *--loop-ms*) ;; *) exit 0 ;; esac
-while :; do echo "1755, 1980, 2619, 690.00, 700.00, 66"; sleep 0.005; done
+while :; do echo "1755, 1980, 2619, 690.00, 700.00, 66$reasons"; sleep 0.005; done
 """
 
 
@@ -133,9 +136,15 @@ def test_gpu_monitor_keeps_the_samples_taken_inside_the_block(tmp_path, monkeypa
     with gpu_monitor.GpuMonitor() as monitor:
         time.sleep(0.3)
     assert _is_the_capped_card(monitor.summary) and monitor.summary["samples"] > 5
+    assert monitor.summary["clock_event_reasons"] == {"SW power cap": 1.0}  # not the idle one
     assert monitor.process.poll() is not None  # stopped on exit
-    assert "1755 MHz (max 1980), 690 W of 700, 100 % of samples capped" == gpu_monitor.describe(
-        monitor.summary)
+    assert ("1755 MHz (max 1980), 690 W of 700, 100 % of samples capped, held by SW power cap "
+            "100 %") == gpu_monitor.describe(monitor.summary)
+    # A driver that does not know the reasons field: the same samples without it.
+    with gpu_monitor.GpuMonitor(gpu="0 OLD_DRIVER") as old:  # the fake rejects the field then
+        time.sleep(0.3)
+    assert old.fields == gpu_monitor.BASE_FIELDS and _is_the_capped_card(old.summary)
+    assert "clock_event_reasons" not in old.summary
     with gpu_monitor.GpuMonitor(command="no-such-nvidia-smi") as absent:
         pass
     assert absent.summary is None and gpu_monitor.describe(None) == "no GPU samples"
@@ -143,12 +152,14 @@ def test_gpu_monitor_keeps_the_samples_taken_inside_the_block(tmp_path, monkeypa
 
 def test_gpu_monitor_skips_unavailable_fields_and_foreign_lines():
     gpu_monitor = _load("gpu_monitor")
-    summary = gpu_monitor.summarize("1500, [N/A], 2619, 300.5, [N/A], 50\n"
+    summary = gpu_monitor.summarize("1500, [N/A], 2619, 300.5, [N/A], 50, 0x24\n"
                                     "Failed to query\n"
-                                    "1700, [N/A], 2619, 400.5, [N/A], 55\n")
-    assert summary == {"samples": 2, "sm_mhz_median": 1600, "sm_mhz_min": 1500,
-                       "mem_mhz_median": 2619, "power_w_mean": 350.5, "power_w_max": 400.5,
-                       "temperature_c_max": 55}
+                                    "1700, [N/A], 2619, 400.5, [N/A], 55, [N/A]\n"
+                                    "1700, [N/A], 2619, 400.5, [N/A], 55, 0x4\n")
+    assert summary == {"samples": 3, "sm_mhz_median": 1700, "sm_mhz_min": 1500,
+                       "mem_mhz_median": 2619, "power_w_mean": 367.1666666666667,
+                       "power_w_max": 400.5, "temperature_c_max": 55,
+                       "clock_event_reasons": {"SW power cap": 1.0, "SW thermal": 0.5}}
     assert gpu_monitor.summarize("Field clocks.max.sm is not valid\n") is None
 
 
