@@ -40,8 +40,10 @@ def _v2_max_pool_backward(stride, alignment, ties, residuals, g):
     x, y = residuals
     grad, zero, taken = jnp.zeros_like(x), jnp.zeros((), g.dtype), None
     for offset in _window_offsets(alignment):
-        # v2 padded with NaN where a window passes the edge; the same gradients after the ReLU
-        # (a 0 equals the maximum only where it is 0), and no padding at all at even sizes.
+        # v2 padded with NaN where a window passes the edge (keras1, stride 1, odd sizes), this
+        # with 0: the same gradients after the ReLU, a 0 equalling the maximum only where that
+        # is 0, and those windows pass none. The headline case (standard, stride 2, even) pads
+        # nothing either way.
         is_max = _window_element(x, y.shape[1:3], stride, offset) == y
         if ties == "first":
             is_max, taken = (is_max, is_max) if taken is None else (is_max & ~taken,

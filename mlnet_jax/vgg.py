@@ -49,9 +49,10 @@ def relu_max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment,
     Why one operation: the backward pass then reads the pooled gradient and the mask (a
     quarter of the input's elements, one byte each) and writes the input's gradient, instead of
     keeping the ReLU's output for its mask and comparing it with the pooled output again
-    (pool1 of a 32×480×640 step: 1.7 GB moved instead of 5 GB, and the 1.26 GB output need not
-    be kept). JAX's own gradients split ties and store argmax masks with a tie count.
+    (pool1 of a 32×480×640 step: 1.7 GB moved instead of 3.3 GB, and the 1.26 GB output need
+    not be kept). JAX's own gradients split ties and store argmax masks with a tie count.
     """
+    _check_pooling(alignment, ties)
     return _relu_max_pool(x, stride, alignment, ties, x.shape[1:3])
 
 
@@ -62,7 +63,8 @@ def _relu_max_pool(x, stride, alignment, ties, size):
 
 def _relu_max_pool_forward(x, stride, alignment, ties, size):
     # The barrier keeps XLA's simplifier from rewriting comparisons of the ReLU's output into
-    # ones of its input, which would keep the pre-activation (benchmarks/NOTES.md, v2a).
+    # ones of its input (``max(x, 0) > 0`` into ``x > 0``), which would need the pre-activation
+    # written out instead of fused with the convolution in cuDNN (benchmarks/NOTES.md, v2a).
     views = _window_views(jax.lax.optimization_barrier(jnp.maximum(x, 0)), stride, alignment)
     y = functools.reduce(jnp.maximum, views)
     winners, taken = jnp.zeros(y.shape, jnp.uint8), ~(y > 0)
@@ -108,8 +110,7 @@ def max_pool_values(x: jax.Array, stride: int, alignment: PoolingAlignment) -> j
     ``keras1`` (Theano, the original ML-Net): output i covers x[s·i−1], x[s·i]; one row and
     column of padding at the start. Inputs are post-ReLU, so −inf padding equals zero padding.
     """
-    if alignment not in ("standard", "keras1"):
-        raise ValueError(f"pooling alignment must be 'standard' or 'keras1', got {alignment!r}")
+    _check_pooling(alignment)
     rows, cols = x.shape[1:3]
     if _pairs_of_rows_and_columns(stride, (rows, cols)):
         # Reshape-and-max: exact for even sizes, and its gradient avoids XLA's select_and_scatter.
@@ -129,6 +130,13 @@ def max_pool_values(x: jax.Array, stride: int, alignment: PoolingAlignment) -> j
     else:
         pad = tuple((0, max((-(-n // stride) - 1) * stride + 2 - n, 0)) for n in (rows, cols))
     return nn.max_pool(x, (2, 2), strides=(stride, stride), padding=pad)
+
+
+def _check_pooling(alignment: str, ties: str = "first") -> None:
+    if alignment not in ("standard", "keras1"):
+        raise ValueError(f"pooling alignment must be 'standard' or 'keras1', got {alignment!r}")
+    if ties not in ("all", "first"):
+        raise ValueError(f"pooling ties must be 'all' or 'first', got {ties!r}")
 
 
 def _pairs_of_rows_and_columns(stride: int, size: tuple[int, int]) -> bool:

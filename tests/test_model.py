@@ -126,6 +126,17 @@ def test_pooling_keeps_only_a_byte_per_window_for_its_gradient(stride, size):
     assert bool(jnp.all(jnp.isfinite(grad)))
 
 
+@pytest.mark.parametrize("alignment, ties", [("Keras1", "first"), ("standard", "First")])
+def test_a_misspelt_pooling_is_refused_also_when_differentiated(alignment, ties):
+    # The forward rule of the gradient builds its own windows; it must not pool a misspelt
+    # alignment as 'standard' (or a misspelt tie rule as Theano's).
+    x = jnp.ones((1, 4, 4, 1))
+    for run in (lambda: relu_max_pool_2x2(x, 2, alignment, ties),
+                lambda: jax.grad(lambda v: relu_max_pool_2x2(v, 2, alignment, ties).sum())(x)):
+        with pytest.raises(ValueError, match="must be"):
+            run()
+
+
 def test_first_maximum_pooling_gradient_is_pytorchs():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
