@@ -23,7 +23,8 @@
 # promising first, so the deadline cuts the least),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
-# JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded).
+# JAX_ARGS (extra throughput.py flags), XLA_FLAGS (recorded), PREDICT_HOST (1, 0 with
+# FOCUS=levers: benchmarks/predict_host.py at the end, PREDICT_HOST_ARGS its flags).
 # FOCUS=levers: only what judges candidate levers (the headline 32x480x640 bf16 full fine-tune
 # and predict beside the peer's, the profile, the variants): no probes, pipeline, frozen, sweep
 # or float32, which the committed results already hold; about 7 minutes, the deadline cutting
@@ -37,6 +38,7 @@ if [ "${FOCUS:-}" = levers ]; then
   CASES=${CASES_FOCUS:-32x480x640}
   SCOPE=(--dtypes bfloat16 --modes full --no-compile-cache)
   PIPELINE_WORKERS=""
+  PREDICT_HOST=${PREDICT_HOST:-0}
 fi
 
 if [ "${1:-}" = "--prepare" ]; then
@@ -137,6 +139,15 @@ if [ -f "$OUT/jax_throughput.json" ]; then
     --torch "$OUT/peer_torch.json" --out-dir "$OUT" 2>&1 | tee -a "$OUT/run.log"
 else
   log "no jax_throughput.json: see run.log"
+fi
+# The predict command's host path by worker count (CPU only, ~20 s), when time is left: the
+# 2026-11-27 run's folder path made 64 images/s from 8 threads on this machine's 16 cores, and
+# 2 cores here make ~150; its table goes to run.log (the tool brings back at most 8 files).
+if [ "${PREDICT_HOST:-1}" = 1 ] && [ "$(left)" -gt 60 ]; then
+  log "predict command's host path: benchmarks/predict_host.py ${PREDICT_HOST_ARGS:=--images 64 --workers 1 4 8 16 --repeats 2}"
+  # shellcheck disable=SC2086
+  timeout -k 5 $(( $(left) - 20 )) python3 benchmarks/predict_host.py $PREDICT_HOST_ARGS \
+    2>&1 | tee -a "$OUT/run.log"
 fi
 for d in dumps profile; do  # one file back instead of one per executable or trace
   [ -d "$ART/$d" ] && tar -C "$ART" -czf "$OUT/$d.tar.gz" "$d"

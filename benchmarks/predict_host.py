@@ -1,10 +1,11 @@
 """What the host lets ``python -m mlnet_jax.predict`` do on a folder of photos, by thread count.
 
-The command's own ``predict_images`` (decode and letterbox in worker threads, maps resized to
-each photo's size, turned to grey levels and written as PNG files in the same threads) runs
-over fake 640×480 JPEG photos with a stand-in for the device that answers at once: the
-images/s it reaches is the ceiling the host puts on a folder run, whatever the accelerator.
-(On the 2026-11-27 H200 run the whole command reached 64 images/s against the device's 2244.)
+The command's own ``predict_images`` (decode and letterbox in worker threads, batches stacked
+and padded by ``Predictor.stream``, maps resized to each photo's size, turned to grey levels
+and written as PNG files in the same threads) runs over fake 640×480 JPEG photos with a
+device that answers at once: the images/s it reaches is the ceiling the host puts on a folder
+run, whatever the accelerator. (On the 2026-11-27 H200 run the whole command reached 64
+images/s against the device's 2244.)
 
     python benchmarks/predict_host.py [--images 96] [--workers 1 2 4 8] [--repeats 3]
         [--output benchmarks/results/predict_host-<date>-cpu.json]
@@ -27,40 +28,49 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from input_pipeline import write_fake  # noqa: E402  (benchmarks/ is no package)
 
+from mlnet_jax.inference import Predictor  # noqa: E402
+
 
 class InstantDevice:
-    """``Predictor``'s interface for ``predict_images``, with maps of the model's output size
-    made on the host at once (smooth, as real maps are: PNG encoding depends on it)."""
+    """A ``Predictor`` (its own ``stream`` and ``dispatch_letterboxed``: batches stacked and
+    padded on the host) whose model returns at once the same smooth map of the model's output
+    size for every image (smooth, as real maps are: PNG encoding depends on it)."""
+
+    stream = Predictor.stream
+    dispatch_letterboxed = Predictor.dispatch_letterboxed
 
     def __init__(self, input_size: tuple[int, int] = (480, 640), batch_size: int = 32):
         self.info = type("Info", (), {"input_size": input_size})()
         self.batch_size = batch_size
         rows, cols = input_size[0] // 8, input_size[1] // 8
         yy, xx = np.mgrid[:rows, :cols]
-        self.raw = np.exp(-(((yy - rows / 2) / (rows / 4)) ** 2 + ((xx - cols / 3) / (cols / 5)) ** 2))
-
-    def stream(self, items, letterboxed):
-        for item in items:
-            letterboxed(item)
-            yield item, self.raw
+        raw = np.exp(-(((yy - rows / 2) / (rows / 4)) ** 2 + ((xx - cols / 3) / (cols / 5)) ** 2))
+        self._variables = None
+        self._predict = lambda _, padded: np.broadcast_to(raw, (len(padded), rows, cols))
 
 
 def measure(images: Path, out_dir: Path, workers: int, repeats: int) -> dict:
+    """One worker count: a warm-up into its own folder, then ``repeats`` timed runs over every
+    photo, each writing all its maps again into ``out_dir``/workers<N>."""
     from mlnet_jax.predict import Report, plan_outputs, predict_images
 
     sources = sorted(images.glob("*.jpg"))
-    jobs = plan_outputs(sources, images, out_dir, overlay=False, map_video=False)
-    device, report, rates = InstantDevice(), Report(), []
-    predict_images(device, jobs[:8], report=report, workers=workers, progress=False)  # warm-up
+    device, rates = InstantDevice(), []
+    warm_up = plan_outputs(sources[:8], images, out_dir / "warm-up", overlay=False,
+                           map_video=False)
+    predict_images(device, warm_up, report=Report(), workers=workers, progress=False)
+    timed = out_dir / f"workers{workers}"
+    jobs = plan_outputs(sources, images, timed, overlay=False, map_video=False)
+    report = Report()
     for _ in range(repeats):
         start = time.perf_counter()
         predict_images(device, jobs, report=report, workers=workers, progress=False)
         rates.append(len(jobs) / (time.perf_counter() - start))
-    if report.failed:
-        raise RuntimeError(f"{len(report.failed)} photos failed: {report.failed[:3]}")
-    written = sum(1 for _ in out_dir.glob("*.png"))
+    if report.failed or report.done != repeats * len(jobs):
+        raise RuntimeError(f"{report.done} of {repeats * len(jobs)} maps written; failed: "
+                           f"{report.failed[:3]}")
     return {"workers": workers, "images_per_s": float(np.median(rates)), "repeats": rates,
-            "maps_written": written}
+            "maps_written": sum(1 for _ in timed.glob("*.png"))}
 
 
 def main(argv=None) -> int:

@@ -32,14 +32,17 @@ def resize_bilinear(array: np.ndarray, shape: tuple[int, int],
     """Resize a 2-D (or H×W×C) array to ``shape`` with half-pixel bilinear interpolation.
 
     ``window=(top, left, rows, cols)`` computes only that crop of the result: the same values
-    as slicing the whole, in memory for the crop alone (a 2×100000 crop of a 75000×100000
-    resize needs kilobytes, not 56 GB).
+    as slicing the whole, in memory for the crop and one pass over the input (a 2×100000 crop
+    of a 75000×100000 resize of a 60×80 map needs ~100 MB, not 56 GB).
 
     Two taps per output along each axis, in float64, without a matrix product: a product ran
-    through the BLAS's own threads, which made the predict command's worker threads slower
-    together than one alone (2026-11-27 H200 run: 64 maps/s from 8 threads on 16 cores).
+    through the BLAS's own threads, which fought the predict command's worker threads (two
+    threads resizing 640×480 maps made 35 a second on a 2-core machine, one alone 48).
     """
     a = np.asarray(array, np.float64)
     top, left, rows, cols = (0, 0, *shape) if window is None else window
-    a = _along(a, 1, _taps(shape[1], a.shape[1], left, cols))
-    return _along(a, 0, _taps(shape[0], a.shape[0], top, rows))  # whole rows: the larger pass
+    row_taps = _taps(shape[0], a.shape[0], top, rows)
+    col_taps = _taps(shape[1], a.shape[1], left, cols)
+    if a.shape[0] * cols <= rows * a.shape[1]:  # the smaller intermediate; rows last on a tie
+        return _along(_along(a, 1, col_taps), 0, row_taps)
+    return _along(_along(a, 0, row_taps), 1, col_taps)

@@ -181,7 +181,8 @@ def test_the_device_script_runs_the_peer_then_ours_and_merges_them(tmp_path):
     path = f"{Path(sys.executable).parent}{os.pathsep}{_fake_nvidia_smi(tmp_path)['PATH']}"
     env = {**os.environ, "PATH": path, "OUT": str(out), "PEER": str(tmp_path / "peer.py"),
            "FOCUS": "levers", "CASES_FOCUS": "1x32x48", "VARIANTS": "", "PEER_DEADLINE": "7",
-           "BUDGET_S": "400", "JAX_ARGS": "--quick --width-multiplier 0.25"}
+           "BUDGET_S": "400", "JAX_ARGS": "--quick --width-multiplier 0.25",
+           "PREDICT_HOST": "1", "PREDICT_HOST_ARGS": "--images 3 --workers 2 --repeats 1"}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_run.sh")], env=env,
                           capture_output=True, text=True, timeout=540)
     log = (out / "run.log").read_text()
@@ -197,8 +198,10 @@ def test_the_device_script_runs_the_peer_then_ours_and_merges_them(tmp_path):
     assert ours["args"]["deadline"] < 400 - 120  # the budget's margin, after the peer's time
     assert {"dumps.tar.gz", "profile.tar.gz", "env.txt", "gpu_samples.csv"} <= {
         p.name for p in out.iterdir()}
-    # Nothing nested: what the device tool may leave out if the run is cut is packed at the end.
-    assert not [p for p in out.iterdir() if p.is_dir()]
+    # Nothing nested and at most 8 files, what the device tool brings back: what it may leave
+    # out if the run is cut is packed at the end.
+    assert not [p for p in out.iterdir() if p.is_dir()] and len(list(out.iterdir())) <= 8
+    assert "predict command's host path, 3 fake 640x480 JPEGs" in log  # its table, last
     assert ours["planned"] and ours["complete"] and ours["failed"] == []
     assert "1755, 1980, 2619, 690.00, 700.00, 66" in (out / "gpu_samples.csv").read_text()
 
@@ -241,11 +244,12 @@ def test_predict_host_runs_the_commands_own_folder_path(tmp_path):
     # predict_images itself, per worker count, with a device stand-in that answers at once.
     predict_host = throughput.sibling("predict_host")
     out = tmp_path / "host.json"
-    assert predict_host.main(["--images", "3", "--workers", "1", "2", "--repeats", "1",
+    assert predict_host.main(["--images", "10", "--workers", "1", "2", "--repeats", "2",
                               "--output", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["workers"] for r in rows] == [1, 2]
-    assert all(r["maps_written"] == 3 and r["images_per_s"] > 0 for r in rows)
+    assert all(r["maps_written"] == 10 and len(r["repeats"]) == 2 for r in rows)
+    assert all(0 < rate < 10_000 for r in rows for rate in r["repeats"])
 
 
 def test_merge_survives_a_peer_file_cut_short(tmp_path, capsys):
