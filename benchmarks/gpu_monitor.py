@@ -43,9 +43,14 @@ class GpuMonitor:
     def __enter__(self) -> "GpuMonitor":
         if shutil.which(self.command):
             self._start(FIELDS)
-            first = self.lines[0] if self.lines else ""
-            rejected = (len(first.split(",")) != len(FIELDS) if first
-                        else self.process.poll() is not None)
+            if self.lines:
+                rejected = len(self.lines[0].split(",")) != len(FIELDS)
+            else:  # no line yet: it ended silently, or it is slow (then keep it)
+                try:
+                    self.process.wait(timeout=1)
+                    rejected = True
+                except subprocess.TimeoutExpired:
+                    rejected = False
             if rejected:  # "Field … is not a valid field to query", or it ended silently
                 self._stop()
                 self._start(BASE_FIELDS)

@@ -12,14 +12,14 @@
 # (merged: card, train/predict ratios vs torch.compile, every target with pass/fail), run.log,
 # env.txt (versions, nvidia-smi before and after) and gpu_samples.csv (clocks, power and
 # temperature every 0.5 s, with timestamps to set beside run.log's); the comparison table is
-# printed last.
+# printed after ours, then the predict command's host path by worker count.
 # Order: the peer first (bounded by its own --deadline and a timeout), then ours with a
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER (.bench/torch_peer.py, else
 # ../shared/bench/torch_peer.py), PEER_CASES (= CASES), PEER_DEADLINE (120), DEADLINE_MARGIN
 # (120: no new measurement starts later than this before the budget's end), PIPELINE_WORKERS
-# (0,4), VARIANTS (default v2: the code before the last adopted lever, the ReLU and pool as one
-# operation, so its gain is measured in the same run; list unmeasured candidates most
+# (0,4), VARIANTS (default v2.1: the code before the last adopted lever, the ReLU and pool as
+# one operation, so its gain is measured in the same run; list unmeasured candidates most
 # promising first, so the deadline cuts the least),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
@@ -68,7 +68,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s $(date -u +%T)] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-v2}
+VARIANTS=${VARIANTS-v2.1}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 # Dumps and traces are written outside $OUT and packed into it at the end: the device tool
 # brings back only a few files, not deeply nested, so if the run is cut short the JSON files

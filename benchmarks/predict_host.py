@@ -25,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from input_pipeline import write_fake  # noqa: E402  (benchmarks/ is no package)
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # benchmarks/ is no package
+if str(HERE.parent) not in sys.path:  # run from a checkout without installing (the device machine)
+    sys.path.insert(1, str(HERE.parent))
+from input_pipeline import write_fake  # noqa: E402
 
 from mlnet_jax.inference import Predictor  # noqa: E402
 
@@ -81,10 +84,14 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
 
+    print(f"predict command's host path, {args.images} fake 640x480 JPEGs, {os.cpu_count()} CPUs")
+    print(f"{'workers':>8} {'images/s':>9}", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="mlnet_predict_host_") as tmp:
         write_fake(Path(tmp), args.images)
-        rows = [measure(Path(tmp) / "images", Path(tmp) / "maps_out", n, args.repeats)
-                for n in args.workers]
+        for n in args.workers:  # each row as it comes: a run cut short keeps those done
+            rows.append(measure(Path(tmp) / "images", Path(tmp) / "maps_out", n, args.repeats))
+            print(f"{n:>8} {rows[-1]['images_per_s']:>9.1f}", flush=True)
     result = {"benchmark": "predict_host", "date": datetime.date.today().isoformat(),
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "images": args.images, "image_size": [480, 640], "writes": "grey PNG maps",
@@ -92,10 +99,6 @@ def main(argv=None) -> int:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"predict command's host path, {args.images} fake 640x480 JPEGs, {os.cpu_count()} CPUs")
-    print(f"{'workers':>8} {'images/s':>9}")
-    for row in rows:
-        print(f"{row['workers']:>8} {row['images_per_s']:>9.1f}")
     return 0
 
 

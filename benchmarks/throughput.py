@@ -260,8 +260,8 @@ def software_versions() -> dict:
 # Other versions of the levers (earlier ones re-created, or candidates), for a side-by-side
 # measurement in the same run; each patch lives only while the step is traced. Rows measured
 # under one carry "variant".
-# v2 / v1 / v0: earlier versions of the package's levers, re-created in benchmarks/versions.py
-# (v2: the ReLU and the pool as two operations, the code measured on 2026-11-27; v1: autodiff's
+# v2.1 / v1 / v0: earlier versions of the package's levers, re-created in benchmarks/versions.py
+# (v2.1: the ReLU and the pool as two operations, the code measured on 2026-11-27; v1: autodiff's
 # gradients for both; v0: v1 with pool4 by reduce_window and one random word per dropout
 # element; v0_pool4 / v0_dropout: v1 with one of the two undone). cand_rgb8 puts in
 # benchmarks/candidates.py's lever (conv1_1 with its input padded to 8 channels), not adopted.
@@ -300,7 +300,7 @@ _V1 = {("mlnet_jax.vgg", "relu"): _version("v1_relu"),
        ("mlnet_jax.head", "relu"): _version("v1_relu"),
        ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v1_relu_max_pool")}
 VARIANTS = {  # name -> {(module, attribute): replacement}
-    "v2": {("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v2_relu_max_pool")},
+    "v2.1": {("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v2_1_relu_max_pool")},
     "v1": _V1,
     "v0": {**_V1, ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v0_relu_max_pool"),
            ("mlnet_jax.head", "dropout_keep_mask"): _version("v0_dropout_keep_mask")},

@@ -2,10 +2,12 @@
 
 Each replaces one function of the package while the step is traced, so an adopted lever can
 be measured against what it replaced in the same run on the same card (benchmarks/NOTES.md,
-"Versions"). v2: the ReLU (``mlnet_jax/relu.py``) and the pool as two operations, the pool's
-gradient compared the ReLU's saved output with the pooled output (the code measured on
-2026-11-27). v1: autodiff's gradients for both. v0: v1 with pool4 by reduce_window and one
-random word per dropout element.
+"Versions"). v2.1: the ReLU (``mlnet_jax/relu.py``) and the pool as two operations, the
+pool's gradient compared the ReLU's saved output with the pooled output, ties to the first
+maximum except for Theano's rule where ``pool_ties`` asks for it (the code measured on
+2026-11-27; v2, measured on 2026-11-26, gave every tie the gradient). v1: autodiff's
+gradients for both. v0: v1 with pool4 by reduce_window and one random word per dropout
+element.
 """
 
 from __future__ import annotations
@@ -16,31 +18,31 @@ import jax
 import jax.numpy as jnp
 
 
-def v2_relu_max_pool(x, stride, alignment, ties="first"):
-    """v2: ``relu`` (output-masked gradient), then a pool whose gradient compares its input,
+def v2_1_relu_max_pool(x, stride, alignment, ties="first"):
+    """v2.1: ``relu`` (output-masked gradient), then a pool whose gradient compares its input,
     the ReLU's saved output, with its own output in the backward pass."""
     from mlnet_jax import vgg
-    return _v2_max_pool(vgg.relu(x), stride, alignment, ties)
+    return _v2_1_max_pool(vgg.relu(x), stride, alignment, ties)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _v2_max_pool(x, stride, alignment, ties):
+def _v2_1_max_pool(x, stride, alignment, ties):
     from mlnet_jax.vgg import max_pool_values
     return max_pool_values(x, stride, alignment)
 
 
-def _v2_max_pool_forward(x, stride, alignment, ties):
+def _v2_1_max_pool_forward(x, stride, alignment, ties):
     from mlnet_jax.vgg import max_pool_values
     y = max_pool_values(x, stride, alignment)
     return y, (x, y)
 
 
-def _v2_max_pool_backward(stride, alignment, ties, residuals, g):
+def _v2_1_max_pool_backward(stride, alignment, ties, residuals, g):
     from mlnet_jax.vgg import _spread, _window_element, _window_offsets
     x, y = residuals
     grad, zero, taken = jnp.zeros_like(x), jnp.zeros((), g.dtype), None
     for offset in _window_offsets(alignment):
-        # v2 padded with NaN where a window passes the edge (keras1, stride 1, odd sizes), this
+        # v2.1 padded with NaN where a window passes the edge (keras1, stride 1, odd sizes), this
         # with 0: the same gradients after the ReLU, a 0 equalling the maximum only where that
         # is 0, and those windows pass none. The headline case (standard, stride 2, even) pads
         # nothing either way.
@@ -52,7 +54,7 @@ def _v2_max_pool_backward(stride, alignment, ties, residuals, g):
     return (grad,)
 
 
-_v2_max_pool.defvjp(_v2_max_pool_forward, _v2_max_pool_backward)
+_v2_1_max_pool.defvjp(_v2_1_max_pool_forward, _v2_1_max_pool_backward)
 
 
 def v1_relu(x):

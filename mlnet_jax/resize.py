@@ -31,9 +31,10 @@ def resize_bilinear(array: np.ndarray, shape: tuple[int, int],
                     window: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Resize a 2-D (or H×W×C) array to ``shape`` with half-pixel bilinear interpolation.
 
-    ``window=(top, left, rows, cols)`` computes only that crop of the result: the same values
-    as slicing the whole, in memory for the crop and one pass over the input (a 2×100000 crop
-    of a 75000×100000 resize of a 60×80 map needs ~100 MB, not 56 GB).
+    ``window=(top, left, rows, cols)`` computes only that crop of the result: the values of
+    slicing the whole (to rounding: the passes may run in the other order), in memory for the
+    crop and the smaller of the two ways through the input (a 2×100000 crop of a 75000×100000
+    resize needs megabytes, not 56 GB).
 
     Two taps per output along each axis, in float64, without a matrix product: a product ran
     through the BLAS's own threads, which fought the predict command's worker threads (two

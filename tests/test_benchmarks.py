@@ -105,8 +105,9 @@ def _positive(value):
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
 case "$*" in *clocks_event_reasons*) reasons=", 0x0000000000000004"; idle=", 0x1" ;; esac
-case "$*" in *clocks_event_reasons*OLD_DRIVER*|*OLD_DRIVER*clocks_event_reasons*)
+case "$*" in *OLD_DRIVER*clocks_event_reasons*)  # "-i GPU" comes before the fields
   echo 'Field "clocks_event_reasons.active" is not a valid field to query.'; exit 2 ;; esac
+case "$*" in *SILENT*clocks_event_reasons*) exec 1>&-; sleep 0.2; exit 9 ;; esac
 echo "1980, 1980, 2619, 80.00, 700.00, 40$idle"
 case "$*" in *--loop-ms*) ;; *) exit 0 ;; esac
 while :; do echo "1755, 1980, 2619, 690.00, 700.00, 66$reasons"; sleep 0.005; done
@@ -141,10 +142,11 @@ def test_gpu_monitor_keeps_the_samples_taken_inside_the_block(tmp_path, monkeypa
     assert ("1755 MHz (max 1980), 690 W of 700, 100 % of samples capped, held by SW power cap "
             "100 %") == gpu_monitor.describe(monitor.summary)
     # A driver that does not know the reasons field: the same samples without it.
-    with gpu_monitor.GpuMonitor(gpu="0 OLD_DRIVER") as old:  # the fake rejects the field then
-        time.sleep(0.3)
-    assert old.fields == gpu_monitor.BASE_FIELDS and _is_the_capped_card(old.summary)
-    assert "clock_event_reasons" not in old.summary
+    for driver in ("OLD_DRIVER", "SILENT"):  # says why on stdout; closes it and exits later
+        with gpu_monitor.GpuMonitor(gpu=f"0 {driver}") as old:
+            time.sleep(0.3)
+        assert old.fields == gpu_monitor.BASE_FIELDS and _is_the_capped_card(old.summary)
+        assert "clock_event_reasons" not in old.summary
     with gpu_monitor.GpuMonitor(command="no-such-nvidia-smi") as absent:
         pass
     assert absent.summary is None and gpu_monitor.describe(None) == "no GPU samples"
@@ -161,6 +163,11 @@ def test_gpu_monitor_skips_unavailable_fields_and_foreign_lines():
                        "power_w_max": 400.5, "temperature_c_max": 55,
                        "clock_event_reasons": {"SW power cap": 1.0, "SW thermal": 0.5}}
     assert gpu_monitor.summarize("Field clocks.max.sm is not valid\n") is None
+    idle_then_capped = gpu_monitor.summarize("1980, 1980, 2619, 80, 700, 40, 0x1\n"
+                                             "1755, 1980, 2619, 699, 700, 66, 0x4\n")
+    assert idle_then_capped["clock_event_reasons"] == {"idle": 0.5, "SW power cap": 0.5}
+    assert gpu_monitor.describe(idle_then_capped).endswith(
+        "50 % of samples capped, held by SW power cap 50 %")  # idle holds no clock
 
 
 FAKE_PEER = """import json, os, sys
@@ -250,6 +257,29 @@ def test_predict_host_runs_the_commands_own_folder_path(tmp_path):
     assert [r["workers"] for r in rows] == [1, 2]
     assert all(r["maps_written"] == 10 and len(r["repeats"]) == 2 for r in rows)
     assert all(0 < rate < 10_000 for r in rows for rate in r["repeats"])
+
+
+NOT_INSTALLED = """import runpy, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path = [p for p in sys.path if p not in ("", {repo!r})]
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["throughput.py", "predict_host.py"])
+def test_device_scripts_run_from_a_checkout_without_the_package_installed(script, tmp_path):
+    # The device machine runs them from the copied tree: nothing is pip-installed there.
+    bootstrap = tmp_path / "not_installed.py"
+    bootstrap.write_text(NOT_INSTALLED.format(repo=str(REPO)))
+    probe = tmp_path / "probe.py"  # the bootstrap does hide the installed package
+    probe.write_text("import mlnet_jax\n")
+    hidden = subprocess.run([sys.executable, str(bootstrap), str(probe)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert "No module named 'mlnet_jax'" in hidden.stderr
+    proc = subprocess.run([sys.executable, str(bootstrap), str(REPO / "benchmarks" / script)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_merge_survives_a_peer_file_cut_short(tmp_path, capsys):
@@ -578,22 +608,22 @@ def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
 
 
-def test_v2_variant_trains_the_same_step_from_the_relu_output_instead_of_a_byte_mask():
-    # v2 re-creates the ReLU and the pool as two operations (the code measured on 2026-11-27):
+def test_v2_1_variant_trains_the_same_step_from_the_relu_output_instead_of_a_byte_mask():
+    # v2.1 re-creates the ReLU and the pool as two operations (the code measured on 2026-11-27):
     # the same update, and a program without the one-byte winner masks of the code as it is,
     # which keeps the ReLU's outputs for the pools' gradients instead.
     import re
     current = _train_step_hlo(width=1 / 2)
-    with throughput.patched("v2"):
-        v2 = _train_step_hlo(width=1 / 2)
+    with throughput.patched("v2.1"):
+        v2_1 = _train_step_hlo(width=1 / 2)
     masks = lambda text: set(re.findall(r"tensor<2x\d+x\d+x\d+xui8>", text)) - {  # noqa: E731
         "tensor<2x16x16x3xui8>"}  # the images
     assert masks(current) == {"tensor<2x8x8x32xui8>", "tensor<2x4x4x64xui8>",
                               "tensor<2x2x2x128xui8>", "tensor<2x2x2x256xui8>"}  # pool1-4
-    assert not masks(v2)
-    assert current.count("optimization_barrier") == v2.count("optimization_barrier") == 15
+    assert not masks(v2_1)
+    assert current.count("optimization_barrier") == v2_1.count("optimization_barrier") == 15
 
-    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step("v2")
+    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step("v2.1")
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)

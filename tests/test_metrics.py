@@ -626,6 +626,19 @@ def test_batched_thresholds_scale_by_true_division_as_matlab():
     np.testing.assert_array_equal(bins, want.reshape(200, -1))
 
 
+@pytest.mark.parametrize("window", [(0, 0, 2, 100_000), (0, 0, 75_000, 2)])
+def test_resize_bilinear_window_of_a_huge_output_takes_the_cheaper_way(window):
+    # A strip of a 75000×100000 map: megabytes, whichever way the strip runs (the other pass
+    # order would hold input rows × 100000 columns, ~100 MB).
+    import tracemalloc
+    a = np.random.default_rng(0).uniform(size=(60, 80))
+    tracemalloc.start()
+    out = resize_bilinear(a, (75_000, 100_000), window)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == window[2:] and peak < 20e6
+
+
 def test_resize_bilinear_hand_values():
     # [[0, 1]] to 4 columns: source x = (j + .5)/2 - .5 = -.25, .25, .75, 1.25, clamped to
     # [0, 1] → 0, .25, .75, 1 (what cv2.resize gives).
