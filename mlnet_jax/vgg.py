@@ -6,8 +6,7 @@ weights from every source land in the same tree.
 
 from __future__ import annotations
 
-import functools
-from functools import partial
+from functools import partial, reduce
 from typing import Literal
 
 import flax.linen as nn
@@ -66,7 +65,7 @@ def _relu_max_pool_forward(x, stride, alignment, ties, size):
     # ones of its input (``max(x, 0) > 0`` into ``x > 0``), which would need the pre-activation
     # written out instead of fused with the convolution in cuDNN (benchmarks/NOTES.md, v2a).
     views = _window_views(jax.lax.optimization_barrier(jnp.maximum(x, 0)), stride, alignment)
-    y = functools.reduce(jnp.maximum, views)
+    y = reduce(jnp.maximum, views)
     winners, taken = jnp.zeros(y.shape, jnp.uint8), ~(y > 0)
     for bit, view in enumerate(views):
         wins = (view == y) & ~taken
