@@ -84,12 +84,19 @@ def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, "Frames"]]:
         width, height = frames.size()
         yield VideoInfo(width=width, height=height, rate=Fraction(rate),
                         frames=int(stream.frames) or None,
-                        duration=float(stream.duration * stream.time_base)
-                        if stream.duration and stream.time_base else None), frames
+                        duration=_duration(container, stream)), frames
     finally:
         if frames is not None:
             frames.close()
         container.close()
+
+
+def _duration(container, stream) -> float | None:
+    """The video stream's duration in seconds, else the file's: Matroska and WebM record only
+    the file's (so a cut-short .mkv was not told from a whole one)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1_000_000 if container.duration else None  # AV_TIME_BASE
 
 
 class Frames:
