@@ -106,17 +106,19 @@ def _rewrite_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> None
 
 
 def _step_dir_for(path: Path) -> Path:
-    """A single checkpoint directory from a workdir (best, else latest) or a step directory."""
+    """A single checkpoint directory from a workdir (best, else latest), its ``best/`` or
+    ``checkpoints/`` folder (the last step there), or a step directory."""
     if (path / "state").is_dir() and (path / "meta").is_dir():
         return path
-    for sub in (BEST_DIR, LATEST_DIR):
-        if (path / sub).is_dir():
-            steps = sorted((int(p.name) for p in (path / sub).iterdir()
+    for folder in (path / BEST_DIR, path / LATEST_DIR, path):
+        if folder.is_dir():
+            steps = sorted((int(p.name) for p in folder.iterdir()
                             if p.name.isdigit() and (p / "state").is_dir()), reverse=True)
             if steps:
-                return path / sub / str(steps[0])
+                return folder / str(steps[0])
     raise UserError(f"{path}: no checkpoint found (expected a training workdir with {BEST_DIR}/ or "
-                    f"{LATEST_DIR}/, or one checkpoint directory with state/ and meta/)")
+                    f"{LATEST_DIR}/, one of those folders, or one checkpoint directory with "
+                    "state/ and meta/)")
 
 
 def stored_config(path: str | Path) -> dict | None:

@@ -179,6 +179,11 @@ def test_train_command_writes_everything_and_learns(tmp_path):
     train_cli(workdir, "--config.num_epochs=3")
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["8", "9"]  # saved at 2, 3, 4, 6, 8, 9; keep 2
     assert [p.name for p in (workdir / "best").iterdir()] and (workdir / "best").is_dir()
+    # best/ or checkpoints/ themselves name their last step, as the README's "checkpoint dir".
+    from mlnet_jax.checkpointing import _step_dir_for
+    best = _step_dir_for(workdir)
+    assert best.parent.name == "best" and _step_dir_for(workdir / "best") == best
+    assert _step_dir_for(workdir / "checkpoints") == workdir / "checkpoints" / "9"
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [3, 6, 9]
