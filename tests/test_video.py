@@ -290,6 +290,7 @@ def test_odd_names_size_changes_and_rotation_matrices(model_file, tmp_path, monk
         for i, packet in enumerate(p for p in source.demux(video=0) if p.size):
             packet.stream, packet.time_base = stream, Fraction(1, 1000)
             packet.pts = packet.dts = i * 100
+            packet.duration = 100  # else the raw stream's, read in ms: a 120 s file, "cut short"
             target.mux(packet)
     assert [f.width for f in av.open(str(tmp_path / "two_sizes.mkv")).decode(video=0)] == \
         [64] * 3 + [128] * 3
