@@ -10,6 +10,7 @@ complete, so a checkpoint cut short by a crash is never taken as the latest.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 from pathlib import Path
@@ -91,8 +92,20 @@ class RunCheckpoints:
         return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        for manager in (self.latest, self.best):
+            _close(manager)
+
+
+def _close(manager: ocp.CheckpointManager) -> None:
+    """Close after the clean-up of unfinished saves that Orbax starts in a thread when the
+    manager is made: its ``close`` does not wait for that thread, which then prints a
+    traceback when the process exits right after (an early config error). The waiting method
+    is private (orbax-checkpoint 0.12.8); where it is absent, close as Orbax does."""
+    wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait is not None:
+        with contextlib.suppress(Exception):  # a failed clean-up must not hide the real error
+            wait()
+    manager.close()
 
 
 def _rewrite_meta(manager: ocp.CheckpointManager, step: int, meta: dict) -> None:

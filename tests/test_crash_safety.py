@@ -69,6 +69,26 @@ def logged_losses(workdir: Path) -> list[tuple[int, str, float]]:
     return [(r["step"], r["kind"], r["loss"]) for r in map(json.loads, lines) if r["kind"] != "final"]
 
 
+def test_closing_waits_for_the_clean_up_thread_orbax_starts(tmp_path, monkeypatch):
+    """An early error (a missing config.init_weights) closes the managers just made and exits:
+    Orbax's clean-up of unfinished saves, still running in its thread, then printed a
+    traceback after the one-line error in about half the runs. Closing waits for it."""
+    import asyncio
+
+    from orbax.checkpoint._src.path import temporary_paths
+
+    from mlnet_jax.checkpointing import RunCheckpoints
+    finished = []
+
+    async def slow_clean_up(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        finished.append(args[0])
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_clean_up)
+    RunCheckpoints(tmp_path, 2).close()
+    assert sorted(Path(p).name for p in finished) == ["best", "checkpoints"]
+
+
 def test_a_checkpoint_retired_while_being_read_is_replaced_by_the_newer_one(tmp_path, monkeypatch):
     """Predict or evaluate on a workdir a training is writing to: the best checkpoint found can
     be retired (deleted) before it is read; the newer one is read instead."""
