@@ -532,12 +532,15 @@ def test_exif_orientation_is_named_and_the_stored_grid_kept(tmp_path, caplog):
     assert {tuple(p) for p in got["img00.png"]["fixations"].tolist()} == truth["img00.png"]["fixations"]
 
 
-def test_open_source_not_prepared_names_data_dir_and_command(tmp_path):
+def test_open_source_not_prepared_names_data_dir_and_command(tmp_path, caplog):
+    """... and only that: TFDS's own warning about the missing dataset_info.json came first."""
+    caplog.set_level("WARNING")
     with pytest.raises(UserError) as info:
         open_source("salicon2015", "train", str(tmp_path / "tfds"))
     message = str(info.value)
     assert str(tmp_path / "tfds") in message
     assert "python -m mlnet_jax.datasets.prepare salicon2015" in message
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
 def test_validation_fraction_only_for_folder(tmp_path, capsys):

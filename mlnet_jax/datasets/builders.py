@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import collections
 import inspect
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,17 @@ class _SaliencyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # TFDS's own lookup imports the `importlib_resources` backport, which TFDS only
         # requires on Python < 3.9; the file defining the class is what it would find anyway.
         return epath.Path(inspect.getfile(cls))
+
+    def is_prepared(self) -> bool:
+        """TFDS's answer, without its warning that the version folder has no
+        dataset_info.json: callers say in one line that the dataset is not prepared and how
+        to prepare it."""
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(_no_dataset_info_warning)
+        try:
+            return super().is_prepared()
+        finally:
+            absl_logger.removeFilter(_no_dataset_info_warning)
 
     @abc.abstractmethod
     def _layout(self, manual_dir: Path) -> dict[str, list[Item]]:
@@ -223,3 +235,9 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None,
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None  # '~/tfds' in a flag
     return BUILDERS[name](data_dir=data_dir, **kwargs)
+
+
+def _no_dataset_info_warning(record: logging.LogRecord) -> bool:
+    """False for TFDS's warning that a dataset's version folder has no dataset_info.json."""
+    message = record.getMessage()
+    return not (message.startswith("Variant folder") and "dataset_info.json" in message)
