@@ -25,8 +25,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -113,9 +113,12 @@ def _check_writable(json_path: Path) -> None:
     existing = next(p for p in json_path.absolute().parents if p.exists())
     if not existing.is_dir():
         raise UserError(f"--output {json_path}: cannot write there ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output {json_path}: cannot write there (permission denied in "
-                        f"{existing})")
+    try:  # a file made and removed: permissions alone do not tell (read-only mounts, /proc)
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mlnet_write_test"):
+            pass
+    except OSError as e:
+        raise UserError(f"--output {json_path}: cannot write there ({e.strerror or e} in "
+                        f"{existing})") from None
 
 
 def csv_path_for(json_path: Path) -> Path:
@@ -243,9 +246,13 @@ def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
                            f"replacement by numpy default_rng([{seed}, image index]), each "
                            "fixation scaled to this image's size"),
     }
-    csv_path = write_outputs(json_path, summary, scores.rows, scores.columns)
     title = f"{what} on {config.dataset}/{split}: {scores.num_images} images"
-    print(format_table(metrics, title))
+    print(format_table(metrics, title), flush=True)  # first: shown even if writing fails
+    try:
+        csv_path = write_outputs(json_path, summary, scores.rows, scores.columns)
+    except OSError as e:
+        raise UserError(f"--output {json_path}: cannot write it ({e.strerror or e}); the "
+                        "means above were not saved") from None
     print(f"wrote {json_path} and {csv_path}")
     summary["per_image_csv"] = csv_path.name
     return summary

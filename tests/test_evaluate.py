@@ -4,6 +4,7 @@ on the demo data; plus the shared scoring loop in-process (NaN handling, sAUC ne
 numpy vs jax metric backends)."""
 
 import csv
+import errno
 import json
 import math
 import subprocess
@@ -165,6 +166,10 @@ def test_errors_are_one_line_with_exit_code_2(salicon, tmp_path):
                                         f"--config.data_dir={salicon}", "--output",
                                         tmp_path / "res.json"),
     }
+    if Path("/proc/self").is_dir():  # writable by permissions, yet no file can be made there
+        cases["cannot write there (No such file or directory in /proc)"] = (
+            "--baseline", "centre", "--config", SALICON_CONFIG, f"--config.data_dir={salicon}",
+            "--output", "/proc/eval.json")
     (tmp_path / "a_file").write_text("")
     (tmp_path / "res.csv").mkdir()
     for expected, args in cases.items():
@@ -232,6 +237,30 @@ def test_a_split_without_ground_truth_is_refused_before_anything_is_predicted(mo
     with pytest.raises(AssertionError, match="was scored"):
         evaluate_module.evaluate(get_config(), baseline="centre", split="test",
                                  output=str(tmp_path / "e.json"), progress=False)
+
+
+def test_a_failed_write_after_scoring_still_shows_the_scores(monkeypatch, tmp_path, capsys):
+    """The output checked writable at the start can still fail at the end (a full disk): the
+    means are printed first, then one line says they were not saved."""
+    from mlnet_jax import evaluate as evaluate_module
+    from mlnet_jax.configs.demo import get_config
+    from mlnet_jax.errors import UserError
+    from mlnet_jax.input_pipeline import RecordSource
+
+    records = _synthetic_records(3)
+    monkeypatch.setattr(evaluate_module, "split_source",
+                        lambda config, split: RecordSource(records, "synthetic"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate_module, "write_outputs", disk_full)
+    with pytest.raises(UserError, match=r"e\.json: cannot write it \(No space left on device\); "
+                                        "the means above were not saved"):
+        evaluate_module.evaluate(get_config(), baseline="centre", split="validation",
+                                 output=str(tmp_path / "e.json"), progress=False)
+    table = capsys.readouterr().out
+    assert "baseline centre on" in table and "3 images" in table and "CC" in table, table
 
 
 def test_sauc_negatives_are_other_images_fixations_scaled_to_this_image():
