@@ -13,6 +13,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,7 @@ class RunCheckpoints:
                                   data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
         # Best first: a crash between the two saves then replays this step, saving both.
+        quiet = _QuietWriteFailures()
         try:
             # best/ keeps one checkpoint: Orbax retires the previous best once the new one is saved.
             # The state of a step already in checkpoints/ is this run's: saving that step
@@ -65,15 +70,18 @@ class RunCheckpoints:
                 else:
                     if manager.latest_step() == step:
                         manager.delete(step)
-                    manager.save(step, args=args, force=True)
+                    with quiet:
+                        manager.save(step, args=args, force=True)
         except (OSError, ValueError) as e:
-            # tensorstore reports a full disk as ValueError (RESOURCE_EXHAUSTED, os_error_code)
-            if isinstance(e, ValueError) and "RESOURCE_EXHAUSTED" not in str(e) \
-                    and "os_error_code" not in str(e):
+            if not _is_write_failure(e):
                 raise
-            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            quiet.keep()  # Orbax's threads go on reporting the same failure
+            code = getattr(e, "errno", None)
+            if code is None and (found := re.search(r"os_error_code='(\d+)'", str(e))):
+                code = int(found[1])  # tensorstore's, whose message names every path involved
+            reason = os.strerror(code) if code else str(e).splitlines()[0]
             previous = self.latest.latest_step()
-            full = getattr(e, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in str(e)
+            full = code == errno.ENOSPC or "RESOURCE_EXHAUSTED" in str(e)
             raise UserError(f"could not write the checkpoint of step {step} in "
                             f"{self.latest.directory} ({reason}); the previous checkpoint "
                             f"(step {previous}) is intact: {'free space' if full else 'fix that'}"
@@ -94,6 +102,53 @@ class RunCheckpoints:
     def close(self) -> None:
         for manager in (self.latest, self.best):
             _close(manager)
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    """An OSError, or tensorstore's ValueError for one (RESOURCE_EXHAUSTED, os_error_code)."""
+    return isinstance(error, OSError) or (isinstance(error, ValueError) and (
+        "RESOURCE_EXHAUSTED" in str(error) or "os_error_code" in str(error)))
+
+
+class _QuietWriteFailures:
+    """While a save runs, and for good once one failed to write: Orbax's threads each log
+    the write failure with its traceback, asyncio logs those of its futures, and tensorstore's
+    writes still in flight complete into Orbax's closed event loop, each printing 'Event loop
+    is closed'. ``save`` reports the failure in one line, which dozens of tracebacks (some
+    after it) would bury. Other records and other unraisable errors pass."""
+
+    def __init__(self):
+        # Orbax logs through absl; asyncio logs its futures' errors that no one retrieved.
+        self._loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+        self._hook_before = None
+        self._kept = False
+
+    def __enter__(self):
+        for logger in self._loggers:
+            logger.addFilter(self._not_a_write_failure)
+        self._hook_before = sys.unraisablehook
+        sys.unraisablehook = self._unless_closed_loop
+        return self
+
+    def __exit__(self, *exc_info):
+        if not self._kept:
+            for logger in self._loggers:
+                logger.removeFilter(self._not_a_write_failure)
+            sys.unraisablehook = self._hook_before
+
+    def keep(self) -> None:
+        """Install again, for good: the run stops with the one-line report."""
+        self.__enter__()
+        self._kept = True
+
+    @staticmethod
+    def _not_a_write_failure(record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _is_write_failure(record.exc_info[1]))
+
+    def _unless_closed_loop(self, unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            self._hook_before(unraisable)
 
 
 def _close(manager: ocp.CheckpointManager) -> None:

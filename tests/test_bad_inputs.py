@@ -94,24 +94,57 @@ def test_unwritable_workdir(tmp_path):
     ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/d/abc\": No space left on "
                "device [os_error_code='28'] [source locations='tensorstore/...']"),
 ])
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, error):
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, caplog,
+                                                              error):
+    """... and is the one line said about it: Orbax's threads each log the failure with its
+    traceback, and tensorstore's late writes print 'Event loop is closed' (as unraisable
+    exceptions), during the save and after it; other messages still get through."""
+    import logging
+
     import orbax.checkpoint as ocp
+    from absl import logging as absl_logging
     from mlnet_jax.train import train_and_evaluate
     from test_train import latest_state
 
-    real_save, calls = ocp.CheckpointManager.save, []
+    class LateWrite:  # its __del__'s error goes to sys.unraisablehook, as tensorstore's do
+        def __init__(self, message):
+            self.message = message
+
+        def __del__(self):
+            raise RuntimeError(self.message)
+
+    real_save, calls, unraisable = ocp.CheckpointManager.save, [], []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(str(u.exc_value)))
+    for name in ("absl", "asyncio"):  # what the run adds to their filters goes with the test
+        monkeypatch.setattr(logging.getLogger(name), "filters",
+                            list(logging.getLogger(name).filters))
+    caplog.set_level(logging.INFO)
 
     def save(self, step, *args, **kwargs):
         calls.append(step)
         if len(calls) > 1:
+            absl_logging.error("_SignalingThread.run() raised an exception: %s", error,
+                               exc_info=error)
+            absl_logging.warning("an unrelated warning")
+            logging.getLogger("asyncio").error("Future exception was never retrieved",
+                                               exc_info=(type(error), error, None))
+            LateWrite("Event loop is closed")
             raise error
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     workdir = tmp_path / "run"
-    with pytest.raises(UserError, match=r"could not write the checkpoint of step \d+ .*No space left "
-                                        r"on device.*previous checkpoint \(step 2\) is intact"):
+    with pytest.raises(UserError, match=r"could not write the checkpoint of step \d+ in \S+ \(No "
+                                        r"space left on device\); the previous checkpoint \(step 2\)"
+                                        r" is intact: free space"):
         train_and_evaluate(tiny_config(num_epochs=1), workdir)
+    LateWrite("Event loop is closed")  # after the report too
+    LateWrite("another error")
+    absl_logging.error("a later failure", exc_info=error)
+    assert unraisable == ["another error"]
+    logged = [r.getMessage() for r in caplog.records if r.name in ("absl", "asyncio")]
+    assert "an unrelated warning" in logged and not [m for m in logged if "failure" in m or
+                                                     "exception" in m], logged
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     step, state, _ = latest_state(workdir)
     assert step == 2 and all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(state))
