@@ -52,13 +52,14 @@ class InstantDevice:
         self._predict = lambda _, padded: np.broadcast_to(raw, (len(padded), rows, cols))
 
 
-def measure(images: Path, out_dir: Path, workers: int, repeats: int) -> dict:
-    """One worker count: a warm-up into its own folder, then ``repeats`` timed runs over every
-    photo, each writing all its maps again into ``out_dir``/workers<N>."""
+def measure(images: Path, out_dir: Path, workers: int, repeats: int, device=None) -> dict:
+    """One worker count: a warm-up into its own folder (it compiles a real ``device``), then
+    ``repeats`` timed runs over every photo, each writing all its maps again into
+    ``out_dir``/workers<N>. ``device``: a ``Predictor`` (default :class:`InstantDevice`)."""
     from mlnet_jax.predict import Report, plan_outputs, predict_images
 
     sources = sorted(images.glob("*.jpg"))
-    device, rates = InstantDevice(), []
+    device, rates = device or InstantDevice(), []
     warm_up = plan_outputs(sources[:8], images, out_dir / "warm-up", overlay=False,
                            map_video=False)
     predict_images(device, warm_up, report=Report(), workers=workers, progress=False)

@@ -850,7 +850,7 @@ def measure_predict_files(bench: Bench, key: tuple, b: int, h: int, w: int) -> d
     rate of the kept ``predict`` measurement (the same function and batch)."""
     _, jnp = _jax()
     from mlnet_jax.inference import ModelInfo, Predictor
-    from mlnet_jax.predict import Report, build_parser, plan_outputs, predict_images
+    from mlnet_jax.predict import build_parser
 
     args = bench.args
     info = ModelInfo(input_size=(h, w), preprocessing="caffe",
@@ -858,26 +858,16 @@ def measure_predict_files(bench: Bench, key: tuple, b: int, h: int, w: int) -> d
     predictor = Predictor(info.build(jnp.dtype(key[1])), {"params": bench.params(h, w)}, info,
                           batch_size=b, mesh=bench.mesh)
     workers = build_parser().get_default("workers")  # the command's default
-    out = {"case": key[0], "dtype": key[1], "records": args.pipeline_records, "workers": workers,
-           "image_size": [480, 640], "writes": "grey PNG maps at 640x480"}
     with tempfile.TemporaryDirectory(prefix="mlnet_fake_photos_") as tmp:
         write_fake_salicon(Path(tmp), args.pipeline_records)
-        sources = sorted((Path(tmp) / "images").glob("*.jpg"))
-        jobs = plan_outputs(sources, Path(tmp) / "images", Path(tmp) / "maps_out", overlay=False,
-                            map_video=False)
-        report = Report()
-        predict_images(predictor, jobs[:b], report=report, workers=workers, progress=False)  # compile
-        rates = []
-        for _ in range(2 if args.quick else 3):
-            t = time.perf_counter()
-            predict_images(predictor, jobs, report=report, workers=workers, progress=False)
-            rates.append(len(jobs) / (time.perf_counter() - t))
-        written = sum(1 for _ in (Path(tmp) / "maps_out").glob("*.png"))
+        run = sibling("predict_host").measure(Path(tmp) / "images", Path(tmp) / "maps_out",
+                                              workers, 2 if args.quick else 3, device=predictor)
     synthetic = bench.kept[key][2]
-    out.update(images_per_s=_median(rates), window_images_per_s=rates, maps_written=written,
-               failed=len(report.failed), synthetic_images_per_s=synthetic,
-               ratio_to_synthetic=_median(rates) / synthetic)
-    return out
+    return {"case": key[0], "dtype": key[1], "records": args.pipeline_records,
+            "workers": workers, "image_size": [480, 640], "writes": "grey PNG maps at 640x480",
+            "images_per_s": run["images_per_s"], "window_images_per_s": run["repeats"],
+            "maps_written": run["maps_written"], "synthetic_images_per_s": synthetic,
+            "ratio_to_synthetic": run["images_per_s"] / synthetic}
 
 
 # --------------------------------------------------------------------------- the run
