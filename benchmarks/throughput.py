@@ -263,8 +263,9 @@ def software_versions() -> dict:
 # v2.1 / v1 / v0: earlier versions of the package's levers, re-created in benchmarks/versions.py
 # (v2.1: the ReLU and the pool as two operations, the code measured on 2026-11-27; v1: autodiff's
 # gradients for both; v0: v1 with pool4 by reduce_window and one random word per dropout
-# element; v0_pool4 / v0_dropout: v1 with one of the two undone). cand_rgb8 puts in
-# benchmarks/candidates.py's lever (conv1_1 with its input padded to 8 channels), not adopted.
+# element; v0_pool4 / v0_dropout: v1 with one of the two undone). cand_* put in levers of
+# benchmarks/candidates.py, not adopted: cand_rgb8 conv1_1 with its input padded to 8
+# channels, cand_conv1_cols<g> conv1_1 over groups of g columns.
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _version(name: str):
@@ -274,13 +275,15 @@ def _version(name: str):
     return call
 
 
-def _conv_candidate(factory: str):
+def _conv_candidate(factory: str, **options):
     """A stand-in for ``lax.conv_general_dilated``: ``candidates.<factory>`` wrapped around the
-    original, built on first use."""
+    original (with ``options``), built on first use."""
+    key = (factory, *sorted(options.items()))
+
     def conv(*args, **kwargs):
-        if factory not in _LOADED:
-            _LOADED[factory] = getattr(sibling("candidates"), factory)(_LOADED["conv"])
-        return _LOADED[factory](*args, **kwargs)
+        if key not in _LOADED:
+            _LOADED[key] = getattr(sibling("candidates"), factory)(_LOADED["conv"], **options)
+        return _LOADED[key](*args, **kwargs)
     return conv
 
 
@@ -309,6 +312,9 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                    _version("v0_dropout_keep_mask")},
     "cand_rgb8": {("jax.lax", "conv_general_dilated"):
                   _conv_candidate("conv_with_padded_colour_channels")},
+    # conv1_1 on groups of 2, 4 or 8 columns: 6, 12 or 24 channels, padded to a multiple of 8.
+    **{f"cand_conv1_cols{g}": {("jax.lax", "conv_general_dilated"): _conv_candidate(
+        "conv_over_column_groups", group=g, channels=-(-3 * g // 8) * 8)} for g in (2, 4, 8)},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -320,7 +326,8 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
 # The others change gradients only.
-FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", *COMPILER_OPTIONS}
+FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_conv1_cols2", "cand_conv1_cols4",
+                    "cand_conv1_cols8", *COMPILER_OPTIONS}
 
 
 class patched:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import jax
@@ -549,6 +549,7 @@ def test_cudnn_calls_of_the_h200_executables_do_the_modelled_flops(name, mode):
         assert names["input_reduce_select_fusion.13"]["category"] == "reduction fusion"
 
 
+@cache  # the code as it is serves several comparisons
 def _one_train_step(variant, width=0.25):
     """One real train step (lr 1e-2, fixed data) with ``variant`` patched in while tracing:
     the new state, the metrics and the starting parameters."""
@@ -586,6 +587,7 @@ def test_v1_variant_trains_the_same_step_without_the_barriers():
     assert float(jnp.abs(conv1_1).max()) > 1e-6  # the gradient reached the first layer
 
 
+@cache
 def _predict(variant):
     """The real-width model's predict function on two fixed 16×16 images with ``variant``
     patched in while tracing: its lowered text and its maps."""
@@ -605,6 +607,29 @@ def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
     assert "tensor<3x3x3x64x" in text and "tensor<3x3x8x64x" not in text
     assert "tensor<3x3x8x64x" in text8 and "tensor<2x16x16x8x" in text8
     assert text8.count("stablehlo.convolution") == text.count("stablehlo.convolution")
+    assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
+
+
+@pytest.mark.parametrize("group, channels", [(2, 8), (4, 16), (8, 24)])
+def test_conv1_1_over_column_groups_is_one_wider_convolution_with_the_same_maps_and_step(
+        group, channels):
+    # conv1_1 on (B, H, W/g, 3g) images padded to a multiple of 8 channels, with g·64 outputs
+    # that are the (B, H, W, 64) ones in memory: the same maps and the same training step
+    # (its weight gradient folded back through the grouped kernel), every other layer as it is.
+    variant = f"cand_conv1_cols{group}"
+    (text, maps), (grouped, maps_g) = _predict(None), _predict(variant)
+    np.testing.assert_allclose(maps_g, maps, rtol=1e-5, atol=1e-6)
+    assert f"tensor<3x3x{channels}x{64 * group}x" in grouped
+    assert f"tensor<2x16x{16 // group}x{channels}x" in grouped
+    assert "tensor<3x3x3x64x" in text and f"tensor<3x3x{channels}x" not in text
+    assert grouped.count("stablehlo.convolution") == text.count("stablehlo.convolution")
+
+    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step(variant)
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    conv1_1 = b.trainable["backbone"]["conv1_1"]["kernel"] - start["backbone"]["conv1_1"]["kernel"]
+    assert float(jnp.abs(conv1_1).max()) > 1e-6
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
 
 
