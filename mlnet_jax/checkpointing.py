@@ -59,13 +59,13 @@ class RunCheckpoints:
         try:
             # best/ keeps one checkpoint: Orbax retires the previous best once the new one is saved.
             # The state of a step already in checkpoints/ is this run's: saving that step
-            # again (after its evaluation) only updates the meta. A best/ of that step
-            # without it is a killed run's: replaced.
-            saved_before = self.latest.latest_step() == step
+            # again (after its evaluation) only updates the meta. A best/ of the same step is
+            # always written again: it may be another run's (one whose checkpoints/ was
+            # deleted to start over, or a start killed between the two saves).
             for manager, wanted in ((self.best, is_best), (self.latest, True)):
                 if not wanted:
                     continue
-                if manager.latest_step() == step and saved_before:
+                if manager is self.latest and manager.latest_step() == step:
                     _rewrite_meta(manager, step, meta)
                 else:
                     if manager.latest_step() == step:

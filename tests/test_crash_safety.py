@@ -128,10 +128,40 @@ def test_a_best_checkpoint_left_by_a_killed_run_is_replaced_when_its_step_is_sav
     for manager in (checkpoints.best, checkpoints.latest):
         restored = manager.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
         np.testing.assert_array_equal(restored.state["w"], replayed["w"])
-    # Saving a step again after its evaluation only rewrites the progress record.
+    # Saving a step again after its evaluation: checkpoints/ only gets the new progress record
+    # (its state is this run's); best/ is written whole (its state may be another run's).
+    # (A different state is passed only to tell the two apart.)
     checkpoints.save(6, killed, {}, {"best_step": 6, "evaluated": True}, is_best=True)
-    restored = checkpoints.best.restore(6, args=ocp.args.Composite(
+    for manager, state in ((checkpoints.latest, replayed), (checkpoints.best, killed)):
+        restored = manager.restore(6, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        np.testing.assert_array_equal(restored.state["w"], state["w"])
+        assert restored.meta["evaluated"] is True
+    checkpoints.close()
+
+
+def test_a_best_checkpoint_of_another_run_at_the_same_step_is_replaced(tmp_path):
+    """A workdir whose checkpoints/ was deleted to start over, its best/ kept: the new run's
+    first best can be the same step. Its epoch end saves checkpoints/ first, then best/ after
+    the evaluation: best/ must get the new run's state, not keep the old one's with the new
+    progress record."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from mlnet_jax.checkpointing import RunCheckpoints
+    old_run = {"w": np.full((3,), 1.0, np.float32)}
+    new_run = {"w": np.full((3,), 2.0, np.float32)}
+    checkpoints = RunCheckpoints(tmp_path, 2)
+    checkpoints.save(5, old_run, {}, {"best_step": 5}, is_best=True)
+    checkpoints.close()
+    shutil.rmtree(tmp_path / "checkpoints")
+
+    checkpoints = RunCheckpoints(tmp_path, 2)
+    checkpoints.save(5, new_run, {}, {"evaluation_pending": True})  # the epoch's state
+    checkpoints.save(5, new_run, {}, {"best_step": 5, "run": "new"}, is_best=True)
+    restored = checkpoints.best.restore(5, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    np.testing.assert_array_equal(restored.state["w"], replayed["w"])
-    assert restored.meta["evaluated"] is True
+    np.testing.assert_array_equal(restored.state["w"], new_run["w"])
+    assert restored.meta == {"best_step": 5, "run": "new"}
     checkpoints.close()
