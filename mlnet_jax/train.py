@@ -330,11 +330,14 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     # checkpoints and logs with this one's.
     lock = exclusive_lock(workdir / ".lock", f"--workdir {workdir}: another training is "
                           "running in it (it holds .lock); wait for it, or use another --workdir")
-    with lock if jax.process_index() == 0 else contextlib.nullcontext():
-        return _train_and_evaluate(config, workdir, override_config)
+    # Signals are caught from here on: a Ctrl-C while starting (restoring, compiling) stops
+    # the run before its first step. Python's own KeyboardInterrupt could land inside a
+    # callback (JAX's garbage-collection hook), which swallows it, and training went on.
+    with lock if jax.process_index() == 0 else contextlib.nullcontext(), _StopRequest() as stop:
+        return _train_and_evaluate(config, workdir, override_config, stop)
 
 
-def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
+def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_StopRequest") -> dict:
     from mlnet_jax.checkpointing import RunCheckpoints
     from mlnet_jax.input_pipeline import auto_worker_count, prefetch_to_device, train_loader
     from mlnet_jax.reporting import MetricWriter, save_training_curves
@@ -496,7 +499,13 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool) -> dict:
 
     try:
         first_step = step + 1
-        with _StopRequest() as stop, _progress(total_steps, step) as bar:
+        with _progress(total_steps, step) as bar:
+            if stop.signum is not None:
+                kept = (f"the checkpoint of step {step} is kept" if last_good_step is not None
+                        else "nothing was trained yet")
+                raise TrainingStopped(f"received signal {stop.signum} while starting; stopped "
+                                      f"before step {step + 1} ({kept}); rerun the same "
+                                      "command to continue", 128 + stop.signum)
             if meta.get("evaluation_pending"):
                 _log(f"evaluating epoch {step // epoch_steps}: a stop came before its evaluation")
                 end_epoch(bar, stop)

@@ -372,6 +372,33 @@ def _sigterm_at_batch(prefetch_to_device, n: int):
 
 
 @pytest.mark.timeout(300)
+def test_a_ctrl_c_while_starting_stops_before_the_first_step(tmp_path, monkeypatch):
+    """Python's KeyboardInterrupt can land inside a callback that swallows it (JAX's garbage-
+    collection hook), and the run trained on: the signal is caught from the start instead,
+    and the run stops with one line before its first step."""
+    import os
+    import signal
+
+    import mlnet_jax.train as train_module
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+    real_compile = train_module.compile_steps
+
+    def interrupted_compile(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compile_steps", interrupted_compile)
+    with pytest.raises(train_module.TrainingStopped, match=r"received signal 2 while starting; "
+                       r"stopped before step 1 \(nothing was trained yet\)") as stopped:
+        train_module.train_and_evaluate(tiny.get_config(), tmp_path / "run")
+    assert stopped.value.exit_code == 130
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (
+        tmp_path / "run" / "metrics.jsonl").read_text().strip()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+@pytest.mark.timeout(300)
 def test_a_stop_during_an_epochs_last_step_evaluates_that_epoch_on_resume(tmp_path, monkeypatch):
 
     import mlnet_jax.input_pipeline as input_pipeline
