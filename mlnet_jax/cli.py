@@ -49,7 +49,7 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
         try:  # it applies the --config.key overrides it finds in sys.argv here
             config_flags.DEFINE_config_file("config", config[0], config[1], lock_config=True)
         except (KeyError, AttributeError) as e:
-            return _no_such_field(e)
+            return _no_get_config(argv) if _lacks_get_config(e) else _no_such_field(e)
         except OSError as e:  # an override applied to a file that could not be loaded
             return _cannot_load(argv, e)
         # --help lists the main module's key flags; --config is defined here, not there.
@@ -63,7 +63,7 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
         except (KeyError, AttributeError) as e:  # a --config.key naming no field
             if config is None:
                 raise
-            _no_such_field(e)
+            _no_get_config(args) if _lacks_get_config(e) else _no_such_field(e)
         except OSError as e:  # a --config.key applied to a file that could not be loaded
             if config is None:
                 raise
@@ -107,6 +107,18 @@ def _cannot_load(argv: list[str], error: OSError) -> int:
     return 2
 
 
+def _lacks_get_config(error: Exception) -> bool:
+    return isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error)
+
+
+def _no_get_config(argv: list[str]) -> int:
+    found = _config_arguments(argv)
+    print(f"error: --config {found[-1][1] if found else ''}: defines no get_config() (a config "
+          "file's get_config() returns the fields of mlnet_jax/configs/default.py, as "
+          "configs/salicon.py does)", file=sys.stderr)
+    return 2
+
+
 def _no_such_field(error: Exception) -> int:
     """ml_collections' KeyError text: the field in quotes, maybe with 'Did you mean "x"'."""
     text = str(error)
@@ -121,9 +133,17 @@ def _no_such_field(error: Exception) -> int:
 def _load_config(FLAGS) -> None:
     """Load ``--config`` now (ml_collections defers a failure to the first use of the config)."""
     from ml_collections import config_flags
+
+    from mlnet_jax.configs import default
+    name = config_flags.get_config_filename(FLAGS["config"])
     try:
         FLAGS.config.to_dict  # on a failed load, a stand-in that raises on any attribute
     except OSError as e:
         reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-        raise UserError(f"--config {config_flags.get_config_filename(FLAGS['config'])}: cannot "
-                        f"load it ({reason})") from None
+        raise UserError(f"--config {name}: cannot load it ({reason})") from None
+    missing = [key for key in default.get_config().keys() if key not in FLAGS.config]
+    if missing:
+        raise UserError(f"--config {name}: has no field {', '.join(missing[:3])}"
+                        f"{f' (and {len(missing) - 3} more)' if len(missing) > 3 else ''}; a "
+                        "config starts from mlnet_jax.configs.default.get_config(), as "
+                        "configs/salicon.py does")

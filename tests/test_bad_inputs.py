@@ -80,6 +80,21 @@ def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path):
                            "(64,), this config's model needs (32,)")
 
 
+def test_config_files_that_are_not_configs_are_named(tmp_path):
+    (tmp_path / "no_get_config.py").write_text("x = 1\n")
+    (tmp_path / "partial.py").write_text(
+        "import ml_collections\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'dataset': 'synthetic'})\n")
+    one_line_error(cli("mlnet_jax.train", f"--config={tmp_path / 'no_get_config.py'}",
+                       f"--workdir={tmp_path / 'run'}"),
+                   f"--config {tmp_path / 'no_get_config.py'}: defines no get_config()")
+    one_line_error(cli("mlnet_jax.evaluate", f"--config={tmp_path / 'partial.py'}",
+                       "--baseline=centre"),
+                   f"--config {tmp_path / 'partial.py'}: has no field checkpoint_every_steps, ",
+                   "mlnet_jax.configs.default.get_config()")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
