@@ -493,6 +493,32 @@ def test_cli_mat_without_gaze_fields(tmp_path, capsys, fields, missing):
     assert code == 2 and str(mat) in line and missing in line
 
 
+def test_malformed_fixation_and_map_values_are_named_or_warned(tmp_path, caplog):
+    """Text where SALICON's resolution goes, a struct or cell array as CAT2000's fixLocs and
+    complex fixations are one-line errors naming the file; a float map's NaN pixels are taken
+    as 0 with a warning (one NaN made its peak NaN, and the whole map zero, blamed on the map)."""
+    mat = tmp_path / "f.mat"
+    with pytest.raises(UserError, match=f"{mat}: 'resolution' must be the numbers"):
+        records.at_image_size(np.array([[1.0, 1.0]]), {"resolution": np.array(["480x640"])},
+                              (24, 32), mat)
+    with pytest.raises(UserError, match=f"{mat}: fixations must be real numbers"):
+        records.xy1_to_rc0(np.array([[1 + 1j, 2.0]]), (24, 32), mat)
+    for fixlocs, kind in (({"a": np.ones((2, 2))}, "a struct or cell array"),
+                          (np.array(["ab", "cd"]), "text")):
+        scipy.io.savemat(str(mat), {"fixLocs": fixlocs})
+        item = layouts.Item(key="x", image=tmp_path / "x.jpg", fixations=mat,
+                            fixation_format="fixlocs_mat", file_name="x.jpg")
+        with pytest.raises(UserError, match=f"{mat}: 'fixLocs' must be a 2-D binary matrix, "
+                                            f"not {kind}"):
+            records.read_fixations(item, (24, 32))
+    values = np.ones((4, 5), np.float32)
+    values[1, 2], values[3, 0] = np.nan, 0.5
+    caplog.set_level(logging.WARNING)
+    grey = records.grey_map(Image.fromarray(values, "F"), tmp_path / "m.tif")
+    assert grey[0, 0] == 255 and grey[1, 2] == 0 and grey[3, 0] == 128
+    assert "m.tif: 1 map pixels are not finite numbers (NaN or Inf); taken as 0" in caplog.text
+
+
 def test_cli_debug_shows_traceback(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         main(["folder", "--manual_dir", str(tmp_path / "nowhere"), "--debug"])

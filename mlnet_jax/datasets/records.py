@@ -87,6 +87,11 @@ def grey_map(pil: Image.Image, path: Path) -> np.ndarray:
     → its grey. A map in colour (a heatmap rendering) is refused: its luma is not saliency."""
     if pil.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         values = np.asarray(pil, np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():  # NaN made the peak NaN, and the whole map zero
+            log.warning("%s: %d map pixels are not finite numbers (NaN or Inf); taken as 0",
+                        path, int((~finite).sum()))
+            values = np.where(finite, values, 0.0)
         peak = values.max()
         return (np.clip(values / peak, 0, 1) * 255 + 0.5).astype(np.uint8) if peak > 0 else \
             np.zeros(values.shape, np.uint8)
@@ -116,7 +121,9 @@ def read_map(path: Path, image_size: tuple[int, int]) -> bytes:
 
 
 def _numbers(values, path: Path, what: str) -> np.ndarray:
-    """``values`` as float64, or a UserError naming the file (a cell array, text)."""
+    """``values`` as float64, or a UserError naming the file (a cell array, text, complex)."""
+    if np.iscomplexobj(values):
+        raise UserError(f"{path}: {what} must be real numbers (1-based (x, y)), not complex")
     try:
         return np.asarray(values, np.float64)
     except (ValueError, TypeError):
@@ -204,7 +211,11 @@ def at_image_size(points: np.ndarray, mat: dict, image_size: tuple[int, int],
                   path: Path) -> np.ndarray:
     """SALICON's 1-based (x, y) rescaled from the ``resolution`` (rows, cols) they were
     recorded at to the image's size, if the image is a resized copy (not clipped to it)."""
-    resolution = np.asarray(mat.get("resolution", ()), np.float64).ravel()
+    try:
+        resolution = np.asarray(mat.get("resolution", ()), np.float64).ravel()
+    except (ValueError, TypeError):
+        raise UserError(f"{path}: 'resolution' must be the numbers (rows, cols) the fixations "
+                        "were recorded at, not text or a cell array") from None
     if (resolution.size != 2 or not np.isfinite(resolution).all() or (resolution <= 0).any()
             or tuple(resolution) == tuple(image_size) or points.size == 0):
         return points
@@ -239,6 +250,9 @@ def read_fixations(item: Item, image_size: tuple[int, int]) -> np.ndarray:
             raise UserError(f"{path}: missing variable 'fixLocs' (a binary matrix of the image "
                             f"size); found: {', '.join(variables) or 'none'}")
         locs = np.asarray(mat[name])
+        if locs.dtype.kind not in "biuf":
+            raise UserError(f"{path}: '{name}' must be a 2-D binary matrix, not "
+                            f"{'text' if locs.dtype.kind in 'US' else 'a struct or cell array'}")
         if locs.ndim != 2:
             raise UserError(f"{path}: '{name}' must be a 2-D binary matrix, got shape "
                             f"{locs.shape}")
