@@ -388,6 +388,12 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                 saved_meta["config"].get(field)) != json.dumps(config_json.get(field))]
             if worker_count != saved_meta.get("worker_count", worker_count):
                 shaping.append("config.worker_count (the input position is per worker)")
+            # The input order is drawn from the seed and the record count: grain refuses the
+            # saved position otherwise, which would read as a dataset prepared again.
+            for field in ("seed",) + (("synthetic_train_size",) if config.dataset == "synthetic"
+                                      else ()):
+                if saved_meta["config"].get(field, config_json[field]) != config_json[field]:
+                    shaping.append(f"config.{field} (the input order is drawn from it)")
             if shaping:
                 raise UserError(f"{workdir}: {', '.join(shaping)} cannot change when resuming, not "
                                 "even with --override_config (the saved state has another shape); "
