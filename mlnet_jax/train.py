@@ -319,6 +319,8 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     """Train (resuming from the workdir's latest checkpoint), evaluate each epoch, and write
     ``final_metrics.json`` with the held-out split's metrics. Returns those metrics."""
     check_config(config)
+    if not str(workdir).strip():  # Path('') is the current folder
+        raise UserError("--workdir is empty; name the folder for this run's checkpoints and logs")
     workdir = Path(workdir).expanduser()  # '--workdir=~/run' reaches us unexpanded
     try:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,12 @@ def test_unwritable_workdir(tmp_path):
     one_line_error(result, f"--workdir {blocker / 'run'}: cannot write there")
 
 
+def test_an_empty_workdir_is_refused_not_the_current_folder(tmp_path):
+    from mlnet_jax.train import train_and_evaluate
+    with pytest.raises(UserError, match="--workdir is empty"):
+        train_and_evaluate(tiny_config(), "")
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("error", [
     OSError(errno.ENOSPC, "No space left on device"),
