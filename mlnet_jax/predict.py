@@ -13,10 +13,12 @@ Hidden files and folders and the output folder itself (when inside the input) ar
 When two inputs would write the same file (``x.jpg`` and ``x.png`` in one folder; names are
 compared ignoring case), the later one in sorted order is named after its full file name
 (``x.png.png``, ``x.png_overlay.png``) and a note says so; the same happens to an output that
-would replace an input, a folder another output needs, or, beside its input, a file this
-command did not write (a photo ``x.png`` beside a single ``x.jpg`` predicted into its own
-folder; outputs are tagged ``mlnet_jax``). ``--output`` equal
-to the input folder is refused: a rerun would predict on its own maps.
+would replace an input, a folder another output needs, or any file this command did not write
+(a photo ``x.png`` beside a single ``x.jpg`` predicted into its own folder, a user's own file
+in the output folder; outputs are tagged ``mlnet_jax``, and only those are replaced). A folder
+run skips the outputs of earlier runs it finds among its inputs, and files that are not
+regular files (a named pipe would block its reader). ``--output`` equal to the input folder
+is refused: a rerun would predict on its own maps.
 
 A bad file never stops the run: each failure is one ``error: FILE: reason`` line, every good
 file is written, and the exit status is 2 if anything failed. Every file is written under a
@@ -33,6 +35,7 @@ import dataclasses
 import itertools
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -90,16 +93,23 @@ class Report:
 
 # --------------------------------------------------------------------------- inputs and names
 
-def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(images and videos under ``input_path`` in sorted order, other files skipped).
+#: Why ``find_inputs`` skipped files, as the command's closing note says it.
+NOT_MEDIA = "that are not images or videos by their extension"
+NOT_FILES = "that are not regular files (pipes, sockets, devices: reading one can block)"
+OURS = "that are maps, overlays or videos this command wrote"
+
+
+def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], dict[str, list[Path]]]:
+    """(images and videos under ``input_path`` in sorted order, {reason: files skipped}).
 
     Hidden files and folders, and ``output_dir`` when it lies inside the input, are not
-    walked, so a rerun never predicts on its own outputs; ``output_dir`` equal to the input
-    folder is refused for the same reason. Symbolic links to folders are followed, each real
-    folder walked once (a link back up the tree is not a loop).
+    walked, and outputs of an earlier run written elsewhere in the tree (beside a single
+    input) are skipped, so a rerun never predicts on its own outputs; ``output_dir`` equal to
+    the input folder is refused for the same reason. Symbolic links to folders are followed,
+    each real folder walked once (a link back up the tree is not a loop).
     """
     if input_path.is_file():
-        return [input_path], []
+        return [input_path], {}
     if not input_path.is_dir():
         what = "not a file or folder" if input_path.exists() else "no such file or folder"
         raise UserError(f"--input {input_path}: {what}")
@@ -108,7 +118,7 @@ def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], list[Pa
         raise UserError(f"--output {output_dir}: is the --input folder itself, so a rerun would "
                         "predict on its own maps; name another folder (one inside the input is "
                         f"fine, e.g. {output_dir / 'maps'})")
-    found, skipped = [], []
+    found, skipped = [], collections.defaultdict(list)
     walked = {input_path.resolve()}
     for folder, dirs, files in os.walk(input_path, followlinks=True):
         kept = []
@@ -122,8 +132,22 @@ def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], list[Pa
             path = Path(folder) / name
             if name.startswith("."):
                 continue
-            (found if is_image_path(path) or is_video_path(path) else skipped).append(path)
-    return found, skipped
+            if not (is_image_path(path) or is_video_path(path)):
+                skipped[NOT_MEDIA].append(path)
+            elif not _regular_file(path):
+                skipped[NOT_FILES].append(path)
+            elif path.suffix.lower() in (MAP_SUFFIX, VIDEO_SUFFIX) and is_our_output(path):
+                skipped[OURS].append(path)
+            else:
+                found.append(path)
+    return found, dict(skipped)
+
+
+def _regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:  # a broken link: reading it says why, in the run's error lines
+        return True
 
 
 def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay: bool,
@@ -131,9 +155,9 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
     """Output paths mirroring each source's path relative to ``root``.
 
     A source whose outputs are already claimed by an earlier source, would replace an input
-    file, a folder another output needs, or a PNG this command did not write (a photo beside
-    a single input), is named after its full file name instead (names compared ignoring case,
-    as on macOS and Windows file systems).
+    file, a folder another output needs, or any file this command did not write (a photo
+    beside a single input, a user's file in the output folder), is named after its full file
+    name instead (names compared ignoring case, as on macOS and Windows file systems).
     """
     sources = list(sources)
     claimed = {_key(s) for s in sources}
@@ -142,13 +166,13 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
     for folder in {parent for f in folders for parent in (f, *f.parents)}:
         claimed.add(_key(output_dir / folder))  # a folder outputs go into is no output file
 
-    def taken(path: Path, source: Path) -> bool:
-        """Claimed by this run, a folder, or, beside its input, a file this command did not
-        write (a photo ``x.png`` beside ``x.jpg``): none of them is replaced."""
+    def taken(path: Path) -> bool:
+        """Claimed by this run, a folder, or a file this command did not write (a photo
+        ``x.png`` beside ``x.jpg``, or one a user keeps in the output folder): none of them
+        is replaced."""
         if _key(path) in claimed or path.is_dir():
             return True
-        return (path.parent.resolve() == source.parent.resolve() and path.exists()
-                and not is_our_output(path))
+        return path.exists() and not is_our_output(path)
 
     jobs = []
     for source in sources:
@@ -163,7 +187,7 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
             map_path = folder / f"{base}{suffix}" if want_map else None
             overlay_path = folder / f"{base}{OVERLAY_SUFFIX}{suffix}" if want_overlay else None
             outputs = [p for p in (map_path, overlay_path) if p is not None]
-            if not any(taken(p, source) for p in outputs):
+            if not any(taken(p) for p in outputs):
                 claimed |= {_key(p) for p in outputs}
                 jobs.append(Job(source, video, map_path, overlay_path, renamed=attempt > 0))
                 break
@@ -546,8 +570,8 @@ def _pillow_bomb_check_left_to_us(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job], skipped: list[Path],
-                  output_dir: Path) -> int:
+def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job],
+                  skipped: dict[str, list[Path]], output_dir: Path) -> int:
     from mlnet_jax.inference import Predictor
     from mlnet_jax.compilation_cache import enable_compilation_cache
 
@@ -570,10 +594,13 @@ def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job], skipped: lis
     for job in video_jobs:
         predict_video(predictor, job, report=report, blur=args.blur, progress=not args.no_progress,
                       workers=args.workers)
-    if skipped:
-        kinds = sorted({p.suffix.lower() or "(none)" for p in skipped})
-        print(f"skipped {len(skipped)} file(s) that are not images or videos by their extension "
-              f"({', '.join(kinds[:8])}{', …' if len(kinds) > 8 else ''})", file=sys.stderr)
+    for reason, files in skipped.items():
+        if reason == NOT_MEDIA:
+            kinds = sorted({p.suffix.lower() or "(none)" for p in files})
+            which = f"{', '.join(kinds[:8])}{', …' if len(kinds) > 8 else ''}"
+        else:
+            which = f"{files[0]}{', …' if len(files) > 1 else ''}"
+        print(_one_line(f"skipped {len(files)} file(s) {reason} ({which})"), file=sys.stderr)
     for job in (j for j in jobs if j.renamed):
         print(_one_line(f"note: {job.source}'s outputs would replace another input's, a folder "
                         "or a file this command did not write; they are named "

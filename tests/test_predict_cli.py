@@ -338,13 +338,18 @@ def test_no_output_replaces_a_photo_or_a_folder_and_odd_names_are_shown_escaped(
         assert (folder / "x.png").read_bytes() == photo
         assert sorted(p.name for p in folder.iterdir()) == ["x.jpg", "x.jpg.png", "x.png"]
     assert "they are named x.jpg.png" in capsys.readouterr().err
-    # Elsewhere an existing output is replaced, tagged or not (an older version's maps).
-    Image.fromarray(_noise(5, 5)).save(tmp_path / "elsewhere.png")
+    # In an output folder of its own, a map of ours is replaced; a user's file of that name
+    # is not (the map is named after the photo's full name instead, with a note).
     assert _predict(model_file, folder / "x.jpg", tmp_path / "maps") == 0
-    (tmp_path / "maps" / "x.png").write_bytes((tmp_path / "elsewhere.png").read_bytes())
     assert _predict(model_file, folder / "x.jpg", tmp_path / "maps") == 0
     assert [p.name for p in (tmp_path / "maps").iterdir()] == ["x.png"]
-    assert Image.open(tmp_path / "maps" / "x.png").size == (20, 10)
+    Image.fromarray(_noise(5, 5)).save(tmp_path / "maps" / "x.png")
+    users = (tmp_path / "maps" / "x.png").read_bytes()
+    capsys.readouterr()
+    assert _predict(model_file, folder / "x.jpg", tmp_path / "maps") == 0
+    assert (tmp_path / "maps" / "x.png").read_bytes() == users
+    assert Image.open(tmp_path / "maps" / "x.jpg.png").size == (20, 10)
+    assert "they are named x.jpg.png" in capsys.readouterr().err
     # Our tag is read from the chunks, not by decoding: a huge map of ours is still ours.
     from mlnet_jax.predict import is_our_output
     _png_header_only(tmp_path / "huge.png", 30000, 30000, b"Software\0mlnet_jax")
@@ -370,6 +375,27 @@ def test_no_output_replaces_a_photo_or_a_folder_and_odd_names_are_shown_escaped(
     assert main(["--checkpoint", str(model_file), "--input", "/dev/null", "--output",
                  str(tmp_path / "o")]) == 2
     assert "--input /dev/null: not a file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)  # the pipe blocked the run
+def test_a_folder_run_skips_earlier_outputs_and_files_that_are_not_regular(model_file, tmp_path,
+                                                                          capsys):
+    """Maps written beside a single photo are outputs, not photos, to a later folder run; a
+    named pipe with an image's name would block its reader (the run hung): both skipped, with
+    a note each, every photo predicted."""
+    import os
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_noise(10, 20)).save(src / "x.jpg")
+    assert _predict(model_file, src / "x.jpg", src, "--overlay") == 0  # x.png, x_overlay.png
+    Image.fromarray(_noise(12, 8, seed=2)).save(src / "y.png")  # a photo of the same kind
+    os.mkfifo(src / "z.jpg")
+    capsys.readouterr()
+    assert _predict(model_file, src, tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png", "y.png"]
+    err = capsys.readouterr().err
+    assert f"skipped 2 file(s) that are maps, overlays or videos this command wrote ({src / 'x.png'}, …)" in err
+    assert f"skipped 1 file(s) that are not regular files (pipes, sockets, devices: reading one can block) ({src / 'z.jpg'})" in err
 
 
 def test_a_colour_key_transparency_is_put_on_white():
