@@ -8,6 +8,7 @@ and the colour marks only where people are predicted to look.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 from PIL import Image
@@ -69,11 +70,14 @@ def blur_map(saliency: np.ndarray, sigma: float) -> np.ndarray:
     indistinguishable for maps that are themselves upsampled, and keeps a 4000-pixel photo fast.
     """
     saliency = np.ascontiguousarray(saliency, np.float32)
-    if sigma < 0:
-        raise ValueError(f"blur sigma must be ≥ 0, got {sigma}")
+    if not 0 <= sigma < math.inf:  # NaN too
+        raise ValueError(f"blur sigma must be a finite number ≥ 0, got {sigma}")
     if sigma == 0 or saliency.size == 0:
         return saliency
     rows, cols = saliency.shape
+    # Wider than ten times the map, a Gaussian is flat over it to 0.5 %: the same blur, and a
+    # kernel that fits in memory (σ = 1e30 asked for one of 10^31 taps).
+    sigma = min(sigma, 10.0 * max(rows, cols))
     scale = _BLUR_WORKING_SIZE / max(rows, cols)
     if scale < 1 and sigma * scale >= 1:
         small_size = (max(1, round(cols * scale)), max(1, round(rows * scale)))

@@ -528,8 +528,8 @@ def run(args: argparse.Namespace) -> int:
     """The command without its error handling; returns the exit status."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not args.blur >= 0:  # NaN too
-        raise UserError(f"--blur must be ≥ 0, got {args.blur}")
+    if not 0 <= args.blur < float("inf"):  # NaN too
+        raise UserError(f"--blur must be a finite number ≥ 0, got {args.blur}")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.max_pixels < 1:

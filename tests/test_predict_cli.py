@@ -497,7 +497,8 @@ def test_an_unwritable_output_folder_is_one_line(model_file, tmp_path, capsys):
                                      ".mkv .mov .mp4 .webm)"),
     (["--input", "{tmp}/empty_dir", "--output", "{tmp}/empty_dir/."], "is the --input folder"),
     (["--input", "{tmp}/x.png", "--batch-size", "0"], "--batch-size"),
-    (["--input", "{tmp}/x.png", "--blur", "nan"], "--blur must be ≥ 0, got nan"),
+    (["--input", "{tmp}/x.png", "--blur", "nan"], "--blur must be a finite number ≥ 0, got nan"),
+    (["--input", "{tmp}/x.png", "--blur", "inf"], "--blur must be a finite number ≥ 0, got inf"),
     (["--input", "{tmp}/x.png", "--workers", "0"], "--workers must be at least 1, got 0"),
 ])
 def test_input_errors_are_one_line(model_file, tmp_path, capsys, args, message):
@@ -625,3 +626,10 @@ def test_blur_map_is_a_gaussian_and_fast_path_agrees():
     full = ndimage.gaussian_filter(smooth, 40, mode="nearest")
     np.testing.assert_allclose(blur_map(smooth, 40), full / full.max(), atol=0.01)
     assert (blur_map(np.zeros((3, 3)), 2) == 0).all()
+    # Far wider than the map: as flat as a blur ten times its size, not a kernel of 1e31 taps.
+    peaked = np.zeros((20, 30), np.float32)
+    peaked[3, 4] = 1
+    np.testing.assert_allclose(blur_map(peaked, 1e30), blur_map(peaked, 300.0), atol=1e-6)
+    assert blur_map(peaked, 1e30).min() > 0.99
+    with pytest.raises(ValueError, match="finite"):
+        blur_map(peaked, float("inf"))
