@@ -146,7 +146,7 @@ def to_rgb_array(image) -> np.ndarray:
     images are turned as their EXIF orientation says, then go through
     :func:`mlnet_jax.image_io.to_rgb` (16-bit scaled, not clipped; transparency on white).
     Arrays: uint16 is scaled from 0–65535, other integers as a 16-bit PIL image is (0–255 if
-    they fit, else 0–65535); floats are 0–1 when their maximum is at most 1, else 0–255 (values
+    they fit, else 0–65535; negative or larger values are refused); floats are 0–1 when their maximum is at most 1, else 0–255 (values
     outside 0–255 are refused, not clipped); RGBA is put on white.
     """
     if isinstance(image, (str, os.PathLike)):
@@ -158,7 +158,14 @@ def to_rgb_array(image) -> np.ndarray:
         raise ValueError(f"expected an H×W, H×W×3 or H×W×4 image, got shape {array.shape}")
     if 0 in array.shape[:2]:
         raise ValueError(f"empty image: shape {array.shape}")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"expected an image of numbers, got an array of dtype {array.dtype}")
     if array.dtype.kind in "iu" and array.dtype != np.uint8:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"image values run from {low} to {high}; integer images are "
+                             "expected in 0–255 or 0–65535 (values outside are refused, not "
+                             "clipped)")
         array = wide_to_uint8(array, "I;16" if array.dtype == np.uint16 else "I")
     elif array.dtype != np.uint8:
         if not np.isfinite(array).all():

@@ -593,7 +593,11 @@ def test_the_python_api_reads_arrays_and_photos_as_the_command_does(model_file, 
     np.testing.assert_allclose(predictor(image / 255.0), want, atol=1e-6)
     for bad, message in ((image - 128.0, "from -128 to"), (image * 2.0, "expected 0–1 or 0–255"),
                          (np.zeros((0, 40, 3)), r"empty image: shape \(0, 40, 3\)"),
-                         (np.zeros((1, 2, 30, 40, 3), np.uint8), r"shape \(1, 2, 30, 40, 3\)")):
+                         (np.zeros((1, 2, 30, 40, 3), np.uint8), r"shape \(1, 2, 30, 40, 3\)"),
+                         # Integers too: negative, or past 16 bits, is refused, not clipped.
+                         (image.astype(np.int16) - 50, "from -50 to 205; integer images"),
+                         (image.astype(np.int64) * 1000, r"to \d+; integer images are expected"),
+                         (np.full((3, 4), None, object), "an array of dtype object")):
         with pytest.raises(ValueError, match=message):
             predictor(bad)
 
