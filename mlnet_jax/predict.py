@@ -648,6 +648,13 @@ def main(argv: list[str] | None = None) -> int:
         stopped = "terminated" if isinstance(e, _Terminated) else "interrupted"
         print(f"{stopped}; finished outputs are complete, none is half-written", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(e, _Terminated) else 130
+    except MemoryError as e:
+        if args.debug:
+            raise
+        print(_one_line(f"error: out of memory ({e}); a batch holds --batch-size "
+                        f"{args.batch_size} images at the model's input size on the host and "
+                        "the device: use a smaller --batch-size"), file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 — one line for people; --debug for the traceback
         if args.debug:
             raise

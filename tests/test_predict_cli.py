@@ -500,6 +500,10 @@ def test_an_unwritable_output_folder_is_one_line(model_file, tmp_path, capsys):
     (["--input", "{tmp}/x.png", "--blur", "nan"], "--blur must be a finite number ≥ 0, got nan"),
     (["--input", "{tmp}/x.png", "--blur", "inf"], "--blur must be a finite number ≥ 0, got inf"),
     (["--input", "{tmp}/x.png", "--workers", "0"], "--workers must be at least 1, got 0"),
+    # A batch of 10⁹ 32×32 images does not fit: named, not a bare MemoryError.
+    (["--input", "{tmp}/x.png", "--no-progress", "--batch-size", str(10 ** 9)],
+     "); a batch holds --batch-size "
+     "1000000000 images at the model's input size on the host and the device: use a smaller"),
 ])
 def test_input_errors_are_one_line(model_file, tmp_path, capsys, args, message):
     (tmp_path / "empty_dir").mkdir()
@@ -507,7 +511,7 @@ def test_input_errors_are_one_line(model_file, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
     assert main(["--checkpoint", str(model_file), "--output", str(tmp_path / "o"), *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
 
 
 def test_the_module_runs_and_hides_tracebacks_unless_debug(tmp_path):
