@@ -41,6 +41,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
     """
     path = Path(path)
     try:
+        if path.is_dir():
+            raise ImageError(f"{path}: is a folder, not an image")
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings():
@@ -80,7 +82,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
 
 def _too_large(path: Path, size: str, limit: int) -> str:
     return (f"{path}: {size} is over the limit of {limit:,} pixels (a decompression bomb?); "
-            "raise it with --max-pixels if the file is trusted")
+            "raise it if the file is trusted (--max-pixels; max_pixels= in Python)")
 
 
 def as_displayed(image: Image.Image) -> Image.Image:

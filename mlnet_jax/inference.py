@@ -20,7 +20,7 @@ from PIL import Image
 
 from mlnet_jax.compute_dtype import check_backend_computes
 from mlnet_jax.errors import WeightsError
-from mlnet_jax.image_io import as_displayed, load_image, to_rgb, wide_to_uint8
+from mlnet_jax.image_io import MAX_PIXELS, as_displayed, load_image, to_rgb, wide_to_uint8
 from mlnet_jax.models import MLNet
 from mlnet_jax.preprocessing import letterbox, normalize, postprocess
 from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
@@ -138,7 +138,7 @@ def _committed(images) -> bool:
         return False
 
 
-def to_rgb_array(image) -> np.ndarray:
+def to_rgb_array(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """uint8 H×W×3 RGB from a file path, a PIL image or an array (NumPy, JAX or anything
     ``np.asarray`` takes: greyscale, RGB or RGBA).
 
@@ -150,7 +150,7 @@ def to_rgb_array(image) -> np.ndarray:
     outside 0–255 are refused, not clipped); RGBA is put on white.
     """
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
         return to_rgb(as_displayed(image))
     array = np.asarray(image)
@@ -187,23 +187,25 @@ class Predictor:
     """Load once, call many times: ``Predictor.load(dir)(images) -> list of maps``.
 
     Maps are float32 in [0, 1] at each image's original size. Batches are padded to
-    ``batch_size`` so one compilation serves every call.
+    ``batch_size`` so one compilation serves every call. Files larger than ``max_pixels`` are
+    refused (decompression bombs), as the command's ``--max-pixels`` does.
     """
 
     def __init__(self, model: MLNet, variables: dict, info: ModelInfo, batch_size: int = 8,
-                 mesh=None):
+                 mesh=None, max_pixels: int = MAX_PIXELS):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         mesh = data_mesh() if mesh is None else mesh
-        self.info = info
+        self.info, self.max_pixels = info, max_pixels
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self._variables = jax.device_put(variables, replicated(mesh))
         self._predict = make_predict_fn(model, info.preprocessing, mesh)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, batch_size: int = 8, dtype=jnp.float32) -> "Predictor":
+    def load(cls, path: str | os.PathLike, batch_size: int = 8, dtype=jnp.float32,
+             max_pixels: int = MAX_PIXELS) -> "Predictor":
         model, variables, info = load_model(path, dtype)
-        return cls(model, variables, info, batch_size)
+        return cls(model, variables, info, batch_size, max_pixels=max_pixels)
 
     @property
     def num_compilations(self) -> int:
@@ -254,7 +256,7 @@ class Predictor:
     def iter_maps(self, images: Iterable) -> Iterator[np.ndarray]:
         """Stream maps for an iterable of images, batch by batch."""
         size = self.info.input_size
-        for image, raw in self.stream((to_rgb_array(i) for i in images),
+        for image, raw in self.stream((to_rgb_array(i, self.max_pixels) for i in images),
                                       lambda image: letterbox(image, size)):
             yield postprocess(raw, image.shape[:2])
 

@@ -70,6 +70,11 @@ def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, "Frames"]]:
     upright H×W×3 uint8 RGB array), every one at the first one's size."""
     av = require_av()
     path = Path(path)
+    try:
+        if path.stat().st_size == 0:  # FFmpeg would say 'Invalid data found'
+            raise VideoError(f"{path}: empty file (0 bytes)")
+    except OSError:
+        pass  # missing or unreadable: FFmpeg's own reason below names it
     try:  # absolute: FFmpeg reads a relative 'a:b.mp4' as a URL of protocol 'a'
         container = av.open(str(path.absolute()), mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as e:

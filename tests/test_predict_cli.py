@@ -398,6 +398,16 @@ def test_a_folder_run_skips_earlier_outputs_and_files_that_are_not_regular(model
     assert f"skipped 1 file(s) that are not regular files (pipes, sockets, devices: reading one can block) ({src / 'z.jpg'})" in err
 
 
+def test_the_python_api_names_folders_and_takes_its_own_pixel_limit(model_file, tmp_path):
+    Image.fromarray(_noise(20, 30)).save(tmp_path / "x.png")
+    with pytest.raises(ImageError, match=f"{tmp_path}: is a folder, not an image"):
+        Predictor.load(model_file)(tmp_path)
+    with pytest.raises(ImageError, match=r"30×20 pixels is over the limit of 599 pixels .*"
+                                         r"\(--max-pixels; max_pixels= in Python\)"):
+        Predictor.load(model_file, max_pixels=599)(tmp_path / "x.png")
+    assert Predictor.load(model_file, max_pixels=600)(tmp_path / "x.png").shape == (20, 30)
+
+
 def test_a_colour_key_transparency_is_put_on_white():
     from mlnet_jax.image_io import to_rgb
     for mode, key, colour in (("RGB", (10, 20, 30), (10, 20, 30)), ("L", 7, 7)):

@@ -151,10 +151,16 @@ def test_a_bad_video_is_one_line_and_keeps_the_previous_output(model_file, tmp_p
                  "--output", str(out), "--compilation-cache", ""])
     err = capsys.readouterr().err
     assert code == 2
-    lines = [l for l in err.splitlines() if "broken.mp4" in l]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and "broken.mp4: cannot open as a video" in lines[0]
+    assert "Traceback" not in err
     assert (out / "broken_overlay.mp4").read_bytes() == b"previous"
     assert sorted(p.name for p in out.iterdir()) == ["broken_overlay.mp4"]
+    # An empty file is called that, as an empty image is (FFmpeg: 'Invalid data found').
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert main(["--checkpoint", str(model_file), "--input", str(tmp_path / "empty.mp4"),
+                 "--output", str(out), "--compilation-cache", ""]) == 2
+    assert f"error: {tmp_path / 'empty.mp4'}: empty file (0 bytes)" in capsys.readouterr().err
 
 
 def test_without_the_extra_the_message_names_it(model_file, tmp_path, capsys, monkeypatch):  # noqa: F811
