@@ -34,9 +34,18 @@ def _lut(colormap: str) -> np.ndarray:
 
 
 def map_to_uint8(saliency: np.ndarray) -> np.ndarray:
-    """[0, 1] map → uint8 0–255 grey levels (what the map PNGs hold)."""
-    return np.round(np.clip(np.nan_to_num(np.asarray(saliency, np.float32)), 0, 1) * 255
-                    ).astype(np.uint8)
+    """[0, 1] map → uint8 0–255 grey levels (what the map PNGs hold); one float32 copy,
+    worked on in place (a huge photo's map)."""
+    levels = _unit_interval(saliency)
+    levels *= 255
+    return np.round(levels, out=levels).astype(np.uint8)
+
+
+def _unit_interval(saliency: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``saliency`` with NaN as 0, clipped to [0, 1]."""
+    values = np.array(saliency, np.float32)
+    np.nan_to_num(values, copy=False)
+    return np.clip(values, 0, 1, out=values)
 
 
 def heatmap(saliency: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
@@ -53,13 +62,22 @@ def overlay(image: np.ndarray, saliency: np.ndarray, opacity: float = DEFAULT_OP
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"overlay needs an H×W×3 uint8 image, got {image.shape} {image.dtype}")
-    saliency = np.ascontiguousarray(np.clip(np.nan_to_num(np.asarray(saliency, np.float32)), 0, 1))
+    saliency = _unit_interval(saliency)
     if saliency.shape != image.shape[:2]:
         saliency = np.asarray(Image.fromarray(saliency).resize(
             (image.shape[1], image.shape[0]), Image.BILINEAR))
-    weight = (float(opacity) * saliency)[..., None]
-    blended = image.astype(np.float32) * (1.0 - weight) + heatmap(saliency, colormap) * weight
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    out = np.empty_like(image)
+    step = max(1, _BAND_PIXELS // max(1, image.shape[1]))
+    for start in range(0, image.shape[0], step):  # float32 temporaries a band at a time
+        rows = slice(start, start + step)
+        weight = (float(opacity) * saliency[rows])[..., None]
+        blended = image[rows].astype(np.float32) * (1.0 - weight) + \
+            heatmap(saliency[rows], colormap) * weight
+        out[rows] = np.clip(np.round(blended), 0, 255)
+    return out
+
+
+_BAND_PIXELS = 1 << 20
 
 
 def blur_map(saliency: np.ndarray, sigma: float) -> np.ndarray:

@@ -59,8 +59,9 @@ DEFAULT_CACHE = "~/.cache/mlnet_jax/jax_cache"  # the training configs' default 
 OVERLAY_SUFFIX = "_overlay"
 SOFTWARE_TAG = "mlnet_jax"  # in every map and overlay PNG, and every video's comment
 MAP_SUFFIX = ".png"
-#: Pixels the worker threads decode and write at once (≈ 2.4 GB at ~12 bytes a pixel): eight
-#: 12-megapixel photos side by side, but one 150-megapixel image at a time.
+#: Pixels the worker threads decode and write at once (≈ 3 GB at the ~15 bytes a pixel of a
+#: large photo's map, ≈ 4.6 GB at the ~23 of a map and overlay, measured on a 90-megapixel
+#: PNG): sixteen 12-megapixel photos side by side, but one 150-megapixel image at a time.
 PIXELS_AT_ONCE = 200_000_000
 #: Larger images are decoded again to write their overlay instead of waiting in memory.
 KEEP_FOR_OVERLAY = 4_000_000
@@ -263,7 +264,8 @@ def full_size_map(raw: np.ndarray, size: tuple[int, int], blur: float = 0.0) -> 
 
 class PixelBudget:
     """Pixels being decoded or written at once, over all worker threads (each pixel costs
-    ~12 bytes there: RGB, float map, PNG rows). A task waits for the budget before it starts
+    15–23 bytes there: the decoded RGB, the float32 map, its grey levels, the overlay, PNG
+    rows; float temporaries are made a band of rows at a time). A task waits for the budget before it starts
     and holds it only while it runs, never while waiting on another, so it cannot deadlock;
     an image larger than the whole budget runs alone."""
 

@@ -238,6 +238,37 @@ def test_large_photos_are_decoded_and_written_a_pixel_budget_at_a_time(model_fil
     assert budgets[-1].peak == 2 * one
 
 
+def test_a_huge_photos_map_and_overlay_are_made_in_bands_of_rows(tmp_path):
+    """Writing a 6-megapixel photo's map and overlay allocates under 24 bytes a pixel beyond
+    the decoded photo (whole-image float64 and float32 passes took 48: 7 GB for a
+    150-megapixel photo), with the values of the whole-image formulas."""
+    import tracemalloc
+
+    from mlnet_jax.predict import Job, _Decoded, _finish_image
+    rows, cols = 2000, 3000
+    image = _noise(rows, cols)
+    raw = np.random.default_rng(1).random((4, 4)).astype(np.float32)
+    job = Job(tmp_path / "x.jpg", False, tmp_path / "x.png", tmp_path / "x_overlay.png")
+    tracemalloc.start()
+    _finish_image(job, _Decoded((rows, cols), image), raw, 0.0, 10 ** 9)
+    peak = tracemalloc.get_traced_memory()[1] / (rows * cols)
+    tracemalloc.stop()
+    assert peak < 24, peak
+    # The same values as the formulas on the whole image (float64 resize, then float32).
+    from mlnet_jax.resize import resize_bilinear
+    whole = resize_bilinear(raw.astype(np.float64), (3000, 3000), (500, 0, 2000, 3000))
+    whole = (whole / whole.max()).astype(np.float32)
+    grey = np.asarray(Image.open(tmp_path / "x.png"), np.float32) / 255
+    np.testing.assert_allclose(grey, whole, atol=0.5 / 255 + 1e-6)
+    weight = (0.6 * np.clip(whole, 0, 1))[..., None]
+    from mlnet_jax.overlay import heatmap
+    want = np.clip(np.round(image * (1 - weight) + heatmap(whole) * weight), 0, 255)
+    got = np.asarray(Image.open(tmp_path / "x_overlay.png"), np.float32)
+    # (a map value one float32 step away can round to the next grey level, whose colour in
+    # the colormap is a few levels off)
+    assert np.abs(got - want).max() <= 3 and np.mean(got != want) < 1e-3
+
+
 def test_bad_files_are_named_once_and_the_good_ones_written(model_file, tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
