@@ -390,12 +390,10 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                 saved_meta["config"].get(field)) != json.dumps(config_json.get(field))]
             if worker_count != saved_meta.get("worker_count", worker_count):
                 shaping.append("config.worker_count (the input position is per worker)")
-            # The input order is drawn from the seed and the record count: grain refuses the
-            # saved position otherwise, which would read as a dataset prepared again.
-            for field in ("seed",) + (("synthetic_train_size",) if config.dataset == "synthetic"
-                                      else ()):
-                if saved_meta["config"].get(field, config_json[field]) != config_json[field]:
-                    shaping.append(f"config.{field} (the input order is drawn from it)")
+            # The input order is drawn from the seed: grain refuses the saved position
+            # otherwise, which the message below would blame on the dataset.
+            if saved_meta["config"].get("seed", config.seed) != config.seed:
+                shaping.append("config.seed (the input order is drawn from it)")
             if shaping:
                 raise UserError(f"{workdir}: {', '.join(shaping)} cannot change when resuming, not "
                                 "even with --override_config (the saved state has another shape); "
@@ -410,9 +408,11 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
             try:
                 loader.set_state(_decode_state(data_state, workdir))
             except ValueError as e:  # grain: the sampler (record count, seed, sharding) differs
+                changed = ("was config.synthetic_train_size changed?" if config.dataset ==
+                           "synthetic" else "was the dataset prepared again?")
                 raise UserError(f"{workdir}: the training split is not the one this run was reading "
-                                f"({str(e).splitlines()[0]}); was the dataset prepared again? Use "
-                                "another --workdir to start over") from None
+                                f"({str(e).splitlines()[0]}); {changed} Use another --workdir to "
+                                "start over") from None
             _log(f"resuming from {workdir / 'checkpoints'} at step {int(state.step)}")
             # patience may have changed (a resumable change): the stop is decided again with it.
             stopped = _patience_exhausted(meta["epochs_without_improvement"],

@@ -307,6 +307,7 @@ def test_a_training_split_that_changed_size_is_named_on_resume(tmp_path):
     workdir = tmp_path / "run"
     train_and_evaluate(tiny_config(num_epochs=1), workdir)
     with pytest.raises(UserError, match=f"{workdir}: the training split is not the one this run "
-                                        r"was reading \(.*\); was the dataset prepared again\?"):
+                                        r"was reading \(.*\); was config.synthetic_train_size "
+                                        r"changed\?"):
         train_and_evaluate(tiny_config(num_epochs=2, synthetic_train_size=48), workdir,
                            override_config=True)

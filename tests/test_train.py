@@ -256,12 +256,11 @@ def test_a_different_config_is_refused_on_resume(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "config.prior cannot change when resuming, not even with --override_config" in \
         result.stderr and f"--config.init_weights={workdir}" in result.stderr
-    # The input order too: named, not taken for a dataset prepared again.
-    result = train_cli(workdir, "--config.seed=1", "--config.synthetic_train_size=40",
-                       "--override_config", check=False)
+    # The seed too (the input order is drawn from it): named, not blamed on the dataset.
+    result = train_cli(workdir, "--config.seed=1", "--override_config", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "config.seed (the input order is drawn from it), config.synthetic_train_size (the " \
-           "input order is drawn from it) cannot change when resuming" in result.stderr
+    assert "config.seed (the input order is drawn from it) cannot change when resuming" in \
+        result.stderr
     # As advised: another workdir from this run's weights, without the prior it had.
     result = train_cli(tmp_path / "no_prior", "--config.prior=False", "--config.num_epochs=1",
                        f"--config.init_weights={workdir}")
