@@ -14,12 +14,16 @@ images/s against the device's 2244.)
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,10 +56,58 @@ class InstantDevice:
         self._predict = lambda _, padded: np.broadcast_to(raw, (len(padded), rows, cols))
 
 
+#: The folder path's stages: (module, function) → name. The first four run in the worker
+#: threads, the last two in the thread that feeds the device.
+STAGES = {("mlnet_jax.predict", "_header_pixels"): "header",
+          ("mlnet_jax.predict", "load_image"): "decode",
+          ("mlnet_jax.predict", "letterbox"): "letterbox",
+          ("mlnet_jax.predict", "_finish_image"): "write",
+          ("mlnet_jax.inference", "_fetched"): "fetch"}
+WORKER_STAGES = ("header", "decode", "letterbox", "write")
+
+
+class StageClock:
+    """Seconds spent in each stage of the folder path, summed over threads, so that a slow run
+    says which one held it back: workers busy all the time (the host's work), or waiting on
+    the thread that feeds the device (dispatch, fetch)."""
+
+    def __init__(self):
+        self.seconds = collections.Counter()
+        self._lock = threading.Lock()
+
+    def timed(self, name: str, fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.seconds[name] += time.perf_counter() - start
+        return call
+
+    @contextlib.contextmanager
+    def installed(self, device):
+        saved = [(device, "dispatch_letterboxed", device.__dict__.get("dispatch_letterboxed"))]
+        device.dispatch_letterboxed = self.timed("dispatch", device.dispatch_letterboxed)
+        for (module_name, name), stage in STAGES.items():
+            module = importlib.import_module(module_name)
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, self.timed(stage, getattr(module, name)))
+        try:
+            yield
+        finally:
+            for owner, name, value in reversed(saved):
+                if value is None:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, value)
+
+
 def measure(images: Path, out_dir: Path, workers: int, repeats: int, device=None) -> dict:
     """One worker count: a warm-up into its own folder (it compiles a real ``device``), then
     ``repeats`` timed runs over every photo, each writing all its maps again into
-    ``out_dir``/workers<N>. ``device``: a ``Predictor`` (default :class:`InstantDevice`)."""
+    ``out_dir``/workers<N>, with the time in each stage (:class:`StageClock`).
+    ``device``: a ``Predictor`` (default :class:`InstantDevice`)."""
     from mlnet_jax.predict import Report, plan_outputs, predict_images
 
     sources = sorted(images.glob("*.jpg"))
@@ -65,16 +117,27 @@ def measure(images: Path, out_dir: Path, workers: int, repeats: int, device=None
     predict_images(device, warm_up, report=Report(), workers=workers, progress=False)
     timed = out_dir / f"workers{workers}"
     jobs = plan_outputs(sources, images, timed, overlay=False, map_video=False)
-    report = Report()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predict_images(device, jobs, report=report, workers=workers, progress=False)
-        rates.append(len(jobs) / (time.perf_counter() - start))
+    report, clock = Report(), StageClock()
+    with clock.installed(device):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict_images(device, jobs, report=report, workers=workers, progress=False)
+            rates.append(len(jobs) / (time.perf_counter() - start))
     if report.failed or report.done != repeats * len(jobs):
         raise RuntimeError(f"{report.done} of {repeats * len(jobs)} maps written; failed: "
                            f"{report.failed[:3]}")
+    images_done, wall = repeats * len(jobs), sum(len(jobs) / r for r in rates)
     return {"workers": workers, "images_per_s": float(np.median(rates)), "repeats": rates,
-            "maps_written": sum(1 for _ in timed.glob("*.png"))}
+            "maps_written": sum(1 for _ in timed.glob("*.png")),
+            "stage_ms_per_image": {k: 1e3 * v / images_done for k, v in clock.seconds.items()},
+            "workers_busy": sum(clock.seconds[k] for k in WORKER_STAGES) / (wall * workers)}
+
+
+def stage_summary(row: dict) -> str:
+    ms = row["stage_ms_per_image"]
+    worker = " ".join(f"{k} {ms.get(k, 0):.1f}" for k in WORKER_STAGES)
+    return (f"ms/image: {worker} (workers busy {100 * row['workers_busy']:.0f} %); "
+            f"device thread: dispatch {ms.get('dispatch', 0):.2f} fetch {ms.get('fetch', 0):.2f}")
 
 
 def main(argv=None) -> int:
@@ -92,7 +155,8 @@ def main(argv=None) -> int:
         write_fake(Path(tmp), args.images)
         for n in args.workers:  # each row as it comes: a run cut short keeps those done
             rows.append(measure(Path(tmp) / "images", Path(tmp) / "maps_out", n, args.repeats))
-            print(f"{n:>8} {rows[-1]['images_per_s']:>9.1f}", flush=True)
+            print(f"{n:>8} {rows[-1]['images_per_s']:>9.1f}   {stage_summary(rows[-1])}",
+                  flush=True)
     result = {"benchmark": "predict_host", "date": datetime.date.today().isoformat(),
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "images": args.images, "image_size": [480, 640], "writes": "grey PNG maps",

@@ -854,7 +854,8 @@ def measure_predict_files(bench: Bench, key: tuple, b: int, h: int, w: int) -> d
     """End-to-end prediction as ``python -m mlnet_jax.predict`` runs it on a folder: fake
     640×480 JPEG files decoded and letterboxed in threads, ``Predictor.stream`` batches of
     ``b``, maps resized to each image's size and written as PNG files; against the synthetic
-    rate of the kept ``predict`` measurement (the same function and batch)."""
+    rate of the kept ``predict`` measurement (the same function and batch), with the time in
+    each stage (``predict_host.StageClock``: the 2026-11-27 H200 run made 64 images/s)."""
     _, jnp = _jax()
     from mlnet_jax.inference import ModelInfo, Predictor
     from mlnet_jax.predict import build_parser
@@ -873,7 +874,8 @@ def measure_predict_files(bench: Bench, key: tuple, b: int, h: int, w: int) -> d
     return {"case": key[0], "dtype": key[1], "records": args.pipeline_records,
             "workers": workers, "image_size": [480, 640], "writes": "grey PNG maps at 640x480",
             "images_per_s": run["images_per_s"], "window_images_per_s": run["repeats"],
-            "maps_written": run["maps_written"], "synthetic_images_per_s": synthetic,
+            "maps_written": run["maps_written"], "stage_ms_per_image": run["stage_ms_per_image"],
+            "workers_busy": run["workers_busy"], "synthetic_images_per_s": synthetic,
             "ratio_to_synthetic": run["images_per_s"] / synthetic}
 
 
@@ -1021,6 +1023,7 @@ def print_table(result: dict) -> None:
         print(f"predict files {files['case']}: {files['images_per_s']:.1f} img/s from JPEG files to "
               f"PNG maps ({files['workers']} threads) vs {files['synthetic_images_per_s']:.1f} "
               f"synthetic = {files['ratio_to_synthetic']:.3f}")
+        print(f"  {sibling('predict_host').stage_summary(files)}")
     elif files:
         print(f"predict files: {files.get('skipped') or files.get('error') or files}")
     for label, summary in (result.get("profile") or {}).items():

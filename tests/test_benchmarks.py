@@ -257,6 +257,21 @@ def test_predict_host_runs_the_commands_own_folder_path(tmp_path):
     assert [r["workers"] for r in rows] == [1, 2]
     assert all(r["maps_written"] == 10 and len(r["repeats"]) == 2 for r in rows)
     assert all(0 < rate < 10_000 for r in rows for rate in r["repeats"])
+    # Where the time went: every stage was seen, and one worker's stages fill most of its
+    # wall time (it has nothing else to do); the instant device takes next to none.
+    for row in rows:
+        ms = row["stage_ms_per_image"]
+        assert set(ms) == {"header", "decode", "letterbox", "write", "dispatch", "fetch"}
+        assert ms["decode"] > 0 and ms["write"] > 0 and 0 < row["workers_busy"] <= 1
+    one = rows[0]
+    assert one["workers_busy"] > 0.5, one
+    assert sum(one["stage_ms_per_image"][k] for k in ("header", "decode", "letterbox", "write")) \
+        <= 1e3 / min(one["repeats"])
+    # The stages are unpatched after the run.
+    import mlnet_jax.inference
+    import mlnet_jax.predict
+    assert mlnet_jax.predict.load_image.__module__ == "mlnet_jax.image_io"
+    assert mlnet_jax.inference._fetched.__module__ == "mlnet_jax.inference"
 
 
 NOT_INSTALLED = """import runpy, sys
@@ -337,6 +352,7 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     assert _positive(pipeline["runs"][0]["loader_only_images_per_s"])
     files = result["predict_files"]  # the predict command's path over a folder of JPEG files
     assert files["maps_written"] == files["records"] == 4
+    assert files["stage_ms_per_image"]["fetch"] > 0 and 0 < files["workers_busy"] <= 1
     for key in ("images_per_s", "synthetic_images_per_s", "ratio_to_synthetic"):
         assert _positive(files[key]), key
     assert files["synthetic_images_per_s"] == rows[("predict", None, "2x32x32")]["images_per_s"]
