@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from mlnet_jax.resize import BAND_PIXELS
+
 DEFAULT_COLORMAP = "jet"
 DEFAULT_OPACITY = 0.6
 # Blur work is done on a copy at most this long, as the maps carry no finer detail
@@ -67,7 +69,7 @@ def overlay(image: np.ndarray, saliency: np.ndarray, opacity: float = DEFAULT_OP
         saliency = np.asarray(Image.fromarray(saliency).resize(
             (image.shape[1], image.shape[0]), Image.BILINEAR))
     out = np.empty_like(image)
-    step = max(1, _BAND_PIXELS // max(1, image.shape[1]))
+    step = max(1, BAND_PIXELS // max(1, image.shape[1]))
     for start in range(0, image.shape[0], step):  # float32 temporaries a band at a time
         rows = slice(start, start + step)
         weight = (float(opacity) * saliency[rows])[..., None]
@@ -75,9 +77,6 @@ def overlay(image: np.ndarray, saliency: np.ndarray, opacity: float = DEFAULT_OP
             heatmap(saliency[rows], colormap) * weight
         out[rows] = np.clip(np.round(blended), 0, 255)
     return out
-
-
-_BAND_PIXELS = 1 << 20
 
 
 def blur_map(saliency: np.ndarray, sigma: float) -> np.ndarray:

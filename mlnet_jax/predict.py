@@ -265,9 +265,9 @@ def full_size_map(raw: np.ndarray, size: tuple[int, int], blur: float = 0.0) -> 
 class PixelBudget:
     """Pixels being decoded or written at once, over all worker threads (each pixel costs
     15–23 bytes there: the decoded RGB, the float32 map, its grey levels, the overlay, PNG
-    rows; float temporaries are made a band of rows at a time). A task waits for the budget before it starts
-    and holds it only while it runs, never while waiting on another, so it cannot deadlock;
-    an image larger than the whole budget runs alone."""
+    rows; float temporaries are made a band of rows at a time). A task waits for the budget
+    before it starts and holds it only while it runs, never while waiting on another, so it
+    cannot deadlock; an image larger than the whole budget runs alone."""
 
     def __init__(self, limit: int):
         self.limit, self.used, self.peak = limit, 0, 0

@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from mlnet_jax.resize import resize_bilinear
+from mlnet_jax.resize import BAND_PIXELS, resize_bilinear
 
 Convention = Literal["caffe", "torch"]
 CONVENTIONS: tuple[str, ...] = ("caffe", "torch")
@@ -89,7 +89,7 @@ def postprocess(saliency: np.ndarray, original_size: tuple[int, int]) -> np.ndar
     # Computed in float64 a band of rows at a time into the float32 map: a 100-megapixel
     # photo's map then needs 0.4 GB, not the 2.4 GB of whole float64 passes.
     out = np.empty((rows, cols), np.float32)
-    peak, step = 0.0, max(1, _BAND_PIXELS // cols)
+    peak, step = 0.0, max(1, BAND_PIXELS // cols)
     for start in range(0, rows, step):
         band = resize_bilinear(saliency, shape, (top + start, left, min(step, rows - start), cols))
         peak = max(peak, float(band.max()))
@@ -98,6 +98,3 @@ def postprocess(saliency: np.ndarray, original_size: tuple[int, int]) -> np.ndar
         return np.zeros_like(out)
     out /= np.float32(peak)
     return out
-
-
-_BAND_PIXELS = 1 << 20

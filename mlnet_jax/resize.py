@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+#: Output pixels per band when a huge map is made a band of rows at a time (its float
+#: temporaries then take megabytes, not gigabytes).
+BAND_PIXELS = 1 << 20
+
 
 def _taps(n_out: int, n_in: int, start: int = 0, count: int | None = None
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
