@@ -146,8 +146,9 @@ def to_rgb_array(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     images are turned as their EXIF orientation says, then go through
     :func:`mlnet_jax.image_io.to_rgb` (16-bit scaled, not clipped; transparency on white).
     Arrays: uint16 is scaled from 0–65535, other integers as a 16-bit PIL image is (0–255 if
-    they fit, else 0–65535; negative or larger values are refused); floats are 0–1 when their maximum is at most 1, else 0–255 (values
-    outside 0–255 are refused, not clipped); RGBA is put on white.
+    they fit, else 0–65535; negative or larger values are refused); floats are 0–1 when their
+    maximum is at most 1, else 0–255 (values outside 0–255 are refused, not clipped); RGBA is
+    put on white. ``max_pixels`` bounds a file's size, as ``load_image``'s.
     """
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, max_pixels)
