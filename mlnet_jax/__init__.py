@@ -1,5 +1,6 @@
 """ML-Net saliency prediction (Cornia et al., ICPR 2016) in JAX/Flax."""
 
+from mlnet_jax import metrics
 from mlnet_jax.inference import ModelInfo, Predictor, load_model, make_predict_fn
 from mlnet_jax.loss import mlnet_loss
 from mlnet_jax.models import MLNet

@@ -7,21 +7,40 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+import numpy as np
 
 from mlnet_jax.download import PUBLIC_WEIGHTS, download_weights
-from mlnet_jax.errors import UserError
+from mlnet_jax.errors import UserError, WeightsError
 from mlnet_jax.weight_formats import FORMATS, read_source
 from mlnet_jax.weights_file import check_vgg16_params, save_weights
 
 
 def convert(src: str, dst: str, fmt: str = "auto") -> dict:
     """Read ``src`` and write ``dst``; returns the metadata written."""
+    if Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst):
+        raise WeightsError(f"{dst}: is SRC itself; name another file for the converted weights")
     params, metadata = read_source(src, fmt)
     check_vgg16_params(params["backbone"], src)
+    check_finite(params, src)
     metadata = {"model": "vgg16", **metadata, "converted_from": str(src)}
     save_weights(dst, params, metadata)
     return metadata
+
+
+def check_finite(params: dict, where: str, prefix: str = "") -> None:
+    """A NaN or Inf weight makes every map blank (or NaN): refused, naming the parameter."""
+    for key, value in params.items():
+        if isinstance(value, dict):
+            check_finite(value, where, f"{prefix}{key}/")
+            continue
+        bad = int(np.size(value) - np.isfinite(value).sum())
+        if bad:
+            raise WeightsError(f"{where}: parameter {prefix}{key} has {bad} values that are not "
+                               "finite (NaN or Inf); a model with them predicts blank maps")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             src, dst = str(src), args.paths[0]
         else:
             (src, dst), fmt = args.paths, args.format
-        metadata = convert(src, dst, fmt)
+        try:
+            metadata = convert(src, dst, fmt)
+        except WeightsError as e:
+            if not args.download:
+                raise
+            raise WeightsError(f"{e} (the cached download: delete {src} to fetch it again)"
+                               ) from None
     except UserError as e:
         if args.debug:
             raise

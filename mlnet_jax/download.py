@@ -36,10 +36,19 @@ def download_weights(name: str, timeout: float = 60.0) -> tuple[Path, str]:
         with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(target) as tmp:
             with open(tmp, "wb") as f:
                 shutil.copyfileobj(response, f)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+            # Read in chunks, a body cut short ends quietly: kept, it would be the cached copy
+            # every later --download reads.
+            expected, got = response.headers.get("Content-Length"), tmp.stat().st_size
+            if expected is not None and got != int(expected):
+                raise _CutShort(f"{got:,} of {int(expected):,} bytes arrived")
+    except (urllib.error.URLError, OSError, TimeoutError, _CutShort) as e:
         reason = getattr(e, "reason", e)
         raise WeightsError(
             f"could not download {url} ({reason}); without network, fetch that file on another "
             "machine, then convert it (python -m mlnet_jax.convert_weights FILE DST) or save it "
             f"as {target}, where --download finds it") from None
     return target, fmt
+
+
+class _CutShort(Exception):
+    """The connection ended before the whole file arrived."""

@@ -19,6 +19,9 @@ def mlnet_loss(pred: jax.Array, target: jax.Array, alpha: float = ALPHA) -> jax.
 
     Computed in float32 whatever the input dtype.
     """
+    if pred.shape != target.shape or pred.ndim != 4:  # broadcasting would give a wrong loss
+        raise ValueError(f"mlnet_loss needs predictions and targets of one (B, h, w, 1) shape, "
+                         f"got {pred.shape} and {target.shape}")
     pred = pred.astype(jnp.float32)
     target = target.astype(jnp.float32)
     peak = jnp.max(pred, axis=(1, 2, 3), keepdims=True)

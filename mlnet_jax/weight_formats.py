@@ -81,12 +81,17 @@ def read_torchvision(path: str | os.PathLike) -> tuple[dict, dict]:
     except Exception as e:  # torch raises many types for a bad file
         raise WeightsError(f"{path}: not a readable PyTorch file ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    if isinstance(state, dict):  # a training script's checkpoint holds the state_dict
+        state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)),
+                     state)
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state_dict (dict of tensors), got {type(state).__name__}")
-    state = {k.removeprefix("module."): v.float().numpy() for k, v in state.items()
-             if hasattr(v, "numpy")}
+    floats = {str(k).removeprefix("module."): v for k, v in state.items() if hasattr(v, "numpy")}
+    for key, tensor in floats.items():
+        if not tensor.is_floating_point():
+            raise WeightsError(f"{path}: {key} holds {str(tensor.dtype).removeprefix('torch.')} "
+                               "values, expected floating-point weights")
+    state = {k: v.float().numpy() for k, v in floats.items()}
     return {"backbone": _from_torchvision_state(state, str(path))}, {
         "source": "torchvision", "preprocessing": "torch", "pooling": "standard"}
 
@@ -154,8 +159,15 @@ def _keras_layers_with_weights(f) -> list[tuple[str, list[np.ndarray]]]:
     root = f["model_weights"] if "model_weights" in f else f
     layers = []
     for layer in _decode(root.attrs.get("layer_names", [])):
+        if layer not in root:
+            raise WeightsError(f"{f.filename}: layer {layer} is listed in layer_names but has "
+                               "no group")
         group = root[layer]
         names = _decode(group.attrs.get("weight_names", []))
+        missing = [n for n in names if n not in group]
+        if missing:
+            raise WeightsError(f"{f.filename}: layer {layer} lists weight {missing[0]}, which "
+                               "the file does not hold")
         if names:
             layers.append((layer, [np.asarray(group[n]) for n in names]))
     return layers
@@ -209,6 +221,10 @@ def read_keras1(path: str | os.PathLike) -> tuple[dict, dict]:
                 raise WeightsError(f"{where}: missing group {key} (a VGG-16 convolution)")
             group = f[key]
             count = int(group.attrs.get("nb_params", len(group)))
+            missing = [f"param_{p}" for p in range(count) if f"param_{p}" not in group]
+            if missing:
+                raise WeightsError(f"{where}: group {key} has nb_params={count} but no "
+                                   f"{missing[0]}")
             layers.append((key, [np.asarray(group[f"param_{p}"]) for p in range(count)]))
     return {"backbone": _backbone_from_layers(layers, where, layout="oihw", flip=True)}, {
         "source": "keras1", "preprocessing": "caffe", "pooling": "keras1"}
@@ -241,12 +257,16 @@ def read_mlnet_keras1(path: str | os.PathLike) -> tuple[dict, dict]:
             _check_shape(where, f"{layer} {key} ({label})", array, shape)
         head[ours] = _conv(_oihw_to_hwio(weights[0], flip=True), weights[1])
     params = {"backbone": backbone, "head": head}
-    has_prior = len(rest) >= 3
+    if len(rest) > 3:
+        raise WeightsError(f"{where}: layer {rest[3][0]} follows the prior; ML-Net has 16 layers "
+                           "with weights (13 VGG convs, 2 head convs, the prior), this file "
+                           f"{len(layers)}: another model?")
+    has_prior = len(rest) == 3
     if has_prior:
         layer, weights = rest[2]
-        if len(weights) != 1 or weights[0].ndim != 2:
-            raise WeightsError(f"{where}: layer {layer} should be the prior W (one 2-D array), got "
-                               f"shapes {[tuple(w.shape) for w in weights]}")
+        if len(weights) != 1 or weights[0].ndim != 2 or 0 in weights[0].shape:
+            raise WeightsError(f"{where}: layer {layer} should be the prior W (one non-empty 2-D "
+                               f"array), got shapes {[tuple(w.shape) for w in weights]}")
         params["prior"] = np.asarray(weights[0], np.float32)
     rows, cols = (params["prior"].shape if has_prior else (6, 8))
     return params, {"source": "mlnet-keras1", "preprocessing": "caffe", "pooling": "keras1",

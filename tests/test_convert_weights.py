@@ -334,3 +334,105 @@ def test_download_uses_a_local_copy_in_the_cache(tmp_path, monkeypatch):
     params, metadata = read_weights(tmp_path / "out.npz")
     np.testing.assert_array_equal(params["backbone"]["conv1_1"]["kernel"],
                                   np.transpose(state["features.0.weight"], (2, 3, 1, 0)))
+
+
+def _torchvision_state(seed=5) -> dict:
+    state = {}
+    for i, (k, b) in zip(TORCHVISION_CONV_INDICES, random_oihw(np.random.default_rng(seed))):
+        state[f"features.{i}.weight"], state[f"features.{i}.bias"] = k, b
+    return state
+
+
+def test_converting_a_file_onto_itself_is_refused_and_keeps_it(tmp_path, capsys):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(_torchvision_state(), str(src))
+    before = src.read_bytes()
+    assert convert_main([str(src), str(tmp_path / "." / "model.safetensors")]) == 2
+    assert "is SRC itself" in capsys.readouterr().err and src.read_bytes() == before
+
+
+def test_non_finite_weights_are_refused_naming_the_parameter(tmp_path, capsys):
+    # A NaN weight made every map blank, exit status 0.
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    state = _torchvision_state()
+    state["features.7.bias"][3] = np.nan
+    src = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(state, str(src))
+    assert convert_main([str(src), str(tmp_path / "out.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {src}: parameter backbone/conv2_2/bias has 1 values that are not "
+                   "finite (NaN or Inf); a model with them predicts blank maps")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_malformed_keras_files_and_odd_state_dicts_are_one_line(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    convs = [(np.transpose(k, (2, 3, 1, 0)).copy(), b) for k, b in random_oihw(np.random.default_rng(6))]
+    cases = {}
+    src = tmp_path / "no_group.h5"  # a listed layer without its group
+    write_keras2(src, convs)
+    with h5py.File(src, "a") as f:
+        del f["block3_conv2"]
+    cases[src] = "layer block3_conv2 is listed in layer_names but has no group"
+    src = tmp_path / "no_dataset.h5"  # a listed weight without its dataset
+    write_keras2(src, convs)
+    with h5py.File(src, "a") as f:
+        del f["block2_conv1"]["block2_conv1/bias:0"]
+    cases[src] = "layer block2_conv1 lists weight block2_conv1/bias:0, which the file does not hold"
+    src = tmp_path / "vgg16_weights.h5"  # Keras 1: nb_params says 2, param_1 missing
+    write_keras1_vgg(src, random_oihw(np.random.default_rng(7)))
+    with h5py.File(src, "a") as f:
+        del f["layer_3"]["param_1"]
+    cases[src] = "group layer_3 has nb_params=2 but no param_1"
+    src = tmp_path / "int_keys.pth"
+    torch.save({0: torch.zeros(3)}, src)
+    cases[src] = "missing key features.0.weight"
+    src = tmp_path / "ints.pth"
+    torch.save({k: torch.from_numpy(v).to(torch.int32) for k, v in _torchvision_state().items()}, src)
+    cases[src] = "features.0.weight holds int32 values, expected floating-point weights"
+    for src, message in cases.items():
+        assert convert_main([str(src), str(tmp_path / "out.npz")]) == 2, src
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: {src}: ") and message in err
+    # A training script's checkpoint holds the state_dict under "model": it converts.
+    src = tmp_path / "checkpoint.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in _torchvision_state().items()},
+                "epoch": 90}, src)
+    assert convert_main([str(src), str(tmp_path / "out.npz")]) == 0
+
+
+def test_a_download_cut_short_is_not_cached(tmp_path, monkeypatch, capsys):
+    """The server promised more bytes than arrived: the half file must not become the cached
+    copy every later --download reads."""
+    import http.server
+    import threading
+
+    from mlnet_jax import download
+
+    class Half(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 500)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Half)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/model.safetensors"
+        monkeypatch.setitem(download.PUBLIC_WEIGHTS, "timm", (url, "cut.safetensors", "safetensors"))
+        monkeypatch.setenv("MLNET_JAX_CACHE", str(tmp_path / "cache"))
+        assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 2
+    finally:
+        server.shutdown()
+    assert "(500 of 1,000 bytes arrived)" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "cut.safetensors").exists()
+    # A bad file in the cache is named, with what to do about it.
+    (tmp_path / "cache" / "cut.safetensors").write_bytes(b"garbage" * 10)
+    assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 2
+    assert f"(the cached download: delete {tmp_path / 'cache' / 'cut.safetensors'} to fetch it " \
+           "again)" in capsys.readouterr().err

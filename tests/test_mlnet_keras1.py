@@ -109,3 +109,26 @@ def test_a_different_model_is_refused_with_the_layer_named(tmp_path):
     assert result.returncode == 2
     assert ("convolution2d_14 kernel (head 3x3 conv) has shape (64, 512, 3, 3), "
             "expected (64, 1280, 3, 3)") in result.stderr
+
+
+def test_layers_after_the_prior_or_an_empty_prior_are_refused(tmp_path, capsys):
+    """A file of another model (a layer after the prior: it was dropped silently) or an empty
+    prior is refused at conversion, naming the layer."""
+    convs, head, readout, prior = random_mlnet_keras1(np.random.default_rng(4))
+    src = tmp_path / "extra.h5"
+    write_keras11_mlnet(src, convs, head, readout, prior)
+    with h5py.File(src, "a") as f:
+        f.attrs["layer_names"] = [n if isinstance(n, bytes) else n.encode() for n in
+                                  f.attrs["layer_names"]] + [b"dense_1"]
+        g = f.create_group("dense_1")
+        g.attrs["weight_names"] = [b"dense_1_W"]
+        g["dense_1_W"] = np.ones((4, 2), np.float32)
+    assert convert_main([str(src), str(tmp_path / "o.npz"), "--format", "mlnet-keras1"]) == 2
+    assert "layer dense_1 follows the prior; ML-Net has 16 layers with weights" in \
+        capsys.readouterr().err
+    src = tmp_path / "empty_prior.h5"
+    write_keras11_mlnet(src, convs, head, readout, np.zeros((0, 8), np.float32))
+    assert convert_main([str(src), str(tmp_path / "o.npz"), "--format", "mlnet-keras1"]) == 2
+    assert "eltwiseproduct_1 should be the prior W (one non-empty 2-D array), got shapes " \
+           "[(0, 8)]" in capsys.readouterr().err
+    assert not (tmp_path / "o.npz").exists()

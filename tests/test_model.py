@@ -279,6 +279,16 @@ def test_loss_equals_numpy_transcription():
     got = float(mlnet_loss(jnp.asarray(pred), jnp.asarray(target)))
     assert got == pytest.approx(ref.mlnet_loss(pred.astype(np.float64), target.astype(np.float64)),
                                 rel=1e-6)
+    # A target without its channel axis broadcast to a wrong loss (0.75 for 0.65): refused.
+    for bad in (target[..., 0], target[0]):
+        with pytest.raises(ValueError, match=r"one \(B, h, w, 1\) shape"):
+            mlnet_loss(jnp.asarray(pred), jnp.asarray(bad))
+
+
+def test_the_packages_names_are_its_attributes():
+    import mlnet_jax
+    assert all(hasattr(mlnet_jax, name) for name in mlnet_jax.__all__)
+    assert callable(mlnet_jax.metrics.cc)
 
 
 def test_prior_penalty_is_sum_of_squares_over_grid_size():
