@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +124,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
             elif info["dtype"] in _SAFETENSORS_DTYPES:
                 array = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]])
+            elif key.endswith((".weight", ".bias")):
+                raise WeightsError(f"{path}: {key} holds {info['dtype']} values, expected "
+                                   "floating-point weights")
             else:
-                continue  # integer buffers are not weights
+                continue  # other integer buffers (a batch-norm's counter) are not weights
             tensors[key] = array.reshape(info["shape"])
         except (KeyError, TypeError, ValueError) as e:  # a header entry that does not fit
             raise WeightsError(f"{path}: malformed safetensors entry for tensor {key} "
@@ -301,12 +305,34 @@ def detect_format(path: str | os.PathLike) -> str:
         # OIHW (Theano): ML-Net if a convolution follows VGG's 13 (its head), where VGG-16 with
         # its top has the 2-D fc1.
         return "mlnet-keras1" if len(layers) > 13 and layers[13][1][0].ndim == 4 else "keras1"
+    if head.startswith(b"PK") and _is_numpy_archive(path):
+        raise WeightsError(f"{path}: a NumPy .npz archive, not a source format"
+                           + ("; it is already a converted mlnet_jax weights file: use it as it "
+                              "is" if _is_converted(path) else ""))
     if head.startswith(b"PK") or head[:1] == b"\x80":
         return "torchvision"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     raise WeightsError(f"{path}: unrecognised weights file (not HDF5, PyTorch or safetensors); "
                        f"pass --format, one of {', '.join(FORMATS)}")
+
+
+def _zip_names(path: str | os.PathLike) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return []
+
+
+def _is_numpy_archive(path: str | os.PathLike) -> bool:
+    """``np.savez`` writes only ``*.npy`` members; torch.save a folder with data.pkl."""
+    names = _zip_names(path)
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _is_converted(path: str | os.PathLike) -> bool:
+    return "__metadata__.npy" in _zip_names(path)
 
 
 def read_source(path: str | os.PathLike, fmt: str = "auto") -> tuple[dict, dict]:

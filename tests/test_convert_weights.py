@@ -436,3 +436,26 @@ def test_a_download_cut_short_is_not_cached(tmp_path, monkeypatch, capsys):
     assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 2
     assert f"(the cached download: delete {tmp_path / 'cache' / 'cut.safetensors'} to fetch it " \
            "again)" in capsys.readouterr().err
+
+
+def test_numpy_archives_and_integer_safetensors_are_named_for_what_they_are(tmp_path, capsys):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    converted = convert(tmp_path, _save_safetensors(tmp_path, _torchvision_state()))
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3))
+    state = _torchvision_state()
+    state["features.0.weight"] = state["features.0.weight"].astype(np.int32)
+    safetensors_numpy.save_file(state, str(tmp_path / "ints.safetensors"))
+    for src, message in ((converted, "a NumPy .npz archive, not a source format; it is already "
+                                     "a converted mlnet_jax weights file: use it as it is"),
+                         (tmp_path / "arrays.npz", "a NumPy .npz archive, not a source format"),
+                         (tmp_path / "ints.safetensors", "features.0.weight holds I32 values, "
+                                                        "expected floating-point weights")):
+        assert convert_main([str(src), str(tmp_path / "again.npz")]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {src}: {message}"
+
+
+def _save_safetensors(tmp_path, state):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(state, str(src))
+    return src
