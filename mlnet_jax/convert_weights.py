@@ -11,12 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from mlnet_jax.download import PUBLIC_WEIGHTS, download_weights
 from mlnet_jax.errors import UserError, WeightsError
 from mlnet_jax.weight_formats import FORMATS, read_source
-from mlnet_jax.weights_file import check_vgg16_params, save_weights
+from mlnet_jax.weights_file import check_finite, check_vgg16_params, save_weights
 
 
 def convert(src: str, dst: str, fmt: str = "auto") -> dict:
@@ -29,18 +27,6 @@ def convert(src: str, dst: str, fmt: str = "auto") -> dict:
     metadata = {"model": "vgg16", **metadata, "converted_from": str(src)}
     save_weights(dst, params, metadata)
     return metadata
-
-
-def check_finite(params: dict, where: str, prefix: str = "") -> None:
-    """A NaN or Inf weight makes every map blank (or NaN): refused, naming the parameter."""
-    for key, value in params.items():
-        if isinstance(value, dict):
-            check_finite(value, where, f"{prefix}{key}/")
-            continue
-        bad = int(np.size(value) - np.isfinite(value).sum())
-        if bad:
-            raise WeightsError(f"{where}: parameter {prefix}{key} has {bad} values that are not "
-                               "finite (NaN or Inf); a model with them predicts blank maps")
 
 
 def main(argv: list[str] | None = None) -> int:

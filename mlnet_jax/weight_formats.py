@@ -17,6 +17,7 @@ import numpy as np
 
 from mlnet_jax.errors import WeightsError
 from mlnet_jax.vgg import VGG16_CONVS, VGG16_CONV_NAMES
+from mlnet_jax.weights_file import is_weights_archive
 
 FORMATS = ("torchvision", "safetensors", "keras", "keras1", "mlnet-keras1")
 # Indices of the convolutions in torchvision's ``vgg16().features``.
@@ -305,10 +306,12 @@ def detect_format(path: str | os.PathLike) -> str:
         # OIHW (Theano): ML-Net if a convolution follows VGG's 13 (its head), where VGG-16 with
         # its top has the 2-D fc1.
         return "mlnet-keras1" if len(layers) > 13 and layers[13][1][0].ndim == 4 else "keras1"
-    if head.startswith(b"PK") and _is_numpy_archive(path):
+    # np.savez writes only *.npy members; torch.save a folder with data.pkl.
+    names = _zip_names(path) if head.startswith(b"PK") else []
+    if names and all(n.endswith(".npy") for n in names):
         raise WeightsError(f"{path}: a NumPy .npz archive, not a source format"
                            + ("; it is already a converted mlnet_jax weights file: use it as it "
-                              "is" if _is_converted(path) else ""))
+                              "is" if is_weights_archive(names) else ""))
     if head.startswith(b"PK") or head[:1] == b"\x80":
         return "torchvision"
     if len(head) >= 9 and head[8:9] == b"{":
@@ -323,16 +326,6 @@ def _zip_names(path: str | os.PathLike) -> list[str]:
             return archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return []
-
-
-def _is_numpy_archive(path: str | os.PathLike) -> bool:
-    """``np.savez`` writes only ``*.npy`` members; torch.save a folder with data.pkl."""
-    names = _zip_names(path)
-    return bool(names) and all(n.endswith(".npy") for n in names)
-
-
-def _is_converted(path: str | os.PathLike) -> bool:
-    return "__metadata__.npy" in _zip_names(path)
 
 
 def read_source(path: str | os.PathLike, fmt: str = "auto") -> tuple[dict, dict]:

@@ -115,6 +115,20 @@ def check_vgg16_params(backbone: dict, where: str) -> None:
         in_channels = out_channels
 
 
+def check_finite(params: dict, where: str) -> None:
+    """A NaN or Inf weight makes every map blank (or NaN): refused, naming the parameter."""
+    for name, value in flatten(params).items():
+        bad = int(value.size - np.isfinite(value).sum())
+        if bad:
+            raise WeightsError(f"{where}: parameter {name} has {bad} values that are not finite "
+                               "(NaN or Inf); a model with them predicts blank maps")
+
+
+def is_weights_archive(names: list[str]) -> bool:
+    """Whether an ``.npz`` archive's member names are those of a file ``save_weights`` wrote."""
+    return f"{_METADATA_KEY}.npy" in names
+
+
 def load_vgg16(path: str | os.PathLike) -> dict:
     """Variables for ``VGG16().apply`` from a converted file (VGG-16 or full ML-Net)."""
     params, _ = read_weights(path)
