@@ -57,7 +57,8 @@ class InstantDevice:
 
 
 #: The folder path's stages: (module, function) → name. The first four run in the worker
-#: threads, the last two in the thread that feeds the device.
+#: threads; fetch runs in the thread that feeds the device, as does dispatch (a method of the
+#: device, timed on it).
 STAGES = {("mlnet_jax.predict", "_header_pixels"): "header",
           ("mlnet_jax.predict", "load_image"): "decode",
           ("mlnet_jax.predict", "letterbox"): "letterbox",
