@@ -241,6 +241,18 @@ def test_resumed_metric_log_drops_the_records_of_replayed_steps(tmp_path):
     assert again.replayed == 0  # nothing past step 4: the file is left as it is
 
 
+
+def test_the_metric_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports PyTorch whenever it is installed (seconds of every training start on
+    Colab); the writer keeps it out, and TensorBoard still gets the scalars."""
+    pytest.importorskip("torch")
+    code = ("import sys; from pathlib import Path; from mlnet_jax.reporting import MetricWriter; "
+            f"w = MetricWriter(Path({str(tmp_path)!r})); w.write(3, 'train', {{'loss': 0.25}}); "
+            "w.close(); print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "2.0"]  # not imported, and still importable after
+    assert _tensorboard_scalars(tmp_path / "tensorboard") == {("train/loss", 3): 0.25}
+
 @pytest.mark.timeout(300)
 def test_a_different_config_is_refused_on_resume(tmp_path):
     workdir = tmp_path / "run"
