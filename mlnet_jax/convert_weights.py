@@ -13,20 +13,29 @@ from pathlib import Path
 
 from mlnet_jax.download import PUBLIC_WEIGHTS, download_weights
 from mlnet_jax.errors import UserError, WeightsError
-from mlnet_jax.weight_formats import FORMATS, read_source
+from mlnet_jax.weight_formats import FORMATS, read_source, require_torch
 from mlnet_jax.weights_file import check_finite, check_vgg16_params, save_weights
+
+
+def read_checked(src: str, fmt: str = "auto") -> tuple[dict, dict]:
+    """``src`` as (params, metadata to write), checked: VGG-16's shapes, finite values."""
+    params, metadata = read_source(src, fmt)
+    check_vgg16_params(params["backbone"], src)
+    check_finite(params, src)
+    return params, {"model": "vgg16", **metadata, "converted_from": str(src)}
 
 
 def convert(src: str, dst: str, fmt: str = "auto") -> dict:
     """Read ``src`` and write ``dst``; returns the metadata written."""
-    if Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst):
-        raise WeightsError(f"{dst}: is SRC itself; name another file for the converted weights")
-    params, metadata = read_source(src, fmt)
-    check_vgg16_params(params["backbone"], src)
-    check_finite(params, src)
-    metadata = {"model": "vgg16", **metadata, "converted_from": str(src)}
+    _refuse_same_file(src, dst)
+    params, metadata = read_checked(src, fmt)
     save_weights(dst, params, metadata)
     return metadata
+
+
+def _refuse_same_file(src: str, dst: str) -> None:
+    if Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst):
+        raise WeightsError(f"{dst}: is SRC itself; name another file for the converted weights")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,18 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.paths) != expected:
         parser.error("give DST with --download, SRC DST otherwise")
     try:
-        if args.download:
-            src, fmt = download_weights(args.download)
-            src, dst = str(src), args.paths[0]
-        else:
+        if not args.download:
             (src, dst), fmt = args.paths, args.format
-        try:
             metadata = convert(src, dst, fmt)
-        except WeightsError as e:
-            if not args.download:
-                raise
-            raise WeightsError(f"{e} (the cached download: delete {src} to fetch it again)"
-                               ) from None
+        else:
+            dst = args.paths[0]
+            if PUBLIC_WEIGHTS[args.download][2] == "torchvision":
+                require_torch(f"--download {args.download}")  # before fetching 528 MB
+            src, fmt = download_weights(args.download)
+            _refuse_same_file(str(src), dst)
+            try:  # only the cached file's own faults are its to answer for, not DST's
+                params, metadata = read_checked(str(src), fmt)
+            except WeightsError as e:
+                raise WeightsError(f"{e} (the cached download: delete {src} to fetch it again)"
+                                   ) from None
+            save_weights(dst, params, metadata)
     except UserError as e:
         if args.debug:
             raise

@@ -38,8 +38,16 @@ def _vgg_shapes(layout: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
 
 
 def _check_shape(where: str, key: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
+    """Shape and floating-point values of one array read from an HDF5 file."""
     if tuple(array.shape) != tuple(expected):
         raise WeightsError(f"{where}: {key} has shape {tuple(array.shape)}, expected {tuple(expected)}")
+    _check_floating(where, key, array)
+
+
+def _check_floating(where: str, key: str, array: np.ndarray) -> None:
+    if array.dtype.kind != "f":
+        raise WeightsError(f"{where}: {key} holds {array.dtype} values, expected floating-point "
+                           "weights")
 
 
 def _oihw_to_hwio(kernel: np.ndarray, flip: bool = False) -> np.ndarray:
@@ -71,13 +79,19 @@ def _from_torchvision_state(state: dict, where: str) -> dict:
     return backbone
 
 
-def read_torchvision(path: str | os.PathLike) -> tuple[dict, dict]:
-    """A torchvision ``vgg16`` (or ``vgg16_bn``-free VGG) state_dict saved with torch.save."""
+def require_torch(where: str):
+    """The ``torch`` module, or one line saying that reading a .pth file needs it."""
     try:
         import torch
     except ImportError:
-        raise WeightsError(f"{path}: reading a PyTorch .pth file needs torch (pip install torch); "
+        raise WeightsError(f"{where}: reading a PyTorch .pth file needs torch (pip install torch); "
                            "the timm .safetensors file needs no torch") from None
+    return torch
+
+
+def read_torchvision(path: str | os.PathLike) -> tuple[dict, dict]:
+    """A torchvision ``vgg16`` (or ``vgg16_bn``-free VGG) state_dict saved with torch.save."""
+    torch = require_torch(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
@@ -103,7 +117,10 @@ _SAFETENSORS_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16}
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Parse a .safetensors file with NumPy only (F32, F64, F16 and BF16 tensors)."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + header_len])
@@ -272,6 +289,7 @@ def read_mlnet_keras1(path: str | os.PathLike) -> tuple[dict, dict]:
         if len(weights) != 1 or weights[0].ndim != 2 or 0 in weights[0].shape:
             raise WeightsError(f"{where}: layer {layer} should be the prior W (one non-empty 2-D "
                                f"array), got shapes {[tuple(w.shape) for w in weights]}")
+        _check_floating(where, f"{layer} (the prior W)", weights[0])
         params["prior"] = np.asarray(weights[0], np.float32)
     rows, cols = (params["prior"].shape if has_prior else (6, 8))
     return params, {"source": "mlnet-keras1", "preprocessing": "caffe", "pooling": "keras1",
@@ -285,13 +303,7 @@ READERS = {"torchvision": read_torchvision, "safetensors": read_safetensors, "ke
 
 def detect_format(path: str | os.PathLike) -> str:
     """Guess the source format from the file's contents (not its extension)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise WeightsError(f"{path}: is a directory, expected a weights file") from None
+    head = _read_head(path, 16)
     if not head:
         raise WeightsError(f"{path}: empty file")
     if head.startswith(_HDF5_MAGIC):
@@ -320,6 +332,19 @@ def detect_format(path: str | os.PathLike) -> str:
                        f"pass --format, one of {', '.join(FORMATS)}")
 
 
+def _read_head(path: str | os.PathLike, size: int) -> bytes:
+    """The file's first ``size`` bytes, or one line saying why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a directory, expected a weights file") from None
+    except OSError as e:  # permission denied, a path through a file, an I/O error
+        raise WeightsError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
 def _zip_names(path: str | os.PathLike) -> list[str]:
     try:
         with zipfile.ZipFile(path) as archive:
@@ -334,6 +359,5 @@ def read_source(path: str | os.PathLike, fmt: str = "auto") -> tuple[dict, dict]
         fmt = detect_format(path)
     if fmt not in READERS:
         raise WeightsError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
-    if not Path(path).is_file():
-        raise WeightsError(f"{path}: no such file")
+    _read_head(path, 1)
     return READERS[fmt](path)

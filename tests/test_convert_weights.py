@@ -336,6 +336,30 @@ def test_download_uses_a_local_copy_in_the_cache(tmp_path, monkeypatch):
                                   np.transpose(state["features.0.weight"], (2, 3, 1, 0)))
 
 
+def test_a_download_blames_the_cached_file_only_for_its_own_faults(tmp_path, monkeypatch,
+                                                                   capsys):
+    """DST's problems (a folder, the cached file itself) are DST's: the message told people to
+    delete a good cached file and download it again. Without torch, ``--download torchvision``
+    says so before fetching its 528 MB."""
+    from mlnet_jax import download
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("network used"))
+    monkeypatch.setenv("MLNET_JAX_CACHE", str(tmp_path / "cache"))
+    cached = _save_safetensors(tmp_path, _torchvision_state())
+    (tmp_path / "cache").mkdir()
+    cached = cached.rename(tmp_path / "cache" / download.PUBLIC_WEIGHTS["timm"][1])
+    (tmp_path / "a_folder").mkdir()
+    for dst in (tmp_path / "a_folder", cached):
+        assert convert_main(["--download", "timm", str(dst)]) == 2
+        err = capsys.readouterr().err
+        assert str(dst) in err and "the cached download" not in err, err
+    assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 0  # it was good
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
+    assert convert_main(["--download", "torchvision", str(tmp_path / "tv.npz")]) == 2
+    assert capsys.readouterr().err.startswith("error: --download torchvision: reading a PyTorch "
+                                              ".pth file needs torch (pip install torch)")
+
+
 def _torchvision_state(seed=5) -> dict:
     state = {}
     for i, (k, b) in zip(TORCHVISION_CONV_INDICES, random_oihw(np.random.default_rng(seed))):
@@ -391,6 +415,12 @@ def test_malformed_keras_files_and_odd_state_dicts_are_one_line(tmp_path, capsys
     src = tmp_path / "ints.pth"
     torch.save({k: torch.from_numpy(v).to(torch.int32) for k, v in _torchvision_state().items()}, src)
     cases[src] = "features.0.weight holds int32 values, expected floating-point weights"
+    src = tmp_path / "ints.h5"  # Keras kernels of integers converted as float32 without a word
+    write_keras2(src, [(k.astype(np.int32), b) for k, b in convs])
+    cases[src] = "block1_conv1 kernel holds int32 values, expected floating-point weights"
+    (tmp_path / "a_file").write_bytes(b"")
+    src = tmp_path / "a_file" / "vgg16.pth"  # a path through a file: NotADirectoryError
+    cases[src] = "cannot read it (Not a directory)"
     for src, message in cases.items():
         assert convert_main([str(src), str(tmp_path / "out.npz")]) == 2, src
         err = capsys.readouterr().err.strip()
@@ -400,6 +430,10 @@ def test_malformed_keras_files_and_odd_state_dicts_are_one_line(tmp_path, capsys
     torch.save({"model": {k: torch.from_numpy(v) for k, v in _torchvision_state().items()},
                 "epoch": 90}, src)
     assert convert_main([str(src), str(tmp_path / "out.npz")]) == 0
+    # A named format reads the file the same way.
+    src = tmp_path / "a_file" / "vgg16.safetensors"
+    assert convert_main([str(src), str(tmp_path / "out.npz"), "--format", "safetensors"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {src}: cannot read it (Not a directory)"
 
 
 def test_a_download_cut_short_is_not_cached(tmp_path, monkeypatch, capsys):

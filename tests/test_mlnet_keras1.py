@@ -131,4 +131,13 @@ def test_layers_after_the_prior_or_an_empty_prior_are_refused(tmp_path, capsys):
     assert convert_main([str(src), str(tmp_path / "o.npz"), "--format", "mlnet-keras1"]) == 2
     assert "eltwiseproduct_1 should be the prior W (one non-empty 2-D array), got shapes " \
            "[(0, 8)]" in capsys.readouterr().err
+    # Integer values are no weights (they converted without a word, as float32).
+    for name, layers in (("int_prior.h5", (convs, head, readout, prior.astype(np.int32))),
+                         ("int_head.h5", (convs, (head[0].astype(np.int64), head[1]), readout,
+                                          prior))):
+        write_keras11_mlnet(tmp_path / name, *layers)
+        assert convert_main([str(tmp_path / name), str(tmp_path / "o.npz")]) == 2
+        err = capsys.readouterr().err
+        assert ("eltwiseproduct_1 (the prior W) holds int32 values" if name == "int_prior.h5"
+                else "convolution2d_14 kernel (head 3x3 conv) holds int64 values") in err
     assert not (tmp_path / "o.npz").exists()
