@@ -76,8 +76,12 @@ class RecordSource(grain.sources.RandomAccessDataSource):
     checkpoints and refuses to restore into a loader whose source repr differs.
     """
 
-    def __init__(self, source: Sequence[dict], description: str | None = None):
+    def __init__(self, source: Sequence[dict], description: str | None = None,
+                 fingerprint: dict | None = None):
         self._source = source
+        #: What tells this split from the same split prepared again from other files (its
+        #: size in bytes and shard lengths), None where the config alone defines the data.
+        self.fingerprint = fingerprint
         if description is None:
             own_repr = type(source).__repr__ is not object.__repr__ and not isinstance(
                 source, list | tuple)
@@ -115,7 +119,10 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> RecordSou
     if split not in splits:
         raise UserError(f"dataset {name} (in {builder.data_dir}) has no split {split!r}; "
                         f"it has {', '.join(splits)}")
-    return RecordSource(builder.as_data_source(split), description=f"{name}/{split}")
+    info = builder.info.splits[split]
+    return RecordSource(builder.as_data_source(split), description=f"{name}/{split}",
+                        fingerprint={"num_bytes": int(info.num_bytes),
+                                     "shard_lengths": [int(n) for n in info.shard_lengths]})
 
 
 # --------------------------------------------------------------------------- decoding

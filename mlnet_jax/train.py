@@ -170,6 +170,13 @@ def make_sources(config):
             open_source(config.dataset, config.eval_split, data_dir))
 
 
+def _split_size(fingerprint: dict | None) -> str:
+    if fingerprint is None:
+        return "(not recorded)"
+    return (f"{fingerprint['num_bytes']:,} bytes in {sum(fingerprint['shard_lengths'])} "
+            "records")
+
+
 def _encode_state(state) -> dict:
     """Every process's input position, in process order (only process 0 writes the
     checkpoint's JSON items, so each must reach it; a collective, like the save itself)."""
@@ -378,14 +385,11 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
         config_json = _jsonable_config(config)
         meta = {"config": config_json, "model": info.to_metadata(), "best_val_loss": None,
                 "best_step": None, "epochs_without_improvement": 0, "stopped_early": False,
-                "evaluation_pending": False, "worker_count": worker_count}
+                "evaluation_pending": False, "worker_count": worker_count,
+                "splits": {"train": train_source.fingerprint, "eval": eval_source.fingerprint}}
 
         rng = jax.random.PRNGKey(config.seed)
         if saved_meta is not None:
-            diffs = config_differences(saved_meta["config"], config_json)
-            if diffs and not override_config:
-                raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
-                                "use another --workdir, or pass --override_config to continue anyway")
             shaping = [f"config.{field}" for field in STATE_SHAPING if json.dumps(
                 saved_meta["config"].get(field)) != json.dumps(config_json.get(field))]
             if worker_count != saved_meta.get("worker_count", worker_count):
@@ -399,12 +403,25 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                                 "even with --override_config (the saved state has another shape); "
                                 f"use another --workdir, with --config.init_weights={workdir} to "
                                 "start from this run's weights")
+            diffs = config_differences(saved_meta["config"], config_json)
+            if diffs and not override_config:
+                raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+                                "use another --workdir, or pass --override_config to continue anyway")
+            splits = meta["splits"]
+            changed = [f"config.{kind}_split {_split_size(saved_meta['splits'][kind])} → "
+                       f"{_split_size(splits[kind])}" for kind in ("train", "eval")
+                       if saved_meta.get("splits", splits)[kind] != splits[kind]]
+            if changed and not override_config:
+                raise UserError(f"{workdir}: the dataset was prepared again since this run "
+                                f"started, from other images ({'; '.join(changed)}); use another "
+                                "--workdir to start over, or pass --override_config to continue "
+                                "on the new data anyway")
             abstract = jax.eval_shape(lambda: create_train_state(
                 initial_params(model, info, rng, None), tx, config.frozen_convs, config.seed))
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
                                     abstract)
             state, data_state, meta = checkpoints.restore(abstract)
-            meta.update(config=config_json, worker_count=worker_count)
+            meta.update(config=config_json, worker_count=worker_count, splits=splits)
             try:
                 loader.set_state(_decode_state(data_state, workdir))
             except ValueError as e:  # grain: the sampler (record count, seed, sharding) differs

@@ -311,3 +311,34 @@ def test_a_training_split_that_changed_size_is_named_on_resume(tmp_path):
                                         r"changed\?"):
         train_and_evaluate(tiny_config(num_epochs=2, synthetic_train_size=48), workdir,
                            override_config=True)
+    # A field the saved state's shape depends on is named as such at once (the message for
+    # other fields suggested --override_config, which was then refused too).
+    with pytest.raises(UserError, match=f"{workdir}: config.input_size cannot change when "
+                       "resuming, not even with --override_config"):
+        train_and_evaluate(tiny_config(num_epochs=2, input_size=(48, 48)), workdir)
+
+
+@pytest.mark.timeout(300)
+def test_a_dataset_prepared_again_from_other_images_of_the_same_count_is_named_on_resume(
+        tmp_path):
+    """Only a changed count was caught: other images of the same count resumed silently, and
+    best/ then compared losses over two different validation sets."""
+    from fake_datasets import write_folder
+    from mlnet_jax.datasets.prepare import prepare
+    from mlnet_jax.train import train_and_evaluate
+    data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
+    config = tiny_config(dataset="folder", data_dir=str(data_dir), num_epochs=1)
+    for seed in (1, 2):
+        write_folder(tmp_path / f"photos{seed}", n=8, seed=seed)
+    prepare("folder", str(tmp_path / "photos1"), str(data_dir), validation_fraction=0.25)
+    train_and_evaluate(config, workdir)
+    config.num_epochs = 2
+    prepare("folder", str(tmp_path / "photos2"), str(data_dir), validation_fraction=0.25,
+            overwrite=True)
+    with pytest.raises(UserError, match=rf"{workdir}: the dataset was prepared again since this "
+                       r"run started, from other images \(config.train_split [\d,]+ bytes in 6 "
+                       r"records → [\d,]+ bytes in 6 records; config.eval_split .* in 2 records\)"):
+        train_and_evaluate(config, workdir)
+    prepare("folder", str(tmp_path / "photos1"), str(data_dir), validation_fraction=0.25,
+            overwrite=True)  # the run's own files prepared again: it resumes
+    assert train_and_evaluate(config, workdir)["step"] == 2 * config.steps_per_epoch
