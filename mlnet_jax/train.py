@@ -626,6 +626,36 @@ def _progress(total: int, initial: int):
 
 # --------------------------------------------------------------------------- command line
 
+def _start_distributed(FLAGS) -> None:
+    """``jax.distributed.initialize`` as the multi-host flags ask, or nothing for one process.
+    A process count without a coordinator would have trained alone on every host."""
+    multi = FLAGS["num_processes"].present or FLAGS["process_id"].present
+    if not (FLAGS.coordinator_address or FLAGS.distributed):
+        if multi:
+            raise UserError("--num_processes and --process_id need --coordinator_address="
+                            "HOST:PORT of process 0 (or --distributed, which detects all three "
+                            "on TPU pod slices and SLURM)")
+        return
+    if multi and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+        raise UserError(f"--process_id must be in [0, --num_processes={FLAGS.num_processes})"
+                        f", got {FLAGS.process_id}")
+    if FLAGS.coordinator_address:
+        given = dict(coordinator_address=FLAGS.coordinator_address,
+                     num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    else:  # --distributed: what is given, the rest detected
+        given = {name: FLAGS[name].value for name in ("num_processes", "process_id")
+                 if FLAGS[name].present}
+    try:
+        jax.distributed.initialize(**given)
+    except (ValueError, RuntimeError) as e:
+        how = ("--distributed detects the processes only on TPU pod slices, SLURM and similar "
+               "clusters; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N "
+               "--process_id=K" if not FLAGS.coordinator_address else
+               f"is process 0 running, at --coordinator_address={FLAGS.coordinator_address}?")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot start the multi-process run ({reason}); {how}") from None
+
+
 def main(argv=None) -> int:
     from absl import flags
 
@@ -642,13 +672,7 @@ def main(argv=None) -> int:
         from absl import logging
         logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
         FLAGS = flags.FLAGS
-        if FLAGS.coordinator_address:
-            if not 0 <= FLAGS.process_id < FLAGS.num_processes:
-                raise UserError(f"--process_id must be in [0, --num_processes={FLAGS.num_processes})"
-                                f", got {FLAGS.process_id}")
-            jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        elif FLAGS.distributed:
-            jax.distributed.initialize()
+        _start_distributed(FLAGS)
         try:
             train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.override_config)
         except TrainingStopped as e:

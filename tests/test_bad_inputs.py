@@ -244,6 +244,10 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
      "--config no_such_config.py: cannot load it ([Errno 2] No such file or directory"),
     (("--coordinator_address=localhost:1", "--num_processes=2", "--process_id=5"),
      "--process_id must be in [0, --num_processes=2), got 5"),
+    # Without a coordinator, every host trained alone; outside a cluster, a traceback.
+    ("--num_processes=2", "--num_processes and --process_id need --coordinator_address=HOST:PORT"),
+    ("--distributed", "cannot start the multi-process run (coordinator_address should be "
+                      "defined.); --distributed detects the processes only on TPU pod slices"),
 ])
 def test_out_of_range_config_values_are_named(tmp_path, override, message):
     overrides = override if isinstance(override, tuple) else (override,)
