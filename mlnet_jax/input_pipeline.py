@@ -375,10 +375,19 @@ def _to_device(tree, sharding):
     if isinstance(tree, dict):
         return {k: _to_device(v, sharding) for k, v in tree.items()}
     if isinstance(tree, np.ndarray):
+        if type(tree) is not np.ndarray and _on_cpu(sharding):
+            # A grain worker's batch in shared memory: a CPU array would alias it (no copy), and
+            # its segment, exported, could never be unlinked: /dev/shm filled batch by batch.
+            tree = np.array(tree)
         if sharding is None:
             return jax.device_put(tree)
         return jax.make_array_from_process_local_data(sharding, tree)
     return tree  # per-image lists, strings: stay on the host
+
+
+def _on_cpu(sharding) -> bool:
+    devices = jax.devices() if sharding is None else sharding.device_set
+    return next(iter(devices)).platform == "cpu"
 
 
 class DevicePrefetcher(Iterator[dict]):

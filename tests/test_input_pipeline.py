@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -158,6 +159,32 @@ def test_prefetch_to_device_and_its_state():
                                                     batch_size=2), size=1)
     batch = next(eval_it)
     assert isinstance(batch["mask"], jax.Array) and isinstance(batch["file_name"], list)
+
+
+@pytest.mark.timeout(120)
+def test_worker_batches_on_a_cpu_device_free_their_shared_memory(tmp_path):
+    """A CPU array made from a worker's shared-memory batch aliased it, so no segment was ever
+    unlinked: /dev/shm grew by a batch per step, and Python warned of leaks at exit."""
+    import subprocess
+    import sys
+    script = tmp_path / "feed.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "def main():\n"
+        "    import test_input_pipeline as t\n"
+        "    from mlnet_jax import input_pipeline as ip\n"
+        "    it = ip.prefetch_to_device(t.loader(worker_count=1), size=2)\n"
+        "    first = next(it)['image']\n"
+        "    for _ in range(5):\n"
+        "        next(it)\n"
+        "    print(t.identify(t.np.asarray(first)[0]))\n"
+        "if __name__ == '__main__':\n"
+        "    main()\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=100)
+    assert out.returncode == 0 and out.stdout.strip().isdigit(), out.stderr[-2000:]
+    assert "leaked shared_memory" not in out.stderr, out.stderr[-2000:]
 
 
 def test_tfds_source_feeds_train_and_eval(tmp_path):
