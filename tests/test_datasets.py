@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import io
 import logging
+import re
 import os
 import shutil
 import subprocess
@@ -189,12 +190,26 @@ def test_nothing_of_a_layout_is_dropped_silently(tmp_path, caplog):
     shutil.rmtree(tmp_path / "folder" / "fixations")
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "folder" / "images" / "x.gif")
     (tmp_path / "folder" / "images" / "gone.png").symlink_to(tmp_path / "missing.png")
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mlnet_jax.datasets"):
         sizes = prepare("folder", str(tmp_path / "folder"), str(tmp_path / "tfds"),
                         progress=False)
     assert sum(sizes.values()) == 3
     assert "images: 2 files skipped, not images" in caplog.text
     assert "gone.png" in caplog.text and "x.gif" in caplog.text
+    assert caplog.text.count("files skipped") == 1  # once, not again when the build scans
+
+
+def test_prepare_warnings_are_lines_of_their_own_above_the_progress_bar(tmp_path, capsys):
+    from mlnet_jax.datasets.prepare import main as prepare_main
+    fake.write_folder(tmp_path / "folder", n=4)
+    Image.fromarray(np.zeros((12, 16), np.uint8)).save(tmp_path / "folder" / "maps" / "img01.png")
+    assert prepare_main(["folder", "--manual_dir", str(tmp_path / "folder"), "--data_dir",
+                         str(tmp_path / "tfds"), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in re.split(r"[\r\n]", err) if "warning:" in line]
+    assert warnings and all(line.startswith("warning: ") for line in warnings), err
+    assert any("img01.png: map is 12x16 but its image is 24x32" in line for line in warnings)
 
 
 def test_an_empty_salicon_test_folder_skips_the_optional_test_split(tmp_path, caplog):

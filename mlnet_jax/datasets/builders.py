@@ -110,12 +110,17 @@ class _SaliencyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             builder=self, description=self.DESCRIPTION, features=features(),
             homepage=self.HOMEPAGE, citation=self.CITATION)
 
+    #: (manual_dir, splits) of the last :meth:`scan`, which the build that follows reuses:
+    #: scanning again would say each warning (files skipped) twice.
+    scanned: tuple[str, dict[str, list[Item]]] | None = None
+
     def scan(self, manual_dir: str | Path) -> dict[str, list[Item]]:
         """The items of each split, with every layout problem raised as a UserError."""
         splits = self._layout(layouts.check_manual_dir(manual_dir))
         empty = [name for name, items in splits.items() if not items]
         if empty:
             raise UserError(f"{manual_dir}: no images for split(s) {', '.join(empty)}")
+        self.scanned = (str(Path(manual_dir)), splits)
         return splits
 
     def _split_generators(self, dl_manager):
@@ -123,7 +128,9 @@ class _SaliencyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         manual_dir = getattr(dl_manager, "_manual_dir", None)
         if manual_dir is None:
             raise UserError(f"{self.name} needs --manual_dir:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-        splits = self.scan(Path(manual_dir))
+        manual_dir = str(Path(manual_dir))
+        splits = (self.scanned[1] if self.scanned and self.scanned[0] == manual_dir
+                  else self.scan(manual_dir))
         return {name: self._generate_examples(items, name) for name, items in splits.items()}
 
     def _generate_examples(self, items: Iterable[Item], split: str = ""):

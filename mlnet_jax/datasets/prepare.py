@@ -56,11 +56,24 @@ class _LowerLevelFormatter(logging.Formatter):
         return super().format(record).replace("\n", " ")
 
 
+class _AboveProgressBars(logging.Handler):
+    """Lines on stderr above the progress bar (a plain stream handler wrote them onto the end of
+    the bar's line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 — logging's own convention
+            self.handleError(record)
+
+
 @contextlib.contextmanager
 def _cli_logging():
     """Warnings as ``warning: ...`` lines on stderr while the CLI runs; restored afterwards so
     that callers in the same process (tests) keep their logging."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _AboveProgressBars()
     handler.setFormatter(_LowerLevelFormatter("%(levelname)s: %(message)s"))
     saved = log.level, log.propagate
     log.addHandler(handler)
@@ -144,7 +157,8 @@ def _build(builder, make_builder, manual: Path, name: str):
             builder.data_path.rename(previous)
         else:
             shutil.rmtree(builder.data_path)
-        builder = make_builder()  # forget the moved dataset's info
+        builder, scanned = make_builder(), builder.scanned  # forget the moved dataset's info
+        builder.scanned = scanned
     tfds.disable_progress_bar()  # ours counts images; TFDS's does not know the total
     try:
         builder.download_and_prepare(
