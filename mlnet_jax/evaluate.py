@@ -33,8 +33,9 @@ import jax
 
 from mlnet_jax.cli import run_absl
 from mlnet_jax.errors import UserError
-from mlnet_jax.evaluation import (ALL_METRICS, BACKENDS, SAUC_OTHER_IMAGES, per_process_batch,
-                                  require_ground_truth, resolve_backend, score_split)
+from mlnet_jax.evaluation import (ALL_METRICS, BACKENDS, SAUC_OTHER_IMAGES, check_data_fields,
+                                  per_process_batch, require_ground_truth, resolve_backend,
+                                  score_split)
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.py"
 METRIC_LABELS = {"cc": "CC", "kld": "KLD", "nss": "NSS", "sim": "SIM", "auc_judd": "AUC-Judd",
@@ -186,6 +187,7 @@ def evaluate(config, *, checkpoint: str = "", split: str = "", output: str = "",
         raise UserError(f"--metrics_backend must be one of {', '.join(BACKENDS)}")
     if sauc_others < 1:
         raise UserError(f"--sauc_others must be at least 1, got {sauc_others}")
+    check_data_fields(config)
     split = split or config.eval_split
     json_path = Path(output).expanduser() if output else default_output(
         checkpoint, config.dataset, split, baseline)

@@ -259,6 +259,17 @@ class EvaluationStopped(Exception):
     """``score_split``'s ``should_stop`` said so between two batches."""
 
 
+def check_data_fields(config) -> None:
+    """The config fields both training and ``evaluate`` read data with, as one line naming
+    the field: before anything is opened or compiled."""
+    from mlnet_jax.datasets import DATASET_NAMES  # noqa: PLC0415 — no TFDS imported
+    if config.dataset not in (*DATASET_NAMES, "synthetic"):
+        raise UserError(f"config.dataset must be one of {', '.join(DATASET_NAMES)} or "
+                        f"synthetic, got {config.dataset!r}")
+    if config.eval_batch_size < 1:
+        raise UserError(f"config.eval_batch_size must be at least 1, got {config.eval_batch_size}")
+
+
 def require_ground_truth(source, count: int, name: str) -> None:
     """UserError unless one of the first ``count`` records has a map or fixations: checked
     before predicting, so a test split fails at once (the first record answers for every

@@ -28,7 +28,8 @@ from mlnet_jax.cli import run_absl
 from mlnet_jax.compilation_cache import enable_compilation_cache
 from mlnet_jax.compute_dtype import compute_dtype
 from mlnet_jax.errors import UserError
-from mlnet_jax.evaluation import EvaluationStopped, evaluate_split, require_ground_truth
+from mlnet_jax.evaluation import (EvaluationStopped, check_data_fields, evaluate_split,
+                                  require_ground_truth)
 from mlnet_jax.file_lock import exclusive_lock
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.loss import mlnet_loss
@@ -291,13 +292,20 @@ def check_config(config) -> None:
     def fail(field: str, expected: str) -> None:
         raise UserError(f"config.{field} must be {expected}, got {config[field]!r}")
 
-    for field in ("num_epochs", "global_batch_size", "eval_batch_size", "log_every_steps",
+    check_data_fields(config)
+    for field in ("num_epochs", "global_batch_size", "log_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints"):
         if config[field] < 1:  # 0 would divide by zero, or keep no checkpoint to resume from
             fail(field, "at least 1")
     for field, lowest in (("steps_per_epoch", 1), ("eval_max_images", 1), ("worker_count", 0)):
         if config[field] != -1 and config[field] < lowest:
             fail(field, f"-1 (the default) or at least {lowest}")
+    if config.dataset == "synthetic":
+        for field in ("synthetic_train_size", "synthetic_eval_size"):
+            if config[field] < 1:
+                fail(field, "at least 1 with config.dataset='synthetic'")
+    if config.grid_images < 0:
+        fail("grid_images", "at least 0 (0: no grid)")
     if config.early_stopping_patience < 0:
         fail("early_stopping_patience", "at least 0 (0 disables it)")
     if not 0 <= config.dropout_rate < 1:

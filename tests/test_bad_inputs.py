@@ -268,6 +268,11 @@ def test_out_of_range_config_values_are_named(tmp_path, override, message):
     ("eval_max_images", 0, "-1 (the default) or at least 1"),
     ("worker_count", -5, "-1 (the default) or at least 0"),
     ("early_stopping_patience", -1, "at least 0 (0 disables it)"),
+    ("grid_images", -1, "at least 0 (0: no grid)"),
+    ("synthetic_train_size", 0, "at least 1 with config.dataset='synthetic'"),
+    ("eval_batch_size", 0, "at least 1"),
+    ("dataset", "salicon", "one of salicon2015, salicon2017, mit1003, cat2000, folder or "
+                           "synthetic"),
 ])
 def test_every_config_field_is_checked_before_anything_runs(tmp_path, field, value, expected):
     from mlnet_jax.train import train_and_evaluate

@@ -594,3 +594,7 @@ def test_validation_fraction_only_for_folder(tmp_path, capsys):
 def test_check_split_sizes_is_silent_for_official_sizes():
     assert prepare_cli.check_split_sizes("mit1003", {"train": 900, "validation": 103}) == []
     assert len(prepare_cli.check_split_sizes("cat2000", {"train": 1800})) == 1
+    # SALICON's test images are optional: no warning when they were not prepared at all.
+    assert prepare_cli.check_split_sizes("salicon2015", {"train": 10000, "validation": 5000}) == []
+    assert len(prepare_cli.check_split_sizes(
+        "salicon2017", {"train": 10000, "validation": 5000, "test": 40})) == 1

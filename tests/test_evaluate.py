@@ -162,6 +162,9 @@ def test_errors_are_one_line_with_exit_code_2(salicon, tmp_path):
         "cannot write there": ("--baseline", "centre", "--config", SALICON_CONFIG,
                                f"--config.data_dir={salicon}", "--output",
                                tmp_path / "a_file" / "eval.json"),
+        "config.eval_batch_size must be at least 1, got 0": (
+            "--baseline", "centre", "--config", SALICON_CONFIG, f"--config.data_dir={salicon}",
+            "--config.eval_batch_size=0"),
         "the per-image CSV beside it": ("--baseline", "centre", "--config", SALICON_CONFIG,
                                         f"--config.data_dir={salicon}", "--output",
                                         tmp_path / "res.json"),
