@@ -140,11 +140,14 @@ if [ -f "$OUT/jax_throughput.json" ]; then
 else
   log "no jax_throughput.json: see run.log"
 fi
-# The predict command's host path by worker count (CPU only, ~20 s), when time is left: the
-# 2026-11-27 run's folder path made 64 images/s from 8 threads on this machine's 16 cores, and
-# 2 cores here make ~150; its table goes to run.log (the tool brings back at most 8 files).
+# The predict command's host path by worker count (~40 s), when time is left: the 2026-11-27
+# run's folder path made 64 images/s from 8 threads on this machine's 16 cores, and 2 cores
+# here make ~150-250; with a device that answers at once, then with the batches sent through
+# JAX to the GPU without the model (--devices jax), so that the run says whether the host or
+# the device path holds a folder run back; its table goes to run.log (the tool brings back at
+# most 8 files).
 if [ "${PREDICT_HOST:-1}" = 1 ] && [ "$(left)" -gt 60 ]; then
-  log "predict command's host path: benchmarks/predict_host.py ${PREDICT_HOST_ARGS:=--images 64 --workers 1 4 8 16 --repeats 2}"
+  log "predict command's host path: benchmarks/predict_host.py ${PREDICT_HOST_ARGS:=--images 64 --workers 1 4 8 16 --repeats 2 --devices instant jax}"
   # shellcheck disable=SC2086
   timeout -k 5 $(( $(left) - 20 )) python3 benchmarks/predict_host.py $PREDICT_HOST_ARGS \
     2>&1 | tee -a "$OUT/run.log"

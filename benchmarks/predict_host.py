@@ -8,7 +8,7 @@ run, whatever the accelerator. (On the 2026-11-27 H200 run the whole command rea
 images/s against the device's 2244.)
 
     python benchmarks/predict_host.py [--images 96] [--workers 1 2 4 8] [--repeats 3]
-        [--output benchmarks/results/predict_host-<date>-cpu.json]
+        [--devices instant jax] [--output benchmarks/results/predict_host-<date>-cpu.json]
 """
 
 from __future__ import annotations
@@ -52,8 +52,26 @@ class InstantDevice:
         rows, cols = input_size[0] // 8, input_size[1] // 8
         yy, xx = np.mgrid[:rows, :cols]
         raw = np.exp(-(((yy - rows / 2) / (rows / 4)) ** 2 + ((xx - cols / 3) / (cols / 5)) ** 2))
-        self._variables = None
+        self._raw, self._variables = raw.astype(np.float32), None
         self._predict = lambda _, padded: np.broadcast_to(raw, (len(padded), rows, cols))
+
+
+class TransferDevice(InstantDevice):
+    """:class:`InstantDevice` through JAX on its default device: each padded batch is sent to
+    the device and read whole by a jitted function that returns the same maps, which are
+    fetched back. Everything a real ``Predictor`` does but the model's compute, so that the
+    GPU machine tells the host path apart from the device path (transfers, dispatch, fetch)."""
+
+    def __init__(self, input_size: tuple[int, int] = (480, 640), batch_size: int = 32):
+        super().__init__(input_size, batch_size)
+        import jax
+        import jax.numpy as jnp
+        raw = jnp.asarray(self._raw)
+        self._predict = jax.jit(lambda _, padded: raw[None] + 0 * jnp.mean(
+            padded, axis=(1, 2, 3), dtype=jnp.float32)[:, None, None])
+
+
+DEVICES = {"instant": InstantDevice, "jax": TransferDevice}
 
 
 #: The folder path's stages: (module, function) → name. The first four run in the worker
@@ -146,18 +164,24 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--devices", nargs="+", choices=tuple(DEVICES), default=["instant"],
+                   help="instant: answers at once; jax: the batch through JAX's default device "
+                        "(transfer, a jitted read of it, fetch), without the model")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
 
     print(f"predict command's host path, {args.images} fake 640x480 JPEGs, {os.cpu_count()} CPUs")
-    print(f"{'workers':>8} {'images/s':>9}", flush=True)
+    print(f"{'device':>8} {'workers':>8} {'images/s':>9}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlnet_predict_host_") as tmp:
         write_fake(Path(tmp), args.images)
-        for n in args.workers:  # each row as it comes: a run cut short keeps those done
-            rows.append(measure(Path(tmp) / "images", Path(tmp) / "maps_out", n, args.repeats))
-            print(f"{n:>8} {rows[-1]['images_per_s']:>9.1f}   {stage_summary(rows[-1])}",
-                  flush=True)
+        for name in args.devices:
+            for n in args.workers:  # each row as it comes: a run cut short keeps those done
+                row = measure(Path(tmp) / "images", Path(tmp) / "maps_out", n, args.repeats,
+                              device=DEVICES[name]())
+                rows.append({"device": name, **row})
+                print(f"{name:>8} {n:>8} {row['images_per_s']:>9.1f}   {stage_summary(row)}",
+                      flush=True)
     result = {"benchmark": "predict_host", "date": datetime.date.today().isoformat(),
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "images": args.images, "image_size": [480, 640], "writes": "grey PNG maps",

@@ -252,9 +252,10 @@ def test_predict_host_runs_the_commands_own_folder_path(tmp_path):
     predict_host = throughput.sibling("predict_host")
     out = tmp_path / "host.json"
     assert predict_host.main(["--images", "10", "--workers", "1", "2", "--repeats", "2",
-                              "--output", str(out)]) == 0
+                              "--devices", "instant", "jax", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [r["workers"] for r in rows] == [1, 2]
+    assert [(r["device"], r["workers"]) for r in rows] == [("instant", 1), ("instant", 2),
+                                                           ("jax", 1), ("jax", 2)]
     assert all(r["maps_written"] == 10 and len(r["repeats"]) == 2 for r in rows)
     assert all(0 < rate < 10_000 for r in rows for rate in r["repeats"])
     # Where the time went: every stage was seen, and one worker's stages fill most of its
@@ -263,6 +264,11 @@ def test_predict_host_runs_the_commands_own_folder_path(tmp_path):
         ms = row["stage_ms_per_image"]
         assert set(ms) == {"header", "decode", "letterbox", "write", "dispatch", "fetch"}
         assert ms["decode"] > 0 and ms["write"] > 0 and 0 < row["workers_busy"] <= 1
+    # Through JAX the maps are the same: fetched device arrays, written as the same PNG files.
+    instant, via_jax = (predict_host.DEVICES[name]() for name in ("instant", "jax"))
+    batch = np.zeros((3, 480, 640, 3), np.uint8)
+    np.testing.assert_allclose(np.asarray(via_jax.dispatch_letterboxed(batch)),
+                               instant.dispatch_letterboxed(batch), rtol=1e-6)
     one = rows[0]
     assert one["workers_busy"] > 0.5, one
     assert sum(one["stage_ms_per_image"][k] for k in ("header", "decode", "letterbox", "write")) \
