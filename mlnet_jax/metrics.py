@@ -434,9 +434,12 @@ def _auc_judd(p: jax.Array, fix: jax.Array, keys: jax.Array, k: int,
     n_neg = n - n_fix
     rows = jnp.arange(b)[:, None]
     j = jnp.arange(k)
-    # Pseudo-random tie key per pixel: ties in value are ordered by it (MATLAB: jitter).
+    # A pseudo-random key per pixel: MATLAB's jitter (key / 2**32 · 1e-7, added to the map:
+    # it reorders values closer than that, e.g. a Gaussian's far tails, where float32 holds
+    # it; near 1 its ulp of 6e-8 rounds it), then what is still tied ordered by the key.
     seed = _hash32(jax.vmap(lambda k: jax.random.bits(k, (), jnp.uint32))(keys))
     tie = _hash32(jnp.arange(n, dtype=jnp.uint32)[None, :] ^ seed[:, None])
+    v = v + (tie.astype(jnp.float32) * (1e-7 / 2**32)).astype(v.dtype)
     # The fixated pixels (at most k), sorted by (value, tie key), descending.
     top, index = jax.lax.top_k(jnp.where(f, v, -jnp.inf), k)
     valid = j < n_fix[:, None]
@@ -645,14 +648,15 @@ def batched_auc_judd(preds: Any, fixation_maps: Any, key: Any = 0, *,
 
     Sort-free rank formulation (sorting every pixel is slow outside GPUs): with MATLAB's
     thresholds each non-fixated pixel is credited min((2·#fixated above it + 1) / (2·Nf), 1),
-    the AUC being the mean credit. "Above" compares values, and exact ties by a per-pixel
-    pseudo-random key drawn from ``key`` (a uniformly random order of tied pixels, as MATLAB's
-    jitter gives; 1e-7 jitter itself cannot be held in float32). Counting uses the sorted
+    the AUC being the mean credit. "Above" compares values with MATLAB's jitter (a per-pixel
+    pseudo-random key drawn from ``key``, times 1e-7 / 2**32, added in float32: it reorders
+    values closer than 1e-7, as MATLAB's does; near 1, float32 rounds it), and what is still
+    exactly tied by that key (a uniformly random order of tied pixels). Counting uses the sorted
     fixated values (at most ``max_fixations``: by default the batch's largest count, read back
     to the host, rounded up to a power of two; pass it explicitly inside ``jit``). Equals
-    :func:`auc_judd` on maps without ties; in distribution otherwise. NaN with no fixated or
-    no non-fixated pixel, or more fixated pixels than ``max_fixations``; a constant map is
-    ranked at random (mean (Nf/2 + 1)/(Nf + 1)).
+    :func:`auc_judd` on maps whose values differ by more than 1e-7; in distribution otherwise.
+    NaN with no fixated or no non-fixated pixel, or more fixated pixels than
+    ``max_fixations``; a constant map is ranked at random (mean (Nf/2 + 1)/(Nf + 1)).
     """
     p = _stack(preds, "preds")
     f = _stack(fixation_maps, "fixation_maps")
