@@ -14,7 +14,9 @@ import math
 import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -222,6 +224,8 @@ class _StopRequest:
         self._previous = {}
 
     def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may catch signals (a notebook's worker thread)
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -583,8 +587,16 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                     save()
         if step == total_steps or meta["stopped_early"]:
             save()
-        final = final_evaluation(workdir, state, meta["best_step"], evaluate_fn, eval_source,
-                                 config, info, mesh)
+        try:  # a lone process stops midway, as in end_epoch
+            final = final_evaluation(workdir, state, meta["best_step"], evaluate_fn, eval_source,
+                                     config, info, mesh, should_stop=(
+                                         lambda: stop.signum is not None)
+                                     if jax.process_count() == 1 else None)
+        except EvaluationStopped:
+            raise TrainingStopped(
+                f"received signal {stop.signum} during the held-out evaluation; training is "
+                f"complete and saved in {workdir / 'checkpoints'}; rerun the same command to "
+                "evaluate it and write final_metrics.json", 128 + stop.signum) from None
         if jax.process_index() == 0:
             writer.write(step, "final", final)
             save_training_curves(workdir / "training_curves.png", writer.path)
@@ -601,9 +613,11 @@ def _patience_exhausted(epochs_without_improvement: int, patience: int) -> bool:
 
 
 def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, evaluate_fn,
-                     eval_source, config, info: ModelInfo, mesh) -> dict:
+                     eval_source, config, info: ModelInfo, mesh,
+                     should_stop: Callable[[], bool] | None = None) -> dict:
     """Metrics of the best checkpoint (else the last state) and of a centre-bias map on the
-    held-out split, written to ``final_metrics.json``."""
+    held-out split, written to ``final_metrics.json`` (``EvaluationStopped`` when
+    ``should_stop()`` says so between two batches: nothing is written)."""
     from mlnet_jax.atomic import atomic_path
     from mlnet_jax.checkpointing import restore_for_inference
 
@@ -612,7 +626,8 @@ def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, ev
     if best_step is not None and best_step != int(state.step):
         best_params, _ = restore_for_inference(workdir)  # a workdir resolves to its best
         params = jax.device_put(best_params, replicated(mesh))
-    result = evaluate_split(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True)
+    result = evaluate_split(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True,
+                            should_stop=should_stop)
     result["checkpoint"] = source
     result["step"] = int(state.step)  # where training ended
     result["checkpoint_step"] = int(state.step) if best_step is None else best_step  # scored

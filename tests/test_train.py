@@ -2,6 +2,7 @@
 exact resume across a process exit, and an end-to-end run of the train command."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -443,6 +444,53 @@ def test_a_stop_during_an_epochs_last_step_evaluates_that_epoch_on_resume(tmp_pa
     assert meta["evaluation_pending"] is False and meta["best_step"] == 3  # recorded at step 3
     train_and_evaluate(config, workdir)  # the finished run again: nothing left to evaluate
     assert _eval_steps(workdir) == [3]
+    # A stop during the held-out evaluation stops it (it ran to its end, minutes on SALICON,
+    # and the run returned as if nothing had been asked); a rerun evaluates and writes.
+    import os
+
+    import mlnet_jax.train as train_module
+    real_evaluate = train_module.evaluate_split
+
+    def signalled(*args, **kwargs):
+        if kwargs.get("centre_bias"):  # the held-out evaluation, not an epoch's
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    (workdir / "final_metrics.json").unlink()
+    monkeypatch.setattr(train_module, "evaluate_split", signalled)
+    with pytest.raises(TrainingStopped, match="received signal 15 during the held-out "
+                                              "evaluation; training is complete"):
+        train_and_evaluate(config, workdir)
+    assert not (workdir / "final_metrics.json").exists()
+    monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
+    assert train_and_evaluate(config, workdir)["step"] == 3
+    assert (workdir / "final_metrics.json").exists() and _eval_steps(workdir) == [3]
+
+
+def test_training_runs_in_a_thread_other_than_the_main_one(tmp_path):
+    """As a notebook does to stay responsive: signal handlers can only be installed from the
+    main thread, and setting them raised ValueError there."""
+    import threading
+
+    from mlnet_jax.train import train_and_evaluate
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+    config = tiny.get_config()
+    config.num_epochs = 1
+    outcome, before = {}, signal.getsignal(signal.SIGINT)
+
+    def run():
+        try:
+            outcome["result"] = train_and_evaluate(config, tmp_path / "run")
+        except BaseException as e:  # noqa: BLE001 — reported below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=240)
+    assert "error" not in outcome, repr(outcome.get("error"))
+    assert outcome["result"]["step"] == config.steps_per_epoch
+    assert signal.getsignal(signal.SIGINT) is before  # untouched
 
 
 def test_packaged_configs_are_found_without_a_checkout(tmp_path, monkeypatch):
