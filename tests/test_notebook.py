@@ -19,6 +19,10 @@ def test_the_notebook_runs_in_its_demo_setting(tmp_path):
     first_code = next(c for c in notebook.cells if c.cell_type == "code")
     assert re.search(r"^DEMO = True\b", first_code.source, re.M), "the demo switch is at the top"
 
+    # The kernel that ran the Python API: on a GPU, it must not have taken 75 % of the memory
+    # that the training cells' own processes need (JAX reads this when its backend starts).
+    notebook.cells.append(nbformat.v4.new_code_cell(
+        "import jax, os\nprint('preallocate:', os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))"))
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and its error, if any cell fails
@@ -27,6 +31,7 @@ def test_the_notebook_runs_in_its_demo_setting(tmp_path):
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "resuming from" in text                  # the resume cell continued the run
     assert "AUC-Judd" in text                       # the evaluation table
+    assert "preallocate: false" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4                         # curves, eval grid, predictions, API overlay
 
