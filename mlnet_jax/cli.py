@@ -6,10 +6,13 @@ so it is reported as ``error: <message>`` (``--debug`` shows the traceback inste
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import logging
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
 
 from mlnet_jax.errors import UserError
 
@@ -34,26 +37,71 @@ def resolve_packaged_config(argv: list[str]) -> list[str]:
 
 
 def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
-             config: tuple[str, str] | None = None) -> int:
+             config: tuple[str, str] | None = None,
+             define: Callable[[], None] | None = None) -> int:
     """Parse absl flags, run ``body()`` and return its exit status (``--debug`` must be defined).
 
-    ``config=(default file, help)`` defines the ``--config`` flag (ml_collections) here, so a
-    ``--config.key`` naming no field and a config file that cannot be loaded are one line too,
-    as is any flag absl cannot parse (absl itself exits 1 with two lines).
+    ``define()`` defines the command's flags, and ``config=(default file, help)`` the
+    ``--config`` flag (ml_collections), so a ``--config.key`` naming no field and a config
+    file that cannot be loaded are one line too, as is any flag absl cannot parse (absl itself
+    exits 1 with two lines). Those flags are forgotten when it returns, and the logging state
+    absl changes is put back, so that a notebook can call a command's ``main(argv)`` again.
     """
-    from absl import app, flags
+    from absl import app, flags  # noqa: F401 — app's own flags exist before the snapshot
+    from absl import logging as absl_logging
 
     argv = resolve_packaged_config(sys.argv if argv is None else argv)
+    before, ours = set(flags.FLAGS), None
+    with _logging_kept(absl_logging):
+        try:
+            failed = _define_flags(argv, config, define)
+            ours = set(flags.FLAGS) - before  # not those of modules the run imports (grain's)
+            return failed if failed is not None else _parse_and_run(body, argv, config)
+        finally:  # ml_collections defines a flag per --config.key override while parsing
+            new = set(flags.FLAGS) - before
+            for name in new if ours is None else ours | {n for n in new if n.startswith("config.")}:
+                delattr(flags.FLAGS, name)
+
+
+@contextlib.contextmanager
+def _logging_kept(absl_logging) -> Iterator[None]:
+    """The root logger's level and handlers, absl's verbosity and faulthandler as they were:
+    ``app.run`` sets them for a process that ends with the command."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), absl_logging.get_verbosity(),
+             faulthandler.is_enabled())
+    try:
+        yield
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        absl_logging.set_verbosity(saved[2])
+        if not saved[3]:
+            faulthandler.disable()
+
+
+def _define_flags(argv: list[str], config, define) -> int | None:
+    """Define the command's flags; an exit status if the config file cannot be used."""
+    from absl import flags
+
+    if define is not None:
+        define()
     if config is not None:
         from ml_collections import config_flags
-        try:  # it applies the --config.key overrides it finds in sys.argv here
-            config_flags.DEFINE_config_file("config", config[0], config[1], lock_config=True)
+        try:  # it applies the --config.key overrides it finds in argv here
+            config_flags.DEFINE_config_file("config", config[0], config[1], lock_config=True,
+                                            sys_argv=argv)
         except (KeyError, AttributeError) as e:
             return _no_get_config(argv) if _lacks_get_config(e) else _no_such_field(e)
         except OSError as e:  # an override applied to a file that could not be loaded
             return _cannot_load(argv, e)
         # --help lists the main module's key flags; --config is defined here, not there.
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
+    return None
+
+
+def _parse_and_run(body, argv: list[str], config) -> int:
+    from absl import app, flags
 
     def parse(args: list[str]) -> list[str]:
         try:

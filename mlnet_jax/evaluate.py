@@ -288,21 +288,22 @@ def main(argv=None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
-    flags.DEFINE_string("checkpoint", "", "Training workdir (best, else latest checkpoint), one "
-                        "checkpoint directory, or a converted full-model .npz.")
-    flags.DEFINE_string("split", "", "Split to score (default: config.eval_split).")
-    flags.DEFINE_string("output", "", "JSON summary path (CSV beside it); default beside the "
-                        "checkpoint: <workdir>/eval_<dataset>_<split>.json.")
-    flags.DEFINE_enum("baseline", "none", ["none", "centre", "spectral_residual"],
-                      "Score a baseline map instead of the model (no checkpoint needed).")
-    flags.DEFINE_enum("metrics_backend", "auto", list(BACKENDS),
-                      "numpy: exact MATLAB semantics per image (float64); jax: batched on the "
-                      "device (float32); auto: jax on accelerators, numpy on CPU.")
-    flags.DEFINE_integer("sauc_others", SAUC_OTHER_IMAGES,
-                         "Other images whose fixations are sAUC's negatives.")
-    flags.DEFINE_integer("seed", 0, "Seed of the random metrics and of sAUC's other images.")
-    flags.DEFINE_bool("progress", True, "Show a progress bar (on a terminal).")
-    flags.DEFINE_bool("debug", False, "Show tracebacks for errors.")
+    def define() -> None:
+        flags.DEFINE_string("checkpoint", "", "Training workdir (best, else latest checkpoint), one "
+                            "checkpoint directory, or a converted full-model .npz.")
+        flags.DEFINE_string("split", "", "Split to score (default: config.eval_split).")
+        flags.DEFINE_string("output", "", "JSON summary path (CSV beside it); default beside the "
+                            "checkpoint: <workdir>/eval_<dataset>_<split>.json.")
+        flags.DEFINE_enum("baseline", "none", ["none", "centre", "spectral_residual"],
+                          "Score a baseline map instead of the model (no checkpoint needed).")
+        flags.DEFINE_enum("metrics_backend", "auto", list(BACKENDS),
+                          "numpy: exact MATLAB semantics per image (float64); jax: batched on the "
+                          "device (float32); auto: jax on accelerators, numpy on CPU.")
+        flags.DEFINE_integer("sauc_others", SAUC_OTHER_IMAGES,
+                             "Other images whose fixations are sAUC's negatives.")
+        flags.DEFINE_integer("seed", 0, "Seed of the random metrics and of sAUC's other images.")
+        flags.DEFINE_bool("progress", True, "Show a progress bar (on a terminal).")
+        flags.DEFINE_bool("debug", False, "Show tracebacks for errors.")
 
     def run() -> int:
         from absl import logging
@@ -323,7 +324,7 @@ def main(argv=None) -> int:
         return 0
 
     return run_absl(run, argv, config=(str(DEMO_CONFIG), "Configuration file naming the "
-                                       "dataset (as for training)."))
+                                       "dataset (as for training)."), define=define)
 
 
 if __name__ == "__main__":

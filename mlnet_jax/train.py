@@ -682,14 +682,15 @@ def _start_distributed(FLAGS) -> None:
 def main(argv=None) -> int:
     from absl import flags
 
-    flags.DEFINE_string("workdir", DEMO_WORKDIR, "Directory for checkpoints, logs and figures.")
-    flags.DEFINE_bool("override_config", False, "Resume even if the config differs from the checkpoint's.")
-    flags.DEFINE_bool("debug", False, "Show tracebacks for errors.")
-    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-host runs.")
-    flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
-    flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection "
-                      "(TPU pod slices, SLURM).")
+    def define() -> None:
+        flags.DEFINE_string("workdir", DEMO_WORKDIR, "Directory for checkpoints, logs and figures.")
+        flags.DEFINE_bool("override_config", False, "Resume even if the config differs from the checkpoint's.")
+        flags.DEFINE_bool("debug", False, "Show tracebacks for errors.")
+        flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-host runs.")
+        flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
+        flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
+        flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
+                          "auto-detection (TPU pod slices, SLURM).")
 
     def run() -> int:
         from absl import logging
@@ -703,7 +704,8 @@ def main(argv=None) -> int:
             return e.exit_code
         return 0
 
-    return run_absl(run, argv, config=(str(DEMO_CONFIG), "Training configuration file."))
+    return run_absl(run, argv, config=(str(DEMO_CONFIG), "Training configuration file."),
+                    define=define)
 
 
 if __name__ == "__main__":

@@ -493,6 +493,26 @@ def test_training_runs_in_a_thread_other_than_the_main_one(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before  # untouched
 
 
+def test_the_commands_main_runs_again_in_one_process_with_its_overrides(tmp_path):
+    """A notebook cell calling ``main(argv)``: a second call raised DuplicateFlagError (absl's
+    flags are process-wide), ``--config.key`` overrides in ``argv`` were refused (looked for in
+    the kernel's own argv), and absl left the root logger at ERROR, hiding later warnings."""
+    import logging
+
+    from mlnet_jax.evaluate import main as evaluate_main
+    from mlnet_jax.train import main as train_main
+    workdir, level = tmp_path / "run", logging.getLogger().level
+    for epochs in (1, 2):  # the second call resumes, with its own override
+        assert train_main(["train", f"--config={TINY_CONFIG}", f"--workdir={workdir}",
+                           f"--config.num_epochs={epochs}"]) == 0
+        assert json.loads((workdir / "final_metrics.json").read_text())["step"] == 3 * epochs
+    assert evaluate_main(["evaluate", f"--checkpoint={workdir}", "--noprogress",
+                          f"--config={TINY_CONFIG}", "--config.eval_max_images=4"]) == 0
+    summary = json.loads((workdir / "eval_synthetic_validation.json").read_text())
+    assert summary["num_images"] == 4
+    assert logging.getLogger().level == level
+
+
 def test_packaged_configs_are_found_without_a_checkout(tmp_path, monkeypatch):
     """`--config configs/salicon.py` works from any folder (pip install without a clone)."""
     from mlnet_jax.cli import PACKAGED_CONFIGS, resolve_packaged_config
