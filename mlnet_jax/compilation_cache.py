@@ -40,7 +40,12 @@ def enable_compilation_cache(directory: str, option: str = "compilation cache") 
         logging.getLogger(__name__).warning(
             "%s %s: %s; compiling without the persistent cache", option, path, reason)
         return
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    if jax.config.jax_compilation_cache_dir != str(path):
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        # JAX keeps the cache it opened: a notebook training again with another directory
+        # went on writing into the first one.
+        from jax.experimental.compilation_cache import compilation_cache  # noqa: PLC0415
+        compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     global _installed
     if not _installed:

@@ -60,3 +60,28 @@ def test_a_directory_that_cannot_be_written_is_skipped_with_one_warning(tmp_path
     (record,) = caplog.records
     assert record.getMessage().startswith(f"config.compilation_cache_dir {not_a_directory}: not a directory")
     assert "compiling without the persistent cache" in record.getMessage()
+
+
+SWITCH = """
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp
+from mlnet_jax.compilation_cache import enable_compilation_cache
+jax.jit(lambda x: x + 1)(jnp.ones(3))  # the process compiled before
+for directory in sys.argv[1:]:  # as a notebook training twice, with two cache directories
+    enable_compilation_cache(directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.jit(lambda x: jnp.tanh(x @ x.T).sum() * len(directory))(jnp.ones((8, 8))).block_until_ready()
+    print(len(list(Path(directory).glob("*-cache"))))
+"""
+
+
+def test_each_directory_asked_for_in_one_process_is_the_one_used(tmp_path):
+    """JAX keeps the cache it opened: a directory set after it (a notebook training again with
+    another compilation_cache_dir) was never written."""
+    first, second = tmp_path / "a", tmp_path / "bb"
+    result = subprocess.run([sys.executable, "-c", SWITCH, str(first), str(second)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first_entries, second_entries = (int(n) for n in result.stdout.split())
+    assert first_entries >= 1 and second_entries >= 1  # the second was never written
