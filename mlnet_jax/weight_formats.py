@@ -334,6 +334,8 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _read_head(path: str | os.PathLike, size: int) -> bytes:
     """The file's first ``size`` bytes, or one line saying why it cannot be read."""
+    if Path(path).exists() and not (Path(path).is_file() or Path(path).is_dir()):
+        raise WeightsError(f"{path}: not a regular file")  # a FIFO would block the read
     try:
         with open(path, "rb") as f:
             return f.read(size)

@@ -1,6 +1,7 @@
 """Weight conversion from every supported source is exact (SPEC §2)."""
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -421,6 +422,9 @@ def test_malformed_keras_files_and_odd_state_dicts_are_one_line(tmp_path, capsys
     (tmp_path / "a_file").write_bytes(b"")
     src = tmp_path / "a_file" / "vgg16.pth"  # a path through a file: NotADirectoryError
     cases[src] = "cannot read it (Not a directory)"
+    src = tmp_path / "fifo.pth"  # reading it would wait for a writer forever
+    os.mkfifo(src)
+    cases[src] = "not a regular file"
     for src, message in cases.items():
         assert convert_main([str(src), str(tmp_path / "out.npz")]) == 2, src
         err = capsys.readouterr().err.strip()
