@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import io
 import logging
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
