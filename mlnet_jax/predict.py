@@ -171,9 +171,12 @@ def plan_outputs(sources: Iterable[Path], root: Path, output_dir: Path, overlay:
         """Claimed by this run, a folder, or a file this command did not write (a photo
         ``x.png`` beside ``x.jpg``, or one a user keeps in the output folder): none of them
         is replaced."""
-        if _key(path) in claimed or path.is_dir():
+        if _key(path) in claimed:
             return True
-        return path.exists() and not is_our_output(path)
+        try:
+            return path.is_dir() or (path.exists() and not is_our_output(path))
+        except OSError:  # e.g. a name too long for the file system: its write will say so
+            return False
 
     jobs = []
     for source in sources:

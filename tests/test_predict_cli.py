@@ -429,6 +429,21 @@ def test_a_folder_run_skips_earlier_outputs_and_files_that_are_not_regular(model
     assert f"skipped 1 file(s) that are not regular files (pipes, sockets, devices: reading one can block) ({src / 'z.jpg'})" in err
 
 
+def test_a_name_too_long_for_its_overlay_fails_that_file_alone(model_file, tmp_path, capsys):
+    """A legal 250-byte name whose overlay's name is over the file system's 255 bytes: looking
+    for that output in an existing folder raised, and the whole run stopped before any file."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    long = "p" * 250
+    for name, seed in (("a", 1), (long, 2)):
+        Image.fromarray(_noise(10, 20, seed=seed)).save(src / f"{name}.png")
+    assert _predict(model_file, src, out, "--overlay") == 2
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", f"{long}.png"]
+    err = capsys.readouterr().err
+    assert f"error: {src / f'{long}.png'}: cannot write its output (File name too long)" in err
+
+
 def test_the_python_api_names_folders_and_takes_its_own_pixel_limit(model_file, tmp_path):
     Image.fromarray(_noise(20, 30)).save(tmp_path / "x.png")
     with pytest.raises(ImageError, match=f"{tmp_path}: is a folder, not an image"):
