@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -97,11 +98,23 @@ def open_video(path: str | os.PathLike) -> Iterator[tuple[VideoInfo, "Frames"]]:
 
 
 def _duration(container, stream) -> float | None:
-    """The video stream's duration in seconds, else the file's: Matroska and WebM record only
-    the file's (so a cut-short .mkv was not told from a whole one)."""
+    """The video stream's duration in seconds: its own, else its ``DURATION`` tag (Matroska
+    and WebM), else the file's when the video is its only stream (a cut-short .mkv is then
+    still told from a whole one); None when unknown. The file's is its longest stream's: an
+    audio track a little longer than the video made every such file look cut short."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
-    return container.duration / 1_000_000 if container.duration else None  # AV_TIME_BASE
+    tag = _DURATION_TAG.fullmatch(str((stream.metadata or {}).get("DURATION", "")).strip())
+    if tag:
+        hours, minutes, seconds = tag.groups()
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    if len(container.streams) > 1 or not container.duration:
+        return None
+    return container.duration / 1_000_000  # AV_TIME_BASE
+
+
+#: Matroska's per-track duration tag, e.g. "00:00:02.000000000".
+_DURATION_TAG = re.compile(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)")
 
 
 class Frames:
