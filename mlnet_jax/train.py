@@ -230,6 +230,11 @@ class _StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def evaluation_should_stop(self) -> Callable[[], bool] | None:
+        """What an evaluation asks between batches: only a lone process stops midway (every
+        process must take the same batches)."""
+        return (lambda: self.signum is not None) if jax.process_count() == 1 else None
+
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second signal: stop at once
             raise KeyboardInterrupt
@@ -504,12 +509,11 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
         if not meta.get("evaluation_pending"):
             meta["evaluation_pending"] = True
             save()
-        try:  # every process must take the same batches: only a lone process stops midway
+        try:
             result = evaluate_split(
                 state.params, evaluate_fn, eval_source, config, info, mesh,
                 grid_path=workdir / f"eval_step{step:07d}.png",
-                should_stop=(lambda: stop.signum is not None) if jax.process_count() == 1
-                else None)
+                should_stop=stop.evaluation_should_stop())
         except EvaluationStopped:
             raise TrainingStopped(
                 f"received signal {stop.signum} while evaluating step {step}; its checkpoint is "
@@ -587,11 +591,9 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                     save()
         if step == total_steps or meta["stopped_early"]:
             save()
-        try:  # a lone process stops midway, as in end_epoch
+        try:
             final = final_evaluation(workdir, state, meta["best_step"], evaluate_fn, eval_source,
-                                     config, info, mesh, should_stop=(
-                                         lambda: stop.signum is not None)
-                                     if jax.process_count() == 1 else None)
+                                     config, info, mesh, should_stop=stop.evaluation_should_stop())
         except EvaluationStopped:
             raise TrainingStopped(
                 f"received signal {stop.signum} during the held-out evaluation; training is "

@@ -358,8 +358,9 @@ def _zip_names(path: str | os.PathLike) -> list[str]:
 def read_source(path: str | os.PathLike, fmt: str = "auto") -> tuple[dict, dict]:
     """Read ``path`` in ``fmt`` (or detect it) into (params, metadata)."""
     if fmt == "auto":
-        fmt = detect_format(path)
+        fmt = detect_format(path)  # it reads the file's head, so it is readable
+    elif fmt in READERS:
+        _read_head(path, 1)
     if fmt not in READERS:
         raise WeightsError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
-    _read_head(path, 1)
     return READERS[fmt](path)
