@@ -24,10 +24,13 @@ _installed = False
 
 
 def enable_compilation_cache(directory: str, option: str = "compilation cache") -> None:
-    """Persistent XLA compilation cache in ``directory`` ('' leaves the setting as it is), so a
-    restart loads its programs instead of compiling them. A directory that cannot be made or
-    written is skipped with one warning naming ``option``: the cache only saves time."""
+    """Persistent XLA compilation cache in ``directory`` ('' turns it off, also when an earlier
+    call in this process turned it on), so a restart loads its programs instead of compiling
+    them. A directory that cannot be made or written is skipped with one warning naming
+    ``option``: the cache only saves time."""
     if not directory:
+        if jax.config.jax_compilation_cache_dir:
+            _use_cache_directory(None)
         return
     path = Path(directory).expanduser()
     try:
@@ -41,16 +44,20 @@ def enable_compilation_cache(directory: str, option: str = "compilation cache") 
             "%s %s: %s; compiling without the persistent cache", option, path, reason)
         return
     if jax.config.jax_compilation_cache_dir != str(path):
-        jax.config.update("jax_compilation_cache_dir", str(path))
-        # JAX keeps the cache it opened: a notebook training again with another directory
-        # went on writing into the first one.
-        from jax.experimental.compilation_cache import compilation_cache  # noqa: PLC0415
-        compilation_cache.reset_cache()
+        _use_cache_directory(str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     global _installed
     if not _installed:
         _heal_entries_jax_reports_unreadable()
         _installed = True
+
+
+def _use_cache_directory(directory: str | None) -> None:
+    """Point JAX at ``directory`` (None: no cache) and drop the cache it opened: a notebook
+    training again with another directory, or with none, went on writing into the first."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    from jax.experimental.compilation_cache import compilation_cache  # noqa: PLC0415
+    compilation_cache.reset_cache()
 
 
 def _heal_entries_jax_reports_unreadable() -> None:

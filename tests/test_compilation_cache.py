@@ -72,7 +72,7 @@ for directory in sys.argv[1:]:  # as a notebook training twice, with two cache d
     enable_compilation_cache(directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.jit(lambda x: jnp.tanh(x @ x.T).sum() * len(directory))(jnp.ones((8, 8))).block_until_ready()
-    print(len(list(Path(directory).glob("*-cache"))))
+    print(len(list(Path(directory or sys.argv[1]).glob("*-cache"))))
 """
 
 
@@ -85,3 +85,15 @@ def test_each_directory_asked_for_in_one_process_is_the_one_used(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     first_entries, second_entries = (int(n) for n in result.stdout.split())
     assert first_entries >= 1 and second_entries >= 1  # the second was never written
+
+
+def test_an_empty_directory_turns_off_the_cache_an_earlier_call_turned_on(tmp_path):
+    """'' is documented as "no cache": after a first training with the cache in one process, a
+    second with compilation_cache_dir='' went on writing into the first one's directory."""
+    first = tmp_path / "a"
+    result = subprocess.run([sys.executable, "-c", SWITCH, str(first), ""],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with_cache, after_turning_it_off = (int(n) for n in result.stdout.split())
+    assert with_cache >= 1
+    assert after_turning_it_off == with_cache  # nothing written into the first directory
