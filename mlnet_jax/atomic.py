@@ -37,7 +37,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as e:  # named by the file asked for, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

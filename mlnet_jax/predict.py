@@ -474,6 +474,9 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
         report.fail(job.source, str(e) if str(job.source) in str(e) else f"{job.source}: {e}")
         return
     except Exception as e:  # noqa: BLE001 — FFmpeg errors, a frame size change, a full disk
+        if isinstance(e, OSError) and e.filename in (str(job.overlay_path), str(job.map_path)):
+            report.fail(job.source, f"{job.source}: cannot write its output ({e.strerror or e})")
+            return
         report.fail(job.source, f"{job.source}: {type(e).__name__}: {e}")
         return
     seconds = time.perf_counter() - start

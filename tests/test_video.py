@@ -163,6 +163,21 @@ def test_a_bad_video_is_one_line_and_keeps_the_previous_output(model_file, tmp_p
     assert f"error: {tmp_path / 'empty.mp4'}: empty file (0 bytes)" in capsys.readouterr().err
 
 
+def test_an_output_name_too_long_is_named_not_its_temporary_file(model_file, tmp_path, capsys):  # noqa: F811
+    """A legal 250-byte video name whose overlay's name is over 255 bytes: the error named the
+    hidden temporary file the overlay was written to, a name the user never asked for."""
+    _needs_av()
+    long = "v" * 246 + ".mp4"
+    _write_clip(tmp_path / long, 3, Fraction(10), "libx264")
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(model_file), "--input", str(tmp_path / long),
+                 "--output", str(out), "--compilation-cache", ""]) == 2
+    err = capsys.readouterr().err
+    (line,) = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert line.endswith(": cannot write its output (File name too long)")
+    assert list(out.iterdir()) == []
+
+
 def test_without_the_extra_the_message_names_it(model_file, tmp_path, capsys, monkeypatch):  # noqa: F811
     monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
     (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
