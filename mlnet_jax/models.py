@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from mlnet_jax.head import init_head_params, multilevel_head
-from mlnet_jax.prior import apply_prior, prior_shape
+from mlnet_jax.prior import PRIOR_FACTOR, apply_prior, prior_shape
 from mlnet_jax.vgg import VGG16, PoolingAlignment
 
 OUTPUT_STRIDE = 8
@@ -43,7 +43,20 @@ class MLNet(nn.Module):
                                    dropout_rate=self.dropout_rate)
         saliency = saliency.astype(jnp.float32)
         if self.prior:
-            w = self.param("prior", nn.initializers.zeros_init(),
-                           prior_shape(rows // OUTPUT_STRIDE, cols // OUTPUT_STRIDE), jnp.float32)
+            shape = prior_shape(rows // OUTPUT_STRIDE, cols // OUTPUT_STRIDE)
+            if self.has_variable("params", "prior"):
+                _check_prior_fits(self.get_variable("params", "prior").shape, shape, rows, cols)
+            w = self.param("prior", nn.initializers.zeros_init(), shape, jnp.float32)
             saliency = apply_prior(w, saliency)
         return saliency
+
+
+def _check_prior_fits(learned: tuple[int, ...], needed: tuple[int, int], rows: int, cols: int):
+    """The prior is a grid learned for one input size: images of another size (a Python caller
+    skipping the letterbox) got Flax's ScopeParamShapeError about a parameter's shape."""
+    if tuple(learned) != needed:
+        cell = OUTPUT_STRIDE * PRIOR_FACTOR  # input pixels per prior cell
+        raise ValueError(
+            f"images of {rows}x{cols} do not fit this model's prior, a {learned[0]}x{learned[1]} "
+            f"grid learned for inputs of about {learned[0] * cell}x{learned[1] * cell}: letterbox "
+            f"them to the input size load_model's info names (mlnet_jax.preprocessing.letterbox)")

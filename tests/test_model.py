@@ -42,6 +42,20 @@ def test_input_not_divisible_by_8_is_refused():
         MLNet().init(jax.random.key(0), jnp.zeros((1, 36, 48, 3)))
 
 
+def test_images_of_another_size_than_the_priors_are_named():
+    """A Python caller applying a loaded model to images not letterboxed to its input size got
+    Flax's ScopeParamShapeError about a parameter; the message now says what to do. Sizes
+    whose prior grid is the same shape are allowed, as before."""
+    model = MLNet()
+    x = jnp.zeros((1, 160, 240, 3))  # prior 2×3
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 232, 312, 3))), variables)
+    assert out.shape == (1, 29, 39, 1)  # still a 2×3 prior
+    with pytest.raises(ValueError, match="images of 320x480 do not fit this model's prior, a 2x3 "
+                                         "grid learned for inputs of about 160x240: letterbox"):
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 320, 480, 3))), variables)
+
+
 def test_real_vgg16_widths_and_head_init():
     variables = MLNet().init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     params = variables["params"]
