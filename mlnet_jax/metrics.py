@@ -70,8 +70,8 @@ JUDD_JITTER = 1e-7
 
 def _map2d(array: Any, name: str) -> np.ndarray:
     a = np.asarray(array, dtype=np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    if a.ndim != 2 or not a.size:
+        raise ValueError(f"{name} must be a non-empty 2-D map, got shape {a.shape}")
     return a
 
 
@@ -323,8 +323,8 @@ def _float(x: Any) -> jax.Array:
 
 def _stack(x: Any, name: str) -> jax.Array:
     x = _float(x)
-    if x.ndim != 3:
-        raise ValueError(f"{name} must be (B, H, W), got shape {x.shape}")
+    if x.ndim != 3 or not (x.shape[1] and x.shape[2]):
+        raise ValueError(f"{name} must be (B, H, W) with H, W > 0, got shape {x.shape}")
     return x
 
 

@@ -431,6 +431,14 @@ def test_degenerate_inputs_single():
     assert nan(M.info_gain(const, fix, gt))
     with pytest.raises(ValueError):
         M.cc(pred[None], gt)
+    # An empty map is named (numpy's zero-size reduction, an IndexError or a ZeroDivisionError).
+    for name in ("cc", "kld", "nss", "sim", "auc_judd", "auc_borji"):
+        for p_shape, g_shape, which in (((0, 0), (4, 4), "saliency"),
+                                        ((4, 4), (0, 5), "ground_truth|fixation_map")):
+            with pytest.raises(ValueError, match=f"({which}) must be a non-empty 2-D map"):
+                getattr(M, name)(np.ones(p_shape), np.ones(g_shape))
+    with pytest.raises(ValueError, match=r"preds must be \(B, H, W\) with H, W > 0"):
+        M.batched_cc(np.ones((2, 0, 3)), np.ones((2, 0, 3)))
 
 
 def test_degenerate_inputs_batched():
