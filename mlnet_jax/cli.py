@@ -50,7 +50,8 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
     from absl import app, flags  # noqa: F401 — app's own flags exist before the snapshot
     from absl import logging as absl_logging
 
-    argv = resolve_packaged_config(sys.argv if argv is None else argv)
+    argv = _last_override_of_each_field(
+        resolve_packaged_config(sys.argv if argv is None else argv))
     before, ours = set(flags.FLAGS), None
     with _logging_kept(absl_logging):
         try:
@@ -61,6 +62,16 @@ def run_absl(body: Callable[[], int | None], argv: list[str] | None = None,
             new = set(flags.FLAGS) - before
             for name in new if ours is None else ours | {n for n in new if n.startswith("config.")}:
                 delattr(flags.FLAGS, name)
+
+
+def _last_override_of_each_field(argv: list[str]) -> list[str]:
+    """Only the last ``--config.key=value`` of each key, as for every other flag: ml_collections
+    joined a tuple field's repeats (``input_size=64,96`` then ``=32,32`` gave (64, 96, 32, 32))."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    keys = [arg.partition("=")[0] if arg.startswith("--config.") and "=" in arg else None
+            for arg in argv[:end]]
+    return [arg for i, arg in enumerate(argv[:end])
+            if keys[i] is None or keys[i] not in keys[i + 1:]] + argv[end:]
 
 
 @contextlib.contextmanager

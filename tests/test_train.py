@@ -526,6 +526,26 @@ def test_packaged_configs_are_found_without_a_checkout(tmp_path, monkeypatch):
     assert resolve_packaged_config(argv)[1] == "--config=configs/salicon.py"
 
 
+def test_a_config_field_given_twice_takes_its_last_value():
+    """As for every other flag; ml_collections joined a tuple field's repeats instead
+    (input_size=64,96 then =32,32 was (64, 96, 32, 32))."""
+    from absl import flags
+
+    from mlnet_jax.cli import run_absl
+    seen = []
+
+    def define():
+        flags.DEFINE_bool("debug", False, "")
+
+    def body():
+        seen.append((flags.FLAGS.config.input_size, flags.FLAGS.config.num_epochs))
+
+    argv = ["train", f"--config={TINY_CONFIG}", "--config.input_size=64,96",
+            "--config.num_epochs=2", "--config.input_size=32,32", "--config.num_epochs=3"]
+    assert run_absl(body, argv, config=(str(TINY_CONFIG), ""), define=define) == 0
+    assert seen == [((32, 32), 3)]
+
+
 @pytest.mark.timeout(300)
 def test_two_process_training_run_end_to_end(tmp_path):
     """The whole command on 2 processes (gloo): sharded data, Orbax saves from both, and the
