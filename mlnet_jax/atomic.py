@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -27,11 +28,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``open`` would give it (0o666 less the umask), not ``mkstemp``'s owner-only 0o600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The name is cut (in bytes: 255 is the usual limit) so that a legal long name keeps a
-    # legal temporary one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{_cut(path.name, 200)}.", suffix=".tmp",
-                               dir=path.parent)
+    try:  # an error names the folder that could not be made (a file in its place)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise NotADirectoryError(errno.ENOTDIR, "a file is where a folder is needed",
+                                 e.filename) from None
+    try:  # an error names the file asked for, not the temporary one
+        # The name is cut (in bytes: 255 is the usual limit) so that a legal long name keeps a
+        # legal temporary one.
+        fd, tmp = tempfile.mkstemp(prefix=f".{_cut(path.name, 200)}.", suffix=".tmp",
+                                   dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     os.chmod(tmp, _FILE_MODE)
     tmp_path = Path(tmp)
@@ -39,7 +47,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         try:
             os.replace(tmp_path, path)
-        except OSError as e:  # named by the file asked for, not the temporary one
+        except OSError as e:
             raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         if tmp_path.exists():

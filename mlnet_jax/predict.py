@@ -384,7 +384,7 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
                 report.done += 1
             except OSError as e:
                 report.fail(job.source, f"{job.source}: cannot write its output "
-                                        f"({e.strerror or e})", say)
+                                        f"({_os_reason(e)})", say)
             except Exception as e:  # noqa: BLE001 — resizing, blurring or colouring the map
                 report.fail(job.source, f"{job.source}: cannot make its map "
                                         f"({type(e).__name__}: {e})", say)
@@ -474,8 +474,10 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
         report.fail(job.source, str(e) if str(job.source) in str(e) else f"{job.source}: {e}")
         return
     except Exception as e:  # noqa: BLE001 — FFmpeg errors, a frame size change, a full disk
-        if isinstance(e, OSError) and e.filename in (str(job.overlay_path), str(job.map_path)):
-            report.fail(job.source, f"{job.source}: cannot write its output ({e.strerror or e})")
+        outputs = [p for p in (job.overlay_path, job.map_path) if p is not None]
+        if isinstance(e, OSError) and e.filename and any(
+                Path(e.filename) == p or Path(e.filename) in p.parents for p in outputs):
+            report.fail(job.source, f"{job.source}: cannot write its output ({_os_reason(e)})")
             return
         report.fail(job.source, f"{job.source}: {type(e).__name__}: {e}")
         return
@@ -669,6 +671,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(e).__name__}: {_one_line(str(e))} (rerun with --debug for the "
               "traceback)", file=sys.stderr)
         return 1
+
+
+def _os_reason(error: OSError) -> str:
+    """'reason: path' (the output, or the file standing where its folder should be)."""
+    reason = error.strerror or str(error)
+    return f"{reason}: {error.filename}" if error.filename else reason
 
 
 def _one_line(text: str, limit: int = 400) -> str:

@@ -441,7 +441,23 @@ def test_a_name_too_long_for_its_overlay_fails_that_file_alone(model_file, tmp_p
     assert _predict(model_file, src, out, "--overlay") == 2
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", f"{long}.png"]
     err = capsys.readouterr().err
-    assert f"error: {src / f'{long}.png'}: cannot write its output (File name too long)" in err
+    assert f"error: {src / f'{long}.png'}: cannot write its output (File name too long: " in err
+
+
+def test_a_file_where_an_output_folder_belongs_is_named(model_file, tmp_path, capsys):
+    """A file in the output tree where a subfolder's outputs go: the line said only
+    "cannot write its output (File exists)", naming neither the file nor the folder."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    out.mkdir()
+    Image.fromarray(_noise(10, 20)).save(src / "sub" / "x.png")
+    Image.fromarray(_noise(10, 20, seed=2)).save(src / "y.png")
+    (out / "sub").write_bytes(b"the user's")
+    assert _predict(model_file, src, out) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {src / 'sub' / 'x.png'}: cannot write its output (a file is where a folder "
+            f"is needed: {out / 'sub'})") in err
+    assert (out / "y.png").exists() and (out / "sub").read_bytes() == b"the user's"
 
 
 def test_the_python_api_names_folders_and_takes_its_own_pixel_limit(model_file, tmp_path):
