@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--download", choices=tuple(PUBLIC_WEIGHTS),
                         help="fetch public ImageNet VGG-16 weights instead of reading SRC")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # SRC --format F DST too
     expected = 1 if args.download else 2
     if len(args.paths) != expected:
         parser.error("give DST with --download, SRC DST otherwise")

@@ -223,8 +223,10 @@ def read_keras(path: str | os.PathLike) -> tuple[dict, dict]:
 def read_keras1(path: str | os.PathLike) -> tuple[dict, dict]:
     """The Keras-0/1 Theano ``vgg16_weights.h5`` the original loads (``layer_{id}/param_{p}``).
 
-    Kernels are OIHW and spatially flipped (Theano convolves). The file's weights were trained
-    with Caffe, so the original's pooling alignment is recorded.
+    Kernels are OIHW and spatially flipped (Theano convolves). The weights were trained with
+    Caffe (standard pooling windows), but ML-Net fine-tuned them through Theano's windows, so
+    ``keras1`` is recorded: training from this file reproduces the original's run
+    (``--config.pooling=standard`` gives Caffe's windows instead).
     """
     where = str(path)
     with _open_h5(path) as f:

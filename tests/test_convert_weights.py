@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -193,6 +194,10 @@ def test_keras1_theano_layout_converts_exactly(tmp_path):
     dst = convert(tmp_path, src)
     _, metadata = read_weights(dst)
     assert (metadata["preprocessing"], metadata["pooling"]) == ("caffe", "keras1")
+    # The option between SRC and DST, as people type it, was "unrecognized arguments: DST".
+    assert convert_main([str(src), "--format", "keras1", str(tmp_path / "again.npz")]) == 0
+    again, first = read_weights(tmp_path / "again.npz")[0], read_weights(dst)[0]
+    jax.tree.map(np.testing.assert_array_equal, again, first)
     x, got = features(dst, "keras1")
     # Reference: Theano's true convolution with the file's (unflipped) kernels.
     want = ref.vgg_features(x[0], convs, "keras1", true_conv=True)
