@@ -133,6 +133,27 @@ def test_cat2000_prepare_and_read_back(tmp_path):
     assert "Action/001.jpg" in got
 
 
+def test_names_that_are_not_utf8_are_prepared(tmp_path):
+    """A Windows zip unzipped on Linux leaves Latin-1 bytes in names: the whole scan passed, then
+    writing the first such record was a traceback (UnicodeEncodeError)."""
+    truth = fake.write_cat2000(tmp_path / "manual", categories=("Action", "Art"), per_category=3)
+    base = os.fsencode(tmp_path / "manual" / "trainSet")
+    for part, ext in ((b"Stimuli", b"jpg"), (b"FIXATIONMAPS", b"jpg"), (b"FIXATIONLOCS", b"mat")):
+        os.rename(base + b"/" + part + b"/Art", base + b"/" + part + b"/Caf\xe9")  # a category
+        folder = base + b"/" + part + b"/Action/"
+        os.rename(folder + b"002." + ext, folder + b"d\xe9j\xe0." + ext)  # and a file
+    assert prepare("cat2000", str(tmp_path / "manual"), str(tmp_path / "tfds"),
+                   progress=False) == {"train": 4, "validation": 2}
+    got = {**_read_all("cat2000", "train", tmp_path / "tfds"),
+           **_read_all("cat2000", "validation", tmp_path / "tfds")}
+    renamed = {"Action/002.jpg": "Action/d\\xe9j\\xe0.jpg"} | {
+        f"Art/{n:03d}.jpg": f"Caf\\xe9/{n:03d}.jpg" for n in (1, 2, 3)}
+    truth = {renamed.get(name, name): record for name, record in truth.items()}
+    for record in truth.values():
+        record["category"] = record["category"].replace("Art", "Caf\\xe9")
+    _check_records(got, truth)
+
+
 @pytest.mark.parametrize("fixations", ["mat", "png", None])
 def test_folder_prepare_and_read_back(tmp_path, fixations):
     truth = fake.write_folder(tmp_path / "manual", n=5, fixations=fixations)

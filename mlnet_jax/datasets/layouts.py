@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -68,6 +69,17 @@ class Item:
     fixations: Path | None = None
     fixation_format: str = ""
     category: str = ""
+
+    def __post_init__(self):
+        for field in ("key", "file_name", "category"):
+            object.__setattr__(self, field, stored_name(getattr(self, field)))
+
+
+def stored_name(name: str) -> str:
+    """``name`` as valid UTF-8 for the records: a byte the file system's names hold that is not
+    UTF-8 (a Windows zip unzipped on Linux: Latin-1, cp437) is written as ``\\xe9``, not a
+    serialization error (a traceback after the whole scan)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def check_manual_dir(manual_dir: str | Path) -> Path:
@@ -248,7 +260,7 @@ def cat2000(manual_dir: str | Path, seed: int = SPLIT_SEED,
         locs = list_files(loc_dir, MAT_EXTENSIONS, "fixation files", allow_empty=True)
         check_matched(images, maps, "images", "maps", stim_dir, map_dir)
         check_matched(images, locs, "images", "fixation files", stim_dir, loc_dir)
-        rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
+        rng = np.random.default_rng([seed, zlib.crc32(os.fsencode(category))])
         train, validation = split_stems(
             images, _validation_count(len(images), validation_fraction), rng)
         for split, stems in (("train", train), ("validation", validation)):
