@@ -33,8 +33,10 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """H×W×3 uint8 RGB of the file at ``path`` as displayed (EXIF orientation applied).
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, *,
+               exif: bool = True) -> np.ndarray:
+    """H×W×3 uint8 RGB of the file at ``path`` as displayed (EXIF orientation applied; as
+    stored with ``exif=False``, as MATLAB and the saliency benchmarks read images).
 
     Multi-frame files (animated WebP/GIF, multi-page TIFF) give their first frame.
     Raises ImageError naming the file when it is empty, not an image, truncated or too large.
@@ -53,7 +55,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
                 if width * height > max_pixels:
                     raise ImageError(_too_large(path, f"{width}×{height} pixels", max_pixels))
                 image.load()
-                oriented = as_displayed(image)
+                oriented = as_displayed(image) if exif else image
                 try:
                     return to_rgb(oriented)
                 except (ValueError, OSError) as e:

@@ -1,7 +1,7 @@
 """Saliency maps for images, folders and videos: ``python -m mlnet_jax.predict``.
 
     python -m mlnet_jax.predict --checkpoint DIR --input FILE_OR_DIR --output DIR
-        [--overlay] [--map-video] [--batch-size N] [--blur SIGMA] [--max-pixels N]
+        [--overlay] [--map-video] [--batch-size N] [--blur SIGMA] [--max-pixels N] [--ignore-exif]
         [--compilation-cache DIR] [--workers N] [--debug]
 
 Outputs mirror the input: ``--input photos`` with ``photos/a/b/x.jpg`` writes
@@ -311,13 +311,13 @@ class _Decoded:
 
 
 def _finish_image(job: Job, decoded: _Decoded, raw: np.ndarray, blur: float,
-                  max_pixels: int) -> None:
+                  max_pixels: int, exif: bool) -> None:
     saliency = full_size_map(raw, decoded.size, blur)
     if job.map_path is not None:
         write_png(job.map_path, map_to_uint8(saliency))
     if job.overlay_path is not None:
-        image = decoded.image if decoded.image is not None else load_image(job.source,
-                                                                            max_pixels)
+        image = decoded.image if decoded.image is not None else load_image(
+            job.source, max_pixels, exif=exif)
         write_png(job.overlay_path, overlay(image, saliency))
 
 
@@ -331,10 +331,10 @@ def _batched(predictor, items: Iterable[tuple]) -> Iterator[tuple]:
 
 def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 0.0,
                    max_pixels: int = MAX_PIXELS, workers: int = 4, progress: bool = True,
-                   pixels_at_once: int = PIXELS_AT_ONCE) -> None:
+                   pixels_at_once: int = PIXELS_AT_ONCE, exif: bool = True) -> None:
     """Decode and letterbox in ``workers`` threads ahead of the device, predict in padded
     batches, then resize, blur, colour and write in the threads; the device thread only feeds
-    the device. Failures go to ``report``, one line each."""
+    the device. Failures go to ``report``, one line each. ``exif=False``: images as stored."""
     from tqdm import tqdm
 
     if not jobs:
@@ -346,14 +346,14 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
 
     def load(job: Job) -> tuple[_Decoded, np.ndarray]:
         with budget.hold(_header_pixels(job.source)):
-            image = load_image(job.source, max_pixels)
+            image = load_image(job.source, max_pixels, exif=exif)
             keep = job.overlay_path is not None and image.shape[0] * image.shape[1] <= \
                 KEEP_FOR_OVERLAY
             return _Decoded(image.shape[:2], image if keep else None), letterbox(image, size)
 
     def write(job: Job, decoded: _Decoded, raw: np.ndarray) -> None:
         with budget.hold(decoded.size[0] * decoded.size[1]):
-            _finish_image(job, decoded, raw, blur, max_pixels)
+            _finish_image(job, decoded, raw, blur, max_pixels, exif)
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
             tqdm(total=len(jobs), unit="img", disable=not progress, dynamic_ncols=True,
@@ -522,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
                    help="Gaussian blur of the maps, sigma in pixels of the original image "
                         "(default 0: none, as the original)")
+    p.add_argument("--ignore-exif", action="store_true",
+                   help="use images as stored, not turned as their EXIF orientation says: how "
+                        "MATLAB and the saliency benchmarks read stimuli (for submissions)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"refuse images with more pixels than this (decompression bombs; "
                         f"default {MAX_PIXELS:,})")
@@ -594,7 +597,7 @@ def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job],
     start = time.perf_counter()
     predict_images(predictor, image_jobs, report=report, blur=args.blur,
                    max_pixels=args.max_pixels, workers=args.workers,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, exif=not args.ignore_exif)
     seconds = time.perf_counter() - start
     if image_jobs:
         images_ok = report.done

@@ -263,6 +263,26 @@ def test_salicon_fixations_of_a_resized_image_are_rescaled_from_their_resolution
         (0, 0), (16, 32), (47, 63)]
 
 
+def test_fixations_of_another_aspect_ratio_are_refused_not_stretched(tmp_path, caplog):
+    """A CAT2000 fixLocs saved transposed (48x27 for a 27x48 image) was rescaled with a warning,
+    every point stretched into the wrong place; a resized copy (within a pixel's rounding) is
+    still rescaled, and SALICON's `resolution` is held to the same rule."""
+    mask = np.zeros((27, 48), bool)
+    mask[3, 40] = mask[20, 5] = True
+    with pytest.raises(UserError, match=r"f.mat: fixation map is 48x27 but its image is 27x48, "
+                                        r"another aspect ratio: not this image's fixations"):
+        records.binary_to_rc0(mask.T, (27, 48), Path("f.mat"))
+    with caplog.at_level(logging.WARNING, logger="mlnet_jax.datasets"):
+        half = records.binary_to_rc0(mask, (14, 24), Path("f.mat"))  # 13.5 rounded
+    assert sorted(map(tuple, half.tolist())) == [(1, 20), (10, 2)]
+    assert "coordinates rescaled" in caplog.text
+    mat = fake.salicon_mat(tmp_path / "a.mat", [np.array([[1.0, 1.0]])], (64, 48))
+    item = layouts.Item(key="a", file_name="a.jpg", image=tmp_path / "a.jpg", fixations=mat,
+                        fixation_format="gaze_mat")
+    with pytest.raises(UserError, match="fixations were recorded at 64x48 but its image is 48x64"):
+        records.read_fixations(item, (48, 64))
+
+
 def test_fixation_conversion_from_one_based_xy(caplog):
     got = records.xy1_to_rc0(np.array([[1.0, 1.0], [32, 24], [3.4, 2.6], [0, 5], [33, 1],
                                        [np.nan, 3], [4, np.inf]]), (24, 32), Path("f.mat"))

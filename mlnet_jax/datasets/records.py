@@ -167,11 +167,23 @@ def binary_to_rc0(mask: np.ndarray, image_size: tuple[int, int], path: Path) -> 
     """Fixated pixels of a binary map as (row, col); a map of another size is rescaled."""
     rc = np.argwhere(mask).astype(np.int64)
     if mask.shape != tuple(image_size):
+        _check_same_aspect(mask.shape, image_size, path, "fixation map is")
         log.warning("%s: fixation map is %dx%d but its image is %dx%d; coordinates rescaled",
                     path, mask.shape[0], mask.shape[1], image_size[0], image_size[1])
         scale = np.asarray(image_size, np.float64) / np.asarray(mask.shape, np.float64)
         rc = np.floor((rc + 0.5) * scale).astype(np.int64)
     return _inside(rc, image_size, path)
+
+
+def _check_same_aspect(size: tuple, image_size: tuple[int, int], path: Path, what: str) -> None:
+    """Fixations of another size are rescaled only if that size is a resized copy's (within a
+    pixel's rounding either way); another aspect ratio (a transposed matrix, another image's
+    file) would put every point in the wrong place."""
+    (rows, cols), (image_rows, image_cols) = size, image_size
+    if abs(rows * image_cols - cols * image_rows) > 0.5 * max(rows + cols, image_rows + image_cols):
+        raise UserError(f"{path}: {what} {rows:g}x{cols:g} but its image is {image_rows}x"
+                        f"{image_cols}, another aspect ratio: not this image's fixations "
+                        f"(transposed?)")
 
 
 def _loadmat(path: Path) -> dict:
@@ -219,6 +231,7 @@ def at_image_size(points: np.ndarray, mat: dict, image_size: tuple[int, int],
     if (resolution.size != 2 or not np.isfinite(resolution).all() or (resolution <= 0).any()
             or tuple(resolution) == tuple(image_size) or points.size == 0):
         return points
+    _check_same_aspect(tuple(resolution), image_size, path, "fixations were recorded at")
     log.warning("%s: fixations recorded at %dx%d, its image is %dx%d; coordinates rescaled",
                 path, resolution[0], resolution[1], image_size[0], image_size[1])
     scale_xy = np.asarray(image_size[::-1], np.float64) / resolution[::-1]
