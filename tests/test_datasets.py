@@ -414,6 +414,22 @@ def test_cli_wrong_and_empty_manual_dir(tmp_path, capsys):
         "name a folder (created if missing)"
 
 
+@pytest.mark.parametrize("where", [".", "fixations", "fixations/train"])
+def test_salicon_coco_json_fixations_are_named(tmp_path, where):
+    """The LSUN'15 challenge's fixations_train2014.json in place of the .mat files was "expected
+    folder … fixations was not found", or "skipped, not fixation files" then a list of images
+    without fixations: neither said the format is the problem."""
+    root = tmp_path / "manual"
+    fake.write_salicon(root, {"train": 2, "validation": 1})
+    shutil.rmtree(root / "fixations")
+    (root / where).mkdir(parents=True, exist_ok=True)
+    (root / where / "fixations_train2014.json").write_text('{"type": "fixations"}')
+    with pytest.raises(UserError, match=r"fixations_train2014.json: SALICON fixations as "
+                                        r"COCO-style JSON .* are not read; prepare needs the "
+                                        r"per-image .mat files"):
+        layouts.salicon(root)
+
+
 def test_cli_missing_folder_names_expected_path(tmp_path, capsys):
     fake.write_salicon(tmp_path / "manual", {"train": 2, "validation": 1})
     import shutil

@@ -176,6 +176,7 @@ def salicon(manual_dir: str | Path) -> dict[str, list[Item]]:
     """SALICON (2015 or 2017 edition, same layout): train / validation / test (test optional)."""
     root = check_manual_dir(manual_dir)
     layout = "SALICON layout: images/, maps/, fixations/ each with train/ and val/"
+    _refuse_coco_json_fixations(root)
     for sub in ("images", "maps", "fixations"):
         _require_dir(root / sub, layout)
     splits: dict[str, list[Item]] = {}
@@ -202,6 +203,20 @@ def salicon(manual_dir: str | Path) -> dict[str, list[Item]]:
                               fixations=fixations[s], fixation_format="gaze_mat")
                          for s, p in images.items()]
     return splits
+
+
+def _refuse_coco_json_fixations(root: Path) -> None:
+    """The LSUN'15 challenge shipped SALICON's fixations as COCO-style JSON, one file per split:
+    say so plainly instead of "folder not found" or "skipped, not fixation files"."""
+    fixations = root / "fixations"
+    found = sorted(p for folder in (root, root / "annotations", fixations, fixations / "train",
+                                    fixations / "val")
+                   if folder.is_dir() for p in folder.glob("fixations_*.json"))
+    if found and not any(next((fixations / f).glob("*.mat"), None) for f in ("train", "val")):
+        raise UserError(
+            f"{found[0]}: SALICON fixations as COCO-style JSON (the LSUN'15 challenge's) are "
+            f"not read; prepare needs the per-image .mat files, fixations/{{train,val}}/"
+            f"<stem>.mat, as salicon.net distributes both editions")
 
 
 # --------------------------------------------------------------------------- MIT1003
