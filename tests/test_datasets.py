@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import scipy.sparse
 from PIL import Image
 
 import fake_datasets as fake
@@ -500,6 +501,34 @@ def test_a_failed_overwrite_keeps_the_prepared_dataset(tmp_path, capsys, monkeyp
     assert sorted(p.name for p in (data_dir / "salicon2015").iterdir()) == [".lock", "1.0.0"]
 
 
+def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_prepared_dataset(tmp_path, capsys,
+                                                                          monkeypatch):
+    """Ctrl-C while writing was a long KeyboardInterrupt traceback (the dataset itself was safe)."""
+    manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+    fake.write_salicon(manual, {"train": 3, "validation": 1})
+    args = ["salicon2015", "--manual_dir", str(manual), "--data_dir", str(data_dir)]
+    assert _cli(args, capsys)[0] == 0
+    def images():
+        return {k: r["image"] for k, r in _read_all("salicon2015", "train", data_dir).items()}
+
+    before = images()
+    calls = []
+
+    def read_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return read_fixations(*args, **kwargs)
+
+    read_fixations = records.read_fixations
+    monkeypatch.setattr(records, "read_fixations", read_then_interrupt)
+    code, _, err = _cli(args + ["--overwrite"], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted; nothing half-written is kept" in err
+    assert images() == before
+    assert sorted(p.name for p in (data_dir / "salicon2015").iterdir()) == [".lock", "1.0.0"]
+
+
 def test_what_a_stopped_prepare_left_is_cleaned_and_a_set_aside_dataset_put_back(
         tmp_path, capsys):
     from mlnet_jax.file_lock import exclusive_lock
@@ -583,9 +612,21 @@ def test_malformed_fixation_and_map_values_are_named_or_warned(tmp_path, caplog)
         with pytest.raises(UserError, match=f"{mat}: 'fixLocs' must be a 2-D binary matrix, "
                                             f"not {kind}"):
             records.read_fixations(item, (24, 32))
+    # A MATLAB sparse fixLocs (scipy reads it as a sparse matrix) was "a struct or cell array".
+    locs = np.zeros((24, 32))
+    locs[3, 4] = locs[20, 30] = 1
+    scipy.io.savemat(str(mat), {"fixLocs": scipy.sparse.csc_matrix(locs)})
+    item = layouts.Item(key="x", image=tmp_path / "x.jpg", fixations=mat,
+                        fixation_format="fixlocs_mat", file_name="x.jpg")
+    caplog.set_level(logging.WARNING)
+    assert records.read_fixations(item, (24, 32)).tolist() == [[3, 4], [20, 30]]
+    # A file without a single fixation is kept, and said: its image drops out of NSS and AUCs.
+    assert "no fixations" not in caplog.text
+    scipy.io.savemat(str(mat), {"fixLocs": np.zeros((24, 32))})
+    assert records.read_fixations(item, (24, 32)).shape == (0, 2)
+    assert f"{mat}: no fixations; kept (this image's NSS and AUCs are NaN" in caplog.text
     values = np.ones((4, 5), np.float32)
     values[1, 2], values[3, 0] = np.nan, 0.5
-    caplog.set_level(logging.WARNING)
     grey = records.grey_map(Image.fromarray(values, "F"), tmp_path / "m.tif")
     assert grey[0, 0] == 255 and grey[1, 2] == 0 and grey[3, 0] == 128
     assert "m.tif: 1 map pixels are not finite numbers (NaN or Inf); taken as 0" in caplog.text

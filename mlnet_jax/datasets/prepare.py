@@ -246,6 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted; nothing half-written is kept (a dataset prepared before is as it "
+              "was)", file=sys.stderr)
+        return 130
     from mlnet_jax.datasets import builders  # noqa: PLC0415
 
     where = builders.get_builder(args.name, args.data_dir).data_dir

@@ -240,9 +240,16 @@ def at_image_size(points: np.ndarray, mat: dict, image_size: tuple[int, int],
 
 def read_fixations(item: Item, image_size: tuple[int, int]) -> np.ndarray:
     """0-based (row, col) int32 fixations of ``item`` in the format its layout names."""
-    path, fmt = item.fixations, item.fixation_format
-    if path is None:
+    if item.fixations is None:
         return np.zeros((0, 2), np.int32)
+    points = _read_fixations(item.fixations, item.fixation_format, image_size)
+    if not len(points):
+        log.warning("%s: no fixations; kept (this image's NSS and AUCs are NaN, left out of "
+                    "their means)", item.fixations)
+    return points
+
+
+def _read_fixations(path: Path, fmt: str, image_size: tuple[int, int]) -> np.ndarray:
     if fmt == "gaze_mat":
         mat = _loadmat(path)
         return xy1_to_rc0(at_image_size(gaze_points(mat, path), mat, image_size, path),
@@ -262,8 +269,8 @@ def read_fixations(item: Item, image_size: tuple[int, int]) -> np.ndarray:
         if name is None:
             raise UserError(f"{path}: missing variable 'fixLocs' (a binary matrix of the image "
                             f"size); found: {', '.join(variables) or 'none'}")
-        locs = np.asarray(mat[name])
-        if locs.dtype.kind not in "biuf":
+        locs = mat[name].toarray() if hasattr(mat[name], "toarray") else np.asarray(mat[name])
+        if locs.dtype.kind not in "biuf":  # (a MATLAB sparse matrix is read as scipy's)
             raise UserError(f"{path}: '{name}' must be a 2-D binary matrix, not "
                             f"{'text' if locs.dtype.kind in 'US' else 'a struct or cell array'}")
         if locs.ndim != 2:
