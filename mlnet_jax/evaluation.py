@@ -214,7 +214,8 @@ class SplitScores:
     """Per-image rows (this process's images) and the summary over every process.
 
     ``rows``: dicts with ``index`` (in the split), ``file_name``, ``num_fixations``, ``loss``
-    (with a model) and one value per scored column (``<prefix><metric>``; NaN where
+    and ``blank_map`` (with a model: 1.0 where its map is zero everywhere) and one value per
+    scored column (``<prefix><metric>``; NaN where
     undefined). ``summary``: per column ``{"mean", "std", "n"}`` over finite values (std with
     ddof 0). ``num_images``: images scored.
     """
@@ -353,6 +354,7 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
             if preds is not None:
                 maps[""] = postprocess(preds[i], size)
                 row["loss"] = float(losses[i]) if truth is not None else float("nan")
+                row["blank_map"] = float(not preds[i].max() > 0)  # every ReLU dead: no map
             image = (np.asarray(decode_image(src[index]))
                      if needs_pixels or (grid and len(grid_lists[0]) < grid[1]) else None)
             for prefix, name in baselines.items():
@@ -384,7 +386,7 @@ def score_split(source, *, model_size: Sequence[int], batch_size: int,
     if pending is not None:
         score(*pending)
 
-    columns = (["loss"] if predict is not None else []) + [
+    columns = (["loss", "blank_map"] if predict is not None else []) + [
         prefix + name for prefix in prefixes for name in metric_names]
     summary, num_images = _summarise(rows, columns, len(rows))
     if grid is not None and jax.process_index() == 0 and grid_lists[0]:
@@ -425,6 +427,8 @@ def evaluate_split(params, evaluate_fn, source, config, info: ModelInfo, mesh, *
         metric_names=metric_names, max_images=config.eval_max_images, seed=config.seed,
         grid=(grid_path, config.grid_images) if grid_path is not None else None,
         should_stop=should_stop)
-    result = {k: v["mean"] for k, v in scores.summary.items()}
+    result = {k: v["mean"] for k, v in scores.summary.items() if k != "blank_map"}
     result["num_images"] = scores.summary["loss"]["n"]
+    blank = scores.summary["blank_map"]
+    result["blank_maps"] = round(blank["mean"] * blank["n"])  # their CC and NSS are NaN, unmeaned
     return result

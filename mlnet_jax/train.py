@@ -477,7 +477,8 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
     last_good_step = checkpoints.latest_step()
     pending: list = []   # step metrics still on the device, oldest first
     # fetched and checked, not yet logged (a resumed run starts with the saved run's)
-    fetched: list = [{"loss": v} for v in meta.pop("unlogged_losses", [])]
+    fetched: list = [{"loss": np.float32(v)}  # float32, as fetched: the same mean
+                     for v in meta.pop("unlogged_losses", [])]
 
     def check_finite() -> None:
         """Fetch the pending steps' metrics; stop at the first non-finite one, so no checkpoint
@@ -521,7 +522,10 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                 "evaluation runs first)", 128 + stop.signum) from None
         writer.write(step, "eval", result)
         best = meta["best_val_loss"]
-        is_best = math.isfinite(result["loss"]) and (best is None or result["loss"] < best)
+        # A blank map's loss is finite only by the guard (the original's is NaN, never best),
+        # and low: a model whose ReLUs died would be kept as the best one.
+        is_best = (math.isfinite(result["loss"]) and not result["blank_maps"]
+                   and (best is None or result["loss"] < best))
         if is_best:
             meta.update(best_val_loss=result["loss"], best_step=step, epochs_without_improvement=0)
         else:
@@ -529,9 +533,12 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
         meta.update(evaluation_pending=False, stopped_early=_patience_exhausted(
             meta["epochs_without_improvement"], config.early_stopping_patience))
         if jax.process_index() == 0:
+            blank = (f" ({result['blank_maps']} of {result['num_images']} validation maps "
+                     f"blank, every ReLU dead: not a best checkpoint; CC and NSS without them)"
+                     if result["blank_maps"] else "")
             bar.write(f"epoch {step // epoch_steps}: validation loss {result['loss']:.4f}, "
                       f"CC {result['cc']:.3f}, KLD {result['kld']:.3f}, NSS {result['nss']:.3f}, "
-                      f"SIM {result['sim']:.3f}" + (" (best)" if is_best else ""))
+                      f"SIM {result['sim']:.3f}" + (" (best)" if is_best else "") + blank)
             if meta["stopped_early"]:
                 bar.write(f"early stopping: {meta['epochs_without_improvement']} epochs without a "
                           f"better validation loss (patience {config.early_stopping_patience}); "
@@ -638,8 +645,11 @@ def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, ev
             strict = {k: None if isinstance(v, float) and not np.isfinite(v) else v
                       for k, v in result.items()}  # NaN (e.g. CC of a constant map) → null
             tmp.write_text(json.dumps(strict, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        blank = (f" ({result['blank_maps']} maps blank, left out of CC and NSS)"
+                 if result["blank_maps"] else "")
         _log(f"held-out ({result['num_images']} images, {source} checkpoint): CC {result['cc']:.3f} "
-             f"vs centre bias {result['centre_bias_cc']:.3f}; metrics in {workdir / 'final_metrics.json'}")
+             f"vs centre bias {result['centre_bias_cc']:.3f}{blank}; metrics in "
+             f"{workdir / 'final_metrics.json'}")
     return result
 
 
