@@ -335,6 +335,7 @@ class patched:
     ``compiler_options`` are the variant's XLA options for ``compile_timed``."""
 
     def __init__(self, variant: str | None):
+        self.variant = variant
         self.patches = VARIANTS[variant] if variant else {}
         self.compiler_options = COMPILER_OPTIONS.get(variant, {})
         self.saved = []
@@ -348,11 +349,22 @@ class patched:
             module = importlib.import_module(module_name)
             self.saved.append((module, attribute, getattr(module, attribute)))
             setattr(module, attribute, replacement)
+        self.rewrites_before = _conv_rewrites()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for module, attribute, value in reversed(self.saved):
             setattr(module, attribute, value)
+        self.saved.clear()
+        if (exc_type is None and ("jax.lax", "conv_general_dilated") in self.patches
+                and _conv_rewrites() == self.rewrites_before):
+            raise RuntimeError(f"{self.variant} changed no convolution of the program traced "
+                               "(its rewrite matched none): it would measure the code as it is")
+
+
+def _conv_rewrites() -> int:
+    """Convolutions the candidates built so far have rewritten (``candidates._intercept``)."""
+    return sum(getattr(conv, "rewritten", 0) for conv in _LOADED.values())
 
 
 # --------------------------------------------------------------------------- JAX parts

@@ -655,6 +655,22 @@ def test_conv1_1_over_column_groups_is_one_wider_convolution_with_the_same_maps_
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
 
 
+def test_a_candidate_that_rewrites_no_convolution_fails_instead_of_measuring_the_code():
+    """A rewrite that matches nothing (flax passing padding another way, say) measured the code
+    as it is under the candidate's name: a false x1.00."""
+    image, kernel = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    wide = jnp.ones((1, 8, 8, 5)), jnp.ones((3, 3, 5, 4))
+    convolve = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    with pytest.raises(RuntimeError, match="cand_rgb8 changed no convolution"):
+        with throughput.patched("cand_rgb8"):
+            convolve(*wide)  # no 3-channel input
+    expected = convolve(image, kernel)
+    with throughput.patched("cand_rgb8"):  # conv1_1's shape: rewritten, the same sums
+        np.testing.assert_allclose(convolve(image, kernel), expected, rtol=1e-6)
+    assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored either way
+
+
 def test_v2_1_variant_trains_the_same_step_from_the_relu_output_instead_of_a_byte_mask():
     # v2.1 re-creates the ReLU and the pool as two operations (the code measured on 2026-11-27):
     # the same update, and a program without the one-byte winner masks of the code as it is,
