@@ -21,16 +21,21 @@ import jax
 _UNREADABLE = "Error reading persistent compilation cache entry for"
 _FUNCTION = re.compile(re.escape(_UNREADABLE) + r" '([^']+)'")
 _installed = False
+_ours: str | None = None  # the directory this module set, and JAX's setting before it
+_before_ours: str | None = None
 
 
 def enable_compilation_cache(directory: str, option: str = "compilation cache") -> None:
-    """Persistent XLA compilation cache in ``directory`` ('' turns it off, also when an earlier
-    call in this process turned it on), so a restart loads its programs instead of compiling
-    them. A directory that cannot be made or written is skipped with one warning naming
-    ``option``: the cache only saves time."""
+    """Persistent XLA compilation cache in ``directory``, so a restart loads its programs
+    instead of compiling them. '' turns off a cache an earlier call in this process turned on
+    (a notebook's second run went on writing into the first's directory), leaving JAX's own
+    setting (``JAX_COMPILATION_CACHE_DIR``) as it was. A directory that cannot be made or
+    written is skipped with one warning naming ``option``: the cache only saves time."""
+    global _ours, _before_ours
     if not directory:
-        if jax.config.jax_compilation_cache_dir:
-            _use_cache_directory(None)
+        if _ours is not None and jax.config.jax_compilation_cache_dir == _ours:
+            _use_cache_directory(_before_ours)
+        _ours = None
         return
     path = Path(directory).expanduser()
     try:
@@ -44,7 +49,10 @@ def enable_compilation_cache(directory: str, option: str = "compilation cache") 
             "%s %s: %s; compiling without the persistent cache", option, path, reason)
         return
     if jax.config.jax_compilation_cache_dir != str(path):
+        if _ours is None:
+            _before_ours = jax.config.jax_compilation_cache_dir
         _use_cache_directory(str(path))
+        _ours = str(path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     global _installed
     if not _installed:

@@ -2,6 +2,7 @@
 deleted when JAX reports it unreadable, written again by the compile that follows, and the
 start after that loads it without a warning."""
 
+import os
 import subprocess
 import sys
 
@@ -97,3 +98,9 @@ def test_an_empty_directory_turns_off_the_cache_an_earlier_call_turned_on(tmp_pa
     with_cache, after_turning_it_off = (int(n) for n in result.stdout.split())
     assert with_cache >= 1
     assert after_turning_it_off == with_cache  # nothing written into the first directory
+    # JAX's own setting (the environment's) is not ours to turn off.
+    own = tmp_path / "own"
+    result = subprocess.run([sys.executable, "-c", SWITCH, ""], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(own)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(own.glob("*-cache"))) >= 1
