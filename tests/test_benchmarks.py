@@ -202,7 +202,7 @@ def test_the_device_script_runs_the_peer_then_ours_and_merges_them(tmp_path):
             and r["dtype"] == "bfloat16" and r["mode"] in ("full", None) and not r["variant"]}
     assert merged["train_ratio_vs_torch_compile"] == pytest.approx(rate["train"] / 10.0)
     assert merged["predict_ratio_vs_torch_compile"] == pytest.approx(rate["predict"] / 40.0)
-    assert ours["args"]["deadline"] < 400 - 120  # the budget's margin, after the peer's time
+    assert ours["args"]["deadline"] <= 400 - 120  # the budget's margin, after the peer's time
     assert {"dumps.tar.gz", "profile.tar.gz", "env.txt", "gpu_samples.csv"} <= {
         p.name for p in out.iterdir()}
     # Nothing nested and at most 8 files, what the device tool brings back: what it may leave
