@@ -265,13 +265,22 @@ def software_versions() -> dict:
 # gradients for both; v0: v1 with pool4 by reduce_window and one random word per dropout
 # element; v0_pool4 / v0_dropout: v1 with one of the two undone). cand_* put in levers of
 # benchmarks/candidates.py, not adopted: cand_rgb8 conv1_1 with its input padded to 8
-# channels, cand_conv1_cols<g> conv1_1 over groups of g columns.
+# channels, cand_conv1_cols<g> conv1_1 over groups of g columns; cand_conv1_pallas conv1_1,
+# its bias and ReLU as one Pallas kernel (benchmarks/conv1_pallas.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _version(name: str):
     """A stand-in for a package function: ``versions.<name>``, loaded on first use."""
     def call(*args, **kwargs):
         return getattr(sibling("versions"), name)(*args, **kwargs)
+    return call
+
+
+def _conv1_pallas(name: str):
+    """A stand-in for a flax or package function: ``conv1_pallas.<name>``, loaded on first use
+    (it imports Pallas)."""
+    def call(*args, **kwargs):
+        return getattr(sibling("conv1_pallas"), name)(*args, **kwargs)
     return call
 
 
@@ -292,6 +301,7 @@ def sibling(name: str):
     if name not in _SIBLINGS:
         spec = importlib.util.spec_from_file_location(f"_mlnet_bench_{name}", HERE / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses (flax modules) look their module up
         spec.loader.exec_module(module)
         _SIBLINGS[name] = module
     return _SIBLINGS[name]
@@ -315,6 +325,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
     # conv1_1 on groups of 2, 4 or 8 columns: 6, 12 or 24 channels, padded to a multiple of 8.
     **{f"cand_conv1_cols{g}": {("jax.lax", "conv_general_dilated"): _conv_candidate(
         "conv_over_column_groups", group=g, channels=-(-3 * g // 8) * 8)} for g in (2, 4, 8)},
+    "cand_conv1_pallas": {("flax.linen", "Conv"): _conv1_pallas("conv"),
+                          ("mlnet_jax.vgg", "relu"): _conv1_pallas("relu_unless_fused")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -327,7 +339,7 @@ for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
 # The others change gradients only.
 FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_conv1_cols2", "cand_conv1_cols4",
-                    "cand_conv1_cols8", *COMPILER_OPTIONS}
+                    "cand_conv1_cols8", "cand_conv1_pallas", *COMPILER_OPTIONS}
 
 
 class patched:
@@ -356,15 +368,17 @@ class patched:
         for module, attribute, value in reversed(self.saved):
             setattr(module, attribute, value)
         self.saved.clear()
-        if (exc_type is None and ("jax.lax", "conv_general_dilated") in self.patches
+        if (exc_type is None and (self.variant or "").startswith("cand_")
                 and _conv_rewrites() == self.rewrites_before):
             raise RuntimeError(f"{self.variant} changed no convolution of the program traced "
                                "(its rewrite matched none): it would measure the code as it is")
 
 
 def _conv_rewrites() -> int:
-    """Convolutions the candidates built so far have rewritten (``candidates._intercept``)."""
-    return sum(getattr(conv, "rewritten", 0) for conv in _LOADED.values())
+    """Convolutions the candidates loaded so far have rewritten (``candidates._intercept``,
+    ``conv1_pallas.rewritten``)."""
+    return (sum(getattr(conv, "rewritten", 0) for conv in _LOADED.values())
+            + getattr(_SIBLINGS.get("conv1_pallas"), "rewritten", 0))
 
 
 # --------------------------------------------------------------------------- JAX parts

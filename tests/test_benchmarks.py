@@ -655,6 +655,74 @@ def test_conv1_1_over_column_groups_is_one_wider_convolution_with_the_same_maps_
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
 
 
+@pytest.mark.parametrize("rows, cols", [(8, 32), (6, 48), (5, 16)])  # programs of 4, 2, 1 rows
+def test_conv1_pallas_kernel_computes_conv_bias_relu_and_its_gradients(rows, cols):
+    # The Pallas kernel (interpreted on a CPU) against lax's convolution: float32 sums to
+    # rounding, bfloat16 within one rounding of the float32 result; the hand-written backward
+    # pass against autodiff of the plain formula.
+    conv1_pallas = throughput.sibling("conv1_pallas")
+    rng = np.random.default_rng(rows)
+    x, kernel, bias = (rng.standard_normal(s).astype(np.float32)
+                       for s in ((2, rows, cols, 3), (3, 3, 3, 64), (64,)))
+
+    def plain(x, kernel, bias):
+        return jax.nn.relu(jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision="highest") + bias)
+
+    expected = np.asarray(plain(x, kernel, bias))
+    assert (expected == 0).mean() > 0.3  # the ReLU cuts
+    fused = conv1_pallas.conv_bias_relu(x, kernel, bias, interpret=True)
+    np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
+    as_bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, kernel, bias)]
+    fused16 = conv1_pallas.conv_bias_relu(*as_bf16, interpret=True)
+    exact16 = plain(*[a.astype(jnp.float32) for a in as_bf16])
+    assert fused16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(fused16.astype(np.float32), exact16, rtol=2 ** -8, atol=1e-6)
+
+    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2 * jnp.arange(64))  # noqa: E731
+    got = jax.grad(loss(partial(conv1_pallas.conv_bias_relu, interpret=True)), (0, 1, 2))(
+        x, kernel, bias)
+    for g, e in zip(got, jax.grad(loss(plain), (0, 1, 2))(x, kernel, bias)):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
+
+
+def test_conv1_pallas_kernel_lowers_to_triton_at_the_headline_size():
+    # What a CPU can check of the GPU program: Pallas lowers it to a Triton call for CUDA at
+    # 32 × 480×640 (block shapes, indexing, the products' dtypes) for an H200 (newer JAX asks
+    # which card), and XLA's remaining work is the column taps; compiling it needs the card.
+    conv1_pallas = throughput.sibling("conv1_pallas")
+    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((32, 480, 640, 3), (3, 3, 3, 64),
+                                                              (64,))]
+    fn = jax.jit(partial(conv1_pallas.conv_bias_relu, interpret=False))
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=card)):
+        text = fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "stablehlo.convolution" not in text
+    assert "tensor<32x482x640x16xbf16>" in text and "tensor<32x480x640x64xbf16>" in text
+
+
+def test_conv1_pallas_variant_predicts_and_trains_like_the_code():
+    # The variant swaps conv1_1 (flax's Conv) for the kernel and drops the ReLU after it: the
+    # same maps and the same training step, one convolution fewer in the predict program.
+    (text, maps), (fused, maps_p) = _predict(None), _predict("cand_conv1_pallas")
+    np.testing.assert_allclose(maps_p, maps, rtol=1e-5, atol=1e-6)
+    assert fused.count("stablehlo.convolution") == text.count("stablehlo.convolution") - 1
+    with throughput.patched("cand_conv1_pallas"):  # conv1_1's ReLU is the kernel's
+        assert _train_step_hlo(width=1 / 2).count("optimization_barrier") == 14
+    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step("cand_conv1_pallas")
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    conv1_1 = b.trainable["backbone"]["conv1_1"]["kernel"] - start["backbone"]["conv1_1"]["kernel"]
+    assert float(jnp.abs(conv1_1).max()) > 1e-6
+    import flax.linen as nn
+    from mlnet_jax import relu, vgg
+    assert nn.Conv is nn.linear.Conv and vgg.relu is relu.relu  # restored after the block
+
+
 def test_a_candidate_that_rewrites_no_convolution_fails_instead_of_measuring_the_code():
     """A rewrite that matches nothing (flax passing padding another way, say) measured the code
     as it is under the candidate's name: a false x1.00."""
