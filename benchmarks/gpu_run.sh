@@ -70,7 +70,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s $(date -u +%T)] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-v2.1,cand_conv1_pallas,cand_conv1_cols4,cand_conv1_cols8,cand_conv1_cols2}
+VARIANTS=${VARIANTS-v2.1,cand_conv1_pallas,cand_conv1_pallas_bwd,cand_conv1_cols4,cand_conv1_cols8,cand_conv1_cols2}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 # Dumps and traces are written outside $OUT and packed into it at the end: the device tool
 # brings back only a few files, not deeply nested, so if the run is cut short the JSON files

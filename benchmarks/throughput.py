@@ -266,7 +266,8 @@ def software_versions() -> dict:
 # element; v0_pool4 / v0_dropout: v1 with one of the two undone). cand_* put in levers of
 # benchmarks/candidates.py, not adopted: cand_rgb8 conv1_1 with its input padded to 8
 # channels, cand_conv1_cols<g> conv1_1 over groups of g columns; cand_conv1_pallas conv1_1,
-# its bias and ReLU as one Pallas kernel (benchmarks/conv1_pallas.py).
+# its bias and ReLU as one Pallas kernel (benchmarks/conv1_pallas.py), cand_conv1_pallas_bwd
+# its gradients from one too.
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _version(name: str):
@@ -327,6 +328,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         "conv_over_column_groups", group=g, channels=-(-3 * g // 8) * 8)} for g in (2, 4, 8)},
     "cand_conv1_pallas": {("flax.linen", "Conv"): _conv1_pallas("conv"),
                           ("mlnet_jax.vgg", "relu"): _conv1_pallas("relu_unless_fused")},
+    "cand_conv1_pallas_bwd": {("flax.linen", "Conv"): _conv1_pallas("conv_with_pallas_backward"),
+                              ("mlnet_jax.vgg", "relu"): _conv1_pallas("relu_unless_fused")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -337,7 +340,7 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 }
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
-# The others change gradients only.
+# The others change gradients only (cand_conv1_pallas_bwd's forward is cand_conv1_pallas's).
 FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_conv1_cols2", "cand_conv1_cols4",
                     "cand_conv1_cols8", "cand_conv1_pallas", *COMPILER_OPTIONS}
 

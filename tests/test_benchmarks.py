@@ -681,10 +681,12 @@ def test_conv1_pallas_kernel_computes_conv_bias_relu_and_its_gradients(rows, col
     np.testing.assert_allclose(fused16.astype(np.float32), exact16, rtol=2 ** -8, atol=1e-6)
 
     loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2 * jnp.arange(64))  # noqa: E731
-    got = jax.grad(loss(partial(conv1_pallas.conv_bias_relu, interpret=True)), (0, 1, 2))(
-        x, kernel, bias)
-    for g, e in zip(got, jax.grad(loss(plain), (0, 1, 2))(x, kernel, bias)):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
+    expected = jax.grad(loss(plain), (0, 1, 2))(x, kernel, bias)
+    for backward in ("xla", "pallas"):
+        fused = partial(conv1_pallas.conv_bias_relu, backward=backward, interpret=True)
+        got = jax.grad(loss(fused), (0, 1, 2))(x, kernel, bias)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
 
 
 def test_conv1_pallas_kernel_lowers_to_triton_at_the_headline_size():
@@ -699,20 +701,28 @@ def test_conv1_pallas_kernel_lowers_to_triton_at_the_headline_size():
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                   abstract_device=card)):
         text = fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        loss = lambda *a: jnp.sum(conv1_pallas.conv_bias_relu(  # noqa: E731
+            *a, backward="pallas", interpret=False).astype(jnp.float32))
+        grads = jax.jit(jax.grad(loss, (1, 2))).trace(*shapes).lower(lowering_platforms=("cuda",))
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "stablehlo.convolution" not in text
     assert "tensor<32x482x640x16xbf16>" in text and "tensor<32x480x640x64xbf16>" in text
+    # The backward kernel: partial sums per image, block of 32 rows and of 128 columns.
+    grads = grads.as_text()
+    assert grads.count("__gpu$xla.gpu.triton") == 2
+    assert "tensor<32x15x5x3x16x64xf32>" in grads and "tensor<32x15x5x64xf32>" in grads
 
 
-def test_conv1_pallas_variant_predicts_and_trains_like_the_code():
-    # The variant swaps conv1_1 (flax's Conv) for the kernel and drops the ReLU after it: the
+@pytest.mark.parametrize("variant", ["cand_conv1_pallas", "cand_conv1_pallas_bwd"])
+def test_conv1_pallas_variants_predict_and_train_like_the_code(variant):
+    # The variants swap conv1_1 (flax's Conv) for the kernel and drop the ReLU after it: the
     # same maps and the same training step, one convolution fewer in the predict program.
-    (text, maps), (fused, maps_p) = _predict(None), _predict("cand_conv1_pallas")
+    (text, maps), (fused, maps_p) = _predict(None), _predict(variant)
     np.testing.assert_allclose(maps_p, maps, rtol=1e-5, atol=1e-6)
     assert fused.count("stablehlo.convolution") == text.count("stablehlo.convolution") - 1
-    with throughput.patched("cand_conv1_pallas"):  # conv1_1's ReLU is the kernel's
+    with throughput.patched(variant):  # conv1_1's ReLU is the kernel's
         assert _train_step_hlo(width=1 / 2).count("optimization_barrier") == 14
-    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step("cand_conv1_pallas")
+    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step(variant)
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
