@@ -1,7 +1,9 @@
 """Orbax checkpoints of a training run, and reading them back for prediction.
 
 A workdir holds ``checkpoints/`` (the last K, saved every N steps and at each epoch end) and
-``best/`` (the checkpoint with the lowest validation loss). Each checkpoint has three items:
+``best/`` (the checkpoint with the lowest validation loss); a run resumes from the latest of
+``checkpoints/``, or from ``best/`` where ``checkpoints/`` holds none (deleted to free space,
+say: starting over would replace the best model and the log). Each checkpoint has three items:
 ``state`` (step, parameters, optimiser state, RNG), ``data`` (the input iterator's position)
 and ``meta`` (the config, the model description that prediction needs, and the progress of
 early stopping). Orbax writes each checkpoint to a temporary directory and renames it when
@@ -48,7 +50,17 @@ class RunCheckpoints:
         self.best = _manager(workdir / BEST_DIR, 1)
 
     def latest_step(self) -> int | None:
-        return self.latest.latest_step()
+        """The step a run resumes from: the latest in checkpoints/, else best/'s."""
+        return self._resume_manager().latest_step()
+
+    @property
+    def resume_dir(self) -> Path:
+        return Path(self._resume_manager().directory)
+
+    def _resume_manager(self) -> ocp.CheckpointManager:
+        if self.latest.latest_step() is None and self.best.latest_step() is not None:
+            return self.best
+        return self.latest
 
     def save(self, step: int, state, data_state: dict, meta: dict, is_best: bool = False) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -87,17 +99,32 @@ class RunCheckpoints:
                             f"(step {previous}) is intact: {'free space' if full else 'fix that'}"
                             " and rerun to resume") from None
 
-    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, dict]:
-        """(state, data_state, meta) of ``step`` (default: the latest)."""
-        step = self.latest.latest_step() if step is None else step
-        restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+    def restore(self, abstract_state) -> tuple[Any, dict, dict]:
+        """(state, data_state, meta) of the step to resume from (``latest_step``)."""
+        restored = self._read(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         return restored.state, restored.data, restored.meta
 
-    def read_meta(self, step: int | None = None) -> dict:
-        step = self.latest.latest_step() if step is None else step
-        return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    def read_meta(self) -> dict:
+        return self._read(meta=ocp.args.JsonRestore()).meta
+
+    def _read(self, **items):
+        manager = self._resume_manager()
+        step = manager.latest_step()
+        try:
+            return manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 — Orbax's and tensorstore's errors vary
+            _ignore_closed_loop_errors()
+            older = [s for s in manager.all_steps() if s < step]
+            if older:
+                then = f"resume from step {max(older)}"
+            elif manager is self.latest and self.best.latest_step() is not None:
+                then = f"resume from {BEST_DIR}/ (step {self.best.latest_step()})"
+            else:
+                then = "start over (or use another --workdir)"
+            raise UserError(f"{Path(manager.directory) / str(step)}: cannot read this checkpoint "
+                            f"({_reason(e)}); it is damaged or incomplete: move it out of "
+                            f"{manager.directory} and rerun to {then}") from None
 
     def close(self) -> None:
         for manager in (self.latest, self.best):
@@ -108,6 +135,31 @@ def _is_write_failure(error: BaseException) -> bool:
     """An OSError, or tensorstore's ValueError for one (RESOURCE_EXHAUSTED, os_error_code)."""
     return isinstance(error, OSError) or (isinstance(error, ValueError) and (
         "RESOURCE_EXHAUSTED" in str(error) or "os_error_code" in str(error)))
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an Orbax/tensorstore error, without tensorstore's JSON spec and the
+    database it read (the step directory is named beside it)."""
+    text = (str(error).splitlines() or [type(error).__name__])[0]
+    text = text.split(" [tensorstore_spec")[0].split(" in OCDBT database")[0]
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _ignore_closed_loop_errors() -> None:
+    """For good, after a failed read: tensorstore's reads still in flight complete into
+    Orbax's closed event loop, each printing 'Event loop is closed' with a traceback (dozens,
+    some after the one-line report)."""
+    if not getattr(sys.unraisablehook, "ignores_closed_loop", False):
+        sys.unraisablehook = _unless_closed_loop(sys.unraisablehook)
+
+
+def _unless_closed_loop(hook):
+    def filtered(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+    filtered.ignores_closed_loop = True
+    return filtered
 
 
 class _QuietWriteFailures:
@@ -127,7 +179,7 @@ class _QuietWriteFailures:
         for logger in self._loggers:
             logger.addFilter(self._not_a_write_failure)
         self._hook_before = sys.unraisablehook
-        sys.unraisablehook = self._unless_closed_loop
+        sys.unraisablehook = _unless_closed_loop(self._hook_before)
         return self
 
     def __exit__(self, *exc_info):
@@ -144,11 +196,6 @@ class _QuietWriteFailures:
     @staticmethod
     def _not_a_write_failure(record: logging.LogRecord) -> bool:
         return not (record.exc_info and _is_write_failure(record.exc_info[1]))
-
-    def _unless_closed_loop(self, unraisable) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and str(unraisable.exc_value) == "Event loop is closed"):
-            self._hook_before(unraisable)
 
 
 def _close(manager: ocp.CheckpointManager) -> None:
@@ -195,8 +242,27 @@ def stored_config(path: str | Path) -> dict | None:
         step_dir = _step_dir_for(Path(path).absolute())
     except UserError:
         return None
+    try:
+        return _read_meta(step_dir).get("config")
+    except Exception as e:  # noqa: BLE001 — Orbax's errors for a damaged directory vary
+        raise _damaged(step_dir, e) from None
+
+
+def _read_meta(step_dir: Path) -> dict:
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(step_dir / "meta").get("config")
+        return checkpointer.restore(step_dir / "meta")
+
+
+def _damaged(step_dir: Path, error: BaseException) -> UserError:
+    """The one-line report of a checkpoint directory that cannot be read, naming the others."""
+    _ignore_closed_loop_errors()
+    workdir = step_dir.parent.parent
+    others = [d for folder in (workdir / BEST_DIR, workdir / LATEST_DIR) if folder.is_dir()
+              for d in sorted(folder.iterdir(), key=lambda d: (not d.name.isdigit(), d.name.zfill(20)))
+              if d.name.isdigit() and d != step_dir and (d / "state").is_dir()]
+    hint = f"; another one: {others[-1]}" if others else ""
+    return UserError(f"{step_dir}: cannot read this checkpoint ({_reason(error)}); it is damaged "
+                     f"or incomplete{hint}")
 
 
 def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
@@ -206,15 +272,14 @@ def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
         step_dir = _step_dir_for(Path(path).absolute())
         try:
             return _restore_params(step_dir)
-        except Exception:  # noqa: BLE001 — Orbax's error for a directory deleted mid-read varies
+        except Exception as e:  # noqa: BLE001 — Orbax's errors (deleted mid-read, damaged) vary
             if step_dir.exists() or attempt == 2:
-                raise
+                raise _damaged(step_dir, e) from None
     raise AssertionError("unreachable")
 
 
 def _restore_params(step_dir: Path) -> tuple[dict, dict]:
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        meta = checkpointer.restore(step_dir / "meta")
+    meta = _read_meta(step_dir)
     # As NumPy, whatever devices or processes saved it (their layout would be required).
     handler = ocp.PyTreeCheckpointHandler()
     try:

@@ -447,7 +447,7 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                 raise UserError(f"{workdir}: the training split is not the one this run was reading "
                                 f"({str(e).splitlines()[0]}); {changed} Use another --workdir to "
                                 "start over") from None
-            _log(f"resuming from {workdir / 'checkpoints'} at step {int(state.step)}")
+            _log(f"resuming from {checkpoints.resume_dir} at step {int(state.step)}")
             # patience may have changed (a resumable change): the stop is decided again with it.
             stopped = _patience_exhausted(meta["epochs_without_improvement"],
                                           config.early_stopping_patience)

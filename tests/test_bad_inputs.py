@@ -351,3 +351,60 @@ def test_a_dataset_prepared_again_from_other_images_of_the_same_count_is_named_o
     prepare("folder", str(tmp_path / "photos1"), str(data_dir), validation_fraction=0.25,
             overwrite=True)  # the run's own files prepared again: it resumes
     assert train_and_evaluate(config, workdir)["step"] == 2 * config.steps_per_epoch
+
+
+@pytest.mark.timeout(600)
+def test_damaged_checkpoints_are_named_and_a_missing_checkpoints_folder_resumes_from_best(
+        tmp_path):
+    """A checkpoint with a data file gone or its progress record deleted gave Orbax's and
+    tensorstore's tracebacks (train, evaluate) or a 400-character error (predict); a workdir
+    whose checkpoints/ was deleted (to free space, say) started over, replacing best/ with a
+    worse model and cutting the log."""
+    import shutil
+
+    from mlnet_jax import checkpointing
+    from mlnet_jax.train import train_and_evaluate
+    run = tmp_path / "run"
+    config = tiny_config(num_epochs=1, learning_rate=1e-3, steps_per_epoch=4)
+    train_and_evaluate(config, run)
+    best_step = int(next((run / "best").iterdir()).name)
+    log = (run / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+
+    # checkpoints/ gone: the run resumes from best/ and nothing of it is replaced.
+    kept = tmp_path / "kept"
+    shutil.copytree(run, kept)
+    shutil.rmtree(kept / "checkpoints")
+    assert checkpointing.RunCheckpoints(kept, 2).resume_dir == (kept / "best").absolute()
+    train_and_evaluate(config, kept)
+    assert [p.name for p in (kept / "best").iterdir()] == [str(best_step)]
+    assert (kept / "metrics.jsonl").read_text() == log
+
+    # The latest checkpoint's arrays gone: named, with the one to resume from instead.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    for data in (damaged / "checkpoints" / "4" / "state").rglob("d"):
+        shutil.rmtree(data)
+    with pytest.raises(UserError) as raised:
+        train_and_evaluate(config, damaged)
+    message = str(raised.value)
+    assert message.startswith(f"{(damaged / 'checkpoints' / '4').absolute()}: cannot read this "
+                              "checkpoint (") and "\n" not in message and "tensorstore_spec" not in message
+    assert message.endswith(f"it is damaged or incomplete: move it out of "
+                            f"{(damaged / 'checkpoints').absolute()} and rerun to resume from step 2")
+
+    # Prediction and evaluation read best/: its progress record gone, then its arrays.
+    (damaged / "best" / str(best_step) / "meta" / "metadata").unlink()
+    for read in (checkpointing.stored_config, checkpointing.restore_for_inference):
+        with pytest.raises(UserError, match=rf"^{damaged.absolute() / 'best' / str(best_step)}: "
+                                            r"cannot read this checkpoint \(.*metadata.*\); it is "
+                                            rf"damaged or incomplete; another one: "
+                                            rf"{damaged.absolute() / 'checkpoints' / '4'}$"):
+            read(damaged)
+    from PIL import Image
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "images" / "a.jpg")
+    result = cli("mlnet_jax.predict", "--checkpoint", damaged, "--input", tmp_path / "images",
+                 "--output", tmp_path / "maps")
+    one_line_error(result, f"{damaged.absolute() / 'best' / str(best_step)}: cannot read this "
+                           "checkpoint")

@@ -122,7 +122,7 @@ def test_a_best_checkpoint_left_by_a_killed_run_is_replaced_when_its_step_is_sav
     checkpoints.best.save(6, args=ocp.args.Composite(
         state=ocp.args.StandardSave(killed), data=ocp.args.JsonSave({}),
         meta=ocp.args.JsonSave(meta)), force=True)
-    assert checkpoints.latest_step() is None
+    assert checkpoints.latest.latest_step() is None
     # The resumed run reaches step 6 again with its own (here different) state.
     checkpoints.save(6, replayed, {}, meta, is_best=True)
     for manager in (checkpoints.best, checkpoints.latest):
@@ -141,10 +141,10 @@ def test_a_best_checkpoint_left_by_a_killed_run_is_replaced_when_its_step_is_sav
 
 
 def test_a_best_checkpoint_of_another_run_at_the_same_step_is_replaced(tmp_path):
-    """A workdir whose checkpoints/ was deleted to start over, its best/ kept: the new run's
-    first best can be the same step. Its epoch end saves checkpoints/ first, then best/ after
-    the evaluation: best/ must get the new run's state, not keep the old one's with the new
-    progress record."""
+    """A best/ that is not this run's (copied in from another run, say; a workdir whose
+    checkpoints/ is gone now resumes from its best/ instead) at a step this run reaches: its
+    epoch end saves checkpoints/ first, then best/ after the evaluation, and best/ must get
+    this run's state, not keep the other's with the new progress record."""
     import shutil
 
     import orbax.checkpoint as ocp
