@@ -119,6 +119,7 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> RecordSou
     if split not in splits:
         raise UserError(f"dataset {name} (in {builder.data_dir}) has no split {split!r}; "
                         f"it has {', '.join(splits)}")
+    builders.check_shards(builder, [split])
     info = builder.info.splits[split]
     return RecordSource(builder.as_data_source(split), description=f"{name}/{split}",
                         fingerprint={"num_bytes": int(info.num_bytes),

@@ -192,6 +192,46 @@ def test_folder_without_validation_and_overwrite(tmp_path, capsys):
     assert summary == [["train", "3", "records"]]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "missing", "info"])
+def test_a_damaged_prepared_dataset_is_named_before_anything_reads_it(tmp_path, capsys, damage):
+    """A record file cut short, emptied or deleted, or dataset_info.json damaged (a copy to
+    Drive interrupted, say) gave array_record's or protobuf's traceback at the first read,
+    from train, evaluate or a grain worker; prepare without --overwrite called it prepared."""
+    fake.write_folder(tmp_path / "manual", n=5)
+    args = ["folder", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
+            str(tmp_path / "tfds")]
+    assert main(args) == 0
+    version = next((tmp_path / "tfds" / "folder").iterdir())
+    shard = next(version.glob("folder-validation.array_record-*"))
+    if damage == "truncated":
+        os.truncate(shard, shard.stat().st_size - 1000)
+    elif damage == "empty":
+        os.truncate(shard, 0)
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        (version / "dataset_info.json").write_text("{")
+    if damage == "info":
+        expected = (rf"^{version / 'dataset_info.json'}: cannot read it \(Failed to load JSON: "
+                    rf".*\); the prepared dataset is damaged: delete {version} and prepare it "
+                    "again$")
+    else:
+        problem = ("missing, one of the validation split's record files" if damage == "missing"
+                   else r"the validation split's records cannot be read \(.+\)")
+        expected = (rf"^{shard}: {problem}; the prepared dataset is damaged: prepare it again "
+                    "with --overwrite$")
+    if damage != "info":
+        open_source("folder", "train", str(tmp_path / "tfds"))  # the other split reads
+    with pytest.raises(UserError, match=expected):
+        open_source("folder", "validation", str(tmp_path / "tfds"))
+    capsys.readouterr()
+    assert main(args) == 2
+    assert re.match(expected.replace("^", "^error: "), capsys.readouterr().err.strip())
+    if damage != "info":
+        assert main(args + ["--overwrite"]) == 0
+        assert len(open_source("folder", "validation", str(tmp_path / "tfds"))) == 1
+
+
 def test_nothing_of_a_layout_is_dropped_silently(tmp_path, caplog):
     import shutil
     # CAT2000 unzipped in part: a category with maps and fixations but no stimuli folder.

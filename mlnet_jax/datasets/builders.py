@@ -14,7 +14,7 @@ import collections
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -241,7 +241,42 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None,
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None  # '~/tfds' in a flag
-    return BUILDERS[name](data_dir=data_dir, **kwargs)
+    try:
+        return BUILDERS[name](data_dir=data_dir, **kwargs)
+    except Exception as e:  # noqa: BLE001 — TFDS reading a damaged dataset_info.json
+        info = next(Path(data_dir or tfds.core.constants.DATA_DIR).expanduser().glob(
+            f"{name}/*/dataset_info.json"), None)
+        if info is None or "JSON" not in str(e):
+            raise
+        raise UserError(f"{info}: cannot read it ({str(e).splitlines()[0]}); the prepared dataset "
+                        f"is damaged: delete {info.parent} and prepare it again") from None
+
+
+def check_shards(builder: _SaliencyBuilder, splits: Sequence[str] | None = None) -> None:
+    """Each split's (or each of ``splits``') record files exist, are whole, and hold the
+    records dataset_info.json counts: a copy cut short would otherwise fail at its first read, inside the input
+    pipeline's workers (grain's traceback), or part-way through an epoch."""
+    from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
+    for split, info in builder.info.splits.items():
+        if splits is not None and split not in splits:
+            continue
+        for path, expected in zip(info.filepaths, info.shard_lengths):
+            if not os.path.exists(path):
+                raise UserError(f"{path}: missing, one of the {split} split's record files; the "
+                                "prepared dataset is damaged: prepare it again with --overwrite")
+            try:
+                reader = ArrayRecordReader(os.fspath(path))
+                count = reader.num_records()
+                reader.close()  # raises where the file is cut short
+            except Exception as e:  # noqa: BLE001 — array_record's RuntimeErrors
+                problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            else:
+                if count == expected:
+                    continue
+                problem = f"{count} records, dataset_info.json says {expected}"
+            raise UserError(f"{path}: the {split} split's records cannot be read ({problem}); the "
+                            f"prepared dataset is damaged: prepare it again with --overwrite")
 
 
 def _no_dataset_info_warning(record: logging.LogRecord) -> bool:

@@ -226,6 +226,7 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrit
             if overwrite or not builder.is_prepared():
                 builder, built = _build(builder, make_builder, manual, name), True
     if not built:
+        builders.check_shards(builder)
         _warn_if_prepared_differently(builder, manual, name)
         log.info("%s is already prepared in %s (use --overwrite to rebuild)", name,
                  builder.data_dir)
