@@ -9,6 +9,7 @@ bombs) are refused before they are decoded.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import warnings
@@ -75,7 +76,13 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, *,
         raise ImageError(f"{path}: no such file") from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, TypeError, KeyError,
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(f"{path}: a loop of symbolic links") from None
+        if e.errno is not None and e.filename is not None:  # the file system's, not the data's
+            raise ImageError(f"{path}: cannot read it ({e.strerror})") from None
+        raise ImageError(f"{path}: corrupt or truncated image ({e or type(e).__name__})") from None
+    except (SyntaxError, ValueError, EOFError, MemoryError, TypeError, KeyError,
             IndexError, AttributeError, ZeroDivisionError) as e:
         # Pillow's decoders raise a variety of types on corrupt data.
         reason = str(e) or type(e).__name__

@@ -203,7 +203,11 @@ def _listed(extensions) -> str:
 
 
 def _key(path: Path) -> str:
-    return str(path.resolve()).casefold()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        resolved = Path(os.path.abspath(path))  # reading it will say so, in its error line
+    return str(resolved).casefold()
 
 
 def check_output_dir(output_dir: Path) -> None:

@@ -3,6 +3,7 @@ overlays, bad files, limits, atomic outputs; and the image reading and overlay h
 
 import contextlib
 import io
+import shutil
 import struct
 import subprocess
 import sys
@@ -505,6 +506,18 @@ def test_linked_folders_are_walked_once_and_unknown_extensions_get_a_hint(model_
     (tmp_path / "clip.mpg").write_bytes(b"\x00\x00\x01\xba not a picture")
     assert _predict(model_file, tmp_path / "clip.mpg", out) == 2
     assert "videos are read by extension: .avi .m4v .mkv .mov .mp4 .webm" in capsys.readouterr().err
+    # Files linked in a loop (one to itself, two to each other) stopped the whole run, no map
+    # written, at "Symlink loop" (Path.resolve on Python 3.11): each is an error line instead.
+    (src / "self.jpg").symlink_to("self.jpg")
+    (src / "a.jpg").symlink_to("b.jpg")
+    (src / "b.jpg").symlink_to("a.jpg")
+    shutil.rmtree(out)
+    assert _predict(model_file, src, out) == 2
+    err = capsys.readouterr().err
+    for name in ("self.jpg", "a.jpg", "b.jpg"):
+        assert f"error: {src / name}: a loop of symbolic links\n" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
+        "link/linked.png", "real.png"]
 
 
 def test_an_existing_output_survives_a_failed_write(model_file, tmp_path, capsys, monkeypatch):
