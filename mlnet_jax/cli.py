@@ -118,7 +118,7 @@ def _parse_and_run(body, argv: list[str], config) -> int:
         try:
             return flags.FLAGS(args)
         except flags.Error as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e, args)}", file=sys.stderr)
         except (KeyError, AttributeError) as e:  # a --config.key naming no field
             if config is None:
                 raise
@@ -145,6 +145,22 @@ def _parse_and_run(body, argv: list[str], config) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     return 0
+
+
+def _one_line(error: Exception, argv: list[str]) -> str:
+    """absl's flag error; for a config file that raised, the last line of the traceback it
+    embeds, and a value of the wrong type as the field and the type it needs."""
+    text = str(error)
+    if "Error whilst parsing config file" not in text:
+        return text
+    found = _config_arguments(argv)
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    wrong = re.search(r"Could not override field '([^']+)' \(reference\)\. (.*) is of original "
+                      r"type <class '(\w+)'> and cannot be casted to type <class '(\w+)'>", last)
+    if wrong:
+        field, value, given, needed = wrong.groups()
+        last = f"config.{field} must be {needed}, got {value} ({given})"
+    return f"--config {found[-1][1] if found else ''}: {last}"
 
 
 def _config_arguments(argv: list[str]) -> list[tuple[int, str]]:

@@ -260,10 +260,35 @@ class EvaluationStopped(Exception):
     """``score_split``'s ``should_stop`` said so between two batches."""
 
 
+def check_field_types(config) -> None:
+    """Each field holds its default's type, as one line naming it: a config file may set
+    anything (ml_collections lets None through), which the range checks would then meet as a
+    TypeError of their own."""
+    from mlnet_jax.configs import default  # noqa: PLC0415 — ml_collections where configs are
+
+    for field, reference in default.get_config().items():
+        value = config.get(field, reference)
+        if isinstance(reference, bool):
+            ok, expected = isinstance(value, bool), "True or False"
+        elif isinstance(reference, int):
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(reference, float):
+            ok, expected = (isinstance(value, int | float) and not isinstance(value, bool),
+                            "a number")
+        elif isinstance(reference, str):
+            ok, expected = isinstance(value, str), "a string"
+        else:  # input_size
+            ok, expected = isinstance(value, tuple | list), "a (rows, cols) pair"
+        if not ok:
+            raise UserError(f"config.{field} must be {expected}, got {value!r}")
+
+
 def check_data_fields(config) -> None:
     """The config fields both training and ``evaluate`` read data with, as one line naming
     the field: before anything is opened or compiled."""
     from mlnet_jax.datasets import DATASET_NAMES  # noqa: PLC0415 — no TFDS imported
+
+    check_field_types(config)
     if config.dataset not in (*DATASET_NAMES, "synthetic"):
         raise UserError(f"config.dataset must be one of {', '.join(DATASET_NAMES)} or "
                         f"synthetic, got {config.dataset!r}")

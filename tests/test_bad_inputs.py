@@ -95,6 +95,22 @@ def test_config_files_that_are_not_configs_are_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("line, message", [
+    ('config.global_batch_size = "4"', "config.global_batch_size must be int, got 4 (str)"),
+    ("config.input_size = 32", "config.input_size must be tuple, got 32 (int)"),
+    ("config.dropout_rate = None", "config.dropout_rate must be a number, got None"),
+])
+def test_a_config_file_setting_a_value_of_the_wrong_type_is_named(tmp_path, line, message):
+    """ml_collections' refusal came as absl's error with a 16-line traceback embedded; None,
+    which it lets through, as a TypeError from the range checks."""
+    config = tmp_path / "wrong.py"
+    config.write_text("from mlnet_jax.configs import demo\n\n\ndef get_config():\n"
+                      f"    config = demo.get_config()\n    {line}\n    return config\n")
+    result = cli("mlnet_jax.train", f"--config={config}", f"--workdir={tmp_path / 'run'}")
+    one_line_error(result, message)
+    assert not (tmp_path / "run").exists()
+
+
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
