@@ -569,6 +569,37 @@ def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_prepared_dataset(tmp_pa
     assert sorted(p.name for p in (data_dir / "salicon2015").iterdir()) == [".lock", "1.0.0"]
 
 
+@pytest.mark.parametrize("failure", [
+    OSError(28, "No space left on device"),
+    RuntimeError('Failed to finalize writing of split "train": write() failed: No space left on '
+                 "device; writing /data/incomplete.X/salicon2015-train.array_record"),
+])
+def test_a_full_disk_during_prepare_is_one_line_and_keeps_the_prepared_dataset(
+        tmp_path, capsys, monkeypatch, failure):
+    """Was a 44-line traceback ending in array_record's RuntimeError (the data was safe)."""
+    manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+    fake.write_salicon(manual, {"train": 3, "validation": 1})
+    args = ["salicon2015", "--manual_dir", str(manual), "--data_dir", str(data_dir)]
+    assert _cli(args, capsys)[0] == 0
+    before = _read_all("salicon2015", "train", data_dir)
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(records, "read_fixations", fail)
+    code, _, err = _cli(args + ["--overwrite"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: could not write salicon2015 in {data_dir / 'salicon2015' / '1.0.0'} (No space "
+        "left on device); nothing "
+        "half-written is kept, the dataset prepared before is: free space (or fix that) and rerun")
+    assert _read_all("salicon2015", "train", data_dir).keys() == before.keys()
+    monkeypatch.setattr(records, "read_fixations", lambda *a, **k: (_ for _ in ()).throw(
+        ValueError("a bug, not a full disk")))
+    with pytest.raises(ValueError, match="a bug"):  # anything else is not called a full disk
+        prepare("salicon2015", str(manual), str(data_dir), overwrite=True, progress=False)
+
+
 def test_what_a_stopped_prepare_left_is_cleaned_and_a_set_aside_dataset_put_back(
         tmp_path, capsys):
     from mlnet_jax.file_lock import exclusive_lock

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -166,16 +168,32 @@ def _build(builder, make_builder, manual: Path, name: str):
         builder.download_and_prepare(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-    except BaseException:
-        if previous.exists():
+    except BaseException as e:
+        kept = previous.exists()
+        if kept:
             shutil.rmtree(builder.data_path, ignore_errors=True)
             previous.rename(builder.data_path)
             log.warning("the previously prepared %s in %s is kept", name, builder.data_dir)
-        raise
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        raise UserError(f"could not write {name} in {builder.data_dir} ({reason}); nothing "
+                        f"half-written is kept{', the dataset prepared before is' if kept else ''}"
+                        ": free space (or fix that) and rerun") from None
     (Path(builder.data_path) / PROVENANCE_FILE).write_text(
         json.dumps(_provenance(builder, manual), indent=1) + "\n")
     shutil.rmtree(previous, ignore_errors=True)
     return builder
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """Why writing failed, for an OSError of a full or read-only disk or array_record's
+    RuntimeError for a failed write (which names every file involved); None otherwise."""
+    if isinstance(error, OSError):  # a full or read-only disk; a file it reads names itself
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+        return (error.strerror or str(error)) if full else None
+    found = re.search(r"write\(\) failed: ([^;]+)", str(error))
+    return found.group(1).strip() if isinstance(error, RuntimeError) and found else None
 
 
 def _provenance(builder, manual: Path) -> dict:
