@@ -111,6 +111,11 @@ def _check_writable(json_path: Path) -> None:
     if csv_path_for(json_path).is_dir():
         raise UserError(f"--output {json_path}: the per-image CSV beside it, "
                         f"{csv_path_for(json_path)}, is a folder")
+    for path, is_csv in ((json_path, False), (csv_path_for(json_path), True)):
+        if path.exists() and not _written_by_evaluate(path, is_csv):
+            raise UserError(f"--output {json_path}: {path} exists and is not an earlier output "
+                            "of evaluate; name another file (or move that one) so it is not "
+                            "replaced")
     existing = next(p for p in json_path.absolute().parents if p.exists())
     if not existing.is_dir():
         raise UserError(f"--output {json_path}: cannot write there ({existing} is a file)")
@@ -122,12 +127,26 @@ def _check_writable(json_path: Path) -> None:
                         f"{existing})") from None
 
 
+def _written_by_evaluate(path: Path, is_csv: bool) -> bool:
+    """An earlier summary (it names its per-image CSV) or per-image CSV (its header) of this
+    command, which a rerun replaces; any other file (a training's metrics.jsonl, say) is not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if is_csv:
+                return f.readline().startswith(",".join(CSV_HEADER))
+            return "per_image_csv" in json.load(f)
+    except (OSError, ValueError, TypeError):  # unreadable, not text, not a JSON object
+        return False
+
+
 def csv_path_for(json_path: Path) -> Path:
     path = json_path.with_suffix(".csv")
     return path if path != json_path else json_path.with_name(json_path.name + ".csv")
 
 
 # --------------------------------------------------------------------------- outputs
+
+CSV_HEADER = ("index", "file_name", "num_fixations")  # then one column per metric
 
 def _number(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
@@ -149,7 +168,7 @@ def write_outputs(json_path: Path, summary: dict, rows: list[dict], columns: lis
     from mlnet_jax.atomic import atomic_path  # noqa: PLC0415
     csv_path = csv_path_for(json_path)
     summary = dict(summary, per_image_csv=csv_path.name)
-    header = ["index", "file_name", "num_fixations"] + columns
+    header = [*CSV_HEADER, *columns]
     with atomic_path(csv_path) as tmp:  # first: the JSON must never name a CSV not written
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)

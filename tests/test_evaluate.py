@@ -266,6 +266,42 @@ def test_a_failed_write_after_scoring_still_shows_the_scores(monkeypatch, tmp_pa
     assert "baseline centre on" in table and "3 images" in table and "CC" in table, table
 
 
+def test_an_output_that_is_not_an_earlier_evaluation_is_not_replaced(monkeypatch, tmp_path,
+                                                                     capsys):
+    """--output run/metrics.jsonl replaced the training log (and wrote metrics.csv beside it)
+    with exit status 0; a rerun still replaces its own earlier outputs."""
+    from mlnet_jax import evaluate as evaluate_module
+    from mlnet_jax.configs.demo import get_config
+    from mlnet_jax.errors import UserError
+    from mlnet_jax.input_pipeline import RecordSource
+
+    monkeypatch.setattr(evaluate_module, "split_source",
+                        lambda config, split: RecordSource(_synthetic_records(3), "synthetic"))
+
+    def run(output):
+        return evaluate_module.evaluate(get_config(), baseline="centre", split="validation",
+                                        output=str(output), progress=False)
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n')
+    with pytest.raises(UserError, match=rf"^--output {log}: {log} exists and is not an earlier "
+                                        "output of evaluate; name another file"):
+        run(log)
+    notes = tmp_path / "e.csv"
+    notes.write_text("my,own,table\n")
+    with pytest.raises(UserError, match=rf"^--output {tmp_path / 'e.json'}: {notes} exists"):
+        run(tmp_path / "e.json")
+    assert log.read_text() == '{"step": 1, "loss": 0.5}\n' and not (tmp_path / "metrics.csv").exists()
+    assert notes.read_text() == "my,own,table\n"
+    notes.unlink()
+    run(tmp_path / "e.json")
+    first = (tmp_path / "e.json").read_text()
+    assert "\"centre\"" in first
+    (tmp_path / "e.json").write_text(first.replace('"centre"', '"an older run"'))
+    run(tmp_path / "e.json")  # its own outputs: replaced
+    assert (tmp_path / "e.json").read_text() == first
+
+
 def test_sauc_negatives_are_other_images_fixations_scaled_to_this_image():
     from mlnet_jax.evaluation import FixationTable
     records = [{"image": b"", "fixations": np.asarray([[i, 2 * i]]), "image_size": (10, 20),
