@@ -94,10 +94,12 @@ class RunCheckpoints:
             reason = os.strerror(code) if code else str(e).splitlines()[0]
             previous = self.latest.latest_step()
             full = code == errno.ENOSPC or "RESOURCE_EXHAUSTED" in str(e)
-            raise UserError(f"could not write the checkpoint of step {step} in "
-                            f"{self.latest.directory} ({reason}); the previous checkpoint "
-                            f"(step {previous}) is intact: {'free space' if full else 'fix that'}"
-                            " and rerun to resume") from None
+            what = "best checkpoint" if manager is self.best else "checkpoint"
+            kept = (f"{LATEST_DIR}/ holds step {previous}, intact" if previous is not None
+                    else f"no checkpoint was written yet in {LATEST_DIR}/")
+            raise UserError(f"could not write the {what} of step {step} in {manager.directory} "
+                            f"({reason}); {kept}: {'free space' if full else 'fix that'} and "
+                            "rerun to resume") from None
 
     def restore(self, abstract_state) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of the step to resume from (``latest_step``)."""

@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import itertools
 import os
 import signal
@@ -98,6 +99,8 @@ class Report:
 NOT_MEDIA = "that are not images or videos by their extension"
 NOT_FILES = "that are not regular files (pipes, sockets, devices: reading one can block)"
 OURS = "that are maps, overlays or videos this command wrote"
+#: Write errors that stop a folder run at once rather than fail every file after.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], dict[str, list[Path]]]:
@@ -387,6 +390,10 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
                 future.result()
                 report.done += 1
             except OSError as e:
+                if e.errno in DISK_FULL:  # every later write would fail the same way
+                    raise UserError(f"{job.source}: cannot write its output ({_os_reason(e)}); "
+                                    f"stopped, with {report.done} maps written (each complete): "
+                                    "free space and rerun") from None
                 report.fail(job.source, f"{job.source}: cannot write its output "
                                         f"({_os_reason(e)})", say)
             except Exception as e:  # noqa: BLE001 — resizing, blurring or colouring the map
@@ -665,19 +672,18 @@ def main(argv: list[str] | None = None) -> int:
         stopped = "terminated" if isinstance(e, _Terminated) else "interrupted"
         print(f"{stopped}; finished outputs are complete, none is half-written", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(e, _Terminated) else 130
-    except MemoryError as e:
-        if args.debug:
-            raise
-        print(_one_line(f"error: out of memory ({e}); a batch holds --batch-size "
-                        f"{args.batch_size} images at the model's input size on the host and "
-                        "the device: use a smaller --batch-size"), file=sys.stderr)
-        return 2
     except Exception as e:  # noqa: BLE001 — one line for people; --debug for the traceback
         if args.debug:
             raise
-        print(f"error: {type(e).__name__}: {_one_line(str(e))} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
-        return 1
+        if not (isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)):  # host, device
+            print(f"error: {type(e).__name__}: {_one_line(str(e))} (rerun with --debug for the "
+                  "traceback)", file=sys.stderr)
+            return 1
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(_one_line(f"error: out of memory ({reason}); a batch holds --batch-size "
+                        f"{args.batch_size} images at the model's input size on the host and "
+                        "the device: use a smaller --batch-size"), file=sys.stderr)
+        return 2
 
 
 def _os_reason(error: OSError) -> str:

@@ -319,10 +319,9 @@ def check_config(config) -> None:
         fail("early_stopping_patience", "at least 0 (0 disables it)")
     if not 0 <= config.dropout_rate < 1:
         fail("dropout_rate", "in [0, 1)")
-    if not config.learning_rate >= 0:
-        fail("learning_rate", "at least 0")
-    if not config.lr_decay >= 0:
-        fail("lr_decay", "at least 0")
+    for field in ("learning_rate", "lr_decay"):  # inf passed, then the loss was NaN at step 1
+        if not 0 <= config[field] < math.inf:
+            fail(field, "finite and at least 0")
     if not 0 <= config.momentum < 1:
         fail("momentum", "in [0, 1)")
     if not config.width_multiplier > 0:

@@ -172,8 +172,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     workdir = tmp_path / "run"
     with pytest.raises(UserError, match=r"could not write the checkpoint of step \d+ in \S+ \(No "
-                                        r"space left on device\); the previous checkpoint \(step 2\)"
-                                        r" is intact: free space"):
+                                        r"space left on device\); checkpoints/ holds step 2, "
+                                        r"intact: free space and rerun to resume$"):
         train_and_evaluate(tiny_config(num_epochs=1), workdir)
     LateWrite("Event loop is closed")  # after the report too
     LateWrite("another error")
@@ -185,6 +185,27 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     step, state, _ = latest_state(workdir)
     assert step == 2 and all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(state))
+
+
+def test_a_best_checkpoint_that_cannot_be_written_is_named_as_such(tmp_path, monkeypatch):
+    """The message said 'could not write the checkpoint of step 2 … the previous checkpoint
+    (step 2) is intact' when it was best/'s copy of step 2 that failed."""
+    import numpy as np
+
+    from mlnet_jax.checkpointing import RunCheckpoints
+    checkpoints = RunCheckpoints(tmp_path, 2)
+    checkpoints.save(2, {"w": np.zeros(3, np.float32)}, {}, {"evaluation_pending": True})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.best, "save", full)
+    with pytest.raises(UserError) as raised:
+        checkpoints.save(2, {"w": np.zeros(3, np.float32)}, {}, {"best_step": 2}, is_best=True)
+    assert str(raised.value) == (
+        f"could not write the best checkpoint of step 2 in {(tmp_path / 'best').absolute()} (No "
+        "space left on device); checkpoints/ holds step 2, intact: free space and rerun to resume")
+    checkpoints.close()
 
 
 def test_failed_output_write_leaves_the_previous_file(tmp_path):
@@ -273,7 +294,8 @@ def test_out_of_range_config_values_are_named(tmp_path, override, message):
 
 @pytest.mark.parametrize("field, value, expected", [
     ("dropout_rate", 1.0, "in [0, 1)"), ("dropout_rate", -0.1, "in [0, 1)"),
-    ("learning_rate", -0.1, "at least 0"), ("lr_decay", -1.0, "at least 0"),
+    ("learning_rate", -0.1, "finite and at least 0"), ("lr_decay", -1.0, "finite and at least 0"),
+    ("learning_rate", float("inf"), "finite and at least 0"),
     ("momentum", 2.0, "in [0, 1)"), ("width_multiplier", 0.0, "positive"),
     ("input_size", (48, 64, 3), "(rows, cols), each a positive multiple of 8"),
     ("input_size", (0, 64), "(rows, cols), each a positive multiple of 8"),

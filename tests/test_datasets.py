@@ -569,6 +569,15 @@ def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_prepared_dataset(tmp_pa
     assert sorted(p.name for p in (data_dir / "salicon2015").iterdir()) == [".lock", "1.0.0"]
 
 
+def test_a_negative_worker_count_is_refused(tmp_path, capsys):
+    fake.write_folder(tmp_path / "manual", n=3)
+    assert main(["folder", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
+                 str(tmp_path / "tfds"), "--workers", "-3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --workers must be at least 0 (0: the CPU count, at most 8), got -3")
+    assert not (tmp_path / "tfds").exists()
+
+
 @pytest.mark.parametrize("failure", [
     OSError(28, "No space left on device"),
     RuntimeError('Failed to finalize writing of split "train": write() failed: No space left on '

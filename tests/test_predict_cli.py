@@ -2,6 +2,7 @@
 overlays, bad files, limits, atomic outputs; and the image reading and overlay helpers."""
 
 import contextlib
+import errno
 import io
 import shutil
 import struct
@@ -582,6 +583,45 @@ def test_an_unwritable_output_folder_is_one_line(model_file, tmp_path, capsys):
     assert _predict(model_file, image, blocker / "maps") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: --output") and "a_file" in err
+
+
+def test_a_full_disk_stops_a_folder_run_and_the_device_running_out_of_memory_is_named(
+        model_file, tmp_path, capsys, monkeypatch):
+    """A full disk gave one error line per remaining file (1488 for 1500 images); the device's
+    RESOURCE_EXHAUSTED got the generic line without the --batch-size advice."""
+    import mlnet_jax.predict as predict_module
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(6):
+        Image.fromarray(_noise(8, 8 + i)).save(src / f"{i}.png")
+    real_save, saved = Image.Image.save, []
+
+    def disk_full_after_two(self, fp, *args, **kwargs):
+        if len(saved) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        saved.append(fp)
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full_after_two)
+    assert _predict(model_file, src, out, "--no-progress") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert "; stopped, with 2 maps written (each complete): free space and rerun" in err[0]
+    assert len(list(out.glob("*.png"))) == 2 and not list(out.glob(".*"))
+    monkeypatch.setattr(Image.Image, "save", real_save)
+
+    class JaxRuntimeError(Exception):
+        pass
+
+    def exhausted(*args, **kwargs):
+        raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 34406400000 bytes.")
+
+    monkeypatch.setattr(predict_module, "predict_images", exhausted)
+    assert _predict(model_file, src, tmp_path / "o2") == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 34406400000 bytes.); "
+        "a batch holds --batch-size 4 images at the model's input size on the host and the "
+        "device: use a smaller --batch-size")
 
 
 @pytest.mark.parametrize("args, message", [
