@@ -84,18 +84,23 @@ def _heal_entries_jax_reports_unreadable() -> None:
 
 
 def _delete_unreadable_function(function_name: str) -> None:
-    """Delete every entry of ``function_name`` (file names ``<function>-<hash>-cache`` and their
-    ``-atime`` stamps) in the cache directory in use; its other shapes compile once again."""
+    """Delete the unreadable entries of ``function_name`` (file names ``<function>-<hash>-cache``
+    and their ``-atime`` stamps) in the cache directory in use. JAX names the function, not
+    the entry: those that do not decompress are deleted, and if all do (the failure came
+    later, in deserialising), every entry of the function, whose other shapes then compile
+    once again."""
     directory = jax.config.jax_compilation_cache_dir
     if not directory:
         return
-    own = re.compile(re.escape(function_name) + r"-[0-9a-f]{64}-(cache|atime)")  # nothing else
+    own = re.compile(re.escape(function_name) + r"-[0-9a-f]{64}-cache")  # nothing else
+    entries = [e for e in Path(directory).iterdir() if own.fullmatch(e.name)]
+    unreadable = [e for e in entries if not _decompresses(e)] or entries
     removed = []
-    for entry in Path(directory).iterdir():
-        if own.fullmatch(entry.name):
+    for entry in unreadable:
+        for path in (entry, entry.with_name(entry.name[:-len("cache")] + "atime")):
             try:
-                entry.unlink()
-                removed.append(entry)
+                path.unlink()
+                removed.append(path)
             except OSError:
                 pass
     if removed:
@@ -103,3 +108,19 @@ def _delete_unreadable_function(function_name: str) -> None:
             "compilation cache: deleted %d file(s) of %r in %s, one unreadable (a process was "
             "probably killed while writing it); compiled and written again now", len(removed),
             function_name, directory)
+
+
+def _decompresses(entry: Path) -> bool:
+    """Whether a cache file decompresses as JAX reads it (one cut short by a killed write does
+    not); True where that cannot be told (JAX's private helper moved)."""
+    try:
+        from jax._src.compilation_cache import decompress_executable  # noqa: PLC0415
+    except ImportError:
+        return True
+    try:
+        decompress_executable(entry.read_bytes())
+    except OSError:
+        return True  # unreadable for another reason: not ours to judge
+    except Exception:  # noqa: BLE001 — zstd's and zlib's errors
+        return False
+    return True

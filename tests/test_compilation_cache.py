@@ -15,14 +15,15 @@ import jax, jax.numpy as jnp
 from mlnet_jax.compilation_cache import enable_compilation_cache
 enable_compilation_cache(sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even tiny programs
-print(float(jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((8, 8)))))
+n = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+print(float(jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((n, 8)))) / n / n * 64)
 """
 UNREADABLE = "Error reading persistent compilation cache entry"
 
 
-def start(cache_dir):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(cache_dir)], capture_output=True,
-                            text=True, timeout=300)
+def start(cache_dir, rows=8):
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(cache_dir), str(rows)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout) == pytest.approx(64 * np.tanh(8.0), rel=1e-6)  # the same program
     return result.stderr
@@ -104,3 +105,20 @@ def test_an_empty_directory_turns_off_the_cache_an_earlier_call_turned_on(tmp_pa
                             timeout=300, env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(own)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(own.glob("*-cache"))) >= 1
+
+
+def test_only_the_unreadable_entry_of_a_function_is_deleted(tmp_path):
+    """JAX names the function, not the entry: every entry of that name was deleted, so the
+    other shapes (another config's train step, say) compiled cold again."""
+    start(tmp_path, rows=8)
+    (first,) = tmp_path.glob("jit__lambda-*-cache")
+    start(tmp_path, rows=16)
+    (other,) = set(tmp_path.glob("jit__lambda-*-cache")) - {first}
+    kept = other.read_bytes(), other.stat().st_mtime_ns
+    first.write_bytes(first.read_bytes()[:20])
+
+    healing = start(tmp_path, rows=8)
+    assert UNREADABLE in healing and "compilation cache: deleted" in healing, healing
+    assert (other.read_bytes(), other.stat().st_mtime_ns) == kept
+    assert first.stat().st_size > 20  # written again
+    assert UNREADABLE not in start(tmp_path, rows=16)
