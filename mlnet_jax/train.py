@@ -441,11 +441,19 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
             try:
                 loader.set_state(_decode_state(data_state, workdir))
             except ValueError as e:  # grain: the sampler (record count, seed, sharding) differs
-                changed = ("was config.synthetic_train_size changed?" if config.dataset ==
-                           "synthetic" else "was the dataset prepared again?")
+                before = saved_meta.get("splits", {}).get("train")
+                if config.dataset == "synthetic":
+                    was = saved_meta["config"].get("synthetic_train_size")
+                    changed = (f"config.synthetic_train_size {was} then, "
+                               f"{config.synthetic_train_size} now")
+                elif before is not None and before != splits["train"]:
+                    changed = (f"{_split_size(before)} then, {_split_size(splits['train'])} now: "
+                               "the dataset was prepared again")
+                else:
+                    changed = "was the dataset prepared again?"
                 raise UserError(f"{workdir}: the training split is not the one this run was reading "
-                                f"({str(e).splitlines()[0]}); {changed} Use another --workdir to "
-                                "start over") from None
+                                f"({changed}; grain: {str(e).splitlines()[0]}); use another "
+                                "--workdir to start over") from None
             _log(f"resuming from {checkpoints.resume_dir} at step {int(state.step)}")
             # patience may have changed (a resumable change): the stop is decided again with it.
             stopped = _patience_exhausted(meta["epochs_without_improvement"],

@@ -354,8 +354,8 @@ def test_a_training_split_that_changed_size_is_named_on_resume(tmp_path):
     workdir = tmp_path / "run"
     train_and_evaluate(tiny_config(num_epochs=1), workdir)
     with pytest.raises(UserError, match=f"{workdir}: the training split is not the one this run "
-                                        r"was reading \(.*\); was config.synthetic_train_size "
-                                        r"changed\?"):
+                                        r"was reading \(config.synthetic_train_size 32 then, 48 "
+                                        r"now; grain: .+\); use another --workdir to start over$"):
         train_and_evaluate(tiny_config(num_epochs=2, synthetic_train_size=48), workdir,
                            override_config=True)
     # A field the saved state's shape depends on is named as such at once (the message for
@@ -386,6 +386,14 @@ def test_a_dataset_prepared_again_from_other_images_of_the_same_count_is_named_o
                        r"run started, from other images \(config.train_split [\d,]+ bytes in 6 "
                        r"records → [\d,]+ bytes in 6 records; config.eval_split .* in 2 records\)"):
         train_and_evaluate(config, workdir)
+    # Continued anyway on a training split of another size: the sizes, not only grain's words.
+    write_folder(tmp_path / "photos3", n=12, seed=3)
+    prepare("folder", str(tmp_path / "photos3"), str(data_dir), validation_fraction=0.25,
+            overwrite=True)
+    with pytest.raises(UserError, match=rf"{workdir}: the training split is not the one this "
+                       r"run was reading \([\d,]+ bytes in 6 records then, [\d,]+ bytes in 9 "
+                       r"records now: the dataset was prepared again; grain: "):
+        train_and_evaluate(config, workdir, override_config=True)
     prepare("folder", str(tmp_path / "photos1"), str(data_dir), validation_fraction=0.25,
             overwrite=True)  # the run's own files prepared again: it resumes
     assert train_and_evaluate(config, workdir)["step"] == 2 * config.steps_per_epoch
