@@ -625,7 +625,8 @@ def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job],
         else:
             which = f"{files[0]}{', …' if len(files) > 1 else ''}"
         print(_one_line(f"skipped {len(files)} file(s) {reason} ({which})"), file=sys.stderr)
-    for job in (j for j in jobs if j.renamed):
+    failed = {source for source, _ in report.failed}  # they wrote nothing under any name
+    for job in (j for j in jobs if j.renamed and j.source not in failed):
         print(_one_line(f"note: {job.source}'s outputs would replace another input's, a folder "
                         "or a file this command did not write; they are named "
                         f"{(job.map_path or job.overlay_path).name}"), file=sys.stderr)

@@ -392,6 +392,14 @@ def test_no_output_replaces_a_photo_or_a_folder_and_odd_names_are_shown_escaped(
     assert (tmp_path / "maps" / "x.png").read_bytes() == users
     assert Image.open(tmp_path / "maps" / "x.jpg.png").size == (20, 10)
     assert "they are named x.jpg.png" in capsys.readouterr().err
+    # An input that failed wrote nothing under either name: no note for it.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "y.jpg").write_bytes(b"\xff\xd8 cut short")
+    (broken / "y.png").write_bytes(b"\x89PNG cut short")
+    assert _predict(model_file, broken, tmp_path / "broken_maps") == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 2 and "note:" not in err, err
     # Our tag is read from the chunks, not by decoding: a huge map of ours is still ours.
     from mlnet_jax.predict import is_our_output
     _png_header_only(tmp_path / "huge.png", 30000, 30000, b"Software\0mlnet_jax")
