@@ -445,6 +445,7 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
     start = time.perf_counter()
     count = 0
     first_s = span = None  # the first frame's time; the last one's after it (seconds)
+    short = False
     size = predictor.info.input_size
     workers = max(1, workers)
     try:
@@ -481,6 +482,11 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
                     encode_oldest()
             while pending:
                 encode_oldest()
+            short = _cut_short(info, frames, count, first_s, span)
+            if first_s is not None and info.duration and not (short or frames.stopped_by):
+                for writer in (overlay_writer, map_writer):
+                    if writer is not None:  # the last frame is shown until the input ends
+                        writer.end_at(first_s + info.duration)
     except UserError as e:
         report.fail(job.source, str(e) if str(job.source) in str(e) else f"{job.source}: {e}")
         return
@@ -494,11 +500,6 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
         return
     seconds = time.perf_counter() - start
     report.frames += count
-    # Decoding ended well before the stream's duration (which, unlike the frame count, follows
-    # an edit list): the file is cut short; PyAV's threaded decoding ends such a file quietly.
-    frame_s = float(1 / info.rate)
-    short = (info.duration is not None and span is not None
-             and span + frame_s < 0.99 * info.duration - 2 * frame_s)
     if frames.stopped_by or short:
         listed = f" of the {info.frames} its container lists" if info.frames else ""
         report.fail(job.source, f"{job.source}: {frames.stopped_by or 'cut short?'}: {count} "
@@ -509,6 +510,19 @@ def predict_video(predictor, job: Job, *, report: Report, blur: float = 0.0,
                     f"({count / max(seconds, 1e-9):.1f} frames/s) → {job.overlay_path}"
                     + (f", {job.map_path}" if job.map_path else ""), limit=10_000), file=sys.stderr,
           flush=True)
+
+
+def _cut_short(info, frames, count: int, first_s: float | None, span: float | None) -> bool:
+    """Decoding ended well before the stream's duration (which, unlike the frame count,
+    follows an edit list): the file is cut short; PyAV's threaded decoding ends such a file
+    quietly. Not when every frame the container lists was decoded, or the last frame's own
+    duration reaches the end (a video ending on a still frame held for seconds)."""
+    if info.duration is None or span is None:
+        return False
+    frame_s = float(1 / info.rate)
+    shown = span + max(frame_s, frames.last_duration or 0)
+    return (shown < 0.99 * info.duration - 2 * frame_s
+            and not (info.frames and count >= info.frames))
 
 
 # --------------------------------------------------------------------------- command line

@@ -101,16 +101,22 @@ def _duration(container, stream) -> float | None:
     """The video stream's duration in seconds: its own, else its ``DURATION`` tag (Matroska
     and WebM), else the file's when the video is its only stream (a cut-short .mkv is then
     still told from a whole one); None when unknown. The file's is its longest stream's: an
-    audio track a little longer than the video made every such file look cut short."""
+    audio track a little longer than the video made every such file look cut short. The tag
+    and the file's duration are where the video ends on the file's clock, so a video that
+    starts later (a segment cut from a longer recording) has its start taken off."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
+    if stream.start_time is not None and stream.time_base:
+        start = float(stream.start_time * stream.time_base)
+    else:
+        start = (container.start_time or 0) / 1_000_000  # AV_TIME_BASE
     tag = _DURATION_TAG.fullmatch(str((stream.metadata or {}).get("DURATION", "")).strip())
     if tag:
         hours, minutes, seconds = tag.groups()
-        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds) - start
     if len(container.streams) > 1 or not container.duration:
         return None
-    return container.duration / 1_000_000  # AV_TIME_BASE
+    return container.duration / 1_000_000 - start
 
 
 #: Matroska's per-track duration tag, e.g. "00:00:02.000000000".
@@ -128,6 +134,8 @@ class Frames:
 
     def __init__(self, container, stream, path: Path):
         self.stopped_by: str | None = None
+        #: The last frame's own duration in seconds, where the file gives one.
+        self.last_duration: float | None = None
         self._path, self._first = path, None
         self._decoded = self._decode(container, stream, path, stream.sample_aspect_ratio)
 
@@ -163,6 +171,9 @@ class Frames:
                                          interpolation="BILINEAR")
                 if upright is None:  # the first frame's turn for every frame, as FFmpeg does
                     upright = _upright_function(frame)
+                duration = getattr(frame, "duration", None)  # PyAV ≥ 13
+                self.last_duration = (float(duration * frame.time_base)
+                                      if duration and frame.time_base else None)
                 yield frame.time, upright(array)
         except av.error.FFmpegError as e:
             if size is None:
@@ -261,6 +272,7 @@ class VideoWriter:
         self._stack = contextlib.ExitStack()
         self._anchor = None  # (pts, input time, frames written) where the rate's grid starts
         self._written = self._last = 0
+        self._last_time = self._end_time = None  # the last frame's input time; the input's end
 
     def __enter__(self) -> "VideoWriter":
         av = require_av()
@@ -290,6 +302,12 @@ class VideoWriter:
         frame.pts, frame.time_base = self._pts(time), TIME_BASE
         self._container.mux(self._stream.encode(frame))
         self._written += 1
+        self._last_time = time
+
+    def end_at(self, time: float) -> None:
+        """Show the last frame until ``time`` (the input's clock): a video that ends on a
+        still frame held for seconds keeps its length, rather than end one frame after it."""
+        self._end_time = time
 
     def _pts(self, time: float | None) -> int:
         """The input's time on the output clock. A time within the input clock's rounding
@@ -314,13 +332,31 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self._container.mux(self._stream.encode(None))  # flush delayed frames
+                packets = self._stream.encode(None)  # flush delayed frames
+                self._hold_last_frame(packets)
+                self._container.mux(packets)
             self._container.close()
         except BaseException as e:
             self._stack.__exit__(type(e), e, e.__traceback__)
             raise
         # Renames the finished file into place, or removes the partial one after an error.
         self._stack.__exit__(exc_type, exc, tb)
+
+
+    def _hold_last_frame(self, packets) -> None:
+        """The video lasts until ``end_at``'s time. The MP4 muxer ends the track at the last
+        packet's presentation time plus its duration, that packet being the last in decoding
+        order (with B-frames, not the last frame shown): its duration is set to reach the
+        end (where the encoder still held it)."""
+        if self._end_time is None or self._last_time is None or not packets:
+            return
+        end = self._last + round((Fraction(self._end_time) - Fraction(self._last_time))
+                                 / TIME_BASE)
+        if end - self._last < 1.5 / self.rate / TIME_BASE:  # one frame on: the muxer's own
+            return
+        last = packets[-1]
+        if last.pts is not None and end - last.pts > (last.duration or 0):
+            last.duration = end - last.pts
 
 
 def _reason(error: Exception) -> str:

@@ -289,6 +289,59 @@ def test_a_matroska_file_whose_audio_outlasts_its_video_is_complete(model_file, 
     assert len(_read_clip(tmp_path / "out" / "talk_overlay.mp4")[0]) == 30
 
 
+def _write_held_end(path, frames=20, hold_ms=5000):
+    """``frames`` at 30 fps whose last one is shown for ``hold_ms`` (a screen recording that
+    ends on a still screen): the packets' own durations say so."""
+    av = _needs_av()
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width, codec.height, codec.pix_fmt = 64, 48, "yuv420p"
+    codec.time_base, codec.framerate, codec.options = Fraction(1, 1000), Fraction(30), {"bf": "0"}
+    packets = []
+    for i in range(frames):
+        frame = av.VideoFrame.from_ndarray(_frame_image(i), format="rgb24")
+        frame.pts, frame.time_base = round(i * 1000 / 30), Fraction(1, 1000)
+        packets += codec.encode(frame)
+    packets += codec.encode(None)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("h264", rate=30)
+        stream.width, stream.height, stream.time_base = 64, 48, Fraction(1, 1000)
+        stream.codec_context.extradata = codec.extradata
+        for j, encoded in enumerate(packets):
+            packet = av.Packet(bytes(encoded))
+            packet.stream, packet.time_base = stream, Fraction(1, 1000)
+            packet.pts = packet.dts = round(j * 1000 / 30)
+            packet.is_keyframe = encoded.is_keyframe
+            packet.duration = hold_ms if j == len(packets) - 1 else 33
+            container.mux(packet)
+
+
+def _seconds(path):
+    av = _needs_av()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return float(stream.duration * stream.time_base)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_a_video_that_starts_late_or_ends_on_a_held_frame_is_complete(model_file, tmp_path,  # noqa: F811
+                                                                      capsys, suffix):
+    """A Matroska/WebM file starting after 0 s (every segment after the first of a split
+    recording) was "cut short?", exit 2: its duration tag is where it ends, not its length. A
+    last frame held for 5 s was "cut short?" too, and the output ended 1/30 s after it."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _write_clip(inputs / f"late{suffix}", 30, Fraction(15), "libx264",
+                times=[1.4 + i / 15 for i in range(30)])
+    _write_held_end(inputs / f"held{suffix}")
+    code = main(["--checkpoint", str(model_file), "--input", str(inputs), "--output",
+                 str(tmp_path / "out"), "--compilation-cache", "", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert len(_read_clip(tmp_path / "out" / "late_overlay.mp4")[0]) == 30
+    assert _seconds(tmp_path / "out" / "late_overlay.mp4") == pytest.approx(2.0, abs=0.002)
+    assert len(_read_clip(tmp_path / "out" / "held_overlay.mp4")[0]) == 20
+    assert _seconds(tmp_path / "out" / "held_overlay.mp4") == pytest.approx(19 / 30 + 5, abs=0.002)
+
+
 def test_a_trimmed_file_whose_edit_list_hides_frames_is_complete(model_file, tmp_path,  # noqa: F811
                                                                   capsys):
     # What a trim without re-encoding writes: 60 frames stored, the first 20 hidden by the
