@@ -287,6 +287,7 @@ class VideoWriter:
             self._stream.pix_fmt = "yuv420p" if even else "yuv444p"
             self._stream.options = {"crf": str(self.crf), "preset": "veryfast"}
             self._stream.codec_context.time_base = TIME_BASE
+            _tag_bt601(self._stream.codec_context)
         except Exception:
             self._stack.close()
             raise
@@ -357,6 +358,19 @@ class VideoWriter:
         last = packets[-1]
         if last.pts is not None and end - last.pts > (last.duration or 0):
             last.duration = end - last.pts
+
+
+def _tag_bt601(codec_context) -> None:
+    """Say what the frames are: FFmpeg converts RGB to YUV with BT.601 (limited range), and
+    players take untagged HD video for BT.709, which shifts its colours (pure green shown as
+    (0, 209, 0)). Values are FFmpeg's enums (SMPTE 170M = 6, MPEG range = 1); a PyAV
+    without these attributes writes the video untagged."""
+    for attribute, value in (("colorspace", 6), ("color_primaries", 6), ("color_trc", 6),
+                             ("color_range", 1)):
+        try:
+            setattr(codec_context, attribute, value)
+        except (AttributeError, TypeError, ValueError):
+            pass
 
 
 def _reason(error: Exception) -> str:

@@ -515,3 +515,23 @@ def test_a_video_beside_its_input_never_replaces_the_users_but_a_rerun_replaces_
         assert sorted(p.name for p in tmp_path.iterdir()) == [
             "clip.mov", "clip.mov.mp4", "clip.mov_overlay.mp4", "clip.mp4"]
     assert len(_read_clip(tmp_path / "clip.mov.mp4")[0]) == 4
+
+
+def test_outputs_say_their_colours_are_bt601(tmp_path):
+    """FFmpeg converts RGB to YUV with BT.601; untagged, players take an HD video for BT.709
+    and show pure green as (0, 209, 0)."""
+    av = _needs_av()
+    from mlnet_jax.video import VideoWriter
+    bars = np.zeros((720, 1280, 3), np.uint8)
+    bars[:, :400, 0] = bars[:, 440:840, 1] = bars[:, 880:, 2] = 255
+    with VideoWriter(tmp_path / "bars.mp4", 1280, 720, Fraction(10)) as writer:
+        for i in range(2):
+            writer.write(bars, i / 10)
+    with av.open(str(tmp_path / "bars.mp4")) as container:
+        stream = container.streams.video[0]
+        frame = next(container.decode(stream))
+    tags = stream.codec_context
+    assert (int(tags.colorspace), int(tags.color_primaries), int(tags.color_trc),
+            int(tags.color_range)) == (6, 6, 6, 1)  # SMPTE 170M (BT.601), limited range
+    shown = frame.to_ndarray(format="rgb24")[360, [200, 640, 1080]].astype(int)
+    np.testing.assert_allclose(shown, [[255, 0, 0], [0, 255, 0], [0, 0, 255]], atol=4)
