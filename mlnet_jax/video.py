@@ -129,8 +129,9 @@ class Frames:
     says; a frame whose stored size differs from the first one's (a resolution change
     mid-stream) scaled to it, as players do.
 
-    Corrupt data after the first frame ends the frames there, as a player stops, and
-    ``stopped_by`` says why (None when the file was read to its end)."""
+    Packets that cannot be decoded (corrupt data; the frames before a stream's first
+    keyframe, in a recording cut without re-encoding) are skipped, as players skip them, and
+    ``stopped_by`` says how many and why (None when every packet decoded)."""
 
     def __init__(self, container, stream, path: Path):
         self.stopped_by: str | None = None
@@ -160,8 +161,22 @@ class Frames:
         av = require_av()
         size = None  # stored (width, height) every frame is converted to
         upright = None  # the turn and mirroring every frame gets
-        try:
-            for frame in container.decode(stream):
+        skipped, error = 0, None
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.FFmpegError as e:  # the container itself: nothing after it
+                skipped, error = skipped + 1, e
+                break
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError as e:  # this packet: the next may decode
+                skipped, error = skipped + 1, e
+                continue
+            for frame in decoded:
                 if size is None:
                     width = frame.width
                     if pixel_aspect and pixel_aspect != 1:  # even where the width is ours to pick
@@ -175,10 +190,11 @@ class Frames:
                 self.last_duration = (float(duration * frame.time_base)
                                       if duration and frame.time_base else None)
                 yield frame.time, upright(array)
-        except av.error.FFmpegError as e:
+        if error is not None:
             if size is None:
-                raise VideoError(f"{path}: corrupt video data ({_reason(e)})") from None
-            self.stopped_by = f"corrupt video data ({_reason(e)})"
+                raise VideoError(f"{path}: corrupt video data ({_reason(error)})")
+            self.stopped_by = (f"{skipped} damaged packet{'s' * (skipped > 1)} skipped "
+                               f"(corrupt video data: {_reason(error)})")
 
 
 def _main_video_stream(container, path: Path):

@@ -46,7 +46,8 @@ def _write_clip(path, frames, rate, codec="mpeg4", width=64, height=48, rotation
     with av.open(str(path), mode="w", options=options or {}) as container:
         covers = [_add_cover_art(av, container)] if cover_art else []
         stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if rotation:
             if not hasattr(stream, "set_display_rotation"):
                 pytest.skip("this PyAV cannot write a display rotation (PyAV 18 can)")
@@ -490,10 +491,17 @@ def test_a_rotation_that_appears_on_a_later_frame_keeps_the_first_frames_shape()
         def to_ndarray(self, format, width, height, interpolation):
             return np.zeros((height, width, 3), np.uint8)
 
+    class Packet:
+        def __init__(self, *frames):
+            self.frames = frames
+
+        def decode(self):
+            return list(self.frames)
+
     class Container:
-        def decode(self, stream):
-            yield Frame(0.0, 0)
-            yield Frame(0.04, -90)
+        def demux(self, stream):
+            yield Packet(Frame(0.0, 0))
+            yield Packet(Frame(0.04, -90))
 
     class Stream:
         sample_aspect_ratio = None
@@ -535,3 +543,41 @@ def test_outputs_say_their_colours_are_bt601(tmp_path):
             int(tags.color_range)) == (6, 6, 6, 1)  # SMPTE 170M (BT.601), limited range
     shown = frame.to_ndarray(format="rgb24")[360, [200, 640, 1080]].astype(int)
     np.testing.assert_allclose(shown, [[255, 0, 0], [0, 255, 0], [0, 0, 255]], atol=4)
+
+
+def test_damaged_packets_are_skipped_as_players_skip_them(model_file, tmp_path, capsys):  # noqa: F811
+    """A video whose first frames cannot be decoded (a recording cut without re-encoding,
+    garbage at its start) got no output at all, and one damaged frame midway ended the output
+    there, though players show the rest: the frames that decode are written, and the error
+    line says how many packets were skipped."""
+    av = _needs_av()
+    path = tmp_path / "in" / "damaged.avi"
+    path.parent.mkdir()
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.width, codec.height, codec.pix_fmt = 64, 48, "yuvj420p"
+    codec.time_base = Fraction(1, 15)
+    packets = []
+    for i in range(12):
+        frame = av.VideoFrame.from_ndarray(_frame_image(i), format="rgb24")
+        frame.pts = i
+        packets += codec.encode(frame)
+    packets += codec.encode(None)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i, encoded in enumerate(packets):  # the first two frames and one midway: zeroed
+            packet = av.Packet(bytes(len(bytes(encoded))) if i in (0, 1, 6) else bytes(encoded))
+            packet.stream, packet.time_base, packet.pts = stream, Fraction(1, 15), i
+            packet.dts, packet.is_keyframe = i, True
+            container.mux(packet)
+    out = tmp_path / "out"
+    code = main(["--checkpoint", str(model_file), "--input", str(path.parent), "--output",
+                 str(out), "--compilation-cache", "", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(
+        rf"error: {re.escape(str(path))}: 3 damaged packets skipped \(corrupt video data: .+\): "
+        "9 frames of the 12 its container lists decoded; the output has those", err), err
+    times = _frame_times(out / "damaged_overlay.mp4")
+    assert len(times) == 9  # frames 2-5 and 7-11, with frame 6's gap kept
+    np.testing.assert_allclose(np.diff(times), [1 / 15] * 3 + [2 / 15] + [1 / 15] * 4,
+                               atol=1e-3)
