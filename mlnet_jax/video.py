@@ -182,8 +182,7 @@ class Frames:
                     if pixel_aspect and pixel_aspect != 1:  # even where the width is ours to pick
                         width = max(2, 2 * round(frame.width * pixel_aspect / 2))
                     size = width, frame.height
-                array = frame.to_ndarray(format="rgb24", width=size[0], height=size[1],
-                                         interpolation="BILINEAR")
+                array = _as_rgb(frame, size)
                 if upright is None:  # the first frame's turn for every frame, as FFmpeg does
                     upright = _upright_function(frame)
                 duration = getattr(frame, "duration", None)  # PyAV ≥ 13
@@ -195,6 +194,18 @@ class Frames:
                 raise VideoError(f"{path}: corrupt video data ({_reason(error)})")
             self.stopped_by = (f"{skipped} damaged packet{'s' * (skipped > 1)} skipped "
                                f"(corrupt video data: {_reason(error)})")
+
+
+def _as_rgb(frame, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 at ``size``; transparency (PNG or ProRes 4444 video, say) put on white, as
+    for images (``image_io.to_rgb``), not dropped to the colour underneath (often black)."""
+    if len(frame.format.components) not in (2, 4):  # grey + alpha, colour + alpha
+        return frame.to_ndarray(format="rgb24", width=size[0], height=size[1],
+                                interpolation="BILINEAR")
+    rgba = frame.to_ndarray(format="rgba", width=size[0], height=size[1],
+                            interpolation="BILINEAR").astype(np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
 
 def _main_video_stream(container, path: Path):

@@ -2,6 +2,7 @@
 frames go through the model in batches; without PyAV a one-line message names the extra."""
 
 import re
+import types
 import sys
 from fractions import Fraction
 
@@ -487,6 +488,7 @@ def test_a_rotation_that_appears_on_a_later_frame_keeps_the_first_frames_shape()
         def __init__(self, time, rotation):
             self.width, self.height, self.time, self.rotation = 64, 48, time, rotation
             self.side_data = {}  # no display matrix: the rotation field says it
+            self.format = types.SimpleNamespace(components=(0, 1, 2))  # no alpha
 
         def to_ndarray(self, format, width, height, interpolation):
             return np.zeros((height, width, 3), np.uint8)
@@ -581,3 +583,27 @@ def test_damaged_packets_are_skipped_as_players_skip_them(model_file, tmp_path, 
     assert len(times) == 9  # frames 2-5 and 7-11, with frame 6's gap kept
     np.testing.assert_allclose(np.diff(times), [1 / 15] * 3 + [2 / 15] + [1 / 15] * 4,
                                atol=1e-3)
+
+
+def test_transparent_video_frames_are_put_on_white_as_images_are(tmp_path):
+    """A PNG-coded video's transparent pixels reached the model as (0, 0, 0): its colour
+    underneath; an image's are put on white."""
+    av = _needs_av()
+    from mlnet_jax.video import open_video
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, 32:, 3] = 255  # left half transparent, right half opaque red
+    rgba[:8, 32:, 3] = 128  # a half-transparent band
+    with av.open(str(tmp_path / "alpha.mov"), "w") as container:
+        stream = container.add_stream("png", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgba"
+        for _ in range(2):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgba, format="rgba")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with open_video(tmp_path / "alpha.mov") as (_, frames):
+        first = next(iter(frames))[1]
+    assert (first[:, :32] == 255).all()
+    assert (first[8:, 32:] == (200, 0, 0)).all()
+    np.testing.assert_allclose(first[:8, 32:].reshape(-1, 3), [[227, 127, 127]] * 8 * 32, atol=1)
