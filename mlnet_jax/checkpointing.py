@@ -103,15 +103,23 @@ class RunCheckpoints:
 
     def restore(self, abstract_state) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of the step to resume from (``latest_step``)."""
-        restored = self._read(state=ocp.args.StandardRestore(abstract_state),
+        restored = self._read(None, state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         return restored.state, restored.data, restored.meta
 
     def read_meta(self) -> dict:
-        return self._read(meta=ocp.args.JsonRestore()).meta
+        return self._read(None, meta=ocp.args.JsonRestore()).meta
 
-    def _read(self, **items):
-        manager = self._resume_manager()
+    def best_record(self) -> tuple[int, float | None] | None:
+        """(step, validation loss) of the checkpoint in best/, None where it holds none."""
+        step = self.best.latest_step()
+        if step is None:
+            return None
+        meta = self._read(self.best, meta=ocp.args.JsonRestore()).meta
+        return step, meta.get("best_val_loss")
+
+    def _read(self, manager=None, **items):
+        manager = manager or self._resume_manager()
         step = manager.latest_step()
         try:
             return manager.restore(step, args=ocp.args.Composite(**items))

@@ -455,12 +455,22 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                                 f"({changed}; grain: {str(e).splitlines()[0]}); use another "
                                 "--workdir to start over") from None
             _log(f"resuming from {checkpoints.resume_dir} at step {int(state.step)}")
+            _adopt_best_on_disk(meta, checkpoints.best_record(), int(state.step))
             # patience may have changed (a resumable change): the stop is decided again with it.
             stopped = _patience_exhausted(meta["epochs_without_improvement"],
                                           config.early_stopping_patience)
             if meta["stopped_early"] and not stopped:
                 _log(f"the run had stopped early; continuing with early_stopping_patience "
                      f"{config.early_stopping_patience}")
+            if stopped:  # whatever num_epochs asks: said, not a silent run of no steps
+                _log(f"early stopping: {meta['epochs_without_improvement']} epochs without a "
+                     f"better validation loss (early_stopping_patience "
+                     f"{config.early_stopping_patience}; the best is step {meta['best_step']}): "
+                     "nothing more is trained; a larger patience continues the run")
+            elif int(state.step) >= total_steps:
+                _log(f"the run is at step {int(state.step)}, and config.num_epochs "
+                     f"{config.num_epochs} × {epoch_steps} steps ends at {total_steps}: nothing "
+                     "more is trained; a larger num_epochs continues the run")
             meta["stopped_early"] = stopped
         else:
             params = initial_params(model, info, rng, loaded)
@@ -620,6 +630,26 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
     finally:
         writer.close()
         checkpoints.close()
+
+
+def _adopt_best_on_disk(meta: dict, on_disk: tuple[int, float | None] | None,
+                        resumed_step: int) -> None:
+    """best/ is what prediction, evaluation and the final metrics read: the run's record of
+    its best follows it. They differ after a resume from an earlier checkpoint than the last
+    (the later ones moved away): best/ may hold a later step of the abandoned continuation
+    (scored as the best while named as the record's step), or be gone. Not after a stop
+    between best/'s save and the record's: the pending evaluation of that step decides
+    again."""
+    step, loss = on_disk if on_disk is not None else (None, None)
+    if step == meta["best_step"] or (step == resumed_step and meta.get("evaluation_pending")):
+        return
+    if step is None:
+        _log(f"best/ is empty (the run's best was step {meta['best_step']}): the next evaluated "
+             "epoch is the best so far")
+    else:
+        _log(f"best/ holds step {step} (validation loss {loss}), not the step {meta['best_step']} "
+             "this checkpoint recorded: it stays the best until an epoch beats it")
+    meta.update(best_step=step, best_val_loss=loss)
 
 
 def _patience_exhausted(epochs_without_improvement: int, patience: int) -> bool:

@@ -454,3 +454,39 @@ def test_damaged_checkpoints_are_named_and_a_missing_checkpoints_folder_resumes_
                  "--output", tmp_path / "maps")
     one_line_error(result, f"{damaged.absolute() / 'best' / str(best_step)}: cannot read this "
                            "checkpoint")
+
+
+@pytest.mark.timeout(600)
+def test_a_resume_from_an_earlier_checkpoint_scores_and_names_the_best_on_disk(tmp_path, capsys):
+    """With the last checkpoint moved away (the remedy for a damaged one), the resumed run's
+    record said best step 3 while best/ held step 6 of the abandoned continuation:
+    final_metrics.json scored step 6's weights under step 3's name. A resume with nothing left
+    to train (num_epochs lowered, or early stopping reached) finished silently."""
+    import json
+    import shutil
+
+    from mlnet_jax.train import train_and_evaluate
+    run = tmp_path / "run"
+    config = tiny_config(num_epochs=2, learning_rate=1e-3)
+    first = train_and_evaluate(config, run)
+    assert [p.name for p in (run / "best").iterdir()] == ["6"] and first["checkpoint_step"] == 6
+    shutil.move(run / "checkpoints" / "6", tmp_path / "set_aside")
+    capsys.readouterr()
+    train_and_evaluate(tiny_config(num_epochs=1, learning_rate=1e-3), run)
+    out = capsys.readouterr().out
+    assert "best/ holds step 6 (validation loss " in out
+    assert ("the run is at step 4, and config.num_epochs 1 × 3 steps ends at 3: nothing more is "
+            "trained; a larger num_epochs continues the run") in out
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["checkpoint_step"] == 6 and final["step"] == 4
+    assert final["loss"] == pytest.approx(first["loss"], rel=1e-6)  # step 6's weights, named so
+
+    # Early stopping reached on resume (a lower patience): said, not a silent run of no steps.
+    stopped = tmp_path / "stopped"
+    train_and_evaluate(tiny_config(num_epochs=3, learning_rate=0.0), stopped)  # no better epoch
+    capsys.readouterr()
+    resumed = train_and_evaluate(tiny_config(num_epochs=5, learning_rate=0.0,
+                                             early_stopping_patience=1), stopped)
+    assert ("early stopping: 2 epochs without a better validation loss (early_stopping_patience "
+            "1; the best is step 3): nothing more is trained") in capsys.readouterr().out
+    assert resumed["step"] == 9
