@@ -260,6 +260,9 @@ def _log(message: str) -> None:
 
 def steps_per_epoch(config, num_train_records: int) -> int:
     if config.steps_per_epoch > 0:
+        if num_train_records < config.global_batch_size:  # trains, but not as one may think
+            _log(f"warning: the training split has {num_train_records} records, fewer than one "
+                 f"global batch ({config.global_batch_size}): every batch repeats images")
         return config.steps_per_epoch
     steps = num_train_records // config.global_batch_size
     if steps < 1:
@@ -456,6 +459,12 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                                 "--workdir to start over") from None
             _log(f"resuming from {checkpoints.resume_dir} at step {int(state.step)}")
             _adopt_best_on_disk(meta, checkpoints.best_record(), int(state.step))
+            was = saved_meta["config"].get("steps_per_epoch")
+            if was != config.steps_per_epoch:  # only with --override_config
+                _log(f"warning: config.steps_per_epoch {was} → {config.steps_per_epoch}: epochs "
+                     f"are counted from step 0 with {epoch_steps} steps each, so this one ends at "
+                     f"step {(int(state.step) // epoch_steps + 1) * epoch_steps} and is evaluated "
+                     "and counted for early stopping as a whole one")
             # patience may have changed (a resumable change): the stop is decided again with it.
             stopped = _patience_exhausted(meta["epochs_without_improvement"],
                                           config.early_stopping_patience)

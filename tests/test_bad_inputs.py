@@ -486,7 +486,25 @@ def test_a_resume_from_an_earlier_checkpoint_scores_and_names_the_best_on_disk(t
     train_and_evaluate(tiny_config(num_epochs=3, learning_rate=0.0), stopped)  # no better epoch
     capsys.readouterr()
     resumed = train_and_evaluate(tiny_config(num_epochs=5, learning_rate=0.0,
-                                             early_stopping_patience=1), stopped)
+                                             early_stopping_patience=1, steps_per_epoch=4),
+                                 stopped, override_config=True)
+    out = capsys.readouterr().out
     assert ("early stopping: 2 epochs without a better validation loss (early_stopping_patience "
-            "1; the best is step 3): nothing more is trained") in capsys.readouterr().out
+            "1; the best is step 3): nothing more is trained") in out
+    assert ("warning: config.steps_per_epoch 3 → 4: epochs are counted from step 0 with 4 steps "
+            "each, so this one ends at step 12") in out
     assert resumed["step"] == 9
+
+
+def test_what_trains_but_not_as_one_may_think_is_said(tmp_path, capsys):
+    """A split smaller than one batch with an explicit steps_per_epoch trained on batches that
+    repeat images (refused without it); a steps_per_epoch changed with --override_config
+    renumbered the epochs silently."""
+    from mlnet_jax.train import steps_per_epoch
+    assert steps_per_epoch(tiny_config(steps_per_epoch=3), 3) == 3
+    assert ("warning: the training split has 3 records, fewer than one global batch (4): every "
+            "batch repeats images") in capsys.readouterr().out
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        steps_per_epoch(tiny_config(steps_per_epoch=-1), 3)
+    assert steps_per_epoch(tiny_config(steps_per_epoch=3), 8) == 3
+    assert "warning" not in capsys.readouterr().out
