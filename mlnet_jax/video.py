@@ -29,7 +29,7 @@ OUTPUT_SUFFIX = ".mp4"
 OUR_COMMENT = "mlnet_jax"  # the container comment of every video written here
 MISSING_EXTRA = "video input needs the video extra: pip install 'mlnet-jax[video]'"
 _FALLBACK_RATE = Fraction(25)
-#: The output's time base: fine enough for any input's frame times (MPEG's 90 kHz clock).
+#: The output's clock (MPEG's 90 kHz), made finer where the frame rate needs it to be exact.
 TIME_BASE = Fraction(1, 90000)
 #: How far (seconds) an input time may be from the nominal rate's grid and still be put on
 #: it: Matroska's clock rounds to milliseconds.
@@ -296,6 +296,7 @@ class VideoWriter:
     def __init__(self, path: str | os.PathLike, width: int, height: int, rate: Fraction,
                  crf: int = 18):
         self.path, self.width, self.height, self.rate, self.crf = Path(path), width, height, rate, crf
+        self.time_base = output_time_base(rate)
         self._stack = contextlib.ExitStack()
         self._anchor = None  # (pts, input time, frames written) where the rate's grid starts
         self._written = self._last = 0
@@ -313,7 +314,7 @@ class VideoWriter:
             self._stream.width, self._stream.height = self.width, self.height
             self._stream.pix_fmt = "yuv420p" if even else "yuv444p"
             self._stream.options = {"crf": str(self.crf), "preset": "veryfast"}
-            self._stream.codec_context.time_base = TIME_BASE
+            self._stream.codec_context.time_base = self.time_base
             _tag_bt601(self._stream.codec_context)
         except Exception:
             self._stack.close()
@@ -327,7 +328,7 @@ class VideoWriter:
         if rgb.shape != (self.height, self.width, 3):
             raise ValueError(f"frame of shape {rgb.shape}, the video is {self.height}×{self.width}×3")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, np.uint8), format="rgb24")
-        frame.pts, frame.time_base = self._pts(time), TIME_BASE
+        frame.pts, frame.time_base = self._pts(time), self.time_base
         self._container.mux(self._stream.encode(frame))
         self._written += 1
         self._last_time = time
@@ -346,12 +347,12 @@ class VideoWriter:
             self._anchor = (0, time, 0)
             return 0
         pts, start, index = self._anchor
-        nominal = pts + round((self._written - index) / self.rate / TIME_BASE)
+        nominal = pts + round((self._written - index) / self.rate / self.time_base)
         if time is None or start is None:
             chosen = nominal
         else:
-            actual = pts + round((Fraction(time) - Fraction(start)) / TIME_BASE)
-            chosen = nominal if abs(actual - nominal) <= SNAP / TIME_BASE else actual
+            actual = pts + round((Fraction(time) - Fraction(start)) / self.time_base)
+            chosen = nominal if abs(actual - nominal) <= SNAP / self.time_base else actual
             if chosen != nominal:
                 self._anchor = (max(chosen, self._last + 1), time, self._written)
         self._last = max(chosen, self._last + 1)  # times must increase
@@ -379,12 +380,21 @@ class VideoWriter:
         if self._end_time is None or self._last_time is None or not packets:
             return
         end = self._last + round((Fraction(self._end_time) - Fraction(self._last_time))
-                                 / TIME_BASE)
-        if end - self._last < 1.5 / self.rate / TIME_BASE:  # one frame on: the muxer's own
+                                 / self.time_base)
+        if end - self._last < 1.5 / self.rate / self.time_base:  # one frame on: the muxer's own
             return
         last = packets[-1]
         if last.pts is not None and end - last.pts > (last.duration or 0):
             last.duration = end - last.pts
+
+
+def output_time_base(rate: Fraction) -> Fraction:
+    """1/90000 s, or finer so that one frame at ``rate`` is a whole number of ticks: 90 kHz
+    cannot hold 1001/24000 s (23.976 fps), whose frames then alternated 3753 and 3754 ticks
+    and read as a variable frame rate. Left at 90 kHz for a rate that would need a clock over
+    10 MHz."""
+    ticks = math.lcm(TIME_BASE.denominator, Fraction(rate).numerator)
+    return Fraction(1, ticks) if ticks <= 10_000_000 else TIME_BASE
 
 
 def _tag_bt601(codec_context) -> None:

@@ -89,6 +89,8 @@ def _read_clip(path):
 @pytest.mark.parametrize("name, codec, rate, count", [
     ("clip.avi", "mpeg4", Fraction(15), 12),
     ("clip.mkv", "libx264", Fraction(30000, 1001), 40),  # long enough for reordered B-frames
+    # 23.976 fps: frames on 90 kHz ticks alternated 3753/3754, an average rate of 2700000/112613.
+    ("clip.mp4", "libx264", Fraction(24000, 1001), 24),
 ])
 def test_a_video_round_trips(model_file, tmp_path, capsys, name, codec, rate, count):  # noqa: F811
     _write_clip(tmp_path / name, count, rate, codec)
