@@ -220,6 +220,10 @@ class Predictor:
     def dispatch_letterboxed(self, batch: np.ndarray) -> jax.Array:
         """Start the maps of n ≤ batch_size letterboxed uint8 images on the device and return
         at once: (batch_size, h/8, w/8), the first n rows theirs."""
+        batch = np.asarray(batch)
+        if batch.dtype != np.uint8:  # copied into uint8, a 0–1 float batch would be black
+            raise TypeError(f"letterboxed batches are uint8 (letterbox() makes them), got "
+                            f"{batch.dtype}")
         padded = np.zeros((self.batch_size,) + batch.shape[1:], np.uint8)
         padded[:len(batch)] = batch
         return self._predict(self._variables, padded)
@@ -230,13 +234,23 @@ class Predictor:
         dispatched before the previous one's maps are fetched, so the device computes while
         the caller gathers (decodes, letterboxes) the next batch."""
         pending = None  # (items, maps still on the device)
-        for chunk in _chunks(items, self.batch_size):
+        iterator, error = iter(items), None
+        while error is None:
+            chunk = []
+            try:  # an item that cannot be made ends the stream after the ones before it
+                chunk.extend(itertools.islice(iterator, self.batch_size))
+            except Exception as e:  # noqa: BLE001 — raised again once they are out
+                error = e
+            if not chunk:
+                break
             started = chunk, self.dispatch_letterboxed(np.stack([letterboxed(i) for i in chunk]))
             if pending is not None:
                 yield from _fetched(*pending)
             pending = started
         if pending is not None:
             yield from _fetched(*pending)
+        if error is not None:
+            raise error
 
     def __call__(self, images: Sequence | np.ndarray | Image.Image) -> list[np.ndarray] | np.ndarray:
         """Maps at original size: one image (a file path, PIL, H×W or H×W×C array) → one map;
@@ -255,18 +269,18 @@ class Predictor:
         return maps[0] if single else maps
 
     def iter_maps(self, images: Iterable) -> Iterator[np.ndarray]:
-        """Stream maps for an iterable of images, batch by batch."""
+        """Stream maps for an iterable of images, batch by batch. An image that cannot be
+        read raises after the maps of the images before it (its index in the message)."""
         size = self.info.input_size
-        for image, raw in self.stream((to_rgb_array(i, self.max_pixels) for i in images),
+        for image, raw in self.stream((self._rgb(i, index) for index, i in enumerate(images)),
                                       lambda image: letterbox(image, size)):
             yield postprocess(raw, image.shape[:2])
 
-
-def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
-    """Lists of ``n`` consecutive items, the last one shorter."""
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, n)):
-        yield chunk
+    def _rgb(self, image, index: int) -> np.ndarray:
+        try:
+            return to_rgb_array(image, self.max_pixels)
+        except ValueError as e:  # an array's problem (a file's names the file)
+            raise type(e)(f"image {index}: {e}") from None
 
 
 def _fetched(items: list[T], maps: jax.Array) -> Iterator[tuple[T, np.ndarray]]:

@@ -111,6 +111,26 @@ def test_the_next_batch_is_on_the_device_before_this_ones_maps_are_fetched(model
         np.testing.assert_allclose(raw, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_an_image_that_cannot_be_read_ends_the_stream_after_the_maps_before_it(model_file):
+    """The maps of the good images before it were lost (the batch being assembled and the one
+    held back), and an array's error did not say which item it was."""
+    predictor = Predictor.load(model_file, batch_size=2)
+
+    def images():
+        for i in range(5):
+            yield np.full((20, 20 + i, 3), 40 * i, np.uint8)
+        yield np.full((4, 4), np.nan)
+        yield np.zeros((20, 20, 3), np.uint8)
+
+    got = []
+    with pytest.raises(ValueError, match=r"^image 5: image array contains NaN or Inf values"):
+        for saliency in predictor.iter_maps(images()):
+            got.append(saliency)
+    assert [m.shape for m in got] == [(20, 20 + i) for i in range(5)]
+    with pytest.raises(TypeError, match="letterboxed batches are uint8"):  # was read as black
+        predictor.predict_letterboxed(np.zeros((1, *INPUT, 3), np.float32))
+
+
 def test_a_single_image_gives_a_single_map(model_file):
     predictor = Predictor.load(model_file, batch_size=1)
     out = predictor(np.zeros((20, 30, 3), np.uint8))
