@@ -293,7 +293,10 @@ def _config_for(FLAGS):
     if stored is None:
         return FLAGS.config
     import ml_collections  # noqa: PLC0415
-    config = ml_collections.ConfigDict(stored)
+
+    from mlnet_jax.configs import default  # noqa: PLC0415
+    fields = default.get_config()  # a field an older version (or a typo) saved is not read
+    config = ml_collections.ConfigDict({k: v for k, v in stored.items() if k in fields})
     for name in FLAGS:
         if name.startswith("config.") and FLAGS[name].present:
             node, *path = config, *name.split(".")[1:]

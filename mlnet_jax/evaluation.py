@@ -264,9 +264,17 @@ def check_field_types(config) -> None:
     """Each field holds its default's type, as one line naming it: a config file may set
     anything (ml_collections lets None through), which the range checks would then meet as a
     TypeError of their own."""
+    import difflib  # noqa: PLC0415
+
     from mlnet_jax.configs import default  # noqa: PLC0415 — ml_collections where configs are
 
-    for field, reference in default.get_config().items():
+    fields = default.get_config()
+    for field in config.keys():  # a typo in Python code: saved with the run, never read
+        if field not in fields:
+            guess = difflib.get_close_matches(field, list(fields.keys()), n=1)
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            raise UserError(f"config.{field}: the config has no field {field!r}{hint}")
+    for field, reference in fields.items():
         value = config.get(field, reference)
         if isinstance(reference, bool):
             ok, expected = isinstance(value, bool), "True or False"

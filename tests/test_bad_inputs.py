@@ -323,6 +323,19 @@ def test_every_config_field_is_checked_before_anything_runs(tmp_path, field, val
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+def test_a_misspelled_field_set_from_python_is_refused(tmp_path):
+    """train_and_evaluate trained with it ignored and saved it with the run, whose resume from
+    the command line was then refused as a changed config."""
+    from mlnet_jax.train import train_and_evaluate
+    config = tiny_config()
+    with config.unlocked():
+        config.num_epoch = 3
+    with pytest.raises(UserError, match=r"^config.num_epoch: the config has no field 'num_epoch' "
+                                        r"\(did you mean num_epochs\?\)$"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_wrong_config_field_without_a_config_file_is_named(tmp_path):
     # Here the demo config is the default and the override is applied while flags are defined.
     one_line_error(cli("mlnet_jax.evaluate", "--baseline", "centre", "--config.eval_max_image=3"),
