@@ -68,6 +68,20 @@ JUDD_JITTER = 1e-7
 # Single image (NumPy, float64)
 # --------------------------------------------------------------------------------------------
 
+def _nan_for_non_finite(metric):
+    """NaN where the prediction (or info gain's baseline) holds NaN or ±inf: no metric is
+    defined there, and computed anyway one gave an AUC of −0.01 (the JAX backend, a SIM of 1)."""
+    @functools.wraps(metric)
+    def checked(saliency, *args, **kwargs):
+        maps = [saliency]
+        if metric.__name__ == "info_gain":  # (saliency, fixation_map, baseline_map)
+            maps.append(args[1] if len(args) > 1 else kwargs["baseline_map"])
+        if not all(np.isfinite(np.asarray(m, dtype=np.float64)).all() for m in maps):
+            return float("nan")
+        return metric(saliency, *args, **kwargs)
+    return checked
+
+
 def _map2d(array: Any, name: str) -> np.ndarray:
     a = np.asarray(array, dtype=np.float64)
     if a.ndim != 2 or not a.size:
@@ -132,6 +146,7 @@ def matlab_colon(a: float, d: float, b: float) -> np.ndarray:
     return v
 
 
+@_nan_for_non_finite
 def cc(saliency: Any, ground_truth: Any) -> float:
     """Pearson correlation coefficient between the prediction and a continuous GT map.
 
@@ -146,6 +161,7 @@ def cc(saliency: Any, ground_truth: Any) -> float:
     return float(np.sum(p * g) / math.sqrt(float(np.sum(p * p)) * float(np.sum(g * g))))
 
 
+@_nan_for_non_finite
 def kld(saliency: Any, ground_truth: Any) -> float:
     """KL divergence of the prediction from the GT distribution, Σ g·log(ε + g/(p + ε)).
 
@@ -161,6 +177,7 @@ def kld(saliency: Any, ground_truth: Any) -> float:
     return float(np.sum(g * np.log(EPS + g / (p + EPS))))
 
 
+@_nan_for_non_finite
 def nss(saliency: Any, fixation_map: Any) -> float:
     """Normalised scanpath saliency: mean z-scored prediction (std with N−1) at fixated pixels.
 
@@ -173,6 +190,7 @@ def nss(saliency: Any, fixation_map: Any) -> float:
     return float(np.mean((p[f] - p.mean()) / np.std(p, ddof=1)))
 
 
+@_nan_for_non_finite
 def sim(saliency: Any, ground_truth: Any) -> float:
     """Similarity (histogram intersection) Σ min(p, g) of the min-max scaled, sum-normalised maps.
 
@@ -191,6 +209,7 @@ def sim(saliency: Any, ground_truth: Any) -> float:
     return float(np.sum(np.minimum(p, g)))
 
 
+@_nan_for_non_finite
 def auc_judd(saliency: Any, fixation_map: Any, *, jitter: bool = True, seed: int = 0) -> float:
     """AUC-Judd: ROC over thresholds at the fixated pixels' values, negatives = other pixels.
 
@@ -243,6 +262,7 @@ def _scaled_values(saliency: Any, fixated: np.ndarray) -> tuple[np.ndarray, np.n
     return s.ravel(), np.sort(s[fixated])
 
 
+@_nan_for_non_finite
 def auc_borji(saliency: Any, fixation_map: Any, *, n_splits: int = 100, step_size: float = 0.1,
               seed: int = 0) -> float:
     """AUC-Borji: mean AUC over ``n_splits`` sets of uniformly random negatives.
@@ -265,6 +285,7 @@ def auc_borji(saliency: Any, fixation_map: Any, *, n_splits: int = 100, step_siz
                           for k in range(n_splits)]))
 
 
+@_nan_for_non_finite
 def auc_shuffled(saliency: Any, fixation_map: Any, other_fixation_map: Any, *,
                  n_splits: int = 100, step_size: float = 0.1, seed: int = 0) -> float:
     """Shuffled AUC: AUC-Borji whose negatives are fixated pixels of other images.
@@ -295,6 +316,7 @@ def auc_shuffled(saliency: Any, fixation_map: Any, other_fixation_map: Any, *,
     return float(np.mean(aucs))
 
 
+@_nan_for_non_finite
 def info_gain(saliency: Any, fixation_map: Any, baseline_map: Any) -> float:
     """Information gain (bits per fixation) of the prediction over a baseline map.
 
@@ -326,6 +348,25 @@ def _stack(x: Any, name: str) -> jax.Array:
     if x.ndim != 3 or not (x.shape[1] and x.shape[2]):
         raise ValueError(f"{name} must be (B, H, W) with H, W > 0, got shape {x.shape}")
     return x
+
+
+def _stacks(preds: Any, **others: Any) -> list[jax.Array]:
+    """``preds`` and the maps scored against it, each (B, H, W) and all of one shape (no
+    broadcasting of a batch of one, no resizing: :func:`cc` and the others resize)."""
+    p = _stack(preds, "preds")
+    stacked = [p]
+    for name, maps in others.items():
+        m = _stack(maps, name)
+        if m.shape != p.shape:
+            raise ValueError(f"{name} {tuple(m.shape)} must have the shape of preds "
+                             f"{tuple(p.shape)}")
+        stacked.append(m)
+    return stacked
+
+
+def _where_finite(p: jax.Array, scores: jax.Array) -> jax.Array:
+    """NaN for the predictions holding NaN or ±inf (as the NumPy metrics)."""
+    return jnp.where(jnp.isfinite(p).all(axis=(1, 2)), scores, jnp.nan)
 
 
 def _sum(x: jax.Array) -> jax.Array:
@@ -610,22 +651,26 @@ def _auc_shuffled(p: jax.Array, fix: jax.Array, other: jax.Array, keys: jax.Arra
 
 def batched_cc(preds: Any, gts: Any) -> jax.Array:
     """(B,) CC of each prediction with its continuous GT map; as :func:`cc`."""
-    return _cc(_stack(preds, "preds"), _stack(gts, "gts"))
+    p, g = _stacks(preds, gts=gts)
+    return _where_finite(p, _cc(p, g))
 
 
 def batched_kld(preds: Any, gts: Any) -> jax.Array:
     """(B,) KLD(GT ‖ prediction); as :func:`kld`."""
-    return _kld(_stack(preds, "preds"), _stack(gts, "gts"))
+    p, g = _stacks(preds, gts=gts)
+    return _where_finite(p, _kld(p, g))
 
 
 def batched_nss(preds: Any, fixation_maps: Any) -> jax.Array:
     """(B,) NSS at the fixated (> 0) pixels; as :func:`nss`."""
-    return _nss(_stack(preds, "preds"), _stack(fixation_maps, "fixation_maps"))
+    p, f = _stacks(preds, fixation_maps=fixation_maps)
+    return _where_finite(p, _nss(p, f))
 
 
 def batched_sim(preds: Any, gts: Any) -> jax.Array:
     """(B,) SIM (histogram intersection); as :func:`sim`."""
-    return _sim(_stack(preds, "preds"), _stack(gts, "gts"))
+    p, g = _stacks(preds, gts=gts)
+    return _where_finite(p, _sim(p, g))
 
 
 def _fixation_bound(fixation_maps: jax.Array, max_fixations: int | None) -> int:
@@ -658,10 +703,12 @@ def batched_auc_judd(preds: Any, fixation_maps: Any, key: Any = 0, *,
     NaN with no fixated or no non-fixated pixel, or more fixated pixels than
     ``max_fixations``; a constant map is ranked at random (mean (Nf/2 + 1)/(Nf + 1)).
     """
-    p = _stack(preds, "preds")
-    f = _stack(fixation_maps, "fixation_maps")
+    p, f = _stacks(preds, fixation_maps=fixation_maps)
+    if not p.shape[0]:
+        return jnp.zeros((0,), jnp.float32)
     k = _fixation_bound(f, max_fixations)
-    return _auc_judd(p, f, _keys(key, p.shape[0]), k=k, n_buckets=max(1024, 4 * k))
+    return _where_finite(p, _auc_judd(p, f, _keys(key, p.shape[0]), k=k,
+                                      n_buckets=max(1024, 4 * k)))
 
 
 def batched_auc_borji(preds: Any, fixation_maps: Any, key: Any = 0, *, n_splits: int = 100,
@@ -674,9 +721,9 @@ def batched_auc_borji(preds: Any, fixation_maps: Any, key: Any = 0, *, n_splits:
     the same distribution as :func:`auc_borji`'s draws. NaN with ≤ 1 fixated pixel or a
     constant map.
     """
-    p = _stack(preds, "preds")
-    return _auc_borji(p, _stack(fixation_maps, "fixation_maps"), _keys(key, p.shape[0]),
-                      n_splits=int(n_splits), step_size=float(step_size))
+    p, f = _stacks(preds, fixation_maps=fixation_maps)
+    return _where_finite(p, _auc_borji(p, f, _keys(key, p.shape[0]), n_splits=int(n_splits),
+                                       step_size=float(step_size)))
 
 
 def batched_auc_shuffled(preds: Any, fixation_maps: Any, other_fixation_maps: Any,
@@ -689,8 +736,7 @@ def batched_auc_shuffled(preds: Any, fixation_maps: Any, other_fixation_maps: An
     without replacement (as :func:`auc_shuffled`), tracked as per-threshold-bin counts in a loop
     of max(m) steps. NaN with no fixated pixel, no other-fixated pixel or a constant map.
     """
-    p = _stack(preds, "preds")
-    return _auc_shuffled(p, _stack(fixation_maps, "fixation_maps"),
-                         _stack(other_fixation_maps, "other_fixation_maps"),
-                         _keys(key, p.shape[0]), n_splits=int(n_splits),
-                         step_size=float(step_size))
+    p, f, other = _stacks(preds, fixation_maps=fixation_maps,
+                          other_fixation_maps=other_fixation_maps)
+    return _where_finite(p, _auc_shuffled(p, f, other, _keys(key, p.shape[0]),
+                                          n_splits=int(n_splits), step_size=float(step_size)))

@@ -673,3 +673,43 @@ def test_resize_bilinear_hand_values():
     # Halving [0,1,2,3] samples x = 0.5 and 2.5: 0.5 and 2.5 (no antialias blur).
     np.testing.assert_allclose(resize_bilinear(np.array([[0.0, 1, 2, 3]]), (1, 2)),
                                [[0.5, 2.5]], atol=1e-15)
+
+
+def test_a_prediction_with_nan_or_inf_scores_nan_in_both_backends():
+    """Nothing checked it: the JAX backend (the default on GPU/TPU) gave SIM ≈ 1 and plausible
+    AUCs for a map with one NaN pixel, and NumPy's AUC-Judd −0.0117 for one with +inf."""
+    from mlnet_jax import metrics
+    rng = np.random.default_rng(0)
+    preds = rng.random((3, 20, 24))
+    gts = rng.random((3, 20, 24))
+    fix = (rng.random((3, 20, 24)) > 0.9).astype(np.float32)
+    other = (rng.random((3, 20, 24)) > 0.8).astype(np.float32)
+    preds[1, 3, 4], preds[2, 5, 6] = np.nan, np.inf
+    batched = {
+        "cc": metrics.batched_cc(preds, gts), "kld": metrics.batched_kld(preds, gts),
+        "sim": metrics.batched_sim(preds, gts), "nss": metrics.batched_nss(preds, fix),
+        "auc_judd": metrics.batched_auc_judd(preds, fix),
+        "auc_borji": metrics.batched_auc_borji(preds, fix),
+        "auc_shuffled": metrics.batched_auc_shuffled(preds, fix, other)}
+    single = {
+        "cc": lambda i: metrics.cc(preds[i], gts[i]), "kld": lambda i: metrics.kld(preds[i], gts[i]),
+        "sim": lambda i: metrics.sim(preds[i], gts[i]), "nss": lambda i: metrics.nss(preds[i], fix[i]),
+        "auc_judd": lambda i: metrics.auc_judd(preds[i], fix[i]),
+        "auc_borji": lambda i: metrics.auc_borji(preds[i], fix[i]),
+        "auc_shuffled": lambda i: metrics.auc_shuffled(preds[i], fix[i], other[i])}
+    for name, scores in batched.items():
+        assert np.isfinite(scores[0]) and np.isnan(scores[1:]).all(), (name, scores)
+        assert np.isfinite(single[name](0)) and np.isnan([single[name](1), single[name](2)]).all()
+    assert np.isnan(metrics.info_gain(gts[0], fix[0], baseline_map=preds[1]))
+
+
+def test_batched_metrics_name_mismatched_shapes_and_take_an_empty_batch():
+    from mlnet_jax import metrics
+    three, two = np.ones((3, 8, 8)), np.ones((2, 8, 8))
+    with pytest.raises(ValueError, match=r"^gts \(2, 8, 8\) must have the shape of preds \(3, 8, 8\)"):
+        metrics.batched_cc(three, two)
+    with pytest.raises(ValueError, match=r"^fixation_maps \(1, 8, 8\) must have the shape"):
+        metrics.batched_nss(three, np.ones((1, 8, 8)))  # was broadcast against all three
+    with pytest.raises(ValueError, match=r"^gts \(3, 8, 9\) must have the shape"):
+        metrics.batched_sim(three, np.ones((3, 8, 9)))
+    assert metrics.batched_auc_judd(np.ones((0, 8, 8)), np.ones((0, 8, 8))).shape == (0,)
