@@ -103,27 +103,21 @@ class RunCheckpoints:
 
     def restore(self, abstract_state) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of the step to resume from (``latest_step``)."""
-        restored = self._read(None, state=ocp.args.StandardRestore(abstract_state),
+        restored = self._read(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         return restored.state, restored.data, restored.meta
 
     def read_meta(self) -> dict:
-        return self._read(None, meta=ocp.args.JsonRestore()).meta
+        return self._read(meta=ocp.args.JsonRestore()).meta
 
-    def best_record(self) -> tuple[int, float | None] | None:
-        """(step, validation loss) of the checkpoint in best/, None where it holds none."""
-        step = self.best.latest_step()
-        if step is None:
-            return None
-        meta = self._read(self.best, meta=ocp.args.JsonRestore()).meta
-        return step, meta.get("best_val_loss")
-
-    def _read(self, manager=None, **items):
-        manager = manager or self._resume_manager()
+    def _read(self, **items):
+        manager = self._resume_manager()
         step = manager.latest_step()
         try:
             return manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 — Orbax's and tensorstore's errors vary
+            if not _unreadable(e):
+                raise
             _ignore_closed_loop_errors()
             older = [s for s in manager.all_steps() if s < step]
             if older:
@@ -145,6 +139,17 @@ def _is_write_failure(error: BaseException) -> bool:
     """An OSError, or tensorstore's ValueError for one (RESOURCE_EXHAUSTED, os_error_code)."""
     return isinstance(error, OSError) or (isinstance(error, ValueError) and (
         "RESOURCE_EXHAUSTED" in str(error) or "os_error_code" in str(error)))
+
+
+def _unreadable(error: BaseException) -> bool:
+    """A file of the checkpoint missing, cut short or garbled: an OSError, a JSON error, or
+    tensorstore's status (NOT_FOUND, OUT_OF_RANGE, DATA_LOSS…); not the device or host running
+    out of memory, nor a state of another structure (a bug, not the files)."""
+    if isinstance(error, OSError | json.JSONDecodeError):
+        return True
+    status = re.match(r"([A-Z_]+): ", str(error))
+    return (isinstance(error, ValueError) and status is not None
+            and status.group(1) != "RESOURCE_EXHAUSTED")
 
 
 def _reason(error: BaseException) -> str:
@@ -255,6 +260,8 @@ def stored_config(path: str | Path) -> dict | None:
     try:
         return _read_meta(step_dir).get("config")
     except Exception as e:  # noqa: BLE001 — Orbax's errors for a damaged directory vary
+        if not _unreadable(e):
+            raise
         raise _damaged(step_dir, e) from None
 
 
@@ -278,12 +285,25 @@ def _damaged(step_dir: Path, error: BaseException) -> UserError:
 def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
     """(params as NumPy, model metadata) from a workdir or checkpoint directory. A training
     writing to the workdir may retire the checkpoint just found: then the newer one is read."""
+    params, metadata, _ = _restore(path)
+    return params, metadata
+
+
+def restore_best(workdir: str | Path) -> tuple[dict, int]:
+    """(params as NumPy, step) of a workdir's best checkpoint, else its latest."""
+    params, _, step_dir = _restore(workdir)
+    return params, int(step_dir.name)
+
+
+def _restore(path: str | Path) -> tuple[dict, dict, Path]:
     for attempt in range(3):
         step_dir = _step_dir_for(Path(path).absolute())
         try:
-            return _restore_params(step_dir)
+            return (*_restore_params(step_dir), step_dir)
         except Exception as e:  # noqa: BLE001 — Orbax's errors (deleted mid-read, damaged) vary
             if step_dir.exists() or attempt == 2:
+                if not _unreadable(e):
+                    raise
                 raise _damaged(step_dir, e) from None
     raise AssertionError("unreachable")
 

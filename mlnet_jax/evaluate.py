@@ -131,6 +131,8 @@ def _written_by_evaluate(path: Path, is_csv: bool) -> bool:
     """An earlier summary (it names its per-image CSV) or per-image CSV (its header) of this
     command, which a rerun replaces; any other file (a training's metrics.jsonl, say) is not."""
     try:
+        if path.stat().st_size == 0:  # a placeholder (mktemp): nothing to lose
+            return True
         with open(path, encoding="utf-8") as f:
             if is_csv:
                 return f.readline().startswith(",".join(CSV_HEADER))

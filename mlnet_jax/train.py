@@ -458,7 +458,6 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
                                 f"({changed}; grain: {str(e).splitlines()[0]}); use another "
                                 "--workdir to start over") from None
             _log(f"resuming from {checkpoints.resume_dir} at step {int(state.step)}")
-            _adopt_best_on_disk(meta, checkpoints.best_record(), int(state.step))
             was = saved_meta["config"].get("steps_per_epoch")
             if was != config.steps_per_epoch:  # only with --override_config
                 _log(f"warning: config.steps_per_epoch {was} → {config.steps_per_epoch}: epochs "
@@ -641,26 +640,6 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
         checkpoints.close()
 
 
-def _adopt_best_on_disk(meta: dict, on_disk: tuple[int, float | None] | None,
-                        resumed_step: int) -> None:
-    """best/ is what prediction, evaluation and the final metrics read: the run's record of
-    its best follows it. They differ after a resume from an earlier checkpoint than the last
-    (the later ones moved away): best/ may hold a later step of the abandoned continuation
-    (scored as the best while named as the record's step), or be gone. Not after a stop
-    between best/'s save and the record's: the pending evaluation of that step decides
-    again."""
-    step, loss = on_disk if on_disk is not None else (None, None)
-    if step == meta["best_step"] or (step == resumed_step and meta.get("evaluation_pending")):
-        return
-    if step is None:
-        _log(f"best/ is empty (the run's best was step {meta['best_step']}): the next evaluated "
-             "epoch is the best so far")
-    else:
-        _log(f"best/ holds step {step} (validation loss {loss}), not the step {meta['best_step']} "
-             "this checkpoint recorded: it stays the best until an epoch beats it")
-    meta.update(best_step=step, best_val_loss=loss)
-
-
 def _patience_exhausted(epochs_without_improvement: int, patience: int) -> bool:
     """Keras 1's ``EarlyStopping``, which the original used: with patience p it stops at the
     (p + 1)-th epoch in a row without a better validation loss. Patience 0 disables it here."""
@@ -674,12 +653,15 @@ def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, ev
     held-out split, written to ``final_metrics.json`` (``EvaluationStopped`` when
     ``should_stop()`` says so between two batches: nothing is written)."""
     from mlnet_jax.atomic import atomic_path
-    from mlnet_jax.checkpointing import restore_for_inference
+    from mlnet_jax.checkpointing import restore_best
 
     params = state.params
     source = "last" if best_step is None else "best"
     if best_step is not None and best_step != int(state.step):
-        best_params, _ = restore_for_inference(workdir)  # a workdir resolves to its best
+        # What is on disk is scored and named: after a resume from an earlier checkpoint than
+        # the last (the later ones moved away), best/ may hold a later step of the abandoned
+        # continuation that no epoch of this one beat, or be gone (then the latest is read).
+        best_params, best_step = restore_best(workdir)
         params = jax.device_put(best_params, replicated(mesh))
     result = evaluate_split(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True,
                             should_stop=should_stop)

@@ -483,16 +483,27 @@ def test_a_resume_from_an_earlier_checkpoint_scores_and_names_the_best_on_disk(t
     config = tiny_config(num_epochs=2, learning_rate=1e-3)
     first = train_and_evaluate(config, run)
     assert [p.name for p in (run / "best").iterdir()] == ["6"] and first["checkpoint_step"] == 6
+    replay = tmp_path / "replay"
+    shutil.copytree(run, replay)
     shutil.move(run / "checkpoints" / "6", tmp_path / "set_aside")
     capsys.readouterr()
     train_and_evaluate(tiny_config(num_epochs=1, learning_rate=1e-3), run)
-    out = capsys.readouterr().out
-    assert "best/ holds step 6 (validation loss " in out
     assert ("the run is at step 4, and config.num_epochs 1 × 3 steps ends at 3: nothing more is "
-            "trained; a larger num_epochs continues the run") in out
+            "trained; a larger num_epochs continues the run") in capsys.readouterr().out
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["checkpoint_step"] == 6 and final["step"] == 4
     assert final["loss"] == pytest.approx(first["loss"], rel=1e-6)  # step 6's weights, named so
+
+    # The same resume replaying to the end is the uninterrupted run: best/ (step 6, from
+    # after the checkpoint) is not taken as the record, or the replayed step 6 would tie it
+    # and count as an epoch without improvement.
+    shutil.rmtree(replay / "checkpoints" / "6")
+    again = train_and_evaluate(config, replay)
+    assert again["checkpoint_step"] == 6 and again["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    from test_train import latest_state
+    assert latest_state(replay)[0] == 6
+    meta = json.loads((replay / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["best_step"] == 6 and meta["epochs_without_improvement"] == 0
 
     # Early stopping reached on resume (a lower patience): said, not a silent run of no steps.
     stopped = tmp_path / "stopped"
@@ -507,6 +518,26 @@ def test_a_resume_from_an_earlier_checkpoint_scores_and_names_the_best_on_disk(t
     assert ("warning: config.steps_per_epoch 3 → 4: epochs are counted from step 0 with 4 steps "
             "each, so this one ends at step 12") in out
     assert resumed["step"] == 9
+
+
+def test_a_read_that_fails_for_another_reason_than_the_files_is_not_called_damaged(tmp_path,
+                                                                                   monkeypatch):
+    """Every error reading a checkpoint was 'damaged or incomplete: move it out', an intact
+    one running out of memory too."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from mlnet_jax.checkpointing import RunCheckpoints
+    checkpoints = RunCheckpoints(tmp_path, 2)
+    checkpoints.save(2, {"w": np.zeros(3, np.float32)}, {}, {"best_step": None})
+
+    def exhausted(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 64 bytes.")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", exhausted)
+    with pytest.raises(ValueError, match="^RESOURCE_EXHAUSTED"):
+        checkpoints.read_meta()
+    checkpoints.close()
 
 
 def test_what_trains_but_not_as_one_may_think_is_said(tmp_path, capsys):

@@ -294,6 +294,7 @@ def test_an_output_that_is_not_an_earlier_evaluation_is_not_replaced(monkeypatch
     assert log.read_text() == '{"step": 1, "loss": 0.5}\n' and not (tmp_path / "metrics.csv").exists()
     assert notes.read_text() == "my,own,table\n"
     notes.unlink()
+    (tmp_path / "e.json").touch()  # an empty placeholder (mktemp) is replaced
     run(tmp_path / "e.json")
     first = (tmp_path / "e.json").read_text()
     assert "\"centre\"" in first
