@@ -87,16 +87,20 @@ def blur_map(saliency: np.ndarray, sigma: float) -> np.ndarray:
     indistinguishable for maps that are themselves upsampled, and keeps a 4000-pixel photo fast.
     """
     saliency = np.ascontiguousarray(saliency, np.float32)
+    if saliency.ndim != 2:
+        raise ValueError(f"expected an H×W map, got shape {saliency.shape}")
     if not 0 <= sigma < math.inf:  # NaN too
         raise ValueError(f"blur sigma must be a finite number ≥ 0, got {sigma}")
-    if sigma == 0 or saliency.size == 0:
+    if saliency.size == 0:
         return saliency
     rows, cols = saliency.shape
     # Wider than ten times the map, a Gaussian is flat over it to 0.5 %: the same blur, and a
     # kernel that fits in memory (σ = 1e30 asked for one of 10^31 taps).
     sigma = min(sigma, 10.0 * max(rows, cols))
     scale = _BLUR_WORKING_SIZE / max(rows, cols)
-    if scale < 1 and sigma * scale >= 1:
+    if sigma == 0:  # rescaled all the same: σ = 0 is the limit of a narrowing blur
+        out = saliency
+    elif scale < 1 and sigma * scale >= 1:
         small_size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
         small = np.asarray(Image.fromarray(saliency).resize(small_size, Image.BILINEAR))
         blurred = ndimage.gaussian_filter(small, sigma * scale, mode="nearest")

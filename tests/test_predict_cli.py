@@ -777,6 +777,11 @@ def test_blur_map_is_a_gaussian_and_fast_path_agrees():
     full = ndimage.gaussian_filter(smooth, 40, mode="nearest")
     np.testing.assert_allclose(blur_map(smooth, 40), full / full.max(), atol=0.01)
     assert (blur_map(np.zeros((3, 3)), 2) == 0).all()
+    # σ = 0 returned the map as given (a uint8 map's 0–200), σ > 0 rescaled to a maximum of 1.
+    grey = np.array([[0, 100], [200, 50]], np.uint8)
+    np.testing.assert_allclose(blur_map(grey, 0), grey / 200)
+    with pytest.raises(ValueError, match=r"expected an H×W map, got shape \(2, 2, 1\)"):
+        blur_map(grey[..., None], 2)
     # Far wider than the map: as flat as a blur ten times its size, not a kernel of 1e31 taps.
     peaked = np.zeros((20, 30), np.float32)
     peaked[3, 4] = 1
