@@ -37,7 +37,12 @@ def letterbox(image: np.ndarray | Image.Image, target: tuple[int, int]) -> np.nd
     Resizing uses PIL's bilinear filter, which low-pass filters when shrinking (the original
     used OpenCV's, which aliases); the geometry is the original's.
     """
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    if not isinstance(image, Image.Image):
+        image = np.asarray(image)
+        if image.dtype != np.uint8:  # PIL's own refusal does not say what it wants
+            raise TypeError(f"letterbox takes uint8 images, got {image.dtype} (an image of "
+                            "another type: mlnet_jax.inference.to_rgb_array converts it)")
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
     (new_rows, new_cols), (top, left) = letterbox_geometry(pil.height, pil.width, target)
     resized = np.asarray(pil.resize((new_cols, new_rows), Image.BILINEAR))
     canvas = np.zeros(tuple(target) + resized.shape[2:], resized.dtype)

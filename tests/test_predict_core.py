@@ -129,6 +129,8 @@ def test_an_image_that_cannot_be_read_ends_the_stream_after_the_maps_before_it(m
     assert [m.shape for m in got] == [(20, 20 + i) for i in range(5)]
     with pytest.raises(TypeError, match="letterboxed batches are uint8"):  # was read as black
         predictor.predict_letterboxed(np.zeros((1, *INPUT, 3), np.float32))
+    with pytest.raises(TypeError, match="letterbox takes uint8 images, got float32"):
+        letterbox(np.zeros((10, 10, 3), np.float32), INPUT)  # PIL: "Cannot handle this data type"
 
 
 def test_a_single_image_gives_a_single_map(model_file):
