@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import sys
 import tempfile
@@ -348,6 +349,7 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     if not str(workdir).strip():  # Path('') is the current folder
         raise UserError("--workdir is empty; name the folder for this run's checkpoints and logs")
     workdir = Path(workdir).expanduser()  # '--workdir=~/run' reaches us unexpanded
+    created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
@@ -361,8 +363,25 @@ def train_and_evaluate(config, workdir: str | Path, override_config: bool = Fals
     # Signals are caught from here on: a Ctrl-C while starting (restoring, compiling) stops
     # the run before its first step. Python's own KeyboardInterrupt could land inside a
     # callback (JAX's garbage-collection hook), which swallows it, and training went on.
-    with lock if jax.process_index() == 0 else contextlib.nullcontext(), _StopRequest() as stop:
-        return _train_and_evaluate(config, workdir, override_config, stop)
+    try:
+        with (lock if jax.process_index() == 0 else contextlib.nullcontext(),
+              _StopRequest() as stop):
+            return _train_and_evaluate(config, workdir, override_config, stop)
+    except UserError:
+        if created and jax.process_index() == 0:
+            _remove_if_untouched(workdir)
+        raise
+
+
+def _remove_if_untouched(workdir: Path) -> None:
+    """A workdir this call made, refused before anything was written in it (a dataset not
+    prepared, say): only the lock and empty checkpoint folders are there, and go."""
+    for path in workdir.rglob("*"):
+        if not (path.is_dir() or path == workdir / ".lock"):
+            return
+        if path.is_dir() and any(p.is_file() for p in path.rglob("*")):
+            return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_StopRequest") -> dict:

@@ -342,6 +342,20 @@ def test_a_wrong_config_field_without_a_config_file_is_named(tmp_path):
                    "--config.eval_max_image: the config has no field 'eval_max_image'")
 
 
+def test_a_refused_start_leaves_no_workdir_it_made_but_keeps_one_that_was_there(tmp_path):
+    """A dataset not prepared left the new workdir behind with its .lock (and, with a damaged
+    dataset, empty best/ and checkpoints/)."""
+    from mlnet_jax.train import train_and_evaluate
+    config = tiny_config(dataset="folder", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(UserError, match="dataset folder is not prepared"):
+        train_and_evaluate(config, tmp_path / "new" / "run")
+    assert (tmp_path / "new").exists() and not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="dataset folder is not prepared"):
+        train_and_evaluate(config, tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()  # the user's: kept
+
+
 def test_a_second_training_in_a_busy_workdir_is_refused(tmp_path, monkeypatch):
     import fcntl
 
