@@ -391,8 +391,10 @@ def predict_images(predictor, jobs: list[Job], *, report: Report, blur: float = 
                 report.done += 1
             except OSError as e:
                 if e.errno in DISK_FULL:  # every later write would fail the same way
+                    # The writes still in flight ran in other threads, some before this one.
+                    written = report.done + sum(f.exception() is None for _, f in writes)
                     raise UserError(f"{job.source}: cannot write its output ({_os_reason(e)}); "
-                                    f"stopped, with {report.done} maps written (each complete): "
+                                    f"stopped, with {written} maps written (each complete): "
                                     "free space and rerun") from None
                 report.fail(job.source, f"{job.source}: cannot write its output "
                                         f"({_os_reason(e)})", say)

@@ -609,6 +609,17 @@ def test_v1_variant_trains_the_same_step_without_the_barriers():
     assert float(jnp.abs(conv1_1).max()) > 1e-6  # the gradient reached the first layer
 
 
+def _assert_trains_like_the_code(variant):
+    """One real train step with ``variant`` gives the code's loss and update, and reaches
+    conv1_1 (the layer the conv1_1 candidates rewrite)."""
+    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step(variant)
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    conv1_1 = b.trainable["backbone"]["conv1_1"]["kernel"] - start["backbone"]["conv1_1"]["kernel"]
+    assert float(jnp.abs(conv1_1).max()) > 1e-6
+
+
 @cache
 def _predict(variant):
     """The real-width model's predict function on two fixed 16×16 images with ``variant``
@@ -646,12 +657,7 @@ def test_conv1_1_over_column_groups_is_one_wider_convolution_with_the_same_maps_
     assert "tensor<3x3x3x64x" in text and f"tensor<3x3x{channels}x" not in text
     assert grouped.count("stablehlo.convolution") == text.count("stablehlo.convolution")
 
-    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step(variant)
-    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
-    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    conv1_1 = b.trainable["backbone"]["conv1_1"]["kernel"] - start["backbone"]["conv1_1"]["kernel"]
-    assert float(jnp.abs(conv1_1).max()) > 1e-6
+    _assert_trains_like_the_code(variant)
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
 
 
@@ -722,12 +728,7 @@ def test_conv1_pallas_variants_predict_and_train_like_the_code(variant):
     assert fused.count("stablehlo.convolution") == text.count("stablehlo.convolution") - 1
     with throughput.patched(variant):  # conv1_1's ReLU is the kernel's
         assert _train_step_hlo(width=1 / 2).count("optimization_barrier") == 14
-    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step(variant)
-    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
-    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    conv1_1 = b.trainable["backbone"]["conv1_1"]["kernel"] - start["backbone"]["conv1_1"]["kernel"]
-    assert float(jnp.abs(conv1_1).max()) > 1e-6
+    _assert_trains_like_the_code(variant)
     import flax.linen as nn
     from mlnet_jax import relu, vgg
     assert nn.Conv is nn.linear.Conv and vgg.relu is relu.relu  # restored after the block
