@@ -274,9 +274,10 @@ def _damaged(step_dir: Path, error: BaseException) -> UserError:
     """The one-line report of a checkpoint directory that cannot be read, naming the others."""
     _ignore_closed_loop_errors()
     workdir = step_dir.parent.parent
-    others = [d for folder in (workdir / BEST_DIR, workdir / LATEST_DIR) if folder.is_dir()
-              for d in sorted(folder.iterdir(), key=lambda d: (not d.name.isdigit(), d.name.zfill(20)))
-              if d.name.isdigit() and d != step_dir and (d / "state").is_dir()]
+    others = sorted((d for folder in (workdir / BEST_DIR, workdir / LATEST_DIR) if folder.is_dir()
+                     for d in folder.iterdir()
+                     if d.name.isdigit() and d != step_dir and (d / "state").is_dir()),
+                    key=lambda d: int(d.name))
     hint = f"; another one: {others[-1]}" if others else ""
     return UserError(f"{step_dir}: cannot read this checkpoint ({_reason(error)}); it is damaged "
                      f"or incomplete{hint}")
