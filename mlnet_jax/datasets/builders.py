@@ -254,8 +254,9 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None,
 
 def check_shards(builder: _SaliencyBuilder, splits: Sequence[str] | None = None) -> None:
     """Each split's (or each of ``splits``') record files exist, are whole, and hold the
-    records dataset_info.json counts: a copy cut short would otherwise fail at its first read, inside the input
-    pipeline's workers (grain's traceback), or part-way through an epoch."""
+    records dataset_info.json counts: a copy cut short would otherwise fail at its first
+    read, inside the input pipeline's workers (grain's traceback), or part-way through an
+    epoch."""
     from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
 
     for split, info in builder.info.splits.items():

@@ -226,7 +226,8 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrit
     if validation_fraction is not None and name != "folder":
         raise UserError("--validation_fraction applies to the 'folder' dataset only")
     if workers < 0:
-        raise UserError(f"--workers must be at least 0 (0: the CPU count, at most 8), got {workers}")
+        raise UserError(f"--workers must be at least 0 (0: the CPU count, at most 8), got "
+                        f"{workers}")
     if data_dir and Path(data_dir).expanduser().is_file():
         raise UserError(f"--data_dir {data_dir}: is a file; name a folder (created if missing)")
     manual = layouts.check_manual_dir(manual_dir)
