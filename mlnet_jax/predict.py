@@ -116,6 +116,11 @@ def find_inputs(input_path: Path, output_dir: Path) -> tuple[list[Path], dict[st
         return [input_path], {}
     if not input_path.is_dir():
         what = "not a file or folder" if input_path.exists() else "no such file or folder"
+        try:
+            input_path.stat()
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                what = "a loop of symbolic links"
         raise UserError(f"--input {input_path}: {what}")
     out_resolved = output_dir.resolve()
     if out_resolved == input_path.resolve():

@@ -525,6 +525,8 @@ def test_linked_folders_are_walked_once_and_unknown_extensions_get_a_hint(model_
     err = capsys.readouterr().err
     for name in ("self.jpg", "a.jpg", "b.jpg"):
         assert f"error: {src / name}: a loop of symbolic links\n" in err
+    assert _predict(model_file, src / "self.jpg", out) == 2  # given alone: was "no such file"
+    assert capsys.readouterr().err.strip() == f"error: --input {src / 'self.jpg'}: a loop of symbolic links"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
         "link/linked.png", "real.png"]
 
