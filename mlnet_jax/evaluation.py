@@ -17,8 +17,9 @@ and counts ``n`` are over the finite values only.
 Two metric backends: ``numpy`` (:mod:`mlnet_jax.metrics` per image, float64, MATLAB's draws)
 and ``jax`` (the ``batched_*`` functions on the default device, images grouped by size;
 float32, random parts equal in distribution). In both the random metrics are seeded per image
-from (seed, image index), so results do not depend on the batch size or the device or process
-count. ``auto`` picks ``jax`` on accelerators and ``numpy`` on CPU, where both cost about the
+from (seed, image index), so their results do not depend on the batch size or the device or
+process count; the ``jax`` backend's float32 sums for CC/KLD/NSS/SIM do, in their last digits
+(the padded batch shapes change XLA's reduction order: ~1e-7 relative). ``auto`` picks ``jax`` on accelerators and ``numpy`` on CPU, where both cost about the
 same.
 """
 
@@ -164,8 +165,9 @@ def _score_numpy(items: list[_Item], metric_names: Sequence[str], seed: int) -> 
 def _score_jax(items: list[_Item], metric_names: Sequence[str], seed: int) -> None:
     """Batched metrics per group of same-size images; groups are padded to a power of two
     (zero maps, results dropped) so each image size compiles a few shapes only. Each image
-    draws from its own key (the seed and its index), as the NumPy backend does, so results
-    do not depend on the batch size or the device count."""
+    draws from its own key (the seed and its index), as the NumPy backend does, so the random
+    metrics do not depend on the batch size or the device count (the float32 sums of the
+    others do, in their last digits)."""
     from mlnet_jax import metrics  # noqa: PLC0415
     groups: dict[tuple[int, int], list[_Item]] = {}
     for item in items:
