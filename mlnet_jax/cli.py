@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mlnet_jax.errors import UserError
+from mlnet_jax.interrupts import sigterm_raises, stopped
 
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -131,14 +132,19 @@ def _parse_and_run(body, argv: list[str], config) -> int:
 
     def run(_):
         try:
-            if config is not None:
-                _load_config(flags.FLAGS)
-            return body() or 0
+            with sigterm_raises():  # train sets its own while it trains
+                if config is not None:
+                    _load_config(flags.FLAGS)
+                return body() or 0
         except UserError as e:
             if flags.FLAGS.debug:
                 raise
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as e:
+            if flags.FLAGS.debug:
+                raise
+            return stopped(e, "what was written is complete, none of it half-written")
 
     try:
         app.run(lambda args: sys.exit(run(args)), argv=argv, flags_parser=parse)

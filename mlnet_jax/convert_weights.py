@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlnet_jax.download import PUBLIC_WEIGHTS, download_weights
 from mlnet_jax.errors import UserError, WeightsError
+from mlnet_jax.interrupts import sigterm_raises, stopped
 from mlnet_jax.weight_formats import FORMATS, read_source, require_torch
 from mlnet_jax.weights_file import check_finite, check_vgg16_params, save_weights
 
@@ -54,29 +55,39 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.paths) != expected:
         parser.error("give DST with --download, SRC DST otherwise")
     try:
-        if not args.download:
-            (src, dst), fmt = args.paths, args.format
-            metadata = convert(src, dst, fmt)
-        else:
-            dst = args.paths[0]
-            if PUBLIC_WEIGHTS[args.download][2] == "torchvision":
-                require_torch(f"--download {args.download}")  # before fetching 528 MB
-            src, fmt = download_weights(args.download)
-            _refuse_same_file(str(src), dst)
-            try:  # only the cached file's own faults are its to answer for, not DST's
-                params, metadata = read_checked(str(src), fmt)
-            except WeightsError as e:
-                raise WeightsError(f"{e} (the cached download: delete {src} to fetch it again)"
-                                   ) from None
-            save_weights(dst, params, metadata)
+        with sigterm_raises():
+            metadata, dst = _convert_or_download(args)
     except UserError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        return stopped(e, "the destination is as it was (nothing half-written)")
     print(f"wrote {dst}: {metadata['model']} from {metadata['source']}, preprocessing "
           f"{metadata['preprocessing']}, pooling {metadata['pooling']}")
     return 0
+
+
+def _convert_or_download(args) -> tuple[dict, str]:
+    """(metadata, destination) of the weights written."""
+    if not args.download:
+        (src, dst), fmt = args.paths, args.format
+        return convert(src, dst, fmt), dst
+    dst = args.paths[0]
+    if PUBLIC_WEIGHTS[args.download][2] == "torchvision":
+        require_torch(f"--download {args.download}")  # before fetching 528 MB
+    src, fmt = download_weights(args.download)
+    _refuse_same_file(str(src), dst)
+    try:  # only the cached file's own faults are its to answer for, not DST's
+        params, metadata = read_checked(str(src), fmt)
+    except WeightsError as e:
+        raise WeightsError(f"{e} (the cached download: delete {src} to fetch it again)"
+                           ) from None
+    save_weights(dst, params, metadata)
+    return metadata, dst
 
 
 if __name__ == "__main__":

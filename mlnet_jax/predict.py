@@ -35,7 +35,6 @@ import dataclasses
 import errno
 import itertools
 import os
-import signal
 import stat
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from PIL import Image, PngImagePlugin
 
 from mlnet_jax.atomic import atomic_path
 from mlnet_jax.errors import UserError
+from mlnet_jax.interrupts import sigterm_raises, stopped
 from mlnet_jax.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, is_image_path, load_image
 from mlnet_jax.overlay import blur_map, map_to_uint8, overlay
 from mlnet_jax.preprocessing import letterbox, postprocess
@@ -657,31 +657,10 @@ def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job],
     return 0
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM as an exception, so that the files being written are removed on the way out
-    as they are for Ctrl-C (the default action would leave their temporary files)."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _sigterm_raises():
+        with sigterm_raises():
             return run(args)
     except UserError as e:
         if args.debug:
@@ -691,9 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if args.debug:
             raise
-        stopped = "terminated" if isinstance(e, _Terminated) else "interrupted"
-        print(f"{stopped}; finished outputs are complete, none is half-written", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(e, _Terminated) else 130
+        return stopped(e, "finished outputs are complete, none is half-written")
     except Exception as e:  # noqa: BLE001 — one line for people; --debug for the traceback
         if args.debug:
             raise

@@ -566,3 +566,34 @@ def test_what_trains_but_not_as_one_may_think_is_said(tmp_path, capsys):
         steps_per_epoch(tiny_config(steps_per_epoch=-1), 3)
     assert steps_per_epoch(tiny_config(steps_per_epoch=3), 8) == 3
     assert "warning" not in capsys.readouterr().out
+
+
+def test_sigterm_is_raised_like_ctrl_c_and_every_command_says_it_in_one_line(tmp_path,
+                                                                               monkeypatch, capsys):
+    """SIGTERM killed evaluate, convert_weights and prepare where they stood (their temporary
+    files left, prepare --overwrite's old dataset set aside); Ctrl-C in evaluate and
+    convert_weights was a KeyboardInterrupt traceback."""
+    import os
+    import signal
+
+    from mlnet_jax import convert_weights, evaluate
+    from mlnet_jax.interrupts import Terminated, sigterm_raises
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with sigterm_raises():
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
+
+    for error, status, word in ((KeyboardInterrupt(), 130, "interrupted"),
+                                (Terminated(), 143, "terminated")):
+        def stop(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(convert_weights, "convert", stop)
+        assert convert_weights.main([str(tmp_path / "a.pth"), str(tmp_path / "b.npz")]) == status
+        assert capsys.readouterr().err == (f"{word}; the destination is as it was (nothing "
+                                           "half-written)\n")
+        monkeypatch.setattr(evaluate, "evaluate", stop)
+        assert evaluate.main(["evaluate", "--baseline=centre"]) == status
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"{word}; what was written is complete, none of it half-written")

@@ -541,9 +541,14 @@ def test_a_failed_overwrite_keeps_the_prepared_dataset(tmp_path, capsys, monkeyp
     assert sorted(p.name for p in (data_dir / "salicon2015").iterdir()) == [".lock", "1.0.0"]
 
 
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_prepared_dataset(tmp_path, capsys,
-                                                                          monkeypatch):
-    """Ctrl-C while writing was a long KeyboardInterrupt traceback (the dataset itself was safe)."""
+                                                                          monkeypatch, signal_name):
+    """Ctrl-C while writing was a long KeyboardInterrupt traceback (the dataset itself was
+    safe); SIGTERM killed prepare --overwrite with the prepared dataset set aside, which
+    train and evaluate then called not prepared."""
+    import os
+    import signal
     manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
     fake.write_salicon(manual, {"train": 3, "validation": 1})
     args = ["salicon2015", "--manual_dir", str(manual), "--data_dir", str(data_dir)]
@@ -557,14 +562,14 @@ def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_prepared_dataset(tmp_pa
     def read_then_interrupt(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), getattr(signal, signal_name))
         return read_fixations(*args, **kwargs)
 
     read_fixations = records.read_fixations
     monkeypatch.setattr(records, "read_fixations", read_then_interrupt)
     code, _, err = _cli(args + ["--overwrite"], capsys)
-    assert code == 130 and "Traceback" not in err
-    assert "interrupted; nothing half-written is kept" in err
+    assert code == {"SIGINT": 130, "SIGTERM": 143}[signal_name] and "Traceback" not in err
+    assert f"{'interrupted' if signal_name == 'SIGINT' else 'terminated'}; nothing half-written is kept" in err
     assert images() == before
     assert sorted(p.name for p in (data_dir / "salicon2015").iterdir()) == [".lock", "1.0.0"]
 

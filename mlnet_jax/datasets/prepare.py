@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mlnet_jax.datasets import DATASET_NAMES
 from mlnet_jax.errors import UserError
+from mlnet_jax.interrupts import sigterm_raises, stopped
 from mlnet_jax.file_lock import exclusive_lock
 
 log = logging.getLogger("mlnet_jax.datasets")
@@ -260,7 +261,7 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None, *, overwrit
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with _cli_logging():
+        with _cli_logging(), sigterm_raises():
             sizes = prepare(args.name, args.manual_dir, args.data_dir, overwrite=args.overwrite,
                             validation_fraction=args.validation_fraction, workers=args.workers)
     except UserError as e:
@@ -268,12 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("interrupted; nothing half-written is kept (a dataset prepared before is as it "
-              "was)", file=sys.stderr)
-        return 130
+        return stopped(e, "nothing half-written is kept (a dataset prepared before is as it was)")
     from mlnet_jax.datasets import builders  # noqa: PLC0415
 
     where = builders.get_builder(args.name, args.data_dir).data_dir
