@@ -547,8 +547,9 @@ def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_prepared_dataset(tmp_pa
     """Ctrl-C while writing was a long KeyboardInterrupt traceback (the dataset itself was
     safe); SIGTERM killed prepare --overwrite with the prepared dataset set aside, which
     train and evaluate then called not prepared."""
-    import os
     import signal
+
+    from mlnet_jax import interrupts
     manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
     fake.write_salicon(manual, {"train": 3, "validation": 1})
     args = ["salicon2015", "--manual_dir", str(manual), "--data_dir", str(data_dir)]
@@ -561,8 +562,9 @@ def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_prepared_dataset(tmp_pa
 
     def read_then_interrupt(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), getattr(signal, signal_name))
+        if len(calls) == 2:  # raised as the signal raises it (a real one lands at random)
+            assert signal.getsignal(signal.SIGTERM) is interrupts._raise_terminated
+            raise KeyboardInterrupt if signal_name == "SIGINT" else interrupts.Terminated
         return read_fixations(*args, **kwargs)
 
     read_fixations = records.read_fixations
