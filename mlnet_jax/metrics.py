@@ -69,17 +69,17 @@ JUDD_JITTER = 1e-7
 # --------------------------------------------------------------------------------------------
 
 def _nan_for_non_finite(metric):
-    """NaN where the prediction (or info gain's baseline) holds NaN or ±inf: no metric is
-    defined there, and computed anyway one gave an AUC of −0.01 (the JAX backend, a SIM of 1)."""
+    """NaN where the prediction holds NaN or ±inf: no metric is defined there, and computed
+    anyway one gave an AUC of −0.01 (the JAX backend, a SIM of 1)."""
     @functools.wraps(metric)
     def checked(saliency, *args, **kwargs):
-        maps = [saliency]
-        if metric.__name__ == "info_gain":  # (saliency, fixation_map, baseline_map)
-            maps.append(args[1] if len(args) > 1 else kwargs["baseline_map"])
-        if not all(np.isfinite(np.asarray(m, dtype=np.float64)).all() for m in maps):
-            return float("nan")
-        return metric(saliency, *args, **kwargs)
+        return metric(saliency, *args, **kwargs) if _finite(saliency) else float("nan")
     return checked
+
+
+def _finite(saliency: Any) -> bool:
+    a = np.asarray(saliency)  # no copy: an integer map is finite as it is
+    return a.dtype.kind not in "fc" or bool(np.isfinite(a).all())
 
 
 def _map2d(array: Any, name: str) -> np.ndarray:
@@ -327,7 +327,7 @@ def info_gain(saliency: Any, fixation_map: Any, baseline_map: Any) -> float:
     f = _fixated(fixation_map)
     p = _minmax(_prediction(saliency, f.shape))
     b = _minmax(_prediction(baseline_map, f.shape))
-    if not f.any() or np.isnan(p).all() or np.isnan(b).all():
+    if not f.any() or np.isnan(p).all() or np.isnan(b).all() or not _finite(baseline_map):
         return float("nan")
     p = p / p.sum()
     b = b / b.sum()
