@@ -45,6 +45,8 @@ class InstantDevice:
 
     stream = Predictor.stream
     dispatch_letterboxed = Predictor.dispatch_letterboxed
+    padded_size = Predictor.padded_size
+    _devices = 1
 
     def __init__(self, input_size: tuple[int, int] = (480, 640), batch_size: int = 32):
         self.info = type("Info", (), {"input_size": input_size})()

@@ -114,7 +114,7 @@ def test_frames_go_through_the_model_in_batches_and_rotation_is_applied(model_fi
     predictor = Predictor.load(model_file, batch_size=4)
     calls = []
     original = predictor.dispatch_letterboxed
-    predictor.dispatch_letterboxed = lambda batch: calls.append(len(batch)) or original(batch)
+    predictor.dispatch_letterboxed = lambda batch, *pad: calls.append(len(batch)) or original(batch, *pad)
     [job] = plan_outputs([tmp_path / "phone.mp4"], tmp_path, tmp_path / "out", overlay=False,
                          map_video=False)
     report = Report()
