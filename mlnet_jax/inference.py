@@ -273,6 +273,13 @@ class Predictor:
         a list or an N×H×W×C array (NumPy, JAX, anything ``np.asarray`` takes) → a list."""
         if isinstance(images, (Image.Image, str, os.PathLike)):
             single, items = True, [images]
+        elif isinstance(images, (bytes, bytearray, memoryview)):  # else 1 image per byte
+            raise TypeError("got bytes: pass a file path, or PIL.Image.open(io.BytesIO(data)) "
+                            "for an encoded image's bytes")
+        elif isinstance(images, (dict, set, frozenset)) or not (
+                hasattr(images, "__array__") or isinstance(images, Iterable)):
+            raise TypeError(f"got a {type(images).__name__}: pass an image (a file path, a PIL "
+                            "image, an array), a list of them or an N×H×W×C array")
         elif isinstance(images, (list, tuple)) or not hasattr(images, "__array__"):
             single, items = False, list(images)
         else:

@@ -159,6 +159,14 @@ def test_a_single_image_gives_a_single_map(model_file):
     predictor = Predictor.load(model_file, batch_size=1)
     out = predictor(np.zeros((20, 30, 3), np.uint8))
     assert isinstance(out, np.ndarray) and out.shape == (20, 30)
+    # Bytes were 1 "image" per byte ("image 0: expected an H×W… got shape ()"), a dict its
+    # keys, a number "int object is not iterable".
+    with pytest.raises(TypeError, match=r"^got bytes: pass a file path, or PIL.Image.open"):
+        predictor(b"photo.jpg")
+    for wrong, name in [({"a": out}, "dict"), (7, "int"), ({"a.jpg"}, "set")]:
+        with pytest.raises(TypeError, match=rf"^got a {name}: pass an image \(a file path"):
+            predictor(wrong)
+    assert [m.shape for m in predictor(iter([out, out[:5]]))] == [(20, 30), (5, 30)]
 
 
 @pytest.mark.parametrize("size", [(480, 640), (300, 640), (640, 300), (1080, 1920), (5, 5)])
