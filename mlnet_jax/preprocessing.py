@@ -82,7 +82,11 @@ def postprocess(saliency: np.ndarray, original_size: tuple[int, int]) -> np.ndar
     As the original: bilinear resize so the map covers the image with its aspect kept, crop the
     centre (undoing the letterbox), divide by the maximum (an all-zero map stays zero).
     """
-    saliency = np.asarray(saliency, np.float64).squeeze()
+    saliency = np.asarray(saliency, np.float64)
+    if saliency.ndim == 3 and saliency.shape[-1] == 1:  # (h, w, 1): not squeeze, which would
+        saliency = saliency[..., 0]                     # take a map of one row to 1-D
+    if saliency.ndim != 2:
+        raise ValueError(f"expected an h×w or h×w×1 map, got shape {saliency.shape}")
     p_rows, p_cols = saliency.shape
     rows, cols = original_size
     if rows / p_rows > cols / p_cols:

@@ -186,6 +186,25 @@ def test_letterbox_centres_on_a_zero_canvas():
     # 10×40 → 16×64, rows 16..31 filled.
     assert boxed.shape == (48, 64, 3)
     assert (boxed[16:32] == 200).all() and (boxed[:16] == 0).all() and (boxed[32:] == 0).all()
+    # Enlarged bilinearly (half-pixel centres, as PIL and OpenCV do), not by nearest pixels.
+    ramp = np.broadcast_to(np.linspace(0, 250, 40), (10, 40)).round().astype(np.uint8)
+    pos = np.clip((np.arange(64) + 0.5) * 40 / 64 - 0.5, 0, 39)
+    lo = np.floor(pos).astype(int)
+    hi, frac = np.minimum(lo + 1, 39), pos - lo
+    want = ramp[0, lo] * (1 - frac) + ramp[0, hi] * frac
+    got = letterbox(ramp, (48, 64))[16:32]
+    assert np.abs(got - want).max() <= 1, np.abs(got - want).max()
+
+
+def test_normalize_is_the_conventions_of_the_weights():
+    """caffe: BGR minus the ImageNet BGR means, unscaled; torch: RGB / 255, standardised."""
+    rng = np.random.default_rng(4)
+    x = (np.arange(3) * 60 + 10 + rng.integers(0, 50, (2, 4, 5, 3))).astype(np.uint8)
+    caffe = np.stack([x[..., 2] - 103.939, x[..., 1] - 116.779, x[..., 0] - 123.68], -1)
+    np.testing.assert_allclose(np.asarray(normalize(x, "caffe")), caffe, atol=1e-4)
+    torch = np.stack([(x[..., c] / 255 - m) / s for c, m, s in
+                      zip(range(3), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))], -1)
+    np.testing.assert_allclose(np.asarray(normalize(jnp.asarray(x), "torch")), torch, atol=1e-5)
 
 
 def test_postprocess_undoes_the_letterbox():
@@ -198,6 +217,20 @@ def test_postprocess_undoes_the_letterbox():
     assert out.shape == (30, 120)
     assert out[7:-7].min() == pytest.approx(1.0)  # the zero bands are cropped away
     assert out.min() > 0.5
+
+
+def test_postprocess_is_the_originals_for_tall_wide_and_one_row_maps():
+    """A map of one row or column (an input 8 pixels high or wide) was squeezed to 1-D and
+    crashed ("not enough values to unpack")."""
+    from reference_numpy import original_postprocess
+    rng = np.random.default_rng(5)
+    for map_shape, size in [((6, 8), (120, 30)), ((6, 8), (30, 120)), ((1, 5), (8, 40)),
+                            ((5, 1), (41, 9)), ((6, 8, 1), (50, 50))]:
+        small = rng.random(map_shape)
+        want = original_postprocess(small.reshape(map_shape[:2]), *size)
+        np.testing.assert_allclose(postprocess(small, size), want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"expected an h×w or h×w×1 map, got shape \(2, 6, 8\)"):
+        postprocess(rng.random((2, 6, 8)), (10, 10))
 
 
 def test_postprocess_of_a_long_strip_needs_memory_for_the_strip_only():
