@@ -13,6 +13,10 @@ def test_centre_bias_peaks_in_the_middle():
     assert m.shape == (31, 41) and m.dtype == np.float32
     assert np.unravel_index(np.argmax(m), m.shape) == (15, 20) and m.max() == pytest.approx(1)
     np.testing.assert_allclose(m, m[::-1, ::-1], rtol=1e-6)
+    # The README's definition: σ = ¼ of each side, exp(−r²/2), centred between the middle pixels.
+    i, j = np.mgrid[:21, :80]
+    want = np.exp(-0.5 * (((i - 10) / (0.25 * 21)) ** 2 + ((j - 39.5) / (0.25 * 80)) ** 2))
+    np.testing.assert_allclose(centre_bias_map(21, 80), want, rtol=1e-6)
 
 
 def _bilinear_reference(a: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -302,6 +302,13 @@ def test_hand_computed_values():
     oth = np.array([[0, 1], [0, 1]])
     assert M.auc_shuffled(s, fx, oth, seed=1) == pytest.approx(0.625, abs=1e-12)
     assert float(M.batched_auc_shuffled(s[None], fx[None], oth[None], 1)[0]) == pytest.approx(0.625)
+    # Negatives above every fixated value: the thresholds run up to the negatives' maximum
+    # too (stopping at the fixations' would skip the points where only negatives pass).
+    s = np.array([[0.0, 0.3], [0.35, 1.0]])
+    fx, oth = np.array([[0, 1], [1, 0]]), np.array([[1, 0], [0, 1]])
+    want = _ref_split([0.3, 0.35], [0.0, 1.0], 0.1)
+    assert M.auc_shuffled(s, fx, oth, seed=1) == pytest.approx(want, abs=1e-12)
+    assert float(M.batched_auc_shuffled(s[None], fx[None], oth[None], 1)[0]) == pytest.approx(want)
     # AUC-Borji, map [[1,1],[0,0]] with both 1s fixated: a split whose 2 random pixels contain
     # a fraction q of 1s has curve (0,0),(q,1),(1,1), area 1 - q/2; E[q] = 1/2 → 0.75.
     assert M.auc_borji([[1, 1], [0, 0]], [[1, 1], [0, 0]], n_splits=20000) == pytest.approx(

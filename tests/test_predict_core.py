@@ -9,7 +9,8 @@ from PIL import Image
 from mlnet_jax import MLNet, load_model, make_predict_fn
 from mlnet_jax.errors import WeightsError
 from mlnet_jax.inference import Predictor
-from mlnet_jax.preprocessing import letterbox, letterbox_geometry, normalize, postprocess
+from mlnet_jax.preprocessing import (ground_truth_map, letterbox, letterbox_geometry, normalize,
+                                     postprocess)
 from mlnet_jax.weights_file import save_weights
 
 INPUT = (48, 64)
@@ -194,6 +195,29 @@ def test_letterbox_centres_on_a_zero_canvas():
     want = ramp[0, lo] * (1 - frac) + ramp[0, hi] * frac
     got = letterbox(ramp, (48, 64))[16:32]
     assert np.abs(got - want).max() <= 1, np.abs(got - want).max()
+
+
+def test_the_training_target_is_the_map_averaged_down_over_255():
+    """A map at the model's size, shrunk 8× by PIL's bilinear filter (a triangle 8 pixels
+    wide each side, rows then columns, rounded to bytes in between) and divided by 255: not
+    by its own maximum (a map peaking at 128 stays at 128/255), not sampled by nearest pixel."""
+    smap = np.random.default_rng(6).integers(0, 129, (48, 64)).astype(np.uint8)
+
+    def shrink(a, axis, n_out):  # PIL's ImagingResample with the bilinear filter, per axis
+        n_in = a.shape[axis]
+        scale = n_in / n_out
+        rows = []
+        for i in range(n_out):
+            centre = (i + 0.5) * scale
+            x = np.arange(max(int(centre - scale + 0.5), 0), min(int(centre + scale + 0.5), n_in))
+            w = np.maximum(1 - np.abs((x - centre + 0.5) / scale), 0)
+            rows.append(np.tensordot(np.take(a, x, axis), w / w.sum(), ([axis], [0])))
+        return np.clip(np.round(np.stack(rows, axis)), 0, 255)
+
+    want = shrink(shrink(smap.astype(np.float64), 1, 8), 0, 6) / 255
+    got = ground_truth_map(smap, (48, 64), (6, 8))
+    assert got.dtype == np.float32 and got.shape == (6, 8)
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-7, np.abs(got - want).max() * 255
 
 
 def test_normalize_is_the_conventions_of_the_weights():
