@@ -323,8 +323,22 @@ def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch, caps
     assert f"save it as {tmp_path / 'cache' / 'vgg16.tv_in1k.safetensors'}," in err
 
 
-def test_download_uses_a_local_copy_in_the_cache(tmp_path, monkeypatch):
-    """A file put in the cache (e.g. copied from another machine) is used without network."""
+def _sha256(path) -> str:
+    with open(path, "rb") as f:
+        return _sha256_bytes(f.read())
+
+
+def _publish_as(monkeypatch, name, path, url=None):
+    """Make ``path``'s SHA-256 (and ``url``) the published one of ``--download name``."""
+    from mlnet_jax import download
+    old_url, filename, fmt, _ = download.PUBLIC_WEIGHTS[name]
+    monkeypatch.setitem(download.PUBLIC_WEIGHTS, name, (url or old_url, filename, fmt,
+                                                        _sha256(path)))
+
+
+def test_download_uses_a_local_copy_in_the_cache(tmp_path, monkeypatch, capsys):
+    """A file put in the cache (e.g. copied from another machine) is used without network,
+    once its SHA-256 is the published file's."""
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     from mlnet_jax import download
     import urllib.request
@@ -335,7 +349,16 @@ def test_download_uses_a_local_copy_in_the_cache(tmp_path, monkeypatch):
     state = {}
     for i, (k, b) in zip(TORCHVISION_CONV_INDICES, random_oihw(np.random.default_rng(5))):
         state[f"features.{i}.weight"], state[f"features.{i}.bias"] = k, b
-    safetensors_numpy.save_file(state, str(cache / download.PUBLIC_WEIGHTS["timm"][1]))
+    cached = cache / download.PUBLIC_WEIGHTS["timm"][1]
+    safetensors_numpy.save_file(state, str(cached))
+    # Not the published file: refused (it was converted silently), whatever its content.
+    assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {cached}: not the file published at https://huggingface.co/timm/vgg16.tv_in1k"
+        f"/resolve/main/model.safetensors (its SHA-256 is {_sha256(cached)[:16]}…, expected "
+        "57b026918159a6bf…): delete it to download it again, or put the right file there")
+    assert not (tmp_path / "out.npz").exists()
+    _publish_as(monkeypatch, "timm", cached)  # as if it were
     assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 0
     params, metadata = read_weights(tmp_path / "out.npz")
     np.testing.assert_array_equal(params["backbone"]["conv1_1"]["kernel"],
@@ -354,6 +377,7 @@ def test_a_download_blames_the_cached_file_only_for_its_own_faults(tmp_path, mon
     cached = _save_safetensors(tmp_path, _torchvision_state())
     (tmp_path / "cache").mkdir()
     cached = cached.rename(tmp_path / "cache" / download.PUBLIC_WEIGHTS["timm"][1])
+    _publish_as(monkeypatch, "timm", cached)
     (tmp_path / "a_folder").mkdir()
     for dst in (tmp_path / "a_folder", cached):
         assert convert_main(["--download", "timm", str(dst)]) == 2
@@ -467,18 +491,68 @@ def test_a_download_cut_short_is_not_cached(tmp_path, monkeypatch, capsys):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/model.safetensors"
-        monkeypatch.setitem(download.PUBLIC_WEIGHTS, "timm", (url, "cut.safetensors", "safetensors"))
+        monkeypatch.setitem(download.PUBLIC_WEIGHTS, "timm",
+                            (url, "cut.safetensors", "safetensors", "0" * 64))
         monkeypatch.setenv("MLNET_JAX_CACHE", str(tmp_path / "cache"))
         assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 2
     finally:
         server.shutdown()
     assert "(500 of 1,000 bytes arrived)" in capsys.readouterr().err
     assert not (tmp_path / "cache" / "cut.safetensors").exists()
-    # A bad file in the cache is named, with what to do about it.
+    # A bad file in the cache (with the published checksum) is named, with what to do about it.
     (tmp_path / "cache" / "cut.safetensors").write_bytes(b"garbage" * 10)
+    _publish_as(monkeypatch, "timm", tmp_path / "cache" / "cut.safetensors")
     assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 2
     assert f"(the cached download: delete {tmp_path / 'cache' / 'cut.safetensors'} to fetch it " \
            "again)" in capsys.readouterr().err
+
+
+def test_a_download_that_is_not_the_published_file_is_refused_and_not_kept(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Only the byte count was checked: a wrong, stale or tampered file of the right length
+    was cached and converted, and reused by every later --download."""
+    import http.server
+    import threading
+
+    from mlnet_jax import download
+    good = _save_safetensors(tmp_path, _torchvision_state())
+    body = {"bytes": good.read_bytes()[:-1] + b"!"}  # the right length, one byte changed
+
+    class Serve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body["bytes"])))
+            self.end_headers()
+            self.wfile.write(body["bytes"])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLNET_JAX_CACHE", str(tmp_path / "cache"))
+    url = f"http://127.0.0.1:{server.server_port}/model.safetensors"
+    _publish_as(monkeypatch, "timm", good, url)
+    cached = tmp_path / "cache" / download.PUBLIC_WEIGHTS["timm"][1]
+    try:
+        assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {url} sent a file whose SHA-256 is {_sha256_bytes(body['bytes'])[:16]}…, "
+            f"not the published {_sha256(good)[:16]}…; it was not kept")
+        assert not cached.exists() and not (tmp_path / "out.npz").exists()
+        body["bytes"] = good.read_bytes()  # the server sends the right file
+        assert convert_main(["--download", "timm", str(tmp_path / "out.npz")]) == 0
+    finally:
+        server.shutdown()
+    assert cached.read_bytes() == good.read_bytes() and (tmp_path / "out.npz").exists()
+    # torchvision's file name carries the start of its SHA-256, which is what is checked.
+    assert download.PUBLIC_WEIGHTS["torchvision"][0].endswith(
+        f"-{download.PUBLIC_WEIGHTS['torchvision'][3]}.pth")
+
+
+def _sha256_bytes(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
 
 
 def test_numpy_archives_and_integer_safetensors_are_named_for_what_they_are(tmp_path, capsys):
