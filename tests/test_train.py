@@ -91,6 +91,56 @@ def test_frozen_layers_are_bit_identical_and_have_no_optimizer_state():
     assert conv_count(0) == 15 + 15 + 14
 
 
+def _small_state_and_batch(preprocessing="caffe", learning_rate=0.0):
+    info = ModelInfo(input_size=(32, 32), preprocessing=preprocessing)
+    model = info.build()
+    tx = make_optimizer(learning_rate, 5e-4, 0.9)
+    params = initial_params(model, info, jax.random.PRNGKey(0), None)
+    params["head"]["readout"]["bias"] = jnp.full((1,), 0.2)  # maps not blank
+    rng = np.random.default_rng(2)
+    params["prior"] = jnp.asarray(rng.normal(0, 0.3, params["prior"].shape), jnp.float32)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)),
+             "target": jnp.asarray(rng.uniform(0, 1, (3, 4, 4, 1)), jnp.float32)}
+    return model, tx, params, batch
+
+
+def test_the_training_loss_adds_the_prior_penalty_and_each_step_draws_new_dropout():
+    """Nothing noticed the prior's λ·ΣW² dropped (W starts at zero), nor one dropout mask
+    used for every step (dropout turned into fixed pruning)."""
+    model, tx, params, batch = _small_state_and_batch()
+    state = create_train_state(params, tx, frozen_convs=0, seed=0)
+    step = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, preprocessing="caffe"))
+    next_state, first = step(state, batch)
+    w = np.asarray(params["prior"], np.float64)
+    penalty = float(first["total_loss"]) - float(first["loss"])  # float32: to ~1e-5 of 0.4
+    assert penalty == pytest.approx((w ** 2).sum() / w.size, rel=1e-3)
+    _, again = step(state, batch)  # the same step again: the same mask
+    _, second = step(next_state, batch)  # learning rate 0: the same weights, the next step
+    assert float(again["loss"]) == float(first["loss"])
+    assert float(second["loss"]) != pytest.approx(float(first["loss"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("preprocessing", ["caffe", "torch"])
+def test_eval_step_normalises_as_the_weights_and_gives_each_images_loss(preprocessing):
+    """Evaluation (the validation loss, best/, final_metrics.json, evaluate) read the images
+    with the run's convention, and the loss is per image, not the batch's mean repeated."""
+    from mlnet_jax.preprocessing import normalize
+    from mlnet_jax.train import eval_step
+    import reference_numpy as ref
+    model, _, params, batch = _small_state_and_batch(preprocessing)
+    got = eval_step(params, batch, model=model, preprocessing=preprocessing)
+    other = "torch" if preprocessing == "caffe" else "caffe"
+    want = model.apply({"params": params}, normalize(batch["image"], preprocessing), train=False)
+    np.testing.assert_allclose(np.asarray(got["pred"]), np.asarray(want)[..., 0], rtol=1e-5,
+                               atol=1e-6)
+    wrong = model.apply({"params": params}, normalize(batch["image"], other), train=False)
+    assert not np.allclose(np.asarray(got["pred"]), np.asarray(wrong)[..., 0], rtol=1e-3)
+    pred, target = np.asarray(want, np.float64), np.asarray(batch["target"], np.float64)
+    np.testing.assert_allclose(np.asarray(got["loss"]),
+                               [ref.mlnet_loss(pred[i:i + 1], target[i:i + 1]) for i in range(3)],
+                               rtol=1e-5)
+
+
 def _compare_params(a_path, b_path):
     a, b = np.load(a_path), np.load(b_path)
     assert set(a.files) == set(b.files)
