@@ -216,6 +216,30 @@ def test_images_without_fixations_are_nan_and_excluded_from_means():
             np.testing.assert_equal(a[name], b[name])
 
 
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_images_without_a_saliency_map_are_nan_for_the_continuous_metrics(backend):
+    # A missing map is not an all-zero one (finite KLD and SIM, counted in the means): both
+    # backends give NaN and leave the image out of the means.
+    from mlnet_jax.evaluation import FAST_METRICS, score_split
+    records = _synthetic_records(4)
+    records[2] = dict(records[2], saliency_map=b"")
+    kwargs = dict(model_size=(32, 32), batch_size=4, baselines={"": "centre"},
+                  metric_names=FAST_METRICS)
+    scores = score_split(records, backend=backend, **kwargs)
+    with_truth = [i for i in range(4) if i != 2]
+    reference = score_split([records[i] for i in with_truth], backend="numpy", **kwargs)
+    assert scores.num_images == 4
+    for name in ("cc", "kld", "sim"):
+        assert math.isnan(scores.rows[2][name]), name
+        assert scores.summary[name]["n"] == 3, name
+        for i, ref in zip(with_truth, reference.rows):
+            assert scores.rows[i][name] == pytest.approx(ref[name], rel=1e-4, abs=1e-5), name
+        assert scores.summary[name]["mean"] == pytest.approx(
+            np.mean([r[name] for r in reference.rows]), rel=1e-4), name
+    # NSS needs only the fixations, which the image still has.
+    assert math.isfinite(scores.rows[2]["nss"]) and scores.summary["nss"]["n"] == 4
+
+
 def test_a_split_without_ground_truth_is_refused_before_anything_is_predicted(monkeypatch,
                                                                               tmp_path):
     from mlnet_jax import evaluate as evaluate_module
@@ -301,6 +325,45 @@ def test_an_output_that_is_not_an_earlier_evaluation_is_not_replaced(monkeypatch
     (tmp_path / "e.json").write_text(first.replace('"centre"', '"an older run"'))
     run(tmp_path / "e.json")  # its own outputs: replaced
     assert (tmp_path / "e.json").read_text() == first
+
+
+def test_the_split_asked_for_is_scored_not_the_configs(tmp_path):
+    # evaluate(split="train") (the command's --split) scores that split, not config.eval_split.
+    from mlnet_jax import evaluate as evaluate_module
+    from mlnet_jax.configs.demo import get_config
+    from mlnet_jax.datasets.synthetic import synthetic_dataset
+    config = get_config()
+    config.input_size = (24, 32)
+    config.synthetic_train_size, config.synthetic_eval_size = 3, 2
+    assert config.eval_split != "train"
+    summary = evaluate_module.evaluate(config, baseline="centre", split="train",
+                                       output=str(tmp_path / "e.json"), progress=False)
+    assert summary["split"] == "train" and summary["num_images"] == 3
+    train = synthetic_dataset("train", 3, (24, 32), config.seed)
+    assert [r["file_name"] for r in read_csv(tmp_path / "e.csv")] == [
+        r["file_name"] for r in train]
+
+
+def test_the_prediction_grid_shows_image_truth_and_prediction_in_that_order(tmp_path):
+    # Columns are the image, its ground truth, then the prediction (swapped, the figure would
+    # show the model's map as the truth).
+    import matplotlib
+    from PIL import Image
+
+    from mlnet_jax.reporting import save_prediction_grid
+    cell = 16
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:] = (10, 200, 30)
+    save_prediction_grid(tmp_path / "grid.png", [image], [np.zeros((8, 8), np.float32)],
+                         [np.ones((8, 8), np.float32)], cell=cell)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert grid.shape == (cell, 3 * cell, 3)
+    jet = matplotlib.colormaps["jet"]
+    for column, want in enumerate([image[0, 0],
+                                   np.round(np.asarray(jet(0.0)[:3]) * 255),    # truth: zeros
+                                   np.round(np.asarray(jet(1.0)[:3]) * 255)]):  # prediction: ones
+        np.testing.assert_array_equal(grid[cell // 2, column * cell + cell // 2], want,
+                                      err_msg=f"column {column}")
 
 
 def test_sauc_negatives_are_other_images_fixations_scaled_to_this_image():

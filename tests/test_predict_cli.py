@@ -109,6 +109,11 @@ def test_a_folder_of_modes_sizes_and_orientations(model_file, tmp_path, capsys):
     _exif_rotated_jpeg(src / "a" / "turned.jpg", 20, 44)
     expected["a/turned"] = (44, 20)
     (src / "notes.txt").write_text("not an image, skipped by extension")
+    # Hidden files and folders are not inputs: macOS's "._" resource forks (not images) would
+    # be errors, and a hidden cache folder's pictures would get maps.
+    (src / "._rgb.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a JPEG")
+    (src / ".cache").mkdir()
+    Image.fromarray(_noise(8, 8)).save(src / ".cache" / "thumb.png")
 
     assert _predict(model_file, src, out, "--overlay") == 0
     err = capsys.readouterr().err
@@ -134,6 +139,24 @@ def test_a_folder_of_modes_sizes_and_orientations(model_file, tmp_path, capsys):
     overlay = np.asarray(Image.open(tmp_path / "stored" / "turned_overlay.png"), np.float64)
     stored = np.asarray(Image.open(src / "a" / "turned.jpg"), np.float64)
     assert np.corrcoef(overlay.ravel(), stored.ravel())[0, 1] > 0.5  # the photo, not turned
+
+
+def test_an_overlay_decoded_again_is_as_stored_with_ignore_exif(model_file, tmp_path,
+                                                               monkeypatch):
+    # A photo above KEEP_FOR_OVERLAY is decoded a second time to write its overlay: that
+    # decoding must leave it unturned too, as the map was made (else the overlay is turned).
+    import mlnet_jax.predict as predict_module
+    _exif_rotated_jpeg(tmp_path / "turned.jpg", 20, 44)
+    assert _predict(model_file, tmp_path / "turned.jpg", tmp_path / "kept", "--overlay",
+                    "--ignore-exif") == 0
+    monkeypatch.setattr(predict_module, "KEEP_FOR_OVERLAY", 0)
+    assert _predict(model_file, tmp_path / "turned.jpg", tmp_path / "again", "--overlay",
+                    "--ignore-exif") == 0
+    for name in ("turned.png", "turned_overlay.png"):
+        again = Image.open(tmp_path / "again" / name)
+        assert again.size == (44, 20), name
+        np.testing.assert_array_equal(np.asarray(again),
+                                      np.asarray(Image.open(tmp_path / "kept" / name)), name)
 
 
 def test_bfloat16_maps_are_computed_in_bfloat16_and_stay_close_to_float32(model_file, tmp_path):
@@ -365,6 +388,17 @@ def test_same_stems_do_not_overwrite_and_outputs_inside_the_input_are_not_inputs
         "x.png", "x.png.png", "x.png_overlay.png", "x_overlay.png"]
     assert Image.open(out / "x.png").size == (20, 10)
     assert Image.open(out / "x.png.png").size == (6, 30)
+    # Names that differ only in case claim the same output on macOS and Windows (X.png and
+    # x.jpg would both write x.png there): the later one is renamed.
+    cased, cased_out = tmp_path / "cased", tmp_path / "cased_maps"
+    cased.mkdir()
+    Image.fromarray(_noise(10, 20)).save(cased / "X.png")
+    Image.fromarray(_noise(30, 6)).save(cased / "x.jpg")
+    assert _predict(model_file, cased, cased_out) == 0
+    assert "they are named x.jpg.png" in capsys.readouterr().err
+    assert sorted(p.name for p in cased_out.iterdir()) == ["X.png", "x.jpg.png"]
+    assert Image.open(cased_out / "X.png").size == (20, 10)
+    assert Image.open(cased_out / "x.jpg.png").size == (6, 30)
 
 
 def test_no_output_replaces_a_photo_or_a_folder_and_odd_names_are_shown_escaped(
@@ -497,6 +531,14 @@ def test_a_colour_key_transparency_is_put_on_white():
         assert (to_rgb(image) == 255).all(), mode
         image.info.pop("transparency")
         assert not (to_rgb(image) == 255).any(), mode
+    # A palette image's transparent entry is put on white as its RGBA conversion is (not left
+    # as the palette colour, black here).
+    palette = Image.new("P", (3, 1), 0)
+    palette.putpalette([0, 0, 0, 200, 10, 20, 30, 40, 50] + [0] * (3 * 253))
+    palette.putdata([0, 1, 2])
+    palette.info["transparency"] = 0
+    np.testing.assert_array_equal(to_rgb(palette), to_rgb(palette.convert("RGBA")))
+    assert to_rgb(palette).tolist() == [[[255, 255, 255], [200, 10, 20], [30, 40, 50]]]
 
 
 def test_linked_folders_are_walked_once_and_unknown_extensions_get_a_hint(model_file, tmp_path,
@@ -689,6 +731,10 @@ def test_image_modes_keep_their_value_range():
     assert (to_rgb(wide) == round(1000 * 255 / 65535)).all()
     floats = Image.fromarray(np.full((2, 2), 0.5, np.float32))              # F in 0–1
     assert (to_rgb(floats) == 128).all()
+    # A float image whose maximum is exactly 1 is 0–1 too (not 0–255: near black).
+    unit = np.array([[0.0, 0.5, 1.0]], np.float32)
+    np.testing.assert_array_equal(to_rgb(Image.fromarray(unit)),
+                                  np.repeat(np.round(unit * 255)[..., None], 3, -1))
     rgba = np.zeros((1, 2, 4), np.uint8)
     rgba[0, 1] = (10, 20, 30, 255)                                          # pixel 0 transparent
     assert to_rgb(Image.fromarray(rgba)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
@@ -728,6 +774,13 @@ def test_the_python_api_reads_arrays_and_photos_as_the_command_does(model_file, 
     # A JAX array is one image, not a list of rows; uint16 is scaled from 0–65535, not clipped.
     np.testing.assert_allclose(predictor(jnp.asarray(image)), want, atol=1e-6)
     np.testing.assert_allclose(predictor(image.astype(np.uint16) * 257), want, atol=1e-6)
+    # A dark uint16 array (maximum ≤ 255) is still 16-bit data, scaled from 0–65535 as its
+    # 16-bit PNG is read, not taken as 8-bit levels (200 becomes 1, not 200).
+    from mlnet_jax.inference import to_rgb_array
+    dark = np.full((12, 20), 200, np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    np.testing.assert_array_equal(to_rgb_array(dark), load_image(tmp_path / "dark.png"))
+    assert (to_rgb_array(dark) == round(200 * 255 / 65535)).all()
     assert len(predictor(jnp.stack([jnp.asarray(image)] * 3))) == 3
     # A phone photo opened with PIL is turned as its EXIF orientation says, as load_image does.
     _exif_rotated_jpeg(tmp_path / "turned.jpg", 10, 30)
@@ -770,6 +823,17 @@ def test_overlay_colours_only_where_salient():
     untouched = np.ones((4, 6), bool)
     untouched[1, 2] = False
     assert (out[untouched] == 100).all() and not (out[1, 2] == 100).all()
+    # The colours are Matplotlib's jet at the map's grey level, blended at opacity × saliency
+    # (a reversed table would colour the most salient pixel dark blue, not dark red).
+    import matplotlib
+    photo = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    levels = np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)
+    colours = matplotlib.colormaps["jet"](np.round(levels.astype(np.float64) * 255) / 255)[..., :3]
+    weight = 0.6 * levels.astype(np.float64)[..., None]
+    want = np.round(photo * (1 - weight) + np.round(colours * 255) * weight)
+    np.testing.assert_allclose(overlay(photo, levels), want, atol=1)
+    hot = overlay(image, saliency)[1, 2]
+    assert hot[0] > hot[2] and hot[0] > 100 > hot[2]  # red over the grey, not blue
     # A map at another size is resized to the image.
     assert overlay(image, np.ones((2, 3), np.float32)).shape == image.shape
 
@@ -789,6 +853,11 @@ def test_blur_map_is_a_gaussian_and_fast_path_agrees():
     full = ndimage.gaussian_filter(smooth, 40, mode="nearest")
     np.testing.assert_allclose(blur_map(smooth, 40), full / full.max(), atol=0.01)
     assert (blur_map(np.zeros((3, 3)), 2) == 0).all()
+    # Borders repeat the edge value: a constant map stays constant, at the edges too, on the
+    # full-size path and the reduced one (zero padding would darken the edges).
+    for shape, sigma in (((20, 30), 3.0), ((600, 700), 40.0)):
+        flat = blur_map(np.full(shape, 0.7, np.float32), sigma)
+        np.testing.assert_allclose(flat, np.ones(shape), atol=1e-5, err_msg=str(shape))
     # σ = 0 returned the map as given (a uint8 map's 0–200), σ > 0 rescaled to a maximum of 1.
     grey = np.array([[0, 100], [200, 50]], np.uint8)
     np.testing.assert_allclose(blur_map(grey, 0), grey / 200)
