@@ -208,9 +208,16 @@ def test_keras1_theano_layout_converts_exactly(tmp_path):
 # --- Errors ---------------------------------------------------------------------------------
 
 def test_a_keras1_vgg_with_its_top_is_not_taken_for_ml_net(tmp_path):
+    """Keras 1's save_weights layout (layer_names, Theano OIHW kernels) of a whole VGG-16:
+    detected as keras1 and converted with Theano's kernel flip, as the layer_{id} layout is."""
     src = tmp_path / "vgg16_keras1_top.h5"
-    write_keras2(src, random_oihw(np.random.default_rng(3)), top=True)  # OIHW kernels
+    convs = random_oihw(np.random.default_rng(3))
+    write_keras2(src, convs, top=True)  # OIHW kernels
     assert detect_format(src) == "keras1"
+    x, got = features(convert(tmp_path, src), "keras1")
+    want = ref.vgg_features(x[0], convs, "keras1", true_conv=True)
+    for key in ("pool3", "pool4", "conv5_3"):
+        assert relative_error(got[key][0], want[key]) <= 1e-5, key
 
 
 def run_cli(*args):

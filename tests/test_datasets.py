@@ -165,6 +165,14 @@ def test_folder_prepare_and_read_back(tmp_path, fixations):
     _check_records(got, truth)
 
 
+def test_the_validation_count_is_the_documented_rounding():
+    """README: round(fraction · n) images, at least one, and at least one left to train on
+    (int() would give 16 images 1 for validation, not 2)."""
+    got = [layouts._validation_count(n, 0.1) for n in (0, 1, 2, 5, 14, 16, 30, 1003)]
+    assert got == [0, 0, 1, 1, 1, 2, 3, 100]
+    assert layouts._validation_count(16, 0.0) == 0 and layouts._validation_count(3, 0.9) == 2
+
+
 def test_folder_without_validation_and_overwrite(tmp_path, capsys):
     fake.write_folder(tmp_path / "manual", n=3)
     args = ["folder", "--manual_dir", str(tmp_path / "manual"), "--data_dir",

@@ -76,6 +76,18 @@ def test_train_batches_shapes_dtypes_and_values():
         np.testing.assert_array_equal(target, EXPECTED[identify(image)][1])
 
 
+def test_a_map_of_another_size_than_its_image_is_stretched_to_the_image_first():
+    """A record (from Python: prepared datasets are resized already) whose map is half its
+    image's size: the map is stretched to the image (cols, rows), then letterboxed like it."""
+    rng = np.random.default_rng(3)
+    image, smap = fake.smooth_image(rng, (30, 20)), fake.blob_map(rng, (15, 10))
+    record = dict(RECORDS[0], image=fake.encode(image, "PNG"), saliency_map=fake.encode(smap, "PNG"),
+                  image_size=np.asarray((30, 20), np.int32))
+    stretched = Image.fromarray(smap).resize((20, 30), Image.BILINEAR)
+    want = ground_truth_map(stretched, MODEL, (MODEL[0] // 8, MODEL[1] // 8))[..., None]
+    np.testing.assert_array_equal(ip.TrainExample(MODEL).map(record)["target"], want)
+
+
 def test_same_seed_same_order_and_each_epoch_reshuffled():
     first, again = order(loader(), 6), order(loader(), 6)  # two epochs of 12
     assert first == again

@@ -37,9 +37,10 @@ def test_output_is_one_eighth_of_the_input(size):
     assert shapes["params"]["prior"].shape == prior_shape(size[0] // 8, size[1] // 8)
 
 
-def test_input_not_divisible_by_8_is_refused():
+@pytest.mark.parametrize("size", [(36, 48), (48, 36)])
+def test_input_not_divisible_by_8_is_refused(size):
     with pytest.raises(ValueError, match="divisible by 8"):
-        MLNet().init(jax.random.key(0), jnp.zeros((1, 36, 48, 3)))
+        MLNet().init(jax.random.key(0), jnp.zeros((1, *size, 3)))
 
 
 def test_images_of_another_size_than_the_priors_are_named():

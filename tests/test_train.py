@@ -258,6 +258,10 @@ def test_train_command_writes_everything_and_learns(tmp_path):
     assert {"cc", "centre_bias_cc", "num_images"} <= set(final) and final["num_images"] == 8
     best_step = min((r for r in evals if not r["blank_maps"]), key=lambda r: r["loss"])["step"]
     assert (final["checkpoint"], final["checkpoint_step"], final["step"]) == ("best", best_step, 9)
+    # ... and its scores are that checkpoint's, not the last weights'.
+    scored = next(r for r in evals if r["step"] == best_step)
+    assert final["loss"] == pytest.approx(scored["loss"], rel=1e-4)
+    assert final["cc"] == pytest.approx(scored["cc"], rel=1e-4)
     # The checkpoint is self-describing: prediction needs only the directory.
     from mlnet_jax import load_model
     model, variables, info = load_model(workdir)
@@ -417,6 +421,28 @@ def test_early_stopping_is_keras1s_and_a_resume_decides_it_again(tmp_path):
     out = train_cli(workdir, *frozen, "--config.early_stopping_patience=2")
     assert "the run had stopped early; continuing" in out.stdout + out.stderr
     assert _eval_steps(workdir) == [3, 6, 9, 12]
+
+
+@pytest.mark.timeout(300)
+def test_early_stopping_counts_epochs_without_improvement_in_a_row(tmp_path, monkeypatch):
+    """A new best resets the count (not resetting it would stop a run at patience + 1 worse
+    epochs in all, cutting it short): losses 1, 2, 0.5, 2, 2, 2 with patience 2 run all six
+    epochs (Keras 1 stops at the third worse epoch in a row), and best/ is epoch 3's."""
+    import mlnet_jax.train as train_module
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+    real, losses = train_module.evaluate_split, iter([1.0, 2.0, 0.5, 2.0, 2.0, 2.0, 2.0, 2.0])
+
+    def scripted(*args, **kwargs):
+        return dict(real(*args, **kwargs), loss=next(losses))
+
+    monkeypatch.setattr(train_module, "evaluate_split", scripted)
+    config = tiny.get_config()
+    config.num_epochs, config.early_stopping_patience, config.learning_rate = 8, 2, 0.0
+    train_module.train_and_evaluate(config, tmp_path / "run")
+    assert _eval_steps(tmp_path / "run") == [3, 6, 9, 12, 15, 18]  # stopped after epoch 6
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["checkpoint_step"] == 9
 
 
 @pytest.mark.timeout(300)
