@@ -190,7 +190,7 @@ class Predictor:
     Maps are float32 in [0, 1] at each image's original size. Batches are padded to
     ``batch_size`` so one compilation serves every image size; a call with fewer images than
     that pads to the next power of two instead (one image costs one image's compute, not a
-    batch's: 1.3 s against 16 s on a 2-core CPU at 480×640), compiling once per such size.
+    batch's: 0.8 s against 7.6 s on a 2-core CPU at 480×640), compiling once per such size.
     Files larger than ``max_pixels`` are refused (decompression bombs), as the command's
     ``--max-pixels`` does.
     """

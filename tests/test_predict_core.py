@@ -87,7 +87,7 @@ def test_maps_have_the_original_sizes_with_one_compilation(model_file):
 
 
 def test_fewer_images_than_a_batch_are_computed_as_the_next_power_of_two(model_file):
-    """One image was padded to a whole batch: 8 images' compute for one (16 s against 1.3 s
+    """One image was padded to a whole batch: 8 images' compute for one (7.6 s against 0.8 s
     on a 2-core CPU at 480×640). A run longer than a batch still compiles once."""
     predictor = Predictor.load(model_file, batch_size=8)
     computed = []
