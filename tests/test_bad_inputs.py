@@ -309,6 +309,7 @@ def test_out_of_range_config_values_are_named(tmp_path, override, message):
     ("grid_images", -1, "at least 0 (0: no grid)"),
     ("synthetic_train_size", 0, "at least 1 with config.dataset='synthetic'"),
     ("eval_batch_size", 0, "at least 1"),
+    ("num_epochs", True, "an integer"),  # a bool is an int to Python: 1 epoch
     ("dataset", "salicon", "one of salicon2015, salicon2017, mit1003, cat2000, folder or "
                            "synthetic"),
 ])
