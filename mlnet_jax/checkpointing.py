@@ -290,10 +290,11 @@ def restore_for_inference(path: str | Path) -> tuple[dict, dict]:
     return params, metadata
 
 
-def restore_best(workdir: str | Path) -> tuple[dict, int]:
-    """(params as NumPy, step) of a workdir's best checkpoint, else its latest."""
+def restore_best(workdir: str | Path) -> tuple[dict, int, bool]:
+    """(params as NumPy, step, whether it is best/'s) of a workdir's best checkpoint, else
+    its latest."""
     params, _, step_dir = _restore(workdir)
-    return params, int(step_dir.name)
+    return params, int(step_dir.name), step_dir.parent.name == "best"
 
 
 def _restore(path: str | Path) -> tuple[dict, dict, Path]:

@@ -680,8 +680,12 @@ def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, ev
         # What is on disk is scored and named: after a resume from an earlier checkpoint than
         # the last (the later ones moved away), best/ may hold a later step of the abandoned
         # continuation that no epoch of this one beat, or be gone (then the latest is read).
-        best_params, best_step = restore_best(workdir)
+        best_params, best_step, from_best = restore_best(workdir)
         params = jax.device_put(best_params, replicated(mesh))
+        if not from_best:  # best/ deleted: the latest is what is read
+            source = "last"
+            _log(f"{workdir / 'best'} is missing: the held-out split is scored with the latest "
+                 f"checkpoint (step {best_step})")
     result = evaluate_split(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True,
                             should_stop=should_stop)
     result["checkpoint"] = source

@@ -520,6 +520,17 @@ def test_a_resume_from_an_earlier_checkpoint_scores_and_names_the_best_on_disk(t
     meta = json.loads((replay / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["best_step"] == 6 and meta["epochs_without_improvement"] == 0
 
+    # best/ deleted before a resume whose epochs do not beat it: the latest checkpoint is what
+    # is scored, and it is named so (it was called "best", with the latest's step).
+    gone = tmp_path / "gone"
+    train_and_evaluate(tiny_config(num_epochs=2, learning_rate=0.0), gone)  # epoch 1 the best
+    shutil.rmtree(gone / "best")
+    capsys.readouterr()
+    final = train_and_evaluate(tiny_config(num_epochs=3, learning_rate=0.0), gone)
+    assert (final["checkpoint"], final["checkpoint_step"], final["step"]) == ("last", 9, 9)
+    assert (f"{gone / 'best'} is missing: the held-out split is scored with the latest "
+            "checkpoint (step 9)") in capsys.readouterr().out
+
     # Early stopping reached on resume (a lower patience): said, not a silent run of no steps.
     stopped = tmp_path / "stopped"
     train_and_evaluate(tiny_config(num_epochs=3, learning_rate=0.0), stopped)  # no better epoch
