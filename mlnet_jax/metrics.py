@@ -722,6 +722,8 @@ def batched_auc_borji(preds: Any, fixation_maps: Any, key: Any = 0, *, n_splits:
     constant map.
     """
     p, f = _stacks(preds, fixation_maps=fixation_maps)
+    if not p.shape[0]:  # the splits' reshapes would divide by zero
+        return jnp.zeros((0,), jnp.float32)
     return _where_finite(p, _auc_borji(p, f, _keys(key, p.shape[0]), n_splits=int(n_splits),
                                        step_size=float(step_size)))
 
@@ -738,5 +740,7 @@ def batched_auc_shuffled(preds: Any, fixation_maps: Any, other_fixation_maps: An
     """
     p, f, other = _stacks(preds, fixation_maps=fixation_maps,
                           other_fixation_maps=other_fixation_maps)
+    if not p.shape[0]:
+        return jnp.zeros((0,), jnp.float32)
     return _where_finite(p, _auc_shuffled(p, f, other, _keys(key, p.shape[0]),
                                           n_splits=int(n_splits), step_size=float(step_size)))

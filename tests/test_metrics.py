@@ -719,4 +719,7 @@ def test_batched_metrics_name_mismatched_shapes_and_take_an_empty_batch():
         metrics.batched_nss(three, np.ones((1, 8, 8)))  # was broadcast against all three
     with pytest.raises(ValueError, match=r"^gts \(3, 8, 9\) must have the shape"):
         metrics.batched_sim(three, np.ones((3, 8, 9)))
-    assert metrics.batched_auc_judd(np.ones((0, 8, 8)), np.ones((0, 8, 8))).shape == (0,)
+    empty = np.ones((0, 8, 8))  # Borji's and sAUC's splits divided by zero
+    for name in ("cc", "kld", "nss", "sim", "auc_judd", "auc_borji"):
+        assert getattr(metrics, f"batched_{name}")(empty, empty).shape == (0,), name
+    assert metrics.batched_auc_shuffled(empty, empty, empty).shape == (0,)
