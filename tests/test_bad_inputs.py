@@ -578,6 +578,10 @@ def test_what_trains_but_not_as_one_may_think_is_said(tmp_path, capsys):
         steps_per_epoch(tiny_config(steps_per_epoch=-1), 3)
     assert steps_per_epoch(tiny_config(steps_per_epoch=3), 8) == 3
     assert "warning" not in capsys.readouterr().out
+    # -1 is "N // global_batch_size steps" (mlnet_jax/configs/default.py); the evaluation's
+    # batch size in its place would make an epoch 10 // 3 = 3 steps, not 10 // 4 = 2.
+    config = tiny_config(steps_per_epoch=-1, global_batch_size=4, eval_batch_size=3)
+    assert steps_per_epoch(config, 10) == 10 // config.global_batch_size
 
 
 def test_sigterm_is_raised_like_ctrl_c_and_every_command_says_it_in_one_line(tmp_path,

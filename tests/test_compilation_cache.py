@@ -122,3 +122,41 @@ def test_only_the_unreadable_entry_of_a_function_is_deleted(tmp_path):
     assert (other.read_bytes(), other.stat().st_mtime_ns) == kept
     assert first.stat().st_size > 20  # written again
     assert UNREADABLE not in start(tmp_path, rows=16)
+
+
+def test_a_directory_switched_away_from_is_not_the_one_turned_back_to(tmp_path):
+    """A → B → '' in one process (a notebook training three times): '' restores the setting
+    from before the first directory of ours (none here), not A. Remembering the setting before
+    each switch instead, '' would turn the cache back on in A and go on writing there."""
+    first, second = tmp_path / "a", tmp_path / "bb"
+    result = subprocess.run([sys.executable, "-c", SWITCH, str(first), str(second), ""],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    in_first, in_second, in_first_after_turning_off = (int(n) for n in result.stdout.split())
+    assert in_first >= 1 and in_second >= 1
+    assert in_first_after_turning_off == in_first  # nothing more written into A
+    assert len(list(second.glob("*-cache"))) == in_second  # nor into B
+
+
+def test_a_directory_under_home_is_expanded(tmp_path):
+    """'~/c' (the default is '~/.cache/…') is the home's c: used unexpanded, JAX's setting
+    would be the literal '~/c', and a folder named '~' would be made in the current one."""
+    code = ("import jax; from mlnet_jax.compilation_cache import enable_compilation_cache; "
+            "enable_compilation_cache('~/c'); print(jax.config.jax_compilation_cache_dir)")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, cwd=work, env={**os.environ, "HOME": str(tmp_path),
+                                                        "PYTHONPATH": _package_root()})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(tmp_path / "c")
+    assert (tmp_path / "c").is_dir() and not (work / "~").exists()
+
+
+def _package_root() -> str:
+    """The folder holding mlnet_jax, for a subprocess started in another directory."""
+    from pathlib import Path
+
+    import mlnet_jax
+    root = str(Path(mlnet_jax.__file__).parent.parent)
+    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])

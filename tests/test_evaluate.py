@@ -240,6 +240,28 @@ def test_images_without_a_saliency_map_are_nan_for_the_continuous_metrics(backen
     assert math.isfinite(scores.rows[2]["nss"]) and scores.summary["nss"]["n"] == 4
 
 
+def test_an_image_without_a_saliency_map_has_no_loss():
+    """The model's loss needs the ground-truth map: an image without one (fixations only) has
+    a NaN loss, left out of the mean and of n. Kept, the loss of its empty target would be
+    averaged into the split's validation loss."""
+    from mlnet_jax.evaluation import score_split
+    records = _synthetic_records(4)
+    records[2] = dict(records[2], saliency_map=b"")
+    losses = np.asarray([0.1, 0.2, 0.3, 0.4], np.float32)  # the predictor's, per image
+
+    def predict(batch):
+        n = len(batch["image"])
+        return {"pred": np.ones((n, 4, 4), np.float32), "loss": losses[:n]}
+
+    scores = score_split(records, model_size=(32, 32), batch_size=4, predict=predict,
+                         backend="numpy")
+    assert math.isnan(scores.rows[2]["loss"])
+    assert [r["loss"] for i, r in enumerate(scores.rows) if i != 2] == pytest.approx(
+        [float(losses[i]) for i in (0, 1, 3)])
+    assert scores.summary["loss"]["n"] == len(records) - 1
+    assert scores.summary["loss"]["mean"] == pytest.approx(np.mean(losses[[0, 1, 3]]))
+
+
 def test_a_split_without_ground_truth_is_refused_before_anything_is_predicted(monkeypatch,
                                                                               tmp_path):
     from mlnet_jax import evaluate as evaluate_module
@@ -344,6 +366,39 @@ def test_the_split_asked_for_is_scored_not_the_configs(tmp_path):
         r["file_name"] for r in train]
 
 
+def test_evaluate_scores_with_the_seed_and_sauc_others_it_is_given(monkeypatch, tmp_path):
+    """evaluate(seed=1, sauc_others=2) (the command's --seed, --sauc_others) scores as
+    score_split does with them; dropped on the way, the random metrics would be those of
+    seed 0 and 10 other images, whatever was asked for (and the JSON would say otherwise)."""
+    from mlnet_jax import evaluate as evaluate_module
+    from mlnet_jax.configs.demo import get_config
+    from mlnet_jax.evaluation import ALL_METRICS, score_split
+    from mlnet_jax.input_pipeline import RecordSource
+
+    records = _synthetic_records(6)
+    monkeypatch.setattr(evaluate_module, "split_source",
+                        lambda config, split: RecordSource(records, "synthetic"))
+    config = get_config()
+    config.input_size = (24, 32)
+    summary = evaluate_module.evaluate(config, baseline="centre", split="validation",
+                                       output=str(tmp_path / "e.json"), progress=False,
+                                       metrics_backend="numpy", seed=1, sauc_others=2)
+    assert (summary["seed"], summary["sauc_other_images"]) == (1, 2)
+
+    def means(**kwargs):
+        scores = score_split(records, model_size=(24, 32), batch_size=config.eval_batch_size,
+                             baselines={"": "centre"}, metric_names=ALL_METRICS,
+                             backend="numpy", **kwargs)
+        return {name: scores.summary[name]["mean"] for name in ("auc_borji", "auc_shuffled")}
+
+    asked = means(seed=1, sauc_others=2)
+    got = {name: summary["metrics"][name]["mean"] for name in asked}
+    assert got == pytest.approx(asked, rel=1e-12)
+    assert got["auc_borji"] != pytest.approx(means(seed=0, sauc_others=2)["auc_borji"], rel=1e-6)
+    assert got["auc_shuffled"] != pytest.approx(means(seed=1, sauc_others=10)["auc_shuffled"],
+                                                rel=1e-6)
+
+
 def test_the_prediction_grid_shows_image_truth_and_prediction_in_that_order(tmp_path):
     # Columns are the image, its ground truth, then the prediction (swapped, the figure would
     # show the model's map as the truth).
@@ -382,6 +437,26 @@ def test_sauc_negatives_are_other_images_fixations_scaled_to_this_image():
     assert sorted(zip(*np.nonzero(m))) == [(1, 2), (3, 6), (4, 8), (5, 7)]
     m = table.other_fixation_map(5, (5, 10), n_others=10, seed=7)  # from 10×20 to 5×10
     assert sorted(zip(*np.nonzero(m))) == [(0, 0), (0, 1), (1, 3), (2, 4)]
+
+
+def test_each_image_draws_its_own_sauc_others_with_the_documented_generator():
+    """README: up to N other images with fixations, "drawn without replacement with
+    default_rng([seed, image index])". One generator for every image (default_rng(seed))
+    would give each image the same draw from its pool, not an independent one per image."""
+    from mlnet_jax.evaluation import FixationTable
+    n, k, seed = 20, 3, 7
+    records = [{"image": b"", "fixations": np.asarray([[i % 10, i % 20]]), "image_size": (10, 20),
+                "file_name": f"{i}", "saliency_map": b""} for i in range(n)]
+    records[4] = dict(records[4], fixations=np.zeros((0, 2), np.int32))  # never drawn
+    table = FixationTable(records)
+    draws = []
+    for index in (0, 1):
+        pool = [j for j in range(n) if j != index and len(records[j]["fixations"])]
+        want = np.random.default_rng([seed, index]).choice(pool, size=k, replace=False)
+        got = table.others(index, n_others=k, seed=seed)
+        assert sorted(got) == sorted(want), index
+        draws.append(sorted(got))
+    assert draws[0] != draws[1]
 
 
 def test_numpy_and_jax_metric_backends_agree():

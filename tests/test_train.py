@@ -299,6 +299,23 @@ def test_resumed_metric_log_drops_the_records_of_replayed_steps(tmp_path):
 
 
 
+def test_a_resumed_metric_log_drops_the_eval_record_of_an_evaluation_that_runs_again(tmp_path):
+    """Resumed at a checkpoint saved before its evaluation (evaluation_pending), that step's
+    eval record (written before the crash) goes: the evaluation writes it again. Kept, the
+    step would have two."""
+    from mlnet_jax.reporting import MetricWriter
+    writer = MetricWriter(tmp_path)
+    for step in (1, 2):
+        writer.write(step, "train", {"loss": step / 10})
+        writer.write(step, "eval", {"loss": step})
+    writer.close()
+    MetricWriter(tmp_path, resume_step=2, evaluation_pending=True).close()
+    assert [(r["step"], r["kind"]) for r in map(json.loads, writer.path.read_text().splitlines())
+            ] == [(1, "train"), (1, "eval"), (2, "train")]
+    MetricWriter(tmp_path, resume_step=2).close()  # not pending: nothing more goes
+    assert len(writer.path.read_text().splitlines()) == 3
+
+
 def test_the_metric_writer_does_not_import_torch(tmp_path):
     """tensorboardX imports PyTorch whenever it is installed (seconds of every training start on
     Colab); the writer keeps it out, and TensorBoard still gets the scalars."""
@@ -335,6 +352,34 @@ def test_a_different_config_is_refused_on_resume(tmp_path):
                        f"--config.init_weights={workdir}")
     assert "config.prior is False: the prior in config.init_weights is not used" in result.stdout
     assert (tmp_path / "no_prior" / "final_metrics.json").exists()
+
+
+def _readme_resumable_fields() -> list[str]:
+    """The fields README's Resume paragraph says may change when resuming: the backquoted
+    names between "You may change" and "when resuming", and its "logging and checkpoint
+    frequency" (log_every_steps, checkpoint_every_steps)."""
+    import re
+    text = " ".join((TESTS.parent / "README.md").read_text().split())
+    sentence = re.search(r"You may change (.*?) when resuming", text)
+    assert sentence and "logging and checkpoint frequency" in sentence[1], "README changed"
+    return [*re.findall(r"`(\w+)`", sentence[1]), "log_every_steps", "checkpoint_every_steps"]
+
+
+@pytest.mark.parametrize("field", _readme_resumable_fields())
+def test_every_field_readme_lets_a_resume_change_is_accepted(field):
+    """A field left out of train.RESUMABLE_CHANGES would refuse the resume README promises
+    (e.g. data_dir after moving the prepared dataset) unless --override_config is passed."""
+    from mlnet_jax.train import _jsonable_config, config_differences
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+    saved = _jsonable_config(tiny.get_config())
+    assert field in saved, field
+    current = dict(saved, **{field: "/elsewhere" if isinstance(saved[field], str)
+                             else saved[field] + 1})
+    assert config_differences(saved, current) == []
+    # ... while a field README does not list is named.
+    assert config_differences(saved, dict(current, learning_rate=0.5)) == [
+        f"learning_rate: {saved['learning_rate']!r} → 0.5"]
 
 
 @pytest.mark.timeout(600)
@@ -639,6 +684,31 @@ def test_the_commands_main_runs_again_in_one_process_with_its_overrides(tmp_path
     assert logging.getLogger().level == level
 
 
+def test_a_commands_main_puts_the_logging_state_back(tmp_path):
+    """absl's app.run sets the root logger's level and absl's verbosity for a process that ends
+    with the command (evaluate sets its verbosity to ERROR): not put back, a notebook calling
+    main() would hide every later warning. In a fresh interpreter (pytest sets up logging of
+    its own), two calls each leave both as they were before the first."""
+    code = f"""
+import logging, sys
+from absl import logging as absl_logging
+from mlnet_jax.evaluate import main
+def state():
+    return [logging.getLogger().level, absl_logging.get_verbosity()]
+states = [state()]
+for run in (1, 2):
+    code = main(["evaluate", "--baseline=centre", "--noprogress", "--config={TINY_CONFIG}",
+                 "--config.synthetic_eval_size=2", "--config.compilation_cache_dir=",
+                 "--output={tmp_path / 'e.json'}"])
+    assert code == 0, code
+    states.append(state())
+print(states)
+"""
+    result = run("-c", code)
+    states = json.loads(result.stdout.strip().splitlines()[-1])
+    assert states[1] == states[0] and states[2] == states[0], states
+
+
 def test_packaged_configs_are_found_without_a_checkout(tmp_path, monkeypatch):
     """`--config configs/salicon.py` works from any folder (pip install without a clone)."""
     from mlnet_jax.cli import PACKAGED_CONFIGS, resolve_packaged_config
@@ -763,6 +833,59 @@ def test_a_resume_takes_the_model_from_the_checkpoint_not_init_weights_again(tmp
     assert final["step"] == 6
 
 
+@pytest.mark.timeout(400)
+def test_a_full_model_init_weights_file_is_taken_whole_and_frozen_convs_hold_it(tmp_path):
+    """config.init_weights naming a full-model .npz starts the run with all of it: backbone,
+    head and prior (a prior left at its zero init, or a backbone only shape-checked and not
+    loaded, would start elsewhere), and 'auto' pooling/preprocessing take the file's (not the
+    defaults standard/caffe, which would normalise and pool the images as the weights never
+    saw them). Resumed with a positive learning rate, config.frozen_convs keeps the first
+    convolutions at the file's values (frozen_convs not reaching the run would train them)."""
+    from flax import traverse_util as tu
+
+    from mlnet_jax.checkpointing import restore_for_inference
+    from mlnet_jax.train import train_and_evaluate
+    from mlnet_jax.weights_file import read_weights, save_weights
+    sys.path.insert(0, str(TESTS / "configs"))
+    import tiny
+
+    info = ModelInfo(input_size=(32, 32), preprocessing="torch", pooling="keras1",
+                     source="a test file")
+    params = initial_params(info.build(), info, jax.random.PRNGKey(7), None)  # the run's seed is 0
+    params["prior"] = jnp.asarray(np.random.default_rng(3).normal(0, 0.3, params["prior"].shape),
+                                  jnp.float32)  # the model's own init is zeros
+    save_weights(tmp_path / "model.npz", jax.device_get(params), info.to_metadata())
+    expected, _ = read_weights(tmp_path / "model.npz")  # the reference: what the file holds
+    expected = tu.flatten_dict(expected, sep="/")
+    assert {k.split("/")[0] for k in expected} == {"backbone", "head", "prior"}
+    assert np.any(expected["prior"] != 0)
+
+    config = tiny.get_config()
+    for key, value in dict(preprocessing="auto", pooling="auto", frozen_convs=2, num_epochs=1,
+                           learning_rate=0.0, init_weights=str(tmp_path / "model.npz")).items():
+        setattr(config, key, value)
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, workdir)
+    saved, metadata = restore_for_inference(workdir / "checkpoints")  # the latest, step 3
+    assert (metadata["preprocessing"], metadata["pooling"]) == ("torch", "keras1")
+    saved = tu.flatten_dict(saved, sep="/")
+    assert saved.keys() == expected.keys()
+    for key, value in expected.items():  # learning rate 0: the file's values, every one
+        np.testing.assert_array_equal(saved[key], value, err_msg=key)
+
+    # A positive learning rate (a resumable change with --override_config): the 2 frozen
+    # convolutions stay at the file's values, the next one trains.
+    config.learning_rate, config.num_epochs = 1e-3, 2
+    train_and_evaluate(config, workdir, override_config=True)
+    trained, _ = restore_for_inference(workdir / "checkpoints")  # step 6, not best/
+    trained = tu.flatten_dict(trained, sep="/")
+    for key, value in expected.items():
+        if key.startswith(("backbone/conv1_1/", "backbone/conv1_2/")):
+            np.testing.assert_array_equal(trained[key], value, err_msg=key)
+    assert not np.array_equal(trained["backbone/conv2_1/kernel"],
+                              expected["backbone/conv2_1/kernel"])
+
+
 def _tensorboard_scalars(folder: Path) -> dict:
     """{(tag, step): value} as TensorBoard shows them: event files in order, and a session
     start at step s discards what came before at steps ≥ s (the purge)."""
@@ -821,13 +944,37 @@ def test_stops_in_an_evaluation_and_off_a_log_step_leave_the_logs_of_an_unstoppe
     with pytest.raises(train_module.TrainingStopped, match="saved a checkpoint at step 5"):
         train_module.train_and_evaluate(config, stopped)
     monkeypatch.setattr(input_pipeline, "prefetch_to_device", real_prefetch)
+
+    # A crash after epoch 2's eval record is written, before the checkpoint that records the
+    # evaluation (step 6's is saved with evaluation_pending first): the resumed run evaluates
+    # step 6 again. Its MetricWriter must be told so (evaluation_pending) and drop the eval
+    # record already there; told otherwise it would keep it, and step 6 would be logged twice.
+    class Crash(Exception):
+        pass
+
+    real_save = RunCheckpoints.save
+
+    def crash_after_the_evaluation(self, step, state, data_state, meta, is_best=False):
+        if step == 6 and not meta["evaluation_pending"]:
+            raise Crash
+        return real_save(self, step, state, data_state, meta, is_best)
+
+    monkeypatch.setattr(RunCheckpoints, "save", crash_after_the_evaluation)
+    with pytest.raises(Crash):
+        train_module.train_and_evaluate(config, stopped)
+    monkeypatch.setattr(RunCheckpoints, "save", real_save)
+    assert [json.loads(line)["kind"] for line in
+            (stopped / "metrics.jsonl").read_text().splitlines()][-1] == "eval"  # step 6's
+    checkpoints = RunCheckpoints(stopped, 2)
+    assert checkpoints.latest_step() == 6 and checkpoints.read_meta()["evaluation_pending"]
+    checkpoints.close()
     train_module.train_and_evaluate(config, stopped)
 
     def records(workdir):
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
         return [(r["step"], r["kind"], r.get("loss")) for r in map(json.loads, lines)]
 
-    # No step-5 record, no second eval of step 3, and the same losses to the last digit (the
+    # No step-5 record, no second eval of step 3 or 6, and the same losses to the last digit (the
     # losses carried over the stop were Python floats: their mean was float64 after a resume).
     assert records(stopped) == records(straight)
     assert [(s, k) for s, k, _ in records(straight)] == [
