@@ -254,6 +254,27 @@ def test_wrong_shape_is_named_with_both_shapes(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_vgg_file_with_wrong_input_channels_is_refused_naming_both_shapes(tmp_path):
+    # conv2_1 takes conv1_2's 64 channels: a kernel of the right output count but 32 inputs
+    # would pass a check of output channels only and fail inside the first apply.
+    from mlnet_jax.vgg import VGG16_CONVS
+    from mlnet_jax.weights_file import save_weights
+    expected = jax.eval_shape(VGG16().init, jax.random.key(0),
+                              jnp.zeros((1, *SIZE, 3)))["params"]
+    backbone = {name: {leaf: np.zeros(spec.shape, np.float32) for leaf, spec in layer.items()}
+                for name, layer in expected.items()}
+    assert list(backbone) == [name for name, _ in VGG16_CONVS]
+    want = tuple(expected["conv2_1"]["kernel"].shape)
+    backbone["conv2_1"]["kernel"] = np.zeros((3, 3, 32, 128), np.float32)
+    path = tmp_path / "vgg.npz"
+    save_weights(path, {"backbone": backbone}, {"model": "vgg16", "source": "test",
+                                                "preprocessing": "torch", "pooling": "standard"})
+    with pytest.raises(WeightsError) as caught:
+        load_vgg16(path)
+    assert str(caught.value) == (f"{path}: backbone/conv2_1/kernel has shape (3, 3, 32, 128), "
+                                 f"expected {want}")
+
+
 @pytest.mark.parametrize("content", [b"", b"hello, this is not a weights file\n"])
 def test_not_a_weights_file(tmp_path, content):
     src = tmp_path / "vgg16.pth"
@@ -413,11 +434,13 @@ def test_converting_a_file_onto_itself_is_refused_and_keeps_it(tmp_path, capsys)
     assert "is SRC itself" in capsys.readouterr().err and src.read_bytes() == before
 
 
-def test_non_finite_weights_are_refused_naming_the_parameter(tmp_path, capsys):
+# Inf as well as NaN: counting NaN only would let an infinite weight through (NaN maps).
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_the_parameter(tmp_path, capsys, bad):
     # A NaN weight made every map blank, exit status 0.
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     state = _torchvision_state()
-    state["features.7.bias"][3] = np.nan
+    state["features.7.bias"][3] = bad
     src = tmp_path / "model.safetensors"
     safetensors_numpy.save_file(state, str(src))
     assert convert_main([str(src), str(tmp_path / "out.npz")]) == 2

@@ -6,10 +6,14 @@ import importlib
 import io
 import logging
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
+import time
+import types
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +125,13 @@ def test_mit1003_and_cat2000_full_size_splits(tmp_path):
     for item in splits["validation"]:
         per_category[item.category] = per_category.get(item.category, 0) + 1
     assert per_category == {f"Cat{c:02d}": 10 for c in range(20)}
+    # README's rule: per category, the first 10 % of a permutation of its sorted stems by
+    # default_rng([0, crc32(category)]). One generator for all categories would pick the
+    # same stems in each, and a category's split would depend on which others there are.
+    stems = [f"{i + 1:03d}" for i in range(100)]
+    expected = {f"Cat{c:02d}/{stems[i]}" for c in range(20) for i in np.random.default_rng(
+        [0, zlib.crc32(f"Cat{c:02d}".encode())]).permutation(100)[:10]}
+    assert {item.key for item in splits["validation"]} == expected
 
 
 def test_cat2000_prepare_and_read_back(tmp_path):
@@ -165,6 +176,35 @@ def test_folder_prepare_and_read_back(tmp_path, fixations):
     _check_records(got, truth)
 
 
+def test_folder_file_discovery(tmp_path):
+    """Extensions match in any case, macOS's hidden `._` companions are skipped, and two files
+    of one stem are refused (which one to read would otherwise depend on listing order)."""
+    manual = tmp_path / "manual"
+    truth = fake.write_folder(manual, n=3)
+    rng = np.random.default_rng(7)
+    image = fake.save(fake.smooth_image(rng, (24, 32)), manual / "images" / "IMG.JPG",
+                      format="JPEG")
+    saliency = fake.save(fake.blob_map(rng, (24, 32)), manual / "maps" / "IMG.PNG", format="PNG")
+    scipy.io.savemat(str(manual / "fixations" / "IMG.mat"),
+                     {"fixations": np.array([[1.0, 1.0], [32, 24]])})
+    truth["IMG.JPG"] = {"image": image.read_bytes(), "map": np.asarray(Image.open(saliency)),
+                        "fixations": {(0, 0), (23, 31)}}
+    # A .MAT is still read as points (read as a binary image it would not decode).
+    (manual / "fixations" / "img00.mat").rename(manual / "fixations" / "img00.MAT")
+    # AppleDouble files a Mac leaves beside each copied file: not images (a stem '._img00'
+    # taken in would be an image without fixations, or fail to decode).
+    for sub in ("images", "maps", "fixations"):
+        (manual / sub / "._img00.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    assert prepare("folder", str(manual), str(tmp_path / "tfds"), validation_fraction=0.0,
+                   progress=False) == {"train": 4}
+    _check_records(_read_all("folder", "train", tmp_path / "tfds"), truth)
+    # img01.png and img01.jpg: refused, naming both.
+    shutil.copyfile(manual / "images" / "IMG.JPG", manual / "images" / "img01.jpg")
+    with pytest.raises(UserError, match=r"images: several images share a file stem: "
+                                        r"img01.jpg / img01.png$"):
+        layouts.folder(manual)
+
+
 def test_the_validation_count_is_the_documented_rounding():
     """README: round(fraction · n) images, at least one, and at least one left to train on
     (int() would give 16 images 1 for validation, not 2)."""
@@ -178,6 +218,13 @@ def test_folder_without_validation_and_overwrite(tmp_path, capsys):
     args = ["folder", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
             str(tmp_path / "tfds")]
     assert main(args) == 0
+
+    def listing():  # two levels: <data_dir>/<name>/<version>, hidden entries included
+        top = tmp_path / "tfds"
+        return sorted(str(q.relative_to(top)) for p in top.iterdir()
+                      for q in ([p, *p.iterdir()] if p.is_dir() else [p]))
+
+    fresh = listing()
     assert prepare("folder", str(tmp_path / "manual"), str(tmp_path / "tfds"),
                    progress=False) == {"train": 2, "validation": 1}
     # Already prepared: reused, with a warning, until --overwrite.
@@ -198,6 +245,9 @@ def test_folder_without_validation_and_overwrite(tmp_path, capsys):
     summary = [line.split() for line in capsys.readouterr().out.splitlines()
                if line.startswith("  ")]
     assert summary == [["train", "3", "records"]]
+    # The copy --overwrite set aside is removed once the new one is complete: the data dir
+    # holds what a fresh prepare leaves (keeping it would double the space every rebuild).
+    assert listing() == fresh
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "missing", "info"])
@@ -238,6 +288,50 @@ def test_a_damaged_prepared_dataset_is_named_before_anything_reads_it(tmp_path, 
     if damage != "info":
         assert main(args + ["--overwrite"]) == 0
         assert len(open_source("folder", "validation", str(tmp_path / "tfds"))) == 1
+
+
+def test_ordered_map_keeps_input_order_past_its_window():
+    # Results come back in input order however the threads finish: taking the newest pending
+    # result instead of the oldest would reorder (and so mislabel) records.
+    from mlnet_jax.datasets.builders import ordered_map
+    delays = random.Random(0).choices([0, 1e-4, 1e-3], k=200)
+
+    def slow_square(i):
+        time.sleep(delays[i])
+        return i * i
+
+    assert list(ordered_map(slow_square, list(range(200)), workers=4, window=8)) == \
+        [i * i for i in range(200)]
+
+
+def test_a_shard_short_of_records_or_a_damaged_second_shard_is_named(tmp_path):
+    """check_shards compares each record file's count with dataset_info.json's, and checks every
+    record file of a split, not only the first (a whole file with too few records would end an
+    epoch early; a damaged later shard would fail part-way through one)."""
+    from mlnet_jax.datasets.builders import check_shards, get_builder
+    for n, name in ((5, "small"), (9, "large")):
+        fake.write_folder(tmp_path / f"{name}_manual", n=n)
+        prepare("folder", str(tmp_path / f"{name}_manual"), str(tmp_path / name), progress=False)
+    small, large = (get_builder("folder", tmp_path / name).info.splits["train"]
+                    for name in ("small", "large"))
+    (short,), (whole,) = small.shard_lengths, large.shard_lengths
+    assert short < whole
+    shard = Path(large.filepaths[0])
+    shutil.copyfile(small.filepaths[0], shard)  # a whole file, from a smaller prepare
+    with pytest.raises(UserError, match=rf"^{re.escape(str(shard))}: the train split's records "
+                                        rf"cannot be read \({short} records, dataset_info.json "
+                                        rf"says {whole}\)"):
+        open_source("folder", "train", str(tmp_path / "large"))
+    # A split of two record files whose second is cut short.
+    first = Path(small.filepaths[0])
+    second = tmp_path / "second.array_record"
+    shutil.copyfile(first, second)
+    os.truncate(second, second.stat().st_size - 200)
+    split = types.SimpleNamespace(filepaths=[first, second], shard_lengths=[short, short])
+    builder = types.SimpleNamespace(info=types.SimpleNamespace(splits={"train": split}))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(second))}: the train split's records "
+                                        "cannot be read"):
+        check_shards(builder)
 
 
 def test_nothing_of_a_layout_is_dropped_silently(tmp_path, caplog):
@@ -317,13 +411,17 @@ def test_fixations_of_another_aspect_ratio_are_refused_not_stretched(tmp_path, c
     every point stretched into the wrong place; a resized copy (within a pixel's rounding) is
     still rescaled, and SALICON's `resolution` is held to the same rule."""
     mask = np.zeros((27, 48), bool)
-    mask[3, 40] = mask[20, 5] = True
+    mask[3, 40] = mask[20, 5] = mask[25, 0] = True
     with pytest.raises(UserError, match=r"f.mat: fixation map is 48x27 but its image is 27x48, "
                                         r"another aspect ratio: not this image's fixations"):
         records.binary_to_rc0(mask.T, (27, 48), Path("f.mat"))
     with caplog.at_level(logging.WARNING, logger="mlnet_jax.datasets"):
         half = records.binary_to_rc0(mask, (14, 24), Path("f.mat"))  # 13.5 rounded
-    assert sorted(map(tuple, half.tolist())) == [(1, 20), (10, 2)]
+    # Each point lands in the pixel holding its pixel's centre, (r + ½)·14/27 and (c + ½)·24/48:
+    # row 25 → 13.2 → 13 (scaling its corner, 25·14/27 = 12.96, would put it in row 12).
+    centres = [(int(np.floor((r + 0.5) * 14 / 27)), int(np.floor((c + 0.5) * 24 / 48)))
+               for r, c in np.argwhere(mask)]
+    assert sorted(map(tuple, half.tolist())) == sorted(centres) == [(1, 20), (10, 2), (13, 0)]
     assert "coordinates rescaled" in caplog.text
     mat = fake.salicon_mat(tmp_path / "a.mat", [np.array([[1.0, 1.0]])], (64, 48))
     item = layouts.Item(key="a", file_name="a.jpg", image=tmp_path / "a.jpg", fixations=mat,
@@ -334,12 +432,14 @@ def test_fixations_of_another_aspect_ratio_are_refused_not_stretched(tmp_path, c
 
 def test_fixation_conversion_from_one_based_xy(caplog):
     got = records.xy1_to_rc0(np.array([[1.0, 1.0], [32, 24], [3.4, 2.6], [0, 5], [33, 1],
-                                       [np.nan, 3], [4, np.inf]]), (24, 32), Path("f.mat"))
+                                       [1, 25], [np.nan, 3], [4, np.inf]]), (24, 32),
+                             Path("f.mat"))
     # (x=1, y=1) → (0, 0); (32, 24) → (23, 31); (3.4, 2.6) rounds to (x=3, y=3) → (2, 2);
-    # x=0 and x=33 are outside a 32-column image; NaN and inf are no place at all.
+    # x=0 and x=33 are outside a 32-column image, y=25 below a 24-row one (kept, it would be
+    # row 24, past the last); NaN and inf are no place at all.
     assert sorted(map(tuple, got.tolist())) == [(0, 0), (2, 2), (23, 31)]
     assert got.dtype == np.int32
-    assert "2 fixations outside the 24x32 image dropped" in caplog.text
+    assert "3 fixations outside the 24x32 image dropped" in caplog.text
     assert "2 fixations that are not finite numbers dropped" in caplog.text
 
 
@@ -584,12 +684,15 @@ def test_ctrl_c_during_prepare_is_one_line_and_keeps_the_prepared_dataset(tmp_pa
     assert sorted(p.name for p in (data_dir / "salicon2015").iterdir()) == [".lock", "1.0.0"]
 
 
-def test_a_negative_worker_count_is_refused(tmp_path, capsys):
+# -1 too: prepare's --workers documents no meaning for it (unlike the training config's
+# worker_count = -1); accepting it would pass a negative thread count on.
+@pytest.mark.parametrize("workers", [-1, -3])
+def test_a_negative_worker_count_is_refused(tmp_path, capsys, workers):
     fake.write_folder(tmp_path / "manual", n=3)
     assert main(["folder", "--manual_dir", str(tmp_path / "manual"), "--data_dir",
-                 str(tmp_path / "tfds"), "--workers", "-3"]) == 2
+                 str(tmp_path / "tfds"), "--workers", str(workers)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "error: --workers must be at least 0 (0: the CPU count, at most 8), got -3")
+        f"error: --workers must be at least 0 (0: the CPU count, at most 8), got {workers}")
     assert not (tmp_path / "tfds").exists()
 
 

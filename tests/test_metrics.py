@@ -544,6 +544,15 @@ def test_batched_auc_judd_constant_map_and_fixation_bound():
     explicit = jax.jit(lambda p, f: M.batched_auc_judd(p, f, 2, max_fixations=64))(PREDS, FIXS)
     np.testing.assert_array_equal(default, np.asarray(explicit))
     assert np.isnan(np.asarray(M.batched_auc_judd(PREDS, FIXS, 2, max_fixations=16))).all()
+    # The default bound (the largest count rounded up to a power of two) must hold a batch
+    # whose largest count is just past a power of two: rounding 17, 33, 65 down to 16, 32, 64
+    # would score NaN instead of the single-image AUC-Judd.
+    for n_fix in (17, 33, 65):
+        cases = [_case(n_fix, n_fix=n_fix), _case(n_fix + 1, n_fix=n_fix - 8)]
+        p, f = np.stack([c[0] for c in cases]), np.stack([c[2] for c in cases])
+        single = [M.auc_judd(a, b, jitter=False) for a, b in zip(p, f)]
+        np.testing.assert_allclose(np.asarray(M.batched_auc_judd(p, f, 0)), single, atol=1e-5,
+                                   err_msg=f"largest count {n_fix}")
 
 
 def test_batched_auc_borji_and_shuffled_equal_single_in_distribution():
@@ -563,6 +572,17 @@ def test_batched_auc_borji_and_shuffled_equal_single_in_distribution():
     assert (spread > 0).all()
     assert (np.abs(b.mean(0) - s.mean(0)) < 4.5 * spread).all()
     assert (b.std(0) < 3 * s.std(0)).all() and (s.std(0) < 3 * b.std(0)).all()
+
+
+def test_batched_auc_shuffled_with_fewer_other_fixations_equals_single():
+    # With fewer other-image fixations than own, every split takes all of them (m = N_other):
+    # no randomness is left, so the batched score must equal the single-image one exactly.
+    # Drawing m = Nf instead would draw past the exhausted pool and divide by the wrong count.
+    cases = [_case(s, n_fix=60, n_other=20) for s in range(2)]
+    p, f, o = (np.stack([c[i] for c in cases]) for i in (0, 2, 3))
+    single = np.array([M.auc_shuffled(*c, seed=0) for c in zip(p, f, o)])
+    np.testing.assert_allclose(np.asarray(M.batched_auc_shuffled(p, f, o, 3)), single,
+                               atol=1e-5)
 
 
 def test_batched_random_metrics_converge_to_expectation():

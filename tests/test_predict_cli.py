@@ -735,6 +735,10 @@ def test_image_modes_keep_their_value_range():
     unit = np.array([[0.0, 0.5, 1.0]], np.float32)
     np.testing.assert_array_equal(to_rgb(Image.fromarray(unit)),
                                   np.repeat(np.round(unit * 255)[..., None], 3, -1))
+    # One whose maximum is over 1 is 0–255 already: scaled by 255 as well, it would be white.
+    levels = np.array([[0.0, 100.0, 200.0]], np.float32)
+    np.testing.assert_array_equal(to_rgb(Image.fromarray(levels)),
+                                  np.repeat(levels[..., None], 3, -1))
     rgba = np.zeros((1, 2, 4), np.uint8)
     rgba[0, 1] = (10, 20, 30, 255)                                          # pixel 0 transparent
     assert to_rgb(Image.fromarray(rgba)).tolist() == [[[255, 255, 255], [10, 20, 30]]]

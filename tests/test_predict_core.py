@@ -271,6 +271,26 @@ def test_postprocess_of_a_long_strip_needs_memory_for_the_strip_only():
     assert out.shape == (2, 100_000) and peak < 200e6, peak
 
 
+def test_metadata_round_trips_and_a_model_without_prior_loads_as_one(tmp_path):
+    # Every metadata value is written, False, 0 and [] included: dropping falsy values would
+    # read prior=False back as the default True (and build a model its file cannot fill).
+    from mlnet_jax.weights_file import read_weights
+    metadata = {"model": "mlnet", "source": "", "preprocessing": "torch", "pooling": "standard",
+                "prior": False, "width_multiplier": 0.125, "input_size": list(INPUT),
+                "empty": [], "zero": 0}
+    model = MLNet(prior=False, width_multiplier=0.125)
+    rng = np.random.default_rng(0)  # shapes only: init itself takes seconds on a CPU
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                          jax.eval_shape(model.init, jax.random.key(0),
+                                         jnp.zeros((1, *INPUT, 3)))["params"])
+    save_weights(tmp_path / "m.npz", params, metadata)
+    read_params, read_metadata = read_weights(tmp_path / "m.npz")
+    assert {k: read_metadata[k] for k in metadata} == metadata
+    jax.tree.map(np.testing.assert_array_equal, read_params, params)
+    _, _, info = load_model(tmp_path / "m.npz")
+    assert info.prior is False and info.width_multiplier == 0.125
+
+
 def test_a_vgg_only_file_is_not_a_model(tmp_path):
     path = tmp_path / "vgg.npz"
     save_weights(path, {"backbone": {}}, {"model": "vgg16", "source": "x",

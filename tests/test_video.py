@@ -549,6 +549,21 @@ def test_outputs_say_their_colours_are_bt601(tmp_path):
     np.testing.assert_allclose(shown, [[255, 0, 0], [0, 255, 0], [0, 0, 255]], atol=4)
 
 
+def test_frame_times_that_repeat_or_go_back_still_give_increasing_times(tmp_path):
+    """An input clock that repeats a time or steps back (a damaged or spliced file): each
+    frame is put at least one tick after the previous one. Passed on as they are, the muxer
+    would refuse the repeated timestamp or the file would show frames out of order."""
+    _needs_av()
+    from mlnet_jax.video import VideoWriter
+    times = [0, .04, .04, .12, .10, .2]
+    with VideoWriter(tmp_path / "back.mp4", 64, 48, Fraction(25)) as writer:
+        for i, t in enumerate(times):
+            writer.write(_frame_image(i), t)
+    got = _frame_times(tmp_path / "back.mp4")
+    assert len(got) == len(times)
+    assert (np.diff(got) > 0).all(), got
+
+
 def test_damaged_packets_are_skipped_as_players_skip_them(model_file, tmp_path, capsys):  # noqa: F811
     """A video whose first frames cannot be decoded (a recording cut without re-encoding,
     garbage at its start) got no output at all, and one damaged frame midway ended the output
