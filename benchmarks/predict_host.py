@@ -46,7 +46,7 @@ class InstantDevice:
     stream = Predictor.stream
     dispatch_letterboxed = Predictor.dispatch_letterboxed
     padded_size = Predictor.padded_size
-    _devices = 1
+    _devices, whole_batches = 1, False
 
     def __init__(self, input_size: tuple[int, int] = (480, 640), batch_size: int = 32):
         self.info = type("Info", (), {"input_size": input_size})()
@@ -133,6 +133,7 @@ def measure(images: Path, out_dir: Path, workers: int, repeats: int, device=None
 
     sources = sorted(images.glob("*.jpg"))
     device, rates = device or InstantDevice(), []
+    device.whole_batches = True  # a folder run, as the command's: the warm-up compiles it
     warm_up = plan_outputs(sources[:8], images, out_dir / "warm-up", overlay=False,
                            map_video=False)
     predict_images(device, warm_up, report=Report(), workers=workers, progress=False)

@@ -294,7 +294,7 @@ def restore_best(workdir: str | Path) -> tuple[dict, int, bool]:
     """(params as NumPy, step, whether it is best/'s) of a workdir's best checkpoint, else
     its latest."""
     params, _, step_dir = _restore(workdir)
-    return params, int(step_dir.name), step_dir.parent.name == "best"
+    return params, int(step_dir.name), step_dir.parent.name == BEST_DIR
 
 
 def _restore(path: str | Path) -> tuple[dict, dict, Path]:

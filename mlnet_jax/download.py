@@ -31,7 +31,8 @@ def download_weights(name: str, timeout: float = 60.0) -> tuple[Path, str]:
     """Fetch (or reuse from the cache) a public weights file; returns (path, format).
 
     The file's SHA-256 is checked against the published one, after a download and on each
-    reuse: a wrong, stale or tampered file is never converted, nor kept.
+    reuse: a wrong, stale or tampered file is never converted; a download is then not kept,
+    a cached file is named, to delete.
     """
     if name not in PUBLIC_WEIGHTS:
         raise WeightsError(f"--download must be one of {', '.join(PUBLIC_WEIGHTS)}, got {name!r}")

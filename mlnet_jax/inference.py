@@ -27,6 +27,8 @@ from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
 from mlnet_jax.weights_file import check_param_shapes, read_weights
 
 T = TypeVar("T")
+BYTES_ADVICE = ("got bytes: pass a file path, or PIL.Image.open(io.BytesIO(data)) for an encoded "
+                "image's bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +154,8 @@ def to_rgb_array(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, max_pixels)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        raise TypeError(BYTES_ADVICE)
     if isinstance(image, Image.Image):
         return to_rgb(as_displayed(image))
     array = np.asarray(image)
@@ -190,9 +194,10 @@ class Predictor:
     Maps are float32 in [0, 1] at each image's original size. Batches are padded to
     ``batch_size`` so one compilation serves every image size; a call with fewer images than
     that pads to the next power of two instead (one image costs one image's compute, not a
-    batch's: 0.8 s against 7.6 s on a 2-core CPU at 480×640), compiling once per such size.
-    Files larger than ``max_pixels`` are refused (decompression bombs), as the command's
-    ``--max-pixels`` does.
+    batch's: 0.8 s against 7.6 s on a 2-core CPU at 480×640), compiling once per such size,
+    unless ``whole_batches`` (the command sets it for a run of several inputs: one
+    compilation for the run). Files larger than ``max_pixels`` are refused (decompression
+    bombs), as the command's ``--max-pixels`` does.
     """
 
     def __init__(self, model: MLNet, variables: dict, info: ModelInfo, batch_size: int = 8,
@@ -203,6 +208,7 @@ class Predictor:
         self.info, self.max_pixels = info, max_pixels
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self._devices = mesh.size
+        self.whole_batches = False
         self._variables = jax.device_put(variables, replicated(mesh))
         self._predict = make_predict_fn(model, info.preprocessing, mesh)
 
@@ -219,34 +225,31 @@ class Predictor:
         return self._predict.jitted._cache_size()
 
     def padded_size(self, n: int) -> int:
-        """The batch ``n`` images are computed as when they are all there is: the next power
-        of two, as a multiple of the device count, at most ``batch_size``."""
-        size = 1 << max(n - 1, 0).bit_length()
-        return min(self.batch_size, -(-size // self._devices) * self._devices)
+        """The batch ``n`` images are computed as when they are all there is: a power of two
+        per device, at most ``batch_size``."""
+        per_device = -(-n // self._devices)
+        return min(self.batch_size, self._devices << max(per_device - 1, 0).bit_length())
 
     def predict_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Raw maps (n, h/8, w/8) for n ≤ batch_size letterboxed uint8 images."""
         return np.asarray(self.dispatch_letterboxed(batch))[:len(batch)]
 
-    def dispatch_letterboxed(self, batch: np.ndarray, padded_to: int | None = None) -> jax.Array:
+    def dispatch_letterboxed(self, batch: np.ndarray) -> jax.Array:
         """Start the maps of n ≤ batch_size letterboxed uint8 images on the device and return
-        at once: (padded_to, h/8, w/8), the first n rows theirs; ``padded_to`` is
-        :meth:`padded_size` unless given."""
+        at once: (padded_size(n), h/8, w/8), the first n rows theirs."""
         batch = np.asarray(batch)
         if batch.dtype != np.uint8:  # copied into uint8, a 0–1 float batch would be black
             raise TypeError(f"letterboxed batches are uint8 (letterbox() makes them), got "
                             f"{batch.dtype}")
-        padded = np.zeros((padded_to or self.padded_size(len(batch)),) + batch.shape[1:],
-                          np.uint8)
-        padded[:len(batch)] = batch
-        return self._predict(self._variables, padded)
+        return self._predict(self._variables, _padded(batch, self.padded_size(len(batch))))
 
     def stream(self, items: Iterable[T], letterboxed: Callable[[T], np.ndarray]
                ) -> Iterator[tuple[T, np.ndarray]]:
         """(item, raw map) for every item, in order, in batches of ``batch_size``. Each batch is
         dispatched before the previous one's maps are fetched, so the device computes while
         the caller gathers (decodes, letterboxes) the next batch. The last batch is padded to
-        ``batch_size`` (no second compilation), unless it is the only one (``padded_size``)."""
+        ``batch_size`` (no second compilation), unless it is the only one and not
+        ``whole_batches`` (then :meth:`padded_size`)."""
         pending = None  # (items, maps still on the device)
         iterator, error = iter(items), None
         while error is None:
@@ -257,9 +260,10 @@ class Predictor:
                 error = e
             if not chunk:
                 break
-            started = chunk, self.dispatch_letterboxed(
-                np.stack([letterboxed(i) for i in chunk]),
-                None if pending is None else self.batch_size)
+            batch = np.stack([letterboxed(i) for i in chunk])
+            if pending is not None or self.whole_batches:  # the program compiled for the run
+                batch = _padded(batch, self.batch_size)
+            started = chunk, self.dispatch_letterboxed(batch)
             if pending is not None:
                 yield from _fetched(*pending)
             pending = started
@@ -274,12 +278,12 @@ class Predictor:
         if isinstance(images, (Image.Image, str, os.PathLike)):
             single, items = True, [images]
         elif isinstance(images, (bytes, bytearray, memoryview)):  # else 1 image per byte
-            raise TypeError("got bytes: pass a file path, or PIL.Image.open(io.BytesIO(data)) "
-                            "for an encoded image's bytes")
+            raise TypeError(BYTES_ADVICE)
         elif isinstance(images, (dict, set, frozenset)) or not (
                 hasattr(images, "__array__") or isinstance(images, Iterable)):
-            raise TypeError(f"got a {type(images).__name__}: pass an image (a file path, a PIL "
-                            "image, an array), a list of them or an N×H×W×C array")
+            raise TypeError(f"got an object of type {type(images).__name__}: pass an image (a "
+                            "file path, a PIL image, an array), a list of them (in order) or an "
+                            "N×H×W×C array")
         elif isinstance(images, (list, tuple)) or not hasattr(images, "__array__"):
             single, items = False, list(images)
         else:
@@ -302,8 +306,17 @@ class Predictor:
     def _rgb(self, image, index: int) -> np.ndarray:
         try:
             return to_rgb_array(image, self.max_pixels)
-        except ValueError as e:  # an array's problem (a file's names the file)
+        except (ValueError, TypeError) as e:  # an array's problem (a file's names the file)
             raise type(e)(f"image {index}: {e}") from None
+
+
+def _padded(batch: np.ndarray, size: int) -> np.ndarray:
+    """``batch`` followed by zero images up to ``size`` (itself when it has that many)."""
+    if len(batch) == size:
+        return batch
+    padded = np.zeros((size,) + batch.shape[1:], batch.dtype)
+    padded[:len(batch)] = batch
+    return padded
 
 
 def _fetched(items: list[T], maps: jax.Array) -> Iterator[tuple[T, np.ndarray]]:

@@ -335,8 +335,9 @@ def _finish_image(job: Job, decoded: _Decoded, raw: np.ndarray, blur: float,
 
 def _batched(predictor, items: Iterable[tuple]) -> Iterator[tuple]:
     """(key, image, letterboxed) in order → (key, image, raw map), through the device in padded
-    batches of ``predictor.batch_size`` (one compilation for every image size), the next batch
-    gathered while the device computes this one (``Predictor.stream``)."""
+    batches of ``predictor.batch_size`` (one compilation for every image size; see
+    ``Predictor.whole_batches``), the next batch gathered while the device computes this one
+    (``Predictor.stream``)."""
     for (key, image, _), raw in predictor.stream(items, lambda item: item[2]):
         yield key, image, raw
 
@@ -623,6 +624,9 @@ def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job],
     enable_compilation_cache(args.compilation_cache, "--compilation-cache")
     predictor = Predictor.load(Path(args.checkpoint).expanduser(), batch_size=args.batch_size,
                                dtype=dtype)
+    # One compilation per run: several inputs all go in whole batches; one image (or one short
+    # video) alone is computed as the next power of two, not as a batch of --batch-size.
+    predictor.whole_batches = len(jobs) > 1
     report = Report()
     image_jobs = [j for j in jobs if not j.is_video]
     video_jobs = [j for j in jobs if j.is_video]

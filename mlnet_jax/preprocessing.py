@@ -83,10 +83,15 @@ def postprocess(saliency: np.ndarray, original_size: tuple[int, int]) -> np.ndar
     centre (undoing the letterbox), divide by the maximum (an all-zero map stays zero).
     """
     saliency = np.asarray(saliency, np.float64)
+    if saliency.ndim == 4 and saliency.shape[0] == 1:  # a batch of one: the model's output
+        saliency = saliency[0]
     if saliency.ndim == 3 and saliency.shape[-1] == 1:  # (h, w, 1): not squeeze, which would
         saliency = saliency[..., 0]                     # take a map of one row to 1-D
+    elif saliency.ndim == 3 and saliency.shape[0] == 1:  # (1, h, w): make_predict_fn's
+        saliency = saliency[0]
     if saliency.ndim != 2:
-        raise ValueError(f"expected an h×w or h×w×1 map, got shape {saliency.shape}")
+        raise ValueError(f"expected one h×w map (or h×w×1, 1×h×w, 1×h×w×1), got shape "
+                         f"{saliency.shape}")
     p_rows, p_cols = saliency.shape
     rows, cols = original_size
     if rows / p_rows > cols / p_cols:

@@ -672,7 +672,7 @@ def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, ev
     held-out split, written to ``final_metrics.json`` (``EvaluationStopped`` when
     ``should_stop()`` says so between two batches: nothing is written)."""
     from mlnet_jax.atomic import atomic_path
-    from mlnet_jax.checkpointing import restore_best
+    from mlnet_jax.checkpointing import BEST_DIR, restore_best
 
     params = state.params
     source = "last" if best_step is None else "best"
@@ -684,8 +684,8 @@ def final_evaluation(workdir: Path, state: TrainState, best_step: int | None, ev
         params = jax.device_put(best_params, replicated(mesh))
         if not from_best:  # best/ deleted: the latest is what is read
             source = "last"
-            _log(f"{workdir / 'best'} is missing: the held-out split is scored with the latest "
-                 f"checkpoint (step {best_step})")
+            _log(f"{workdir / BEST_DIR} holds no checkpoint: the held-out split is scored with "
+                 f"the latest (step {best_step})")
     result = evaluate_split(params, evaluate_fn, eval_source, config, info, mesh, centre_bias=True,
                             should_stop=should_stop)
     result["checkpoint"] = source

@@ -528,8 +528,8 @@ def test_a_resume_from_an_earlier_checkpoint_scores_and_names_the_best_on_disk(t
     capsys.readouterr()
     final = train_and_evaluate(tiny_config(num_epochs=3, learning_rate=0.0), gone)
     assert (final["checkpoint"], final["checkpoint_step"], final["step"]) == ("last", 9, 9)
-    assert (f"{gone / 'best'} is missing: the held-out split is scored with the latest "
-            "checkpoint (step 9)") in capsys.readouterr().out
+    assert (f"{gone / 'best'} holds no checkpoint: the held-out split is scored with the "
+            "latest (step 9)") in capsys.readouterr().out
 
     # Early stopping reached on resume (a lower patience): said, not a silent run of no steps.
     stopped = tmp_path / "stopped"

@@ -105,6 +105,11 @@ def test_fewer_images_than_a_batch_are_computed_as_the_next_power_of_two(model_f
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert [predictor.padded_size(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert Predictor.load(model_file, batch_size=10).padded_size(9) == 10
+    # whole_batches (the command's runs of several inputs): one program for every call.
+    predictor.whole_batches = True
+    predictor._predict = lambda v, batch: computed.append(len(batch)) or original(v, batch)
+    np.testing.assert_allclose(predictor(images[0]), one, rtol=1e-5, atol=1e-6)
+    assert computed[-1] == 8
 
 
 def test_the_next_batch_is_on_the_device_before_this_ones_maps_are_fetched(model_file):
@@ -113,8 +118,7 @@ def test_the_next_batch_is_on_the_device_before_this_ones_maps_are_fetched(model
     images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(5)]
     events = []
     original = predictor.dispatch_letterboxed
-    predictor.dispatch_letterboxed = lambda batch, *pad: (events.append(("dispatch", len(batch)))
-                                                       or original(batch, *pad))
+    predictor.dispatch_letterboxed = lambda batch: events.append(("dispatch", len(batch))) or original(batch)
 
     def gathered():
         for i, image in enumerate(images):
@@ -127,7 +131,7 @@ def test_the_next_batch_is_on_the_device_before_this_ones_maps_are_fetched(model
         streamed.append((image, raw))
     assert events == [("gather", 0), ("gather", 1), ("dispatch", 2),
                       ("gather", 2), ("gather", 3), ("dispatch", 2), ("map", 0), ("map", 1),
-                      ("gather", 4), ("dispatch", 1), ("map", 2), ("map", 3), ("map", 4)]
+                      ("gather", 4), ("dispatch", 2), ("map", 2), ("map", 3), ("map", 4)]
     assert all(image is original_image for (image, _), original_image in zip(streamed, images))
     for image, raw in streamed:  # the same maps as one image at a time
         alone = predictor.predict_letterboxed(letterbox(image, INPUT)[None])[0]
@@ -165,8 +169,10 @@ def test_a_single_image_gives_a_single_map(model_file):
     with pytest.raises(TypeError, match=r"^got bytes: pass a file path, or PIL.Image.open"):
         predictor(b"photo.jpg")
     for wrong, name in [({"a": out}, "dict"), (7, "int"), ({"a.jpg"}, "set")]:
-        with pytest.raises(TypeError, match=rf"^got a {name}: pass an image \(a file path"):
+        with pytest.raises(TypeError, match=rf"^got an object of type {name}: pass an image \("):
             predictor(wrong)
+    with pytest.raises(TypeError, match=r"^image 1: got bytes: pass a file path"):  # in a list
+        predictor([out, b"photo.jpg"])
     assert [m.shape for m in predictor(iter([out, out[:5]]))] == [(20, 30), (5, 30)]
 
 
@@ -248,12 +254,15 @@ def test_postprocess_is_the_originals_for_tall_wide_and_one_row_maps():
     crashed ("not enough values to unpack")."""
     from reference_numpy import original_postprocess
     rng = np.random.default_rng(5)
-    for map_shape, size in [((6, 8), (120, 30)), ((6, 8), (30, 120)), ((1, 5), (8, 40)),
-                            ((5, 1), (41, 9)), ((6, 8, 1), (50, 50))]:
-        small = rng.random(map_shape)
-        want = original_postprocess(small.reshape(map_shape[:2]), *size)
+    for shape, size in [((6, 8), (120, 30)), ((6, 8), (30, 120)), ((1, 5), (8, 40)),
+                        ((5, 1), (41, 9))]:
+        small = rng.random(shape)
+        want = original_postprocess(small, *size)
         np.testing.assert_allclose(postprocess(small, size), want, rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match=r"expected an h×w or h×w×1 map, got shape \(2, 6, 8\)"):
+        # The model's shapes for one image, where they are not ambiguous ((1, 5, 1) is 1×5×1).
+        for extra in (small[..., None], small[None], small[None, ..., None])[:3 if shape[1] > 1 else 1]:
+            np.testing.assert_allclose(postprocess(extra, size), want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"expected one h×w map .*, got shape \(2, 6, 8\)"):
         postprocess(rng.random((2, 6, 8)), (10, 10))
 
 

@@ -114,15 +114,47 @@ def test_frames_go_through_the_model_in_batches_and_rotation_is_applied(model_fi
     predictor = Predictor.load(model_file, batch_size=4)
     calls = []
     original = predictor.dispatch_letterboxed
-    predictor.dispatch_letterboxed = lambda batch, *pad: calls.append(len(batch)) or original(batch, *pad)
+    predictor.dispatch_letterboxed = lambda batch: calls.append(len(batch)) or original(batch)
     [job] = plan_outputs([tmp_path / "phone.mp4"], tmp_path, tmp_path / "out", overlay=False,
                          map_video=False)
     report = Report()
     predict_video(predictor, job, report=report, progress=False)
     assert not report.failed and report.frames == 10
-    assert calls == [4, 4, 2]
+    assert calls == [4, 4, 4]  # the last 2 frames padded to the batch already compiled
     frames, rate, size = _read_clip(job.overlay_path)
     assert len(frames) == 10 and rate == 24 and size == (64, 32)  # displayed upright
+
+
+def test_a_command_run_compiles_once_and_a_lone_photo_is_computed_alone(model_file, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
+    """Each input is its own stream: padded to its own power of two, 2 photos and videos of 5
+    and 2 frames made 3 compilations in one run (one before). A run of several inputs uses
+    whole batches; a run of one photo computes one image, not a batch of --batch-size."""
+    from PIL import Image
+    made, real_load = [], Predictor.load
+
+    def load(*args, **kwargs):
+        made.append(real_load(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(Predictor, "load", staticmethod(load))
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((20, 30 + i, 3), 60 * i, np.uint8)).save(src / f"p{i}.png")
+    _write_clip(src / "a.mp4", 5, Fraction(25), "libx264")
+    _write_clip(src / "b.mp4", 2, Fraction(25), "libx264")
+    common = ["--checkpoint", str(model_file), "--batch-size", "8", "--no-progress",
+              "--compilation-cache", ""]
+    assert main([*common, "--input", str(src), "--output", str(tmp_path / "out")]) == 0
+    assert made[-1].num_compilations == 1
+    assert len(list((tmp_path / "out").iterdir())) == 4
+    computed = []
+    original = Predictor.dispatch_letterboxed
+    monkeypatch.setattr(Predictor, "dispatch_letterboxed",
+                        lambda self, batch: computed.append(len(batch)) or original(self, batch))
+    assert main([*common, "--input", str(src / "p0.png"), "--output", str(tmp_path / "o1")]) == 0
+    assert computed == [1] and made[-1].num_compilations == 1
 
 
 def test_an_anamorphic_video_is_seen_and_written_at_its_display_aspect(model_file, tmp_path):  # noqa: F811
