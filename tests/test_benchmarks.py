@@ -828,3 +828,25 @@ def test_merge_computes_the_ratio_fields_and_targets():
     assert variant["ratio_vs_torch_compile"] == pytest.approx(5000 / 600)
     assert variant["compile_s"] == 21.5  # what xla_autotune_0 is measured for
     assert merge_results.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_a_rows_rates_and_the_matmul_ceiling_follow_from_the_times():
+    """A row's images/s is batch / median step time, its TFLOP/s the FLOPs of those images over
+    that time, its ceiling fraction that over the matmul ceiling; the ceiling's TFLOP/s is
+    2n³ over its median time. A broken formula (1/step, no batch factor, the fraction inverted,
+    n³) would publish rates off by the batch, a factor 2, or inverted."""
+    import statistics
+    import types
+    per_step, b, flops = [0.1, 0.4, 0.2], 4, 3e10
+    bench = types.SimpleNamespace(ceiling=lambda dtype: 2.5, steps=3, repeats=len(per_step),
+                                  args=types.SimpleNamespace(matmul_size=64, quick=True),
+                                  on_accelerator=False)
+    row = throughput._row(bench, "train", "float32", "full", b, 32, 48, per_step, 1.0, 0.1, 0.2,
+                          flops, None, False, None)
+    step_s = statistics.median(per_step)
+    assert row["images_per_s"] == pytest.approx(b / step_s)
+    assert row["tflops"] == pytest.approx(flops * row["images_per_s"] / 1e12)
+    assert row["ceiling_fraction"] == pytest.approx(row["tflops"] / 2.5)
+    ceiling = throughput.measure_matmul(bench, "float32")
+    assert ceiling["n"] == 64
+    assert ceiling["tflops"] == pytest.approx(2 * 64 ** 3 / (ceiling["ms"] / 1e3) / 1e12)

@@ -504,3 +504,29 @@ def test_without_config_the_checkpoints_training_config_is_used(salicon, tmp_pat
     assert summary["config_file"] == f"the config stored with {workdir}"  # not the demo's file
     # --help lists --config (it is defined in mlnet_jax.cli, not in the command's module).
     assert "--config: Configuration file" in evaluate_cli("--help", check=False).stdout
+
+
+def test_the_commands_split_seed_and_sauc_others_reach_evaluate(tmp_path):
+    """``main([... --split=train --seed=1 --sauc_others=2])`` scores as evaluate() does with
+    them; a flag not passed on would score config.eval_split, seed 0 or 10 other images (and
+    the JSON would say so)."""
+    from mlnet_jax import evaluate as evaluate_module
+    from mlnet_jax.configs.demo import get_config
+    sizes = ("--config.input_size=24,32", "--config.synthetic_train_size=5",
+             "--config.synthetic_eval_size=2", "--config.compilation_cache_dir=")
+    assert evaluate_module.main(
+        ["evaluate", "--noprogress", "--baseline=centre", f"--config={DEMO_CONFIG}", *sizes,
+         "--split=train", "--seed=1", "--sauc_others=2", "--metrics_backend=numpy",
+         f"--output={tmp_path / 'cli.json'}"]) == 0
+    got = json.loads((tmp_path / "cli.json").read_text())
+    config = get_config()
+    config.input_size, config.synthetic_train_size, config.synthetic_eval_size = (24, 32), 5, 2
+    config.compilation_cache_dir = ""
+    assert config.eval_split != "train"
+    want = evaluate_module.evaluate(config, baseline="centre", split="train", seed=1,
+                                    sauc_others=2, metrics_backend="numpy",
+                                    output=str(tmp_path / "direct.json"), progress=False)
+    assert (got["split"], got["seed"], got["sauc_other_images"]) == ("train", 1, 2)
+    assert got["num_images"] == config.synthetic_train_size
+    for name, stats in want["metrics"].items():
+        assert got["metrics"][name]["mean"] == pytest.approx(stats["mean"], rel=1e-12), name

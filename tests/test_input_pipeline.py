@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import jax
@@ -154,6 +155,18 @@ def test_eval_shards_are_disjoint_cover_and_stay_in_lockstep():
     assert not set(names[0]) & set(names[1])
     assert sorted(names[0] + names[1]) == [r["file_name"] for r in RECORDS[:7]]
     assert sum(int(b["mask"].sum()) for shard in shards for b in shard) == 7
+    # Every process yields as many batches as the largest shard needs: counted from its own
+    # shard, a process with fewer records would stop early and the others' collectives hang.
+    for n in range(1, 9):
+        for count in (2, 3):
+            sizes = [(k + 1) * n // count - k * n // count for k in range(count)]
+            for batch in (1, 2, 3):
+                shards = [list(ip.eval_batches(RECORDS[:n], model_size=MODEL, batch_size=batch,
+                                               shard_index=k, shard_count=count))
+                          for k in range(count)]
+                want = max(math.ceil(size / batch) for size in sizes)
+                assert [len(s) for s in shards] == [want] * count, (n, count, batch)
+                assert [sum(int(b["mask"].sum()) for b in s) for s in shards] == sizes
 
 
 def test_prefetch_to_device_and_its_state():

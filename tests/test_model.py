@@ -328,6 +328,32 @@ def test_dropout_changes_outputs_only_in_training():
         model.apply(variables, x, train=True)
 
 
+def test_the_models_dropout_rate_reaches_the_head(monkeypatch):
+    # MLNet(dropout_rate=0.3) in training drops with 0.3: a rate not passed on would drop (and
+    # scale kept features) with the head's default 0.5.
+    from mlnet_jax import head as head_module
+    from mlnet_jax import models
+    calls = []
+
+    def spy(params, features, **kwargs):
+        calls.append((features, kwargs))
+        return head_module.multilevel_head(params, features, **kwargs)
+
+    monkeypatch.setattr(models, "multilevel_head", spy)
+    model = MLNet(prior=False, dropout_rate=0.3, width_multiplier=0.25)
+    x = jnp.asarray(np.random.default_rng(8).normal(0, 50, (1, 16, 16, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    variables["params"]["head"]["readout"]["bias"] = jnp.ones((1,))
+    calls.clear()
+    got = np.asarray(model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(4)}))
+    (features, kwargs), = calls
+    assert kwargs["dropout_rate"] == 0.3 and kwargs["dropout_rng"] is not None
+    head = variables["params"]["head"]
+    want = head_module.multilevel_head(head, features, dropout_rng=kwargs["dropout_rng"],
+                                       dropout_rate=0.3)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6)
+
+
 def test_bfloat16_compute_is_close_to_float32():
     x = jnp.asarray(np.random.default_rng(7).normal(0, 50, (2, 48, 64, 3)), jnp.float32)
     variables = MLNet().init(jax.random.key(3), x)

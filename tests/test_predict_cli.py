@@ -303,7 +303,13 @@ def test_a_huge_photos_map_and_overlay_are_made_in_bands_of_rows(tmp_path):
     assert np.abs(got - want).max() <= 3 and np.mean(got != want) < 1e-3
 
 
-def test_bad_files_are_named_once_and_the_good_ones_written(model_file, tmp_path, capsys):
+def test_bad_files_are_named_once_and_the_good_ones_written(model_file, tmp_path, capsys,
+                                                          monkeypatch):
+    # Spy on Predictor.load: a --batch-size not passed on would load the default batch of 8.
+    loaded = []
+    real_load = Predictor.load.__func__
+    monkeypatch.setattr(Predictor, "load", classmethod(
+        lambda cls, *args, **kwargs: loaded.append(real_load(cls, *args, **kwargs)) or loaded[-1]))
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     Image.fromarray(_noise(20, 30)).save(src / "good1.jpg")
@@ -314,8 +320,14 @@ def test_bad_files_are_named_once_and_the_good_ones_written(model_file, tmp_path
     (src / "empty.png").write_bytes(b"")
     (src / "text.jpg").write_text("this is a text file with an image's name\n")
 
-    assert _predict(model_file, src, out) == 2
+    assert _predict(model_file, src, out, "--batch-size", "3") == 2
+    assert [p.batch_size for p in loaded] == [-(-3 // jax.device_count()) * jax.device_count()]
     err = capsys.readouterr().err
+    # The summary counts the images written, not the jobs (counting every job as done would
+    # say 5 of 5).
+    images = [p for p in src.iterdir() if p.suffix in (".jpg", ".png")]
+    good = sum(1 for p in images if p.name.startswith("good"))
+    assert f"{good} of {len(images)} images in" in err, err
     for bad in ("corrupt.jpg", "empty.png", "text.jpg"):
         assert err.count(bad) == 1, (bad, err)
         line = next(l for l in err.splitlines() if bad in l)
@@ -379,9 +391,16 @@ def test_same_stems_do_not_overwrite_and_outputs_inside_the_input_are_not_inputs
     Image.fromarray(_noise(10, 20)).save(src / "x.jpg")
     Image.fromarray(_noise(30, 6)).save(src / "x.png")
     out = src / "maps"
-    for _ in range(2):  # the second run must not treat the first run's maps as inputs
+    for run in range(2):  # the second run must not treat the first run's maps as inputs
         assert _predict(model_file, src, out, "--overlay") == 0
+        if run == 0:
+            # Nor a photo the user put in the output folder: were that folder walked, the
+            # photo would get a map (and an overlay) of its own, or be named in a note.
+            Image.fromarray(_noise(8, 8, seed=3)).save(out / "mine.jpg")
     err = capsys.readouterr().err
+    assert "mine" not in err, err
+    assert sorted(p.name for p in out.rglob("mine*")) == ["mine.jpg"]
+    (out / "mine.jpg").unlink()
     assert "note: " in err and "x.png.png" in err
     assert f"note: the output folder {out} lies inside the input; files in it are not read" in err
     assert sorted(p.name for p in out.rglob("*")) == [

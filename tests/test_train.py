@@ -298,6 +298,84 @@ def test_resumed_metric_log_drops_the_records_of_replayed_steps(tmp_path):
     assert again.replayed == 0  # nothing past step 4: the file is left as it is
 
 
+def test_training_curves_plot_the_train_and_eval_records(tmp_path, monkeypatch):
+    """The curves' lines hold the train records' loss and the eval records' loss and CC at
+    their steps: eval records plotted as the train curve (or CC from the train records)
+    would draw a run that did not happen."""
+    import matplotlib.pyplot as plt
+
+    from mlnet_jax.reporting import save_training_curves
+    records = [{"step": 1, "kind": "train", "loss": 0.9}, {"step": 2, "kind": "train", "loss": 0.7},
+               {"step": 2, "kind": "eval", "loss": 0.8, "cc": 0.3},
+               {"step": 3, "kind": "train", "loss": 0.6},
+               {"step": 4, "kind": "train", "loss": 0.5},
+               {"step": 4, "kind": "eval", "loss": 0.65, "cc": 0.45},
+               {"step": 4, "kind": "final", "loss": 0.6, "cc": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its lines
+    save_training_curves(tmp_path / "curves.png", tmp_path / "metrics.jsonl")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    (fig,) = figures
+    ax_loss, ax_cc = fig.axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+             for line in ax_loss.lines}
+
+    def series(kind, key):
+        chosen = [r for r in records if r["kind"] == kind]
+        return [r["step"] for r in chosen], [r[key] for r in chosen]
+
+    assert lines == {"train loss": series("train", "loss"),
+                     "validation loss": series("eval", "loss")}
+    (cc,) = ax_cc.lines
+    assert (list(cc.get_xdata()), list(cc.get_ydata())) == series("eval", "cc")
+    close(fig)
+
+
+def _tensorboard_events(folder: Path) -> list:
+    """Every event as written, in order, without purge semantics: ("START", step) for a
+    session start, (tag, step) for each scalar."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        data, offset = path.read_bytes(), 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                events.append(("START", event.step))
+            events.extend((value.tag, event.step) for value in event.summary.value)
+    return events
+
+
+def test_a_resumed_tensorboard_log_purges_what_it_writes_again_and_has_no_final(tmp_path):
+    """A resumed writer starts a session purging from step 1 and mirrors the kept records
+    again: without the purge every earlier point would be shown twice; and the final record
+    (in final_metrics.json) would, mirrored, be a second point at the last step on each rerun."""
+    from mlnet_jax.reporting import MetricWriter
+    writer = MetricWriter(tmp_path)
+    for step in (1, 2, 3):
+        writer.write(step, "train", {"loss": step / 10})
+    writer.write(3, "eval", {"loss": 0.5, "cc": 0.2})
+    writer.write(3, "final", {"loss": 0.5, "cc": 0.2})
+    writer.close()
+    resumed = MetricWriter(tmp_path, resume_step=3)
+    resumed.write(4, "train", {"loss": 0.4})
+    resumed.write(4, "final", {"loss": 0.4, "cc": 0.3})
+    resumed.close()
+    events = _tensorboard_events(tmp_path / "tensorboard")
+    assert not [tag for tag, _ in events if tag.startswith("final/")], events
+    starts = [i for i, (tag, _) in enumerate(events) if tag == "START"]
+    assert starts and events[starts[-1]][1] <= 1, events  # the last session purges from step 1
+    shown = [e for e in events[starts[-1] + 1:] if e[0] != "START"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    want = [(f"{r['kind']}/{k}", r["step"]) for r in records if r["kind"] != "final"
+            for k in r if k not in ("step", "kind")]
+    assert sorted(shown) == sorted(want) and len(set(shown)) == len(shown), shown
+
 
 def test_a_resumed_metric_log_drops_the_eval_record_of_an_evaluation_that_runs_again(tmp_path):
     """Resumed at a checkpoint saved before its evaluation (evaluation_pending), that step's

@@ -656,3 +656,24 @@ def test_transparent_video_frames_are_put_on_white_as_images_are(tmp_path):
     assert (first[:, :32] == 255).all()
     assert (first[8:, 32:] == (200, 0, 0)).all()
     np.testing.assert_allclose(first[:8, 32:].reshape(-1, 3), [[227, 127, 127]] * 8 * 32, atol=1)
+
+
+def test_the_map_video_holds_each_frames_map_and_takes_blur(model_file, tmp_path):  # noqa: F811
+    """Frame 0 of the grey map video is the map the Predictor gives the decoded source frame
+    (as a map PNG would hold it), and with --blur 4 that map blurred: an inverted map (1 −
+    saliency) or a blur ignored for videos would be far from it (H.264 allows small errors)."""
+    from mlnet_jax.overlay import blur_map, map_to_uint8
+    _write_clip(tmp_path / "clip.mp4", 6, Fraction(24), "libx264")
+    source, _, _ = _read_clip(tmp_path / "clip.mp4")
+    saliency = Predictor.load(model_file)(source[0])
+    for blur in (0, 4):
+        out = tmp_path / f"out{blur}"
+        assert main(["--checkpoint", str(model_file), "--input", str(tmp_path / "clip.mp4"),
+                     "--output", str(out), "--map-video", "--blur", str(blur),
+                     "--compilation-cache", ""]) == 0
+        maps, _, _ = _read_clip(out / "clip.mp4")
+        got = maps[0].astype(np.float64).mean(axis=-1)
+        want = map_to_uint8(blur_map(saliency, blur) if blur else saliency).astype(np.float64)
+        other = map_to_uint8(saliency if blur else blur_map(saliency, 4)).astype(np.float64)
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9, blur
+        assert np.abs(got - want).mean() < 0.5 * np.abs(got - other).mean(), blur
