@@ -356,12 +356,17 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     for key in ("images_per_s", "synthetic_images_per_s", "ratio_to_synthetic"):
         assert _positive(pipeline[key]), key
     assert _positive(pipeline["runs"][0]["loader_only_images_per_s"])
+    for run in (pipeline, pipeline["runs"][0]):  # the "within 10 %" is this ratio
+        assert run["ratio_to_synthetic"] == pytest.approx(
+            run["images_per_s"] / run["synthetic_images_per_s"])
     files = result["predict_files"]  # the predict command's path over a folder of JPEG files
     assert files["maps_written"] == files["records"] == 4
     assert files["stage_ms_per_image"]["fetch"] > 0 and 0 < files["workers_busy"] <= 1
     for key in ("images_per_s", "synthetic_images_per_s", "ratio_to_synthetic"):
         assert _positive(files[key]), key
     assert files["synthetic_images_per_s"] == rows[("predict", None, "2x32x32")]["images_per_s"]
+    assert files["ratio_to_synthetic"] == pytest.approx(files["images_per_s"]
+                                                        / files["synthetic_images_per_s"])
 
     # CPU traces have no device kernels: the summary says so; the trace itself is kept.
     assert set(result["profile"]) == {"2x32x32 float32 full", "2x32x32 float32 predict"}
