@@ -56,16 +56,14 @@ def download_weights(name: str, timeout: float = 60.0) -> tuple[Path, str]:
                 raise _CutShort(f"{got:,} of {int(expected):,} bytes arrived")
             digest = _sha256(tmp)
             if not digest.startswith(sha256):
-                raise _WrongFile(f"{url} sent a file whose SHA-256 is {digest[:16]}…, not the "
-                                 f"published {sha256[:16]}…; it was not kept")
+                raise WeightsError(f"{url} sent a file whose SHA-256 is {digest[:16]}…, not "
+                                   f"the published {sha256[:16]}…; it was not kept")
     except (urllib.error.URLError, OSError, TimeoutError, _CutShort) as e:
         reason = getattr(e, "reason", e)
         raise WeightsError(
             f"could not download {url} ({reason}); without network, fetch that file on another "
             "machine, then convert it (python -m mlnet_jax.convert_weights FILE DST) or save it "
             f"as {target}, where --download finds it") from None
-    except _WrongFile as e:
-        raise WeightsError(str(e)) from None
     return target, fmt
 
 
@@ -75,10 +73,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class _WrongFile(Exception):
-    """The file that arrived is not the one published."""
 
 
 class _CutShort(Exception):

@@ -118,8 +118,7 @@ class BatchPredictFn:
             images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:],
                                                         images.dtype)])
         elif pad:  # rare (a batch the devices do not divide): done on the host
-            images = np.asarray(images)
-            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+            images = _padded(np.asarray(images), n + pad)
         elif _committed(images) and not images.sharding.is_equivalent_to(self._data,
                                                                            images.ndim):
             images = jax.device_put(images, self._data)  # e.g. placed on one device
