@@ -18,8 +18,8 @@
 # Knobs: BUDGET_S (560), CASES (16x240x320,32x480x640), PEER (.bench/torch_peer.py, else
 # ../shared/bench/torch_peer.py), PEER_CASES (= CASES), PEER_DEADLINE (120), DEADLINE_MARGIN
 # (120: no new measurement starts later than this before the budget's end), PIPELINE_WORKERS
-# (0,4), VARIANTS (default: v2.1, the code before the last adopted lever, the ReLU and pool as
-# one operation, so its gain is measured in the same run; then the unmeasured candidates, most
+# (0,4), VARIANTS (default: v3, the code before the last adopted lever, conv1_1 as a Pallas
+# kernel, so its gain is measured in the same run; unmeasured candidates go after it, most
 # promising first, so the deadline cuts the least),
 # DUMP (1: the optimised HLO of each executable, as $OUT/dumps.tar.gz), PROFILE (1: per-kernel
 # device time of the headline train step and predict, traces as $OUT/profile.tar.gz),
@@ -70,7 +70,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[gpu_run $(( $(date +%s) - START ))s $(date -u +%T)] $*" | tee -a "$OUT/run.log"; }
 
 EXTRA_ARGS=()
-VARIANTS=${VARIANTS-v2.1,cand_conv1_pallas,cand_conv1_pallas_bwd,cand_conv1_cols4,cand_conv1_cols8,cand_conv1_cols2}
+VARIANTS=${VARIANTS-v3}
 [ -n "$VARIANTS" ] && EXTRA_ARGS+=(--variants "$VARIANTS")
 # Dumps and traces are written outside $OUT and packed into it at the end: the device tool
 # brings back only a few files, not deeply nested, so if the run is cut short the JSON files

@@ -260,28 +260,19 @@ def software_versions() -> dict:
 # Other versions of the levers (earlier ones re-created, or candidates), for a side-by-side
 # measurement in the same run; each patch lives only while the step is traced. Rows measured
 # under one carry "variant".
-# v2.1 / v1 / v0: earlier versions of the package's levers, re-created in benchmarks/versions.py
-# (v2.1: the ReLU and the pool as two operations, the code measured on 2026-11-27; v1: autodiff's
-# gradients for both; v0: v1 with pool4 by reduce_window and one random word per dropout
-# element; v0_pool4 / v0_dropout: v1 with one of the two undone). cand_* put in levers of
-# benchmarks/candidates.py, not adopted: cand_rgb8 conv1_1 with its input padded to 8
-# channels, cand_conv1_cols<g> conv1_1 over groups of g columns; cand_conv1_pallas conv1_1,
-# its bias and ReLU as one Pallas kernel (benchmarks/conv1_pallas.py), cand_conv1_pallas_bwd
-# its gradients from one too.
+# v3 / v2.1 / v1 / v0: earlier versions of the package's levers, re-created in
+# benchmarks/versions.py (v3: conv1_1 by cuDNN and its ReLU apart, not mlnet_jax/first_conv.py's
+# kernel, the code measured on 2026-11-28; v2.1: v3 with the ReLU and the pool as two
+# operations, the code measured on 2026-11-27; v1: autodiff's gradients for both; v0: v1 with
+# pool4 by reduce_window and one random word per dropout element; v0_pool4 / v0_dropout: v1
+# with one of the two undone). cand_* put in levers of benchmarks/candidates.py, not adopted:
+# cand_rgb8 conv1_1 with its input padded to 8 channels.
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _version(name: str):
     """A stand-in for a package function: ``versions.<name>``, loaded on first use."""
     def call(*args, **kwargs):
         return getattr(sibling("versions"), name)(*args, **kwargs)
-    return call
-
-
-def _conv1_pallas(name: str):
-    """A stand-in for a flax or package function: ``conv1_pallas.<name>``, loaded on first use
-    (it imports Pallas)."""
-    def call(*args, **kwargs):
-        return getattr(sibling("conv1_pallas"), name)(*args, **kwargs)
     return call
 
 
@@ -310,11 +301,14 @@ def sibling(name: str):
 
 _SIBLINGS: dict = {}
 _LOADED: dict = {}  # the original conv, and the candidates wrapping it
-_V1 = {("mlnet_jax.vgg", "relu"): _version("v1_relu"),
+_V1 = {("mlnet_jax.first_conv", "kernel_applies"): _version("v3_kernel_applies"),
+       ("mlnet_jax.vgg", "relu"): _version("v1_relu"),
        ("mlnet_jax.head", "relu"): _version("v1_relu"),
        ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v1_relu_max_pool")}
 VARIANTS = {  # name -> {(module, attribute): replacement}
-    "v2.1": {("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v2_1_relu_max_pool")},
+    "v3": {("mlnet_jax.first_conv", "kernel_applies"): _version("v3_kernel_applies")},
+    "v2.1": {("mlnet_jax.first_conv", "kernel_applies"): _version("v3_kernel_applies"),
+             ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v2_1_relu_max_pool")},
     "v1": _V1,
     "v0": {**_V1, ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v0_relu_max_pool"),
            ("mlnet_jax.head", "dropout_keep_mask"): _version("v0_dropout_keep_mask")},
@@ -323,13 +317,6 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                    _version("v0_dropout_keep_mask")},
     "cand_rgb8": {("jax.lax", "conv_general_dilated"):
                   _conv_candidate("conv_with_padded_colour_channels")},
-    # conv1_1 on groups of 2, 4 or 8 columns: 6, 12 or 24 channels, padded to a multiple of 8.
-    **{f"cand_conv1_cols{g}": {("jax.lax", "conv_general_dilated"): _conv_candidate(
-        "conv_over_column_groups", group=g, channels=-(-3 * g // 8) * 8)} for g in (2, 4, 8)},
-    "cand_conv1_pallas": {("flax.linen", "Conv"): _conv1_pallas("conv"),
-                          ("mlnet_jax.vgg", "relu"): _conv1_pallas("relu_unless_fused")},
-    "cand_conv1_pallas_bwd": {("flax.linen", "Conv"): _conv1_pallas("conv_with_pallas_backward"),
-                              ("mlnet_jax.vgg", "relu"): _conv1_pallas("relu_unless_fused")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -340,9 +327,8 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 }
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
-# The others change gradients only (cand_conv1_pallas_bwd's forward is cand_conv1_pallas's).
-FORWARD_VARIANTS = {"v0", "v0_pool4", "cand_rgb8", "cand_conv1_cols2", "cand_conv1_cols4",
-                    "cand_conv1_cols8", "cand_conv1_pallas", *COMPILER_OPTIONS}
+# The others change gradients only.
+FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", *COMPILER_OPTIONS}
 
 
 class patched:
@@ -378,10 +364,8 @@ class patched:
 
 
 def _conv_rewrites() -> int:
-    """Convolutions the candidates loaded so far have rewritten (``candidates._intercept``,
-    ``conv1_pallas.rewritten``)."""
-    return (sum(getattr(conv, "rewritten", 0) for conv in _LOADED.values())
-            + getattr(_SIBLINGS.get("conv1_pallas"), "rewritten", 0))
+    """Convolutions the candidates loaded so far have rewritten (``candidates._intercept``)."""
+    return sum(getattr(conv, "rewritten", 0) for conv in _LOADED.values())
 
 
 # --------------------------------------------------------------------------- JAX parts

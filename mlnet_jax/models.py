@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlnet_jax.first_conv import FirstConvMode
 from mlnet_jax.head import init_head_params, multilevel_head
 from mlnet_jax.prior import PRIOR_FACTOR, apply_prior, prior_shape
 from mlnet_jax.vgg import VGG16, PoolingAlignment
@@ -27,6 +28,7 @@ class MLNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.5
     width_multiplier: float = 1.0  # < 1 only for the CPU demo
+    first_conv: FirstConvMode = "auto"  # conv1_1's kernel: mlnet_jax.first_conv
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -35,7 +37,8 @@ class MLNet(nn.Module):
             raise ValueError(f"MLNet input height and width must be divisible by {OUTPUT_STRIDE}, "
                              f"got {rows}x{cols}")
         features = VGG16(pooling=self.pooling, dtype=self.dtype,
-                         width_multiplier=self.width_multiplier, name="backbone")(x)
+                         width_multiplier=self.width_multiplier, first_conv=self.first_conv,
+                         name="backbone")(x)
         in_channels = sum(features[k].shape[-1] for k in ("pool3", "pool4", "conv5_3"))
         head_params = self.param("head", init_head_params, in_channels)
         dropout_rng = self.make_rng("dropout") if train and self.dropout_rate > 0 else None

@@ -34,6 +34,7 @@ from mlnet_jax.errors import UserError
 from mlnet_jax.evaluation import (EvaluationStopped, check_data_fields, evaluate_split,
                                   require_ground_truth)
 from mlnet_jax.file_lock import exclusive_lock
+from mlnet_jax.first_conv import FIRST_CONV_MODES
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.loss import mlnet_loss
 from mlnet_jax.models import OUTPUT_STRIDE, MLNet
@@ -275,7 +276,8 @@ def steps_per_epoch(config, num_train_records: int) -> int:
 # Fields a resumed run may change freely (e.g. to train for more epochs).
 RESUMABLE_CHANGES = frozenset({
     "num_epochs", "early_stopping_patience", "log_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "eval_batch_size", "grid_images", "compilation_cache_dir", "data_dir"})
+    "keep_checkpoints", "eval_batch_size", "grid_images", "compilation_cache_dir", "data_dir",
+    "first_conv"})
 #: Fields that shape the saved state: not even --override_config can change them on resume.
 STATE_SHAPING = ("input_size", "width_multiplier", "prior", "frozen_convs")
 
@@ -338,6 +340,10 @@ def check_config(config) -> None:
         fail("pooling", " or ".join(POOLINGS))
     if config.preprocessing not in PREPROCESSINGS:
         fail("preprocessing", " or ".join(PREPROCESSINGS))
+    if config.first_conv not in FIRST_CONV_MODES:
+        fail("first_conv", " or ".join(FIRST_CONV_MODES))
+    if config.first_conv == "pallas" and size[1] % 16:
+        fail("first_conv", "'auto' or 'xla' for an input width not divisible by 16 (the kernel's)")
     if not 0 <= config.seed < 2**32:
         fail("seed", "in [0, 2**32)")
 
@@ -410,7 +416,8 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
             info = model_info_from_config(config, init_metadata)
         else:  # the model the run started as: init_weights may be gone, or converted again
             loaded, info = None, ModelInfo.from_metadata(saved_meta["model"])
-        model = info.build(dtype).clone(dropout_rate=config.dropout_rate)
+        model = info.build(dtype).clone(dropout_rate=config.dropout_rate,
+                                        first_conv=config.first_conv)
         tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
         learning_rate = keras1_decay_schedule(config.learning_rate, config.lr_decay)
         worker_count = config.worker_count

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlnet_jax import first_conv as first_conv_kernel
 from mlnet_jax.relu import relu
 
 PoolingAlignment = Literal["standard", "keras1"]
@@ -202,12 +203,15 @@ class VGG16(nn.Module):
 
     Parameters are float32 whatever ``dtype`` (the compute dtype) is, so bfloat16 runs keep
     float32 master weights. ``width_multiplier`` < 1 narrows every layer; it exists only for
-    the CPU demo (converted VGG-16 weights need the real widths).
+    the CPU demo (converted VGG-16 weights need the real widths). ``first_conv`` says where
+    conv1_1 and its ReLU run (``mlnet_jax.first_conv``: 'auto', 'xla' or 'pallas'); the
+    parameters and the result are the same either way.
     """
 
     pooling: PoolingAlignment = "standard"
     dtype: jnp.dtype = jnp.float32
     width_multiplier: float = 1.0
+    first_conv: first_conv_kernel.FirstConvMode = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -215,6 +219,10 @@ class VGG16(nn.Module):
         outputs = {}
         for name, features in VGG16_CONVS:
             features = max(1, round(features * self.width_multiplier))
+            if name == "conv1_1" and first_conv_kernel.kernel_applies(self.first_conv, x.shape,
+                                                                      self.dtype):
+                x = first_conv_kernel.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)
+                continue
             x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                         param_dtype=jnp.float32, name=name)(x)
             if name in _POOL_STRIDE_AFTER:

@@ -302,6 +302,7 @@ def test_out_of_range_config_values_are_named(tmp_path, override, message):
     ("input_size", (50, 64), "(rows, cols), each a positive multiple of 8"),
     ("pooling", "foo", "auto or standard or keras1"),
     ("preprocessing", "foo", "auto or caffe or torch"), ("seed", -1, "in [0, 2**32)"),
+    ("first_conv", "gpu", "auto or xla or pallas"),
     ("steps_per_epoch", 0, "-1 (the default) or at least 1"),
     ("eval_max_images", 0, "-1 (the default) or at least 1"),
     ("worker_count", -5, "-1 (the default) or at least 0"),

@@ -648,95 +648,26 @@ def test_candidate_rgb8_pads_conv1_1_only_and_predicts_the_same_maps():
     assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
 
 
-@pytest.mark.parametrize("group, channels", [(2, 8), (4, 16), (8, 24)])
-def test_conv1_1_over_column_groups_is_one_wider_convolution_with_the_same_maps_and_step(
-        group, channels):
-    # conv1_1 on (B, H, W/g, 3g) images padded to a multiple of 8 channels, with g·64 outputs
-    # that are the (B, H, W, 64) ones in memory: the same maps and the same training step
-    # (its weight gradient folded back through the grouped kernel), every other layer as it is.
-    variant = f"cand_conv1_cols{group}"
-    (text, maps), (grouped, maps_g) = _predict(None), _predict(variant)
-    np.testing.assert_allclose(maps_g, maps, rtol=1e-5, atol=1e-6)
-    assert f"tensor<3x3x{channels}x{64 * group}x" in grouped
-    assert f"tensor<2x16x{16 // group}x{channels}x" in grouped
-    assert "tensor<3x3x3x64x" in text and f"tensor<3x3x{channels}x" not in text
-    assert grouped.count("stablehlo.convolution") == text.count("stablehlo.convolution")
+def test_v3_variant_puts_back_cudnns_conv1_1_and_its_relu():
+    # v3 re-creates the code before conv1_1's Pallas kernel: a model told to take the kernel
+    # ('pallas'; 'auto' takes it only on a Hopper GPU) traces cuDNN's conv1_1 again, with the
+    # same maps, and the kernel is back after the block.
+    from mlnet_jax.models import MLNet
+    model = MLNet(first_conv="pallas", width_multiplier=0.25)
+    images = jnp.asarray(np.random.default_rng(4).normal(0, 60, (1, 16, 16, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), images)
 
-    _assert_trains_like_the_code(variant)
-    assert jax.lax.conv_general_dilated is throughput._LOADED["conv"]  # restored after the block
+    def convolutions_and_maps():
+        fn = jax.jit(model.apply)
+        return fn.lower(variables, images).as_text().count("stablehlo.convolution"), fn(
+            variables, images)
 
-
-@pytest.mark.parametrize("rows, cols", [(8, 32), (6, 48), (5, 16)])  # programs of 4, 2, 1 rows
-def test_conv1_pallas_kernel_computes_conv_bias_relu_and_its_gradients(rows, cols):
-    # The Pallas kernel (interpreted on a CPU) against lax's convolution: float32 sums to
-    # rounding, bfloat16 within one rounding of the float32 result; the hand-written backward
-    # pass against autodiff of the plain formula.
-    conv1_pallas = throughput.sibling("conv1_pallas")
-    rng = np.random.default_rng(rows)
-    x, kernel, bias = (rng.standard_normal(s).astype(np.float32)
-                       for s in ((2, rows, cols, 3), (3, 3, 3, 64), (64,)))
-
-    def plain(x, kernel, bias):
-        return jax.nn.relu(jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision="highest") + bias)
-
-    expected = np.asarray(plain(x, kernel, bias))
-    assert (expected == 0).mean() > 0.3  # the ReLU cuts
-    fused = conv1_pallas.conv_bias_relu(x, kernel, bias, interpret=True)
-    np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
-    as_bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, kernel, bias)]
-    fused16 = conv1_pallas.conv_bias_relu(*as_bf16, interpret=True)
-    exact16 = plain(*[a.astype(jnp.float32) for a in as_bf16])
-    assert fused16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(fused16.astype(np.float32), exact16, rtol=2 ** -8, atol=1e-6)
-
-    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2 * jnp.arange(64))  # noqa: E731
-    expected = jax.grad(loss(plain), (0, 1, 2))(x, kernel, bias)
-    for backward in ("xla", "pallas"):
-        fused = partial(conv1_pallas.conv_bias_relu, backward=backward, interpret=True)
-        got = jax.grad(loss(fused), (0, 1, 2))(x, kernel, bias)
-        for g, e in zip(got, expected):
-            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
-
-
-def test_conv1_pallas_kernel_lowers_to_triton_at_the_headline_size():
-    # What a CPU can check of the GPU program: Pallas lowers it to a Triton call for CUDA at
-    # 32 × 480×640 (block shapes, indexing, the products' dtypes) for an H200 (newer JAX asks
-    # which card), and XLA's remaining work is the column taps; compiling it needs the card.
-    conv1_pallas = throughput.sibling("conv1_pallas")
-    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((32, 480, 640, 3), (3, 3, 3, 64),
-                                                              (64,))]
-    fn = jax.jit(partial(conv1_pallas.conv_bias_relu, interpret=False))
-    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=card)):
-        text = fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-        loss = lambda *a: jnp.sum(conv1_pallas.conv_bias_relu(  # noqa: E731
-            *a, backward="pallas", interpret=False).astype(jnp.float32))
-        grads = jax.jit(jax.grad(loss, (1, 2))).trace(*shapes).lower(lowering_platforms=("cuda",))
-    assert text.count("__gpu$xla.gpu.triton") == 1
-    assert "stablehlo.convolution" not in text
-    assert "tensor<32x482x640x16xbf16>" in text and "tensor<32x480x640x64xbf16>" in text
-    # The backward kernel: partial sums per image, block of 32 rows and of 128 columns.
-    grads = grads.as_text()
-    assert grads.count("__gpu$xla.gpu.triton") == 2
-    assert "tensor<32x15x5x3x16x64xf32>" in grads and "tensor<32x15x5x64xf32>" in grads
-
-
-@pytest.mark.parametrize("variant", ["cand_conv1_pallas", "cand_conv1_pallas_bwd"])
-def test_conv1_pallas_variants_predict_and_train_like_the_code(variant):
-    # The variants swap conv1_1 (flax's Conv) for the kernel and drop the ReLU after it: the
-    # same maps and the same training step, one convolution fewer in the predict program.
-    (text, maps), (fused, maps_p) = _predict(None), _predict(variant)
-    np.testing.assert_allclose(maps_p, maps, rtol=1e-5, atol=1e-6)
-    assert fused.count("stablehlo.convolution") == text.count("stablehlo.convolution") - 1
-    with throughput.patched(variant):  # conv1_1's ReLU is the kernel's
-        assert _train_step_hlo(width=1 / 2).count("optimization_barrier") == 14
-    _assert_trains_like_the_code(variant)
-    import flax.linen as nn
-    from mlnet_jax import relu, vgg
-    assert nn.Conv is nn.linear.Conv and vgg.relu is relu.relu  # restored after the block
+    kernel, maps = convolutions_and_maps()
+    with throughput.patched("v3"):
+        plain, maps_v3 = convolutions_and_maps()
+    assert plain == kernel + 1
+    np.testing.assert_allclose(maps_v3, maps, rtol=1e-5, atol=1e-6)
+    assert convolutions_and_maps()[0] == kernel
 
 
 def test_a_candidate_that_rewrites_no_convolution_fails_instead_of_measuring_the_code():

@@ -1,0 +1,186 @@
+"""conv1_1 + bias + ReLU as a Pallas kernel (mlnet_jax/first_conv.py): its sums and gradients
+against lax's convolution (Pallas's interpreter on a CPU), its CUDA lowering, where 'auto'
+takes it, and the model and training step with it against the model without it."""
+
+from functools import partial
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlnet_jax import first_conv
+
+
+def _plain(x, kernel, bias):
+    return jax.nn.relu(jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision="highest") + bias)
+
+
+@pytest.mark.parametrize("rows, cols", [(8, 32), (6, 48), (5, 16)])  # programs of 4, 2, 1 rows
+def test_the_kernel_computes_conv_bias_relu_and_its_gradients(rows, cols):
+    # float32 sums to rounding, bfloat16 within one rounding of the float32 result; the
+    # hand-written backward pass (weight and bias gradients from the second kernel, the image's
+    # from XLA) against autodiff of the plain formula.
+    rng = np.random.default_rng(rows)
+    x, kernel, bias = (rng.standard_normal(s).astype(np.float32)
+                       for s in ((2, rows, cols, 3), (3, 3, 3, 64), (64,)))
+    expected = np.asarray(_plain(x, kernel, bias))
+    assert (expected == 0).mean() > 0.3  # the ReLU cuts
+    np.testing.assert_allclose(first_conv.conv_bias_relu(x, kernel, bias), expected,
+                               rtol=1e-5, atol=1e-5)
+    as_bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, kernel, bias)]
+    fused16 = first_conv.conv_bias_relu(*as_bf16)
+    assert fused16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(fused16.astype(np.float32),
+                               _plain(*[a.astype(jnp.float32) for a in as_bf16]),
+                               rtol=2 ** -8, atol=1e-6)
+
+    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2 * jnp.arange(64))  # noqa: E731
+    expected = jax.grad(loss(_plain), (0, 1, 2))(x, kernel, bias)
+    got = jax.grad(loss(first_conv.conv_bias_relu), (0, 1, 2))(x, kernel, bias)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
+
+
+def test_the_kernel_lowers_to_two_triton_calls_at_the_headline_size(monkeypatch):
+    # What a CPU can check of the GPU program: Pallas lowers both kernels to Triton calls for
+    # CUDA at 32 × 480×640 (block shapes, indexing, the products' dtypes) for an H200 (newer
+    # JAX asks which card), and XLA's conv1_1 is gone from the forward pass; compiling them
+    # needs the card (measured on an H200, 2026-11-28: benchmarks/results).
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
+    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((32, 480, 640, 3), (3, 3, 3, 64),
+                                                              (64,))]
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=card)):
+        forward = jax.jit(first_conv.conv_bias_relu).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+        loss = lambda *a: jnp.sum(first_conv.conv_bias_relu(*a).astype(jnp.float32))  # noqa: E731
+        grads = jax.jit(jax.grad(loss, (1, 2))).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert forward.count("__gpu$xla.gpu.triton") == 1
+    assert "stablehlo.convolution" not in forward
+    assert "tensor<32x482x640x16xbf16>" in forward and "tensor<32x480x640x64xbf16>" in forward
+    # The backward kernel: partial sums per image, block of 32 rows and of 128 columns.
+    assert grads.count("__gpu$xla.gpu.triton") == 2
+    assert "tensor<32x15x5x3x16x64xf32>" in grads and "tensor<32x15x5x64xf32>" in grads
+
+
+def _fake_devices(monkeypatch, count=1, backend="gpu", capability="9.0"):
+    monkeypatch.setattr(jax, "device_count", lambda: count)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "devices", lambda: [SimpleNamespace(compute_capability=capability)])
+
+
+HEADLINE = (32, 480, 640, 3)
+
+
+def test_auto_takes_the_kernel_only_in_bfloat16_on_one_hopper_gpu(monkeypatch):
+    # Where it was measured (an H200, bfloat16, one device); elsewhere XLA's conv1_1: on a CPU,
+    # in float32, on an Ampere card, with several devices (the kernel is not partitioned), for a
+    # width the kernel cannot tile, and where this JAX has no Triton backend for Pallas.
+    assert not first_conv.kernel_applies("auto", HEADLINE, jnp.bfloat16)  # this CPU
+    _fake_devices(monkeypatch)
+    assert first_conv.kernel_applies("auto", HEADLINE, jnp.bfloat16)
+    assert not first_conv.kernel_applies("auto", HEADLINE, jnp.float32)
+    assert not first_conv.kernel_applies("auto", (32, 480, 632, 3), jnp.bfloat16)
+    assert not first_conv.kernel_applies("xla", HEADLINE, jnp.bfloat16)
+    for other in ({"capability": "8.0"}, {"count": 2}, {"backend": "tpu"}):
+        _fake_devices(monkeypatch, **other)
+        assert not first_conv.kernel_applies("auto", HEADLINE, jnp.bfloat16), other
+    _fake_devices(monkeypatch)
+    monkeypatch.setattr(first_conv, "_triton_available", lambda: False)
+    assert not first_conv.kernel_applies("auto", HEADLINE, jnp.bfloat16)
+
+
+def test_pallas_forces_the_kernel_and_names_what_it_cannot_take():
+    assert first_conv.kernel_applies("pallas", HEADLINE, jnp.float32)
+    with pytest.raises(ValueError, match="widths divisible by 16, got 24"):
+        first_conv.kernel_applies("pallas", (1, 16, 24, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"3-channel NHWC images, got shape \(1, 16, 16, 4\)"):
+        first_conv.kernel_applies("pallas", (1, 16, 16, 4), jnp.float32)
+    with pytest.raises(ValueError, match="first_conv must be one of auto, xla, pallas, got 'gpu'"):
+        first_conv.kernel_applies("gpu", HEADLINE, jnp.float32)
+
+
+def _model_and_images(mode):
+    from mlnet_jax.models import MLNet
+    model = MLNet(first_conv=mode, width_multiplier=0.25)
+    images = jnp.asarray(np.random.default_rng(0).normal(0, 60, (2, 16, 32, 3)), jnp.float32)
+    return model, images
+
+
+def test_the_model_with_the_kernel_has_the_same_parameters_maps_and_one_convolution_fewer():
+    # conv1_1's parameters keep flax Conv's names, shapes and initial values (checkpoints and
+    # converted weights load either way); the maps are the same; the program's conv1_1 and its
+    # ReLU are the kernel's.
+    (xla, images), (pallas, _) = _model_and_images("xla"), _model_and_images("pallas")
+    variables = xla.init(jax.random.key(1), images)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), variables,
+                                     pallas.init(jax.random.key(1), images)))
+    assert float(jnp.abs(variables["params"]["backbone"]["conv1_1"]["kernel"]).max()) > 0
+    np.testing.assert_allclose(pallas.apply(variables, images), xla.apply(variables, images),
+                               rtol=1e-5, atol=1e-6)
+    text = {m: jax.jit(m.apply).lower(variables, images).as_text() for m in (xla, pallas)}
+    assert text[pallas].count("stablehlo.convolution") == text[xla].count(
+        "stablehlo.convolution") - 1
+
+
+def test_a_training_step_with_the_kernel_is_the_step_without_it():
+    # One real train step (loss, optimiser, dropout): the same loss and update, conv1_1's
+    # included (the kernel's weight and bias gradients).
+    from mlnet_jax.optim import make_optimizer
+    from mlnet_jax.train import create_train_state, train_step
+    tx = make_optimizer(1e-2, 5e-4, 0.9)
+    rng = np.random.default_rng(2)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 16, 32, 3)), jnp.uint8),
+             "target": jnp.asarray(rng.uniform(size=(2, 2, 4, 1)), jnp.float32)}
+    results = {}
+    for mode in ("xla", "pallas"):
+        model, images = _model_and_images(mode)
+        params = model.init(jax.random.key(0), images)["params"]
+        step = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe"))
+        results[mode] = step(create_train_state(params, tx, 0, seed=0), batch), params
+    ((a, ma), start), ((b, mb), _) = results["xla"], results["pallas"]
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+    for name in ("kernel", "bias"):
+        moved = b.trainable["backbone"]["conv1_1"][name] - start["backbone"]["conv1_1"][name]
+        assert float(jnp.abs(moved).max()) > 1e-6, name
+
+
+def test_the_training_config_chooses_where_conv1_1_runs(tmp_path, monkeypatch):
+    # config.first_conv reaches the model the run builds; 'pallas' with an input width the
+    # kernel cannot tile is one line naming the field, before anything runs.
+    import sys
+    from pathlib import Path
+
+    from mlnet_jax.errors import UserError
+    from mlnet_jax.train import train_and_evaluate
+    sys.path.insert(0, str(Path(__file__).parent / "configs"))
+    import tiny
+
+    class Traced(Exception):
+        pass
+
+    seen = []
+
+    def record(mode, shape, dtype):
+        seen.append(mode)
+        raise Traced
+
+    monkeypatch.setattr(first_conv, "kernel_applies", record)
+    config = tiny.get_config()
+    config.first_conv = "xla"
+    with pytest.raises(Traced):
+        train_and_evaluate(config, tmp_path / "run")
+    assert seen and set(seen) == {"xla"}
+
+    config.first_conv, config.input_size = "pallas", (32, 40)
+    with pytest.raises(UserError, match=r"^config.first_conv must be 'auto' or 'xla' for an input "
+                                        r"width not divisible by 16 \(the kernel's\), got 'pallas'$"):
+        train_and_evaluate(config, tmp_path / "other")
