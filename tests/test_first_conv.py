@@ -13,10 +13,14 @@ import pytest
 from mlnet_jax import first_conv
 
 
+def _pre_activation(x, kernel, bias):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision="highest") + bias
+
+
 def _plain(x, kernel, bias):
-    return jax.nn.relu(jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision="highest") + bias)
+    return jax.nn.relu(_pre_activation(x, kernel, bias))
 
 
 @pytest.mark.parametrize("rows, cols", [(8, 32), (6, 48), (5, 16)])  # programs of 4, 2, 1 rows
@@ -38,7 +42,12 @@ def test_the_kernel_computes_conv_bias_relu_and_its_gradients(rows, cols):
                                _plain(*[a.astype(jnp.float32) for a in as_bf16]),
                                rtol=2 ** -8, atol=1e-6)
 
-    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2 * jnp.arange(64))  # noqa: E731
+    # Random weights: the incoming gradient is not 0 where the ReLU cut, so a backward pass
+    # that did not mask it would show; 0 where the pre-activation is within rounding of 0 (the
+    # two sums may then disagree on its sign).
+    pre = np.asarray(_pre_activation(x, kernel, bias))
+    weights = np.where(np.abs(pre) < 1e-3, 0, rng.standard_normal(pre.shape)).astype(np.float32)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * weights)  # noqa: E731
     expected = jax.grad(loss(_plain), (0, 1, 2))(x, kernel, bias)
     got = jax.grad(loss(first_conv.conv_bias_relu), (0, 1, 2))(x, kernel, bias)
     for g, e in zip(got, expected):
@@ -127,6 +136,19 @@ def test_the_model_with_the_kernel_has_the_same_parameters_maps_and_one_convolut
     text = {m: jax.jit(m.apply).lower(variables, images).as_text() for m in (xla, pallas)}
     assert text[pallas].count("stablehlo.convolution") == text[xla].count(
         "stablehlo.convolution") - 1
+
+
+def test_a_bfloat16_model_runs_the_kernel_in_bfloat16(monkeypatch):
+    # The compute dtype reaches the kernel (the parameters are float32): a float32 kernel in a
+    # bfloat16 model would give the same maps at twice the memory traffic.
+    seen, real = [], first_conv.conv_bias_relu
+    monkeypatch.setattr(first_conv, "conv_bias_relu",
+                        lambda *a: seen.append([x.dtype for x in a]) or real(*a))
+    model, images = _model_and_images("pallas")
+    model = model.clone(dtype=jnp.bfloat16)
+    variables = jax.eval_shape(model.init, jax.random.key(1), images)
+    assert variables["params"]["backbone"]["conv1_1"]["kernel"].dtype == jnp.float32
+    assert seen == [[jnp.bfloat16] * 3]
 
 
 def test_a_training_step_with_the_kernel_is_the_step_without_it():
