@@ -206,3 +206,44 @@ def test_the_training_config_chooses_where_conv1_1_runs(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^config.first_conv must be 'auto' or 'xla' for an input "
                                         r"width not divisible by 16 \(the kernel's\), got 'pallas'$"):
         train_and_evaluate(config, tmp_path / "other")
+
+
+def test_auto_traces_the_kernels_the_h200_measured_into_the_real_train_step(monkeypatch):
+    # The real bfloat16 train step at 32 × 480×640, lowered for CUDA with 'auto' on a (faked)
+    # lone Hopper GPU, calls the two Triton kernels with the shapes of the program measured on
+    # the H200 as cand_conv1_pallas_bwd (+2.8 to +3.1 % training, 2026-11-28), whose optimised
+    # HLO is committed: the forward from the (32, 482, 640, 16) column copies to conv1_1's
+    # output, the weight gradient as partial sums per image, 32-row and 128-column block.
+    import gzip
+    import re
+    from pathlib import Path
+
+    from mlnet_jax.inference import ModelInfo
+    from mlnet_jax.optim import make_optimizer
+    from mlnet_jax.train import create_train_state, train_step
+    monkeypatch.setattr(first_conv, "_lone_hopper_gpu", lambda: True)
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
+    info = ModelInfo(input_size=(480, 640), preprocessing="caffe")
+    model, tx = info.build(jnp.bfloat16), make_optimizer(1e-3, 5e-4, 0.9)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 480, 640, 3)))["params"]
+    state = jax.eval_shape(partial(create_train_state, tx=tx, frozen_convs=0, seed=0), params)
+    batch = {"image": jax.ShapeDtypeStruct((32, 480, 640, 3), jnp.uint8),
+             "target": jax.ShapeDtypeStruct((32, 60, 80, 1), jnp.float32)}
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=card)):
+        text = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe")).trace(
+            state, batch).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    measured = gzip.open(Path(__file__).parents[1] / "benchmarks" / "results"
+                         / "hlo-2026-11-28-nvidia-h200"
+                         / "hlo_train_bfloat16_full_32x480x640_cand_conv1_pallas_bwd.txt.gz",
+                         "rt").read()
+    calls = [line for line in measured.splitlines() if '"__gpu$xla.gpu.triton"' in line]
+    assert len(calls) == 2
+    assert re.search(r"= bf16\[32,480,640,64\].* custom-call\(", calls[0])
+    assert "bf16[32,482,640,16]" in calls[0]
+    assert re.search(r"= \(f32\[32,15,5,3,16,64\].*, f32\[32,15,5,64\].*\) custom-call", calls[1])
+    for shape in ("32x482x640x16xbf16", "32x480x640x64xbf16", "32x15x5x3x16x64xf32",
+                  "32x15x5x64xf32"):
+        assert f"tensor<{shape}>" in text, shape
