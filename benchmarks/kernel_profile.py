@@ -39,6 +39,7 @@ _CUSTOM_CALLS = {
     "__cudnn$convBackwardFilter": CONV_WEIGHT_GRAD,
     "__cublas$gemm": "gemm",
     "__cublas$lt$matmul": "gemm",
+    "__gpu$xla.gpu.triton": "Pallas kernel",  # mlnet_jax/first_conv.py's conv1_1 kernels
 }
 _FUSION_KINDS = {"kLoop": "element-wise fusion", "kInput": "reduction fusion",
                  "kOutput": "output fusion"}

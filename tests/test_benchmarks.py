@@ -576,6 +576,19 @@ def test_cudnn_calls_of_the_h200_executables_do_the_modelled_flops(name, mode):
         assert names["input_reduce_select_fusion.13"]["category"] == "reduction fusion"
 
 
+def test_the_profile_names_the_pallas_kernels_of_the_h200_program():
+    # The conv1_1 kernels (Triton custom calls) are their own kind in the per-kernel table, not
+    # "custom call": the program measured on 2026-11-28 with both of them.
+    import gzip
+    text = gzip.open(REPO / "benchmarks" / "results" / "hlo-2026-11-28-nvidia-h200"
+                     / "hlo_train_bfloat16_full_32x480x640_cand_conv1_pallas_bwd.txt.gz",
+                     "rt").read()
+    names = kernel_profile.hlo_categories(text)
+    pallas = {n for n, e in names.items() if e["category"] == "Pallas kernel"}
+    assert {"pallas_call.4", "pallas_call.5"} <= pallas
+    assert not any(e["category"] == "custom call" for e in names.values())
+
+
 @cache  # the code as it is serves several comparisons
 def _one_train_step(variant, width=0.25):
     """One real train step (lr 1e-2, fixed data) with ``variant`` patched in while tracing:
