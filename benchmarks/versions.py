@@ -3,12 +3,12 @@
 Each replaces one function of the package while the step is traced, so an adopted lever can
 be measured against what it replaced in the same run on the same card (benchmarks/NOTES.md,
 "Versions"). v3: conv1_1 by cuDNN with its ReLU apart, not ``mlnet_jax/first_conv.py``'s
-Pallas kernel (the code measured on 2026-11-28; every earlier version is v3 at conv1_1). v2.1: the ReLU (``mlnet_jax/relu.py``) and the pool as two operations, the
-pool's gradient compared the ReLU's saved output with the pooled output, ties to the first
-maximum except for Theano's rule where ``pool_ties`` asks for it (the code measured on
-2026-11-27; v2, measured on 2026-11-26, gave every tie the gradient). v1: autodiff's
-gradients for both. v0: v1 with pool4 by reduce_window and one random word per dropout
-element.
+Pallas kernel (the code measured on 2026-11-28; every earlier version is v3 at conv1_1).
+v2.1: the ReLU (``mlnet_jax/relu.py``) and the pool as two operations, the pool's gradient
+compared the ReLU's saved output with the pooled output, ties to the first maximum except for
+Theano's rule where ``pool_ties`` asks for it (the code measured on 2026-11-27; v2, measured on
+2026-11-26, gave every tie the gradient). v1: autodiff's gradients for both. v0: v1 with pool4
+by reduce_window and one random word per dropout element.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 
-def v3_kernel_applies(mode, shape, dtype):
+def v3_kernel_applies(mode, shape, dtype, features=64):
     """v3: conv1_1 never takes the Pallas kernel (``first_conv.kernel_applies``)."""
     return False
 

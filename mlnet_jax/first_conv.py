@@ -33,14 +33,15 @@ FIRST_CONV_MODES: tuple[str, ...] = ("auto", "xla", "pallas")
 CHANNELS = 16  # the products' K: 9 of the 16 are the 3 column taps × 3 colours
 
 
-def kernel_applies(mode: str, shape: tuple[int, ...], dtype) -> bool:
-    """Whether conv1_1 of an input of ``shape`` (NHWC) computed in ``dtype`` takes the kernel.
-    ``mode="pallas"`` on a shape it cannot take is an error, not a silent fallback."""
+def kernel_applies(mode: str, shape: tuple[int, ...], dtype, features: int = 64) -> bool:
+    """Whether conv1_1 of an input of ``shape`` (NHWC) computed in ``dtype`` with ``features``
+    output channels takes the kernel. ``mode="pallas"`` on a shape it cannot take is an error,
+    not a silent fallback."""
     if mode not in FIRST_CONV_MODES:
         raise ValueError(f"first_conv must be one of {', '.join(FIRST_CONV_MODES)}, got {mode!r}")
     if mode == "xla":
         return False
-    reason = _unfit_reason(shape, dtype)
+    reason = unfit_reason(shape, dtype, features)
     if mode == "pallas":
         if reason:
             raise ValueError(f"first_conv='pallas': {reason}")
@@ -49,13 +50,16 @@ def kernel_applies(mode: str, shape: tuple[int, ...], dtype) -> bool:
             and _triton_available())
 
 
-def _unfit_reason(shape, dtype) -> str:
+def unfit_reason(shape, dtype, features: int = 64) -> str:
+    """Why the kernel cannot take conv1_1 of this input, or "" where it can."""
     if len(shape) != 4 or shape[3] != 3:
         return f"the kernel takes 3-channel NHWC images, got shape {tuple(shape)}"
     if _block_width(shape[2]) is None:
         return f"the kernel takes widths divisible by 16, got {shape[2]}"
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float32):
         return f"the kernel computes in bfloat16 or float32, got {jnp.dtype(dtype).name}"
+    if features < 16 or features & (features - 1):  # Triton's blocks: powers of two, N >= 16
+        return f"the kernel takes 16, 32, 64, ... output channels, got {features}"
     return ""
 
 
@@ -68,10 +72,10 @@ def _lone_hopper_gpu() -> bool:
 
 def _triton_available() -> bool:
     try:
-        from jax.experimental.pallas import triton  # noqa: F401
+        from jax.experimental.pallas import triton
     except ImportError:
         return False
-    return True
+    return hasattr(triton, "CompilerParams")  # what _triton_params needs
 
 
 def interpreted() -> bool:
@@ -92,17 +96,18 @@ def _conv_bias_relu(x, kernel, bias, interpret):
 
 def _conv_bias_relu_forward(x, kernel, bias, interpret):
     y = _forward_kernel(x, kernel, bias, interpret)
-    return y, (x, kernel, y)
+    return y, (x, kernel, bias, y)
 
 
 def _conv_bias_relu_backward(interpret, residuals, g):
-    x, kernel, y = residuals
+    x, kernel, bias, y = residuals
     dkernel, dbias = _weight_grad_kernel(x, y, g, interpret)
-    # The image's gradient (XLA drops it where nothing uses it, as in training).
+    # The image's gradient (XLA drops it where nothing uses it, as in training), in x's dtype
+    # whatever the kernel's (lax's convolution takes one dtype).
     masked = jnp.where(y > 0, g, jnp.zeros((), g.dtype))
-    _, image_vjp = jax.vjp(lambda image: reference_conv(image, kernel), x)
+    _, image_vjp = jax.vjp(lambda image: reference_conv(image, kernel.astype(x.dtype)), x)
     (dx,) = image_vjp(masked)
-    return dx, dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype)
+    return dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
 
 
 _conv_bias_relu.defvjp(_conv_bias_relu_forward, _conv_bias_relu_backward)

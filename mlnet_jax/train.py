@@ -34,7 +34,7 @@ from mlnet_jax.errors import UserError
 from mlnet_jax.evaluation import (EvaluationStopped, check_data_fields, evaluate_split,
                                   require_ground_truth)
 from mlnet_jax.file_lock import exclusive_lock
-from mlnet_jax.first_conv import FIRST_CONV_MODES
+from mlnet_jax.first_conv import FIRST_CONV_MODES, unfit_reason
 from mlnet_jax.inference import ModelInfo
 from mlnet_jax.loss import mlnet_loss
 from mlnet_jax.models import OUTPUT_STRIDE, MLNet
@@ -344,6 +344,10 @@ def check_config(config) -> None:
         fail("first_conv", " or ".join(FIRST_CONV_MODES))
     if config.first_conv == "pallas" and size[1] % 16:
         fail("first_conv", "'auto' or 'xla' for an input width not divisible by 16 (the kernel's)")
+    if config.first_conv == "pallas" and unfit_reason(
+            (1, *size, 3), "float32", max(1, round(64 * config.width_multiplier))):
+        fail("first_conv", "'auto' or 'xla' for a width_multiplier that gives conv1_1 other than "
+                           "16, 32, 64, ... channels (the kernel's)")
     if not 0 <= config.seed < 2**32:
         fail("seed", "in [0, 2**32)")
 

@@ -219,8 +219,8 @@ class VGG16(nn.Module):
         outputs = {}
         for name, features in VGG16_CONVS:
             features = max(1, round(features * self.width_multiplier))
-            if name == "conv1_1" and first_conv_kernel.kernel_applies(self.first_conv, x.shape,
-                                                                      self.dtype):
+            if name == "conv1_1" and first_conv_kernel.kernel_applies(
+                    self.first_conv, x.shape, self.dtype, features=features):
                 x = first_conv_kernel.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)
                 continue
             x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,

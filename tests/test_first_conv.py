@@ -76,6 +76,9 @@ def test_the_kernel_lowers_to_two_triton_calls_at_the_headline_size(monkeypatch)
     # The backward kernel: partial sums per image, block of 32 rows and of 128 columns.
     assert grads.count("__gpu$xla.gpu.triton") == 2
     assert "tensor<32x15x5x3x16x64xf32>" in grads and "tensor<32x15x5x64xf32>" in grads
+    # ... and the weight and bias gradients are its: no convolution left for XLA (the image's
+    # gradient, unused here, is dropped before lowering).
+    assert "stablehlo.convolution" not in grads
 
 
 def _fake_devices(monkeypatch, count=1, backend="gpu", capability="9.0"):
@@ -113,6 +116,50 @@ def test_pallas_forces_the_kernel_and_names_what_it_cannot_take():
         first_conv.kernel_applies("pallas", (1, 16, 16, 4), jnp.float32)
     with pytest.raises(ValueError, match="first_conv must be one of auto, xla, pallas, got 'gpu'"):
         first_conv.kernel_applies("gpu", HEADLINE, jnp.float32)
+    with pytest.raises(ValueError, match="the kernel computes in bfloat16 or float32, got float16"):
+        first_conv.kernel_applies("pallas", HEADLINE, jnp.float16)
+
+
+@pytest.mark.parametrize("features", [8, 48, 96])
+def test_conv1_1_widths_triton_cannot_tile_keep_xlas_convolution(monkeypatch, features):
+    # Triton's blocks are powers of two (and a product's N at least 16): a width_multiplier
+    # that gives conv1_1 6, 13, 48 or 96 channels failed to lower for CUDA ("... size is a
+    # power of 2"). 'auto' keeps XLA's conv1_1 there, 'pallas' says why, and so does the
+    # training config before anything runs.
+    _fake_devices(monkeypatch)
+    assert first_conv.kernel_applies("auto", HEADLINE, jnp.bfloat16, features=64)
+    assert not first_conv.kernel_applies("auto", HEADLINE, jnp.bfloat16, features=features)
+    with pytest.raises(ValueError, match=f"16, 32, 64, ... output channels, got {features}"):
+        first_conv.kernel_applies("pallas", HEADLINE, jnp.bfloat16, features=features)
+    from mlnet_jax.models import MLNet  # the model asks with conv1_1's width, not VGG-16's 64
+    with pytest.raises(ValueError, match=f"output channels, got {features}"):
+        jax.eval_shape(MLNet(first_conv="pallas", width_multiplier=features / 64).init,
+                       jax.random.key(0), jnp.zeros((1, 16, 32, 3)))
+    import sys
+    from pathlib import Path
+
+    from mlnet_jax.errors import UserError
+    from mlnet_jax.train import check_config
+    sys.path.insert(0, str(Path(__file__).parent / "configs"))
+    import tiny
+    config = tiny.get_config()
+    config.first_conv, config.width_multiplier = "pallas", features / 64
+    with pytest.raises(UserError, match=r"^config.first_conv must be 'auto' or 'xla' for a "
+                                        r"width_multiplier"):
+        check_config(config)
+
+
+def test_the_kernels_gradients_keep_each_arguments_dtype():
+    # A bfloat16 image with float32 weights (the forward casts them): the image's gradient
+    # comes from lax's convolution, which takes one dtype, and each gradient has its
+    # argument's dtype.
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((1, 8, 16, 3)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 16)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(16), jnp.float32)
+    loss = lambda *a: jnp.sum(first_conv.conv_bias_relu(*a).astype(jnp.float32))  # noqa: E731
+    grads = jax.grad(loss, (0, 1, 2))(x, kernel, bias)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
 
 
 def _model_and_images(mode):
@@ -192,7 +239,7 @@ def test_the_training_config_chooses_where_conv1_1_runs(tmp_path, monkeypatch):
 
     seen = []
 
-    def record(mode, shape, dtype):
+    def record(mode, shape, dtype, features=64):
         seen.append(mode)
         raise Traced
 
@@ -248,3 +295,7 @@ def test_auto_traces_the_kernels_the_h200_measured_into_the_real_train_step(monk
     for shape in ("32x482x640x16xbf16", "32x480x640x64xbf16", "32x15x5x3x16x64xf32",
                   "32x15x5x64xf32"):
         assert f"tensor<{shape}>" in text, shape
+    # The same launches: grid (the programs' rows and columns), warps and pipeline stages.
+    launch = r"(grid_[xyz]|num_warps|num_stages) = (\d+) : i32"
+    measured_launches = [m for c in calls for m in re.findall(launch, c)]
+    assert len(measured_launches) == 10 and re.findall(launch, text) == measured_launches
