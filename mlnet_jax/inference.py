@@ -52,17 +52,20 @@ class ModelInfo:
     def to_metadata(self) -> dict:
         return {"model": "mlnet", **dataclasses.asdict(self), "input_size": list(self.input_size)}
 
-    def build(self, dtype=jnp.float32) -> MLNet:
+    def build(self, dtype=jnp.float32, first_conv: str = "auto") -> MLNet:
+        """The model; ``first_conv`` says where conv1_1 runs (``mlnet_jax.first_conv``)."""
         return MLNet(prior=self.prior, pooling=self.pooling, dtype=dtype,
-                     width_multiplier=self.width_multiplier)
+                     width_multiplier=self.width_multiplier, first_conv=first_conv)
 
 
-def load_model(path: str | os.PathLike, dtype=jnp.float32) -> tuple[MLNet, dict, ModelInfo]:
+def load_model(path: str | os.PathLike, dtype=jnp.float32,
+               first_conv: str = "auto") -> tuple[MLNet, dict, ModelInfo]:
     """(model, variables, info) from a converted full-model ``.npz`` or an Orbax checkpoint.
 
     ``path`` may be a training workdir (its best, else latest, checkpoint), one checkpoint
     directory, or the output of ``convert_weights`` for a full ML-Net. ``dtype`` bfloat16 is
-    refused on a CPU backend that computes it wrongly (``compute_dtype``).
+    refused on a CPU backend that computes it wrongly (``compute_dtype``). ``first_conv``:
+    ``MLNet.first_conv``.
     """
     check_backend_computes(dtype)
     path = Path(path)
@@ -77,7 +80,7 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> tuple[MLNet, dict,
     else:
         raise WeightsError(f"{path}: no such file or directory")
     info = ModelInfo.from_metadata(metadata)
-    model = info.build(dtype)
+    model = info.build(dtype, first_conv)
     variables = {"params": jax.tree.map(jnp.asarray, params)}
     rows, cols = info.input_size
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, rows, cols, 3)))
@@ -213,8 +216,8 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | os.PathLike, batch_size: int = 8, dtype=jnp.float32,
-             max_pixels: int = MAX_PIXELS) -> "Predictor":
-        model, variables, info = load_model(path, dtype)
+             max_pixels: int = MAX_PIXELS, first_conv: str = "auto") -> "Predictor":
+        model, variables, info = load_model(path, dtype, first_conv)
         return cls(model, variables, info, batch_size, max_pixels=max_pixels)
 
     @property

@@ -552,6 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (default float32, as trained and evaluated; bfloat16 is "
                         "much faster on a GPU or TPU, its maps within a few grey levels)")
+    # first_conv.FIRST_CONV_MODES, named here so that --help does not import JAX
+    p.add_argument("--first-conv", choices=("auto", "xla", "pallas"), default="auto",
+                   help="where conv1_1 and its ReLU run: auto (default: a Pallas kernel in "
+                        "bfloat16 on one Hopper GPU, XLA's convolution elsewhere), xla, or "
+                        "pallas (off a GPU in Pallas's slow interpreter)")
     p.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
                    help="Gaussian blur of the maps, sigma in pixels of the original image "
                         "(default 0: none, as the original)")
@@ -623,7 +628,7 @@ def _predict_jobs(args: argparse.Namespace, dtype, jobs: list[Job],
 
     enable_compilation_cache(args.compilation_cache, "--compilation-cache")
     predictor = Predictor.load(Path(args.checkpoint).expanduser(), batch_size=args.batch_size,
-                               dtype=dtype)
+                               dtype=dtype, first_conv=args.first_conv)
     # One compilation per run: several inputs all go in whole batches; one image (or one short
     # video) alone is computed as the next power of two, not as a batch of --batch-size.
     predictor.whole_batches = len(jobs) > 1

@@ -420,8 +420,7 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
             info = model_info_from_config(config, init_metadata)
         else:  # the model the run started as: init_weights may be gone, or converted again
             loaded, info = None, ModelInfo.from_metadata(saved_meta["model"])
-        model = info.build(dtype).clone(dropout_rate=config.dropout_rate,
-                                        first_conv=config.first_conv)
+        model = info.build(dtype, config.first_conv).clone(dropout_rate=config.dropout_rate)
         tx = make_optimizer(config.learning_rate, config.lr_decay, config.momentum)
         learning_rate = keras1_decay_schedule(config.learning_rate, config.lr_decay)
         worker_count = config.worker_count

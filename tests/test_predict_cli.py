@@ -893,3 +893,24 @@ def test_blur_map_is_a_gaussian_and_fast_path_agrees():
     assert blur_map(peaked, 1e30).min() > 0.99
     with pytest.raises(ValueError, match="finite"):
         blur_map(peaked, float("inf"))
+
+
+def test_first_conv_reaches_the_model_and_the_kernel_makes_the_same_maps(model_file, tmp_path,
+                                                                        monkeypatch):
+    # --first-conv is passed to the model Predictor loads (on this CPU 'auto' keeps XLA's
+    # conv1_1; 'pallas' runs the kernel in Pallas's interpreter): the same map either way, and
+    # the choices are the package's.
+    from mlnet_jax import first_conv
+    from mlnet_jax.predict import build_parser
+    choices = next(a.choices for a in build_parser()._actions if a.dest == "first_conv")
+    assert tuple(choices) == first_conv.FIRST_CONV_MODES
+    calls, real = [], first_conv.conv_bias_relu
+    monkeypatch.setattr(first_conv, "conv_bias_relu", lambda *a: calls.append(1) or real(*a))
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_noise(24, 40, seed=7)).save(photo)
+    maps = {}
+    for mode in ("auto", "pallas"):
+        assert _predict(model_file, photo, tmp_path / mode, "--first-conv", mode) == 0
+        maps[mode] = np.asarray(Image.open(tmp_path / mode / "photo.png"), np.int16)
+        assert bool(calls) == (mode == "pallas"), mode  # traced once, in the pallas run only
+    assert np.abs(maps["pallas"] - maps["auto"]).max() <= 1 and maps["auto"].std() > 5
