@@ -64,7 +64,12 @@ def unfit_reason(shape, dtype, features: int = 64) -> str:
 
 
 def _lone_hopper_gpu() -> bool:
+    """One device, a Hopper GPU, and computations placed on it (not on the CPU by
+    ``jax.default_device``, where the Triton call cannot run)."""
     if jax.device_count() != 1 or jax.default_backend() != "gpu":
+        return False
+    placed = jax.config.jax_default_device
+    if placed is not None and getattr(placed, "platform", placed) != "gpu":
         return False
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
     return capability.split(".")[0] == "9"

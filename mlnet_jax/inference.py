@@ -207,6 +207,8 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         mesh = data_mesh() if mesh is None else mesh
+        if model.first_conv == "auto" and any(d.platform != "gpu" for d in mesh.devices.flat):
+            model = model.clone(first_conv="xla")  # the GPU kernel cannot run off the GPU
         self.info, self.max_pixels = info, max_pixels
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self._devices = mesh.size

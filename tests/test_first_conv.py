@@ -299,3 +299,30 @@ def test_auto_traces_the_kernels_the_h200_measured_into_the_real_train_step(monk
     launch = r"(grid_[xyz]|num_warps|num_stages) = (\d+) : i32"
     measured_launches = [m for c in calls for m in re.findall(launch, c)]
     assert len(measured_launches) == 10 and re.findall(launch, text) == measured_launches
+
+
+def test_auto_keeps_xla_for_computations_placed_on_the_cpu_of_a_gpu_machine(monkeypatch):
+    # With a Hopper GPU as the default backend, work placed on the CPU (jax.default_device, or
+    # a Predictor over CPU devices) must not get the Triton call, which cannot run there
+    # ("Only interpret mode is supported on CPU backend").
+    from mlnet_jax.inference import ModelInfo, Predictor
+    _fake_devices(monkeypatch)
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.default_device(cpu):
+        assert not first_conv.kernel_applies("auto", HEADLINE, jnp.bfloat16)
+    monkeypatch.undo()
+    monkeypatch.setattr(first_conv, "_lone_hopper_gpu", lambda: True)
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)  # as on the GPU machine
+    info = ModelInfo(input_size=(16, 32), preprocessing="caffe", width_multiplier=0.25)
+    model = info.build()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 32, 3)))
+    model = info.build(jnp.bfloat16)
+    assert model.first_conv == "auto"
+    predictor = Predictor(model, variables, info, batch_size=1,
+                          mesh=jax.sharding.Mesh(np.asarray([cpu]), ("data",)))
+    image = np.random.default_rng(0).integers(0, 256, (16, 32, 3), np.uint8)
+    (saliency,) = predictor([image])
+    assert saliency.shape == (16, 32)
+    from mlnet_jax.compute_dtype import cpu_bfloat16_convolutions_work
+    if cpu_bfloat16_convolutions_work():  # (JAX 0.11-0.12's XLA:CPU: NaN in bfloat16 convs)
+        assert np.isfinite(saliency).all()
