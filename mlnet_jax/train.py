@@ -42,6 +42,7 @@ from mlnet_jax.optim import keras1_decay_schedule, make_optimizer, merge_params,
 from mlnet_jax.preprocessing import normalize
 from mlnet_jax.prior import prior_penalty
 from mlnet_jax.sharding import batch_sharding, data_mesh, replicated
+from mlnet_jax.vgg import VGG16_CONVS, scaled_width
 from mlnet_jax.weights_file import check_param_shapes
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.py"
@@ -342,12 +343,11 @@ def check_config(config) -> None:
         fail("preprocessing", " or ".join(PREPROCESSINGS))
     if config.first_conv not in FIRST_CONV_MODES:
         fail("first_conv", " or ".join(FIRST_CONV_MODES))
-    if config.first_conv == "pallas" and size[1] % 16:
-        fail("first_conv", "'auto' or 'xla' for an input width not divisible by 16 (the kernel's)")
-    if config.first_conv == "pallas" and unfit_reason(
-            (1, *size, 3), "float32", max(1, round(64 * config.width_multiplier))):
-        fail("first_conv", "'auto' or 'xla' for a width_multiplier that gives conv1_1 other than "
-                           "16, 32, 64, ... channels (the kernel's)")
+    if config.first_conv == "pallas":
+        reason = unfit_reason((1, *size, 3), "float32",
+                              scaled_width(VGG16_CONVS[0][1], config.width_multiplier))
+        if reason:
+            fail("first_conv", f"'auto' or 'xla' where the kernel cannot take conv1_1 ({reason})")
     if not 0 <= config.seed < 2**32:
         fail("seed", "in [0, 2**32)")
 

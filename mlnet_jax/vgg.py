@@ -33,6 +33,11 @@ _POOL_STRIDE_AFTER = {"conv1_2": 2, "conv2_2": 2, "conv3_3": 2, "conv4_3": 1}
 PoolTies = Literal["all", "first"]
 
 
+def scaled_width(features: int, width_multiplier: float) -> int:
+    """A layer's channels in a VGG16 narrowed by ``width_multiplier`` (at least one)."""
+    return max(1, round(features * width_multiplier))
+
+
 def relu_max_pool_2x2(x: jax.Array, stride: int, alignment: PoolingAlignment,
                       ties: PoolTies = "first") -> jax.Array:
     """``max_pool_values(relu(x))``, 2×2 windows with 'same' output size ceil(n / stride),
@@ -218,7 +223,7 @@ class VGG16(nn.Module):
         x = x.astype(self.dtype)
         outputs = {}
         for name, features in VGG16_CONVS:
-            features = max(1, round(features * self.width_multiplier))
+            features = scaled_width(features, self.width_multiplier)
             if name == "conv1_1" and first_conv_kernel.kernel_applies(
                     self.first_conv, x.shape, self.dtype, features=features):
                 x = first_conv_kernel.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)

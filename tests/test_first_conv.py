@@ -144,8 +144,9 @@ def test_conv1_1_widths_triton_cannot_tile_keep_xlas_convolution(monkeypatch, fe
     import tiny
     config = tiny.get_config()
     config.first_conv, config.width_multiplier = "pallas", features / 64
-    with pytest.raises(UserError, match=r"^config.first_conv must be 'auto' or 'xla' for a "
-                                        r"width_multiplier"):
+    with pytest.raises(UserError, match=r"^config.first_conv must be 'auto' or 'xla' where the "
+                                        r"kernel cannot take conv1_1 \(the kernel takes 16, 32, "
+                                        rf"64, ... output channels, got {features}\), got 'pallas'$"):
         check_config(config)
 
 
@@ -251,8 +252,9 @@ def test_the_training_config_chooses_where_conv1_1_runs(tmp_path, monkeypatch):
     assert seen and set(seen) == {"xla"}
 
     config.first_conv, config.input_size = "pallas", (32, 40)
-    with pytest.raises(UserError, match=r"^config.first_conv must be 'auto' or 'xla' for an input "
-                                        r"width not divisible by 16 \(the kernel's\), got 'pallas'$"):
+    with pytest.raises(UserError, match=r"^config.first_conv must be 'auto' or 'xla' where the "
+                                        r"kernel cannot take conv1_1 \(the kernel takes widths "
+                                        r"divisible by 16, got 40\), got 'pallas'$"):
         train_and_evaluate(config, tmp_path / "other")
 
 
