@@ -627,17 +627,6 @@ def test_v1_variant_trains_the_same_step_without_the_barriers():
     assert float(jnp.abs(conv1_1).max()) > 1e-6  # the gradient reached the first layer
 
 
-def _assert_trains_like_the_code(variant):
-    """One real train step with ``variant`` gives the code's loss and update, and reaches
-    conv1_1 (the layer the conv1_1 candidates rewrite)."""
-    (a, ma, start), (b, mb, _) = _one_train_step(None), _one_train_step(variant)
-    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
-    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    conv1_1 = b.trainable["backbone"]["conv1_1"]["kernel"] - start["backbone"]["conv1_1"]["kernel"]
-    assert float(jnp.abs(conv1_1).max()) > 1e-6
-
-
 @cache
 def _predict(variant):
     """The real-width model's predict function on two fixed 16×16 images with ``variant``
