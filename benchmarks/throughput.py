@@ -266,14 +266,21 @@ def software_versions() -> dict:
 # operations, the code measured on 2026-11-27; v1: autodiff's gradients for both; v0: v1 with
 # pool4 by reduce_window and one random word per dropout element; v0_pool4 / v0_dropout: v1
 # with one of the two undone). cand_* put in levers of benchmarks/candidates.py, not adopted:
-# cand_rgb8 conv1_1 with its input padded to 8 channels.
+# cand_rgb8 conv1_1 with its input padded to 8 channels; cand_conv1_direct conv1_1's Pallas
+# kernels reading the image instead of its column copies (benchmarks/conv1_direct.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
-def _version(name: str):
-    """A stand-in for a package function: ``versions.<name>``, loaded on first use."""
+def _sibling_function(module: str, name: str):
+    """A stand-in for a package function: ``<module>.<name>`` of benchmarks/, loaded on first
+    use."""
     def call(*args, **kwargs):
-        return getattr(sibling("versions"), name)(*args, **kwargs)
+        return getattr(sibling(module), name)(*args, **kwargs)
     return call
+
+
+def _version(name: str):
+    """A stand-in for a package function: ``versions.<name>`` (an earlier version)."""
+    return _sibling_function("versions", name)
 
 
 def _conv_candidate(factory: str, **options):
@@ -317,6 +324,11 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                    _version("v0_dropout_keep_mask")},
     "cand_rgb8": {("jax.lax", "conv_general_dilated"):
                   _conv_candidate("conv_with_padded_colour_channels")},
+    "cand_conv1_direct": {
+        ("mlnet_jax.first_conv", "_forward_kernel"): _sibling_function("conv1_direct",
+                                                                       "forward_kernel"),
+        ("mlnet_jax.first_conv", "_weight_grad_kernel"): _sibling_function(
+            "conv1_direct", "weight_grad_kernel")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -328,7 +340,7 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
 # The others change gradients only.
-FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", *COMPILER_OPTIONS}
+FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", *COMPILER_OPTIONS}
 
 
 class patched:
@@ -364,8 +376,10 @@ class patched:
 
 
 def _conv_rewrites() -> int:
-    """Convolutions the candidates loaded so far have rewritten (``candidates._intercept``)."""
-    return sum(getattr(conv, "rewritten", 0) for conv in _LOADED.values())
+    """Convolutions the candidates loaded so far have rewritten (``candidates._intercept``,
+    a sibling module's ``rewritten``)."""
+    return (sum(getattr(conv, "rewritten", 0) for conv in _LOADED.values())
+            + sum(getattr(module, "rewritten", 0) for module in _SIBLINGS.values()))
 
 
 # --------------------------------------------------------------------------- JAX parts

@@ -788,3 +788,58 @@ def test_a_rows_rates_and_the_matmul_ceiling_follow_from_the_times():
     ceiling = throughput.measure_matmul(bench, "float32")
     assert ceiling["n"] == 64
     assert ceiling["tflops"] == pytest.approx(2 * 64 ** 3 / (ceiling["ms"] / 1e3) / 1e12)
+
+
+def test_candidate_conv1_direct_reads_the_image_and_computes_what_the_kernels_do():
+    # cand_conv1_direct: conv1_1's two kernels loading their 16-channel windows from the image
+    # itself (masked at its edges) instead of the column copies XLA writes: the same products
+    # and sums as the package's kernels (in Pallas's interpreter), maps and all three gradients
+    # bit for bit, on a size whose programs meet every edge; the code is back after the block.
+    from mlnet_jax import first_conv
+    rng = np.random.default_rng(7)
+    x, kernel, bias = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                       for s in ((2, 6, 48, 3), (3, 3, 3, 64), (64,)))
+    weights = jnp.asarray(rng.standard_normal((2, 6, 48, 64)), jnp.float32)
+
+    def maps_and_grads():
+        loss = lambda *a: jnp.sum(first_conv.conv_bias_relu(*a) * weights)  # noqa: E731
+        return first_conv.conv_bias_relu(x, kernel, bias), jax.grad(loss, (0, 1, 2))(
+            x, kernel, bias)
+
+    expected = maps_and_grads()
+    with throughput.patched("cand_conv1_direct"):
+        got = maps_and_grads()
+    assert float(jnp.mean(expected[0] == 0)) > 0.3  # the ReLU cuts, so the masks matter
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(g, e)
+    assert first_conv._forward_kernel.__module__ == "mlnet_jax.first_conv"
+
+    # For CUDA at the headline size: one Triton call forward and two for the gradients, fed
+    # the image as (B, H, 3W) and no column copies anywhere, no convolution left for XLA.
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
+    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((32, 480, 640, 3), (3, 3, 3, 64),
+                                                              (64,))]
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    loss = lambda *a: jnp.sum(first_conv.conv_bias_relu(*a).astype(jnp.float32))  # noqa: E731
+    try:
+        with throughput.patched("cand_conv1_direct"), jax.sharding.use_abstract_mesh(
+                jax.sharding.AbstractMesh((1,), ("x",), abstract_device=card)):
+            texts = [jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+                     for f in (first_conv.conv_bias_relu, jax.grad(loss, (1, 2)))]
+    finally:
+        monkeypatch.undo()
+    for text, calls in zip(texts, (1, 2)):
+        assert text.count("__gpu$xla.gpu.triton") == calls
+        assert "tensor<32x480x1920xbf16>" in text and "x16xbf16>" not in text
+        assert "stablehlo.convolution" not in text
+
+
+def test_candidate_conv1_direct_fails_where_conv1_1_takes_no_kernel():
+    # Off a Hopper GPU 'auto' keeps XLA's conv1_1: the candidate would measure the code as it is.
+    from mlnet_jax.models import MLNet
+    model = MLNet(first_conv="xla", width_multiplier=0.25)
+    images = jnp.zeros((1, 16, 16, 3))
+    with pytest.raises(RuntimeError, match="cand_conv1_direct changed no convolution"):
+        with throughput.patched("cand_conv1_direct"):
+            jax.eval_shape(model.init, jax.random.key(0), images)
