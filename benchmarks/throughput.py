@@ -267,7 +267,9 @@ def software_versions() -> dict:
 # pool4 by reduce_window and one random word per dropout element; v0_pool4 / v0_dropout: v1
 # with one of the two undone). cand_* put in levers of benchmarks/candidates.py, not adopted:
 # cand_rgb8 conv1_1 with its input padded to 8 channels; cand_conv1_direct conv1_1's Pallas
-# kernels reading the image instead of its column copies (benchmarks/conv1_direct.py).
+# kernels reading the image instead of its column copies (benchmarks/conv1_direct.py);
+# cand_prepared_weights (prediction only) the kernels converted and laid out once
+# (benchmarks/prepared_weights.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -329,6 +331,7 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                                                                        "forward_kernel"),
         ("mlnet_jax.first_conv", "_weight_grad_kernel"): _sibling_function(
             "conv1_direct", "weight_grad_kernel")},
+    "cand_prepared_weights": {},  # measure_predict prepares the variables
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -340,7 +343,9 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
 # The others change gradients only.
-FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", *COMPILER_OPTIONS}
+FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct",
+                    "cand_prepared_weights", *COMPILER_OPTIONS}
+PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
 
 
 class patched:
@@ -641,9 +646,14 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     variables = {"params": bench.params(h, w)}
     images = synthetic_batch(b, h, w, bench.data)["image"]
     predict = make_predict_fn(model, info.preprocessing, bench.mesh)
+    prepared = variant in PREDICT_ONLY_VARIANTS and sibling("prepared_weights")
     with patched(variant) as patch:
+        if prepared:
+            predict, variables = prepared.prepare(predict, variables, jnp.dtype(dtype))
         compiled, t_lower, t_compile = compile_timed(predict, variables, images,
                                                      compiler_options=patch.compiler_options)
+    if prepared:
+        variables = prepared.place(compiled, variables)
     t = time.perf_counter()
     out = compiled(variables, images)
     out.block_until_ready()
@@ -949,7 +959,7 @@ def plan(args, bench: Bench) -> list[tuple[str, callable]]:
 
     def variant_items(variant):  # the headline steps with a variant's levers
         items = []
-        if "full" in args.modes:
+        if "full" in args.modes and variant not in PREDICT_ONLY_VARIANTS:
             items.append((f"train {primary} full {case_name(*head)} [{variant}]",
                           lambda: measure_train(bench, *head, primary, "full", variant=variant)))
         if variant in FORWARD_VARIANTS and not args.no_predict:

@@ -318,7 +318,7 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     result, stdout = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
                           "--modes", "full,frozen", "--width-multiplier", "0.25", "--batch-sweep",
                           "--sweep-batches", "1", "--pipeline", "--pipeline-records", "4",
-                          "--variants", "v0,xla_no_command_buffers",
+                          "--variants", "v0,xla_no_command_buffers,cand_prepared_weights",
                           "--profile", str(tmp_path / "profile"), env=_fake_nvidia_smi(tmp_path))
     assert result["complete"] and not result["skipped"] and "errors" not in result
     assert result["card"] and result["backend"] == "cpu" and result["software"]["jax"]
@@ -332,7 +332,8 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
                          ("predict", None, "1x32x32", None), ("train", "full", "2x32x32", "v0"),
                          ("predict", None, "2x32x32", "v0"),  # v0 changed the forward too
                          ("train", "full", "2x32x32", "xla_no_command_buffers"),
-                         ("predict", None, "2x32x32", "xla_no_command_buffers")}
+                         ("predict", None, "2x32x32", "xla_no_command_buffers"),
+                         ("predict", None, "2x32x32", "cand_prepared_weights")}  # predict only
     rows = {key[:3]: row for key, row in rows.items() if not key[3]}
     assert rows[("train", "full", "1x32x32")]["sweep"] and not rows[("train", "full", "2x32x32")]["sweep"]
     for row in rows.values():
@@ -843,3 +844,33 @@ def test_candidate_conv1_direct_fails_where_conv1_1_takes_no_kernel():
     with pytest.raises(RuntimeError, match="cand_conv1_direct changed no convolution"):
         with throughput.patched("cand_conv1_direct"):
             jax.eval_shape(model.init, jax.random.key(0), images)
+
+
+def test_candidate_prepared_weights_predicts_the_same_maps_from_weights_cast_once():
+    # cand_prepared_weights: the backbone's and head's parameters cast to the compute dtype
+    # once and put in the layouts the compiled program picks; the prior stays float32 (the
+    # model upsamples it in float32). The maps are the code's, bit for bit: the model casts
+    # those parameters to the compute dtype anyway.
+    from mlnet_jax.compute_dtype import cpu_bfloat16_convolutions_work
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+    prepared_weights = throughput.sibling("prepared_weights")
+    dtype = jnp.dtype(jnp.bfloat16 if cpu_bfloat16_convolutions_work() else jnp.float32)
+    info = ModelInfo(input_size=(32, 32), preprocessing="caffe", width_multiplier=0.25)
+    model = info.build(dtype)
+    rng = np.random.default_rng(5)
+    images = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+    variables = {"params": jax.tree.map(lambda p: p + np.float32(0.05),  # no zero bias, prior
+                                        throughput.random_params(32, 32, 0.25))}
+    predict = make_predict_fn(model, info.preprocessing)
+    expected = np.asarray(predict(variables, images))
+
+    before = prepared_weights.rewritten
+    jitted, cast = prepared_weights.prepare(predict, variables, dtype)
+    assert prepared_weights.rewritten == before + 1
+    dtypes = {jax.tree_util.keystr(path): leaf.dtype
+              for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
+    assert dtypes.pop("['params']['prior']") == jnp.float32 and set(dtypes.values()) == {dtype}
+    assert variables["params"]["head"]["conv"]["kernel"].dtype == jnp.float32  # not in place
+    compiled = jitted.lower(cast, images).compile()
+    np.testing.assert_array_equal(compiled(prepared_weights.place(compiled, cast), images),
+                                  expected)
