@@ -269,7 +269,8 @@ def software_versions() -> dict:
 # cand_rgb8 conv1_1 with its input padded to 8 channels; cand_conv1_direct conv1_1's Pallas
 # kernels reading the image instead of its column copies (benchmarks/conv1_direct.py);
 # cand_prepared_weights (prediction only) the kernels converted and laid out once
-# (benchmarks/prepared_weights.py).
+# (benchmarks/prepared_weights.py); cand_pooled_bias the stride-2 pools' gradient spread and
+# their conv's bias gradient as one Pallas kernel (benchmarks/pooled_bias.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -332,6 +333,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         ("mlnet_jax.first_conv", "_weight_grad_kernel"): _sibling_function(
             "conv1_direct", "weight_grad_kernel")},
     "cand_prepared_weights": {},  # measure_predict prepares the variables
+    "cand_pooled_bias": {("mlnet_jax.models", "VGG16"): _sibling_function("pooled_bias",
+                                                                         "VGG16")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs

@@ -591,18 +591,18 @@ def test_the_profile_names_the_pallas_kernels_of_the_h200_program():
 
 
 @cache  # the code as it is serves several comparisons
-def _one_train_step(variant, width=0.25):
+def _one_train_step(variant, width=0.25, size=16):
     """One real train step (lr 1e-2, fixed data) with ``variant`` patched in while tracing:
     the new state, the metrics and the starting parameters."""
     from mlnet_jax.inference import ModelInfo
     from mlnet_jax.optim import make_optimizer
     from mlnet_jax.train import create_train_state, train_step
-    info = ModelInfo(input_size=(16, 16), preprocessing="caffe", width_multiplier=width)
+    info = ModelInfo(input_size=(size, size), preprocessing="caffe", width_multiplier=width)
     model, tx = info.build(), make_optimizer(1e-2, 5e-4, 0.9)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
     rng = np.random.default_rng(2)
-    batch = {"image": jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)), jnp.uint8),
-             "target": jnp.asarray(rng.uniform(size=(2, 2, 2, 1)), jnp.float32)}
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (2, size, size, 3)), jnp.uint8),
+             "target": jnp.asarray(rng.uniform(size=(2, size // 8, size // 8, 1)), jnp.float32)}
     with throughput.patched(variant):
         state, metrics = jax.jit(partial(train_step, model=model, tx=tx, preprocessing="caffe"))(
             create_train_state(params, tx, 0, seed=0), batch)
@@ -874,3 +874,46 @@ def test_candidate_prepared_weights_predicts_the_same_maps_from_weights_cast_onc
     compiled = jitted.lower(cast, images).compile()
     np.testing.assert_array_equal(compiled(prepared_weights.place(compiled, cast), images),
                                   expected)
+
+
+@pytest.mark.parametrize("ties", ["first", "all"])
+def test_candidate_pooled_bias_kernel_spreads_like_the_pools_gradient_and_sums_the_bias(ties):
+    # The kernel (Pallas's interpreter) against the package's pool backward: the same input
+    # gradient bit for bit, and its channel sums as the bias gradient.
+    from mlnet_jax import vgg
+    pooled_bias = throughput.sibling("pooled_bias")
+    rng = np.random.default_rng(11)
+    pre = jnp.asarray(np.round(rng.standard_normal((2, 8, 32, 16)), 1), jnp.float32)  # ties
+    _, winners = vgg._relu_max_pool_forward(pre, 2, "standard", ties, pre.shape[1:3])
+    g = jnp.asarray(rng.standard_normal((2, 4, 16, 16)), jnp.float32)
+    (expected,) = vgg._relu_max_pool_backward(2, "standard", ties, pre.shape[1:3], winners, g)
+    spread, bias = pooled_bias.spread_and_bias_grad(g, winners, True)
+    np.testing.assert_array_equal(spread, expected)
+    np.testing.assert_allclose(bias, jnp.sum(expected, axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+    assert float(jnp.mean(expected != 0)) > 0.1 and bool(jnp.any(expected == 0))
+
+
+def test_candidate_pooled_bias_trains_the_same_step_and_lowers_to_one_triton_call():
+    # cand_pooled_bias in a real train step (64×64, quarter width): conv1_2 and conv2_2 take the
+    # kernel, conv3_3 (8 windows a row: no Triton block) keeps XLA's; the same update.
+    pooled_bias = throughput.sibling("pooled_bias")
+    before = pooled_bias.rewritten
+    (a, ma, start), (b, mb, _) = (_one_train_step(v, size=64) for v in (None, "cand_pooled_bias"))
+    assert pooled_bias.rewritten - before == 2
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+    for layer in ("conv1_2", "conv2_2"):
+        moved = a.trainable["backbone"][layer]["bias"] - start["backbone"][layer]["bias"]
+        assert float(jnp.abs(moved).max()) > 1e-6
+
+    # For CUDA at conv1_2's headline shape: one Triton call, nothing left for XLA but the sum.
+    shapes = (jax.ShapeDtypeStruct((32, 240, 320, 64), jnp.bfloat16),
+              jax.ShapeDtypeStruct((32, 240, 320, 64), jnp.uint8))
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=card)):
+        text = jax.jit(partial(pooled_bias.spread_and_bias_grad, interpret=False)).trace(
+            *shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "tensor<32x240x2x320x128xbf16>" in text and "tensor<7680x5x64xf32>" in text
