@@ -270,7 +270,8 @@ def software_versions() -> dict:
 # kernels reading the image instead of its column copies (benchmarks/conv1_direct.py);
 # cand_prepared_weights (prediction only) the kernels converted and laid out once
 # (benchmarks/prepared_weights.py); cand_pooled_bias the stride-2 pools' gradient spread and
-# their conv's bias gradient as one Pallas kernel (benchmarks/pooled_bias.py).
+# their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
+# unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -333,8 +334,10 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         ("mlnet_jax.first_conv", "_weight_grad_kernel"): _sibling_function(
             "conv1_direct", "weight_grad_kernel")},
     "cand_prepared_weights": {},  # measure_predict prepares the variables
-    "cand_pooled_bias": {("mlnet_jax.models", "VGG16"): _sibling_function("pooled_bias",
+    "cand_pooled_bias": {("mlnet_jax.models", "VGG16"): _sibling_function("bias_kernels",
                                                                          "VGG16")},
+    "cand_bias_kernels": {("mlnet_jax.models", "VGG16"): _sibling_function(
+        "bias_kernels", "vgg16_with_every_kernel")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs

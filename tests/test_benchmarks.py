@@ -881,13 +881,13 @@ def test_candidate_pooled_bias_kernel_spreads_like_the_pools_gradient_and_sums_t
     # The kernel (Pallas's interpreter) against the package's pool backward: the same input
     # gradient bit for bit, and its channel sums as the bias gradient.
     from mlnet_jax import vgg
-    pooled_bias = throughput.sibling("pooled_bias")
+    bias_kernels = throughput.sibling("bias_kernels")
     rng = np.random.default_rng(11)
     pre = jnp.asarray(np.round(rng.standard_normal((2, 8, 32, 16)), 1), jnp.float32)  # ties
     _, winners = vgg._relu_max_pool_forward(pre, 2, "standard", ties, pre.shape[1:3])
     g = jnp.asarray(rng.standard_normal((2, 4, 16, 16)), jnp.float32)
     (expected,) = vgg._relu_max_pool_backward(2, "standard", ties, pre.shape[1:3], winners, g)
-    spread, bias = pooled_bias.spread_and_bias_grad(g, winners, True)
+    spread, bias = bias_kernels.spread_and_bias_grad(g, winners, True)
     np.testing.assert_array_equal(spread, expected)
     np.testing.assert_allclose(bias, jnp.sum(expected, axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
     assert float(jnp.mean(expected != 0)) > 0.1 and bool(jnp.any(expected == 0))
@@ -896,10 +896,10 @@ def test_candidate_pooled_bias_kernel_spreads_like_the_pools_gradient_and_sums_t
 def test_candidate_pooled_bias_trains_the_same_step_and_lowers_to_one_triton_call():
     # cand_pooled_bias in a real train step (64×64, quarter width): conv1_2 and conv2_2 take the
     # kernel, conv3_3 (8 windows a row: no Triton block) keeps XLA's; the same update.
-    pooled_bias = throughput.sibling("pooled_bias")
-    before = pooled_bias.rewritten
+    bias_kernels = throughput.sibling("bias_kernels")
+    before = bias_kernels.rewritten
     (a, ma, start), (b, mb, _) = (_one_train_step(v, size=64) for v in (None, "cand_pooled_bias"))
-    assert pooled_bias.rewritten - before == 2
+    assert bias_kernels.rewritten - before == 2
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
@@ -913,7 +913,39 @@ def test_candidate_pooled_bias_trains_the_same_step_and_lowers_to_one_triton_cal
     card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                   abstract_device=card)):
-        text = jax.jit(partial(pooled_bias.spread_and_bias_grad, interpret=False)).trace(
+        text = jax.jit(partial(bias_kernels.spread_and_bias_grad, interpret=False)).trace(
             *shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "tensor<32x240x2x320x128xbf16>" in text and "tensor<7680x5x64xf32>" in text
+
+
+def test_candidate_bias_kernels_mask_by_the_relu_and_train_the_same_step():
+    # The ReLU kernel (interpreter) against the formula, then cand_bias_kernels in a real train
+    # step at half width, 64×64: the pools of conv1_2 and conv2_2 and the five 256-wide layers
+    # no pool follows take the kernels; the same update.
+    bias_kernels = throughput.sibling("bias_kernels")
+    rng = np.random.default_rng(12)
+    y = jnp.maximum(jnp.asarray(rng.standard_normal((2, 8, 16, 256)), jnp.float32), 0)
+    g = jnp.asarray(rng.standard_normal((2, 8, 16, 256)), jnp.float32)
+    masked, bias = bias_kernels.mask_and_bias_grad(g, y, True)
+    expected = jnp.where(y > 0, g, 0)
+    np.testing.assert_array_equal(masked, expected)
+    np.testing.assert_allclose(bias, jnp.sum(expected, axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+
+    before = bias_kernels.rewritten
+    (a, ma, start), (b, mb, _) = (_one_train_step(v, width=0.5, size=64)
+                                  for v in (None, "cand_bias_kernels"))
+    assert bias_kernels.rewritten - before == 7
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+    moved = a.trainable["backbone"]["conv4_1"]["bias"] - start["backbone"]["conv4_1"]["bias"]
+    assert float(jnp.abs(moved).max()) > 1e-6
+
+    shape = jax.ShapeDtypeStruct((32, 60, 80, 512), jnp.bfloat16)  # conv4_1 at 480×640
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=card)):
+        text = jax.jit(partial(bias_kernels.mask_and_bias_grad, interpret=False)).trace(
+            shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "tensor<4800x512xf32>" in text

@@ -1,5 +1,9 @@
-"""Candidate ``cand_pooled_bias``: the backward pass of conv1_2, conv2_2 and conv3_3's bias,
-ReLU and 2×2 pool as one Pallas (Triton) kernel.
+"""Candidates ``cand_pooled_bias`` and ``cand_bias_kernels``: the bias gradients of VGG's
+convolutions, with the ReLU's mask and the pool's gradient before them, as Pallas (Triton)
+kernels instead of XLA's reduction fusions.
+
+``cand_pooled_bias``: the backward pass of conv1_2, conv2_2 and conv3_3's bias, ReLU and 2×2
+pool as one kernel.
 
 Why: in the v3 training profile on the H200 (2026-11-28, committed trace and HLO), the three
 reduction fusions that spread each pool's gradient to its winners and sum the bias gradient
@@ -11,6 +15,12 @@ summing the bias gradient per program (XLA adds the partial sums). Same values: 
 winners, float32 sums. Predicted (H200, bf16 32 × 480×640, standard pooling): those three
 passes at ~3.5 TB/s, −0.6 to −0.75 ms per step, +1.4 to +1.8 % training; prediction unchanged
 (no backward pass).
+
+``cand_bias_kernels``: that, and the 256- and 512-wide layers that no pool follows (conv3_1,
+conv3_2, conv4_1, conv4_2, conv5_x) with their ReLU's mask and bias gradient as one kernel
+reading the incoming gradient and the ReLU's output once. XLA's fusions for those ran at
+2.3–2.6 TB/s in the same trace (1.45 ms for 3.76 GB; the 128-wide conv2_1's at 3.96 TB/s is
+left to XLA). Predicted: another −0.4 to −0.5 ms, +1 to +1.2 % training.
 """
 
 from __future__ import annotations
@@ -27,11 +37,26 @@ from mlnet_jax import first_conv, vgg
 rewritten = 0  # layers traced with the kernel, for throughput.py's check
 
 
-def kernel_fits(shape, stride: int, alignment: str, channels: int) -> bool:
+def pool_kernel_fits(shape, stride: int, alignment: str, channels: int) -> bool:
     """Stride-2 standard windows tiling an even input whose channels Triton can block."""
     return (stride == 2 and alignment == "standard" and vgg._pairs_of_rows_and_columns(
-        stride, shape[1:3]) and channels >= 16 and not channels & (channels - 1)
+        stride, shape[1:3]) and _power_of_two(channels)
         and first_conv._block_width(shape[2] // 2) is not None)
+
+
+def relu_kernel_fits(shape, channels: int) -> bool:
+    """A layer wide enough that XLA's reduction was slow, in blocks Triton can take."""
+    pixels = shape[0] * shape[1] * shape[2]
+    return channels >= 256 and _power_of_two(channels) and pixels % _rows(channels) == 0
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 16 and not n & (n - 1)
+
+
+def _rows(channels: int) -> int:
+    """Pixels per program of the ReLU kernel: 16 K elements."""
+    return max(16, 16384 // channels)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -60,6 +85,55 @@ def _backward(ties, interpret, residuals, g):
 
 
 conv_relu_pool.defvjp(_forward, _backward)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv_relu(x, kernel, bias, interpret):
+    """``relu(conv(x, kernel) + bias)``."""
+    return jnp.maximum(_conv(x, kernel) + bias, 0)
+
+
+def _relu_forward(x, kernel, bias, interpret):
+    y = jnp.maximum(_conv(x, kernel) + bias, 0)
+    # As mlnet_jax/relu.py: keeps XLA from turning the mask on y back into one on the
+    # pre-activation, which cuDNN's fused conv + bias + ReLU does not write.
+    return y, (x, kernel, jax.lax.optimization_barrier(y))
+
+
+def _relu_backward(interpret, residuals, g):
+    x, kernel, y = residuals
+    masked, dbias = mask_and_bias_grad(g, y, interpret)
+    _, conv_vjp = jax.vjp(_conv, x, kernel)
+    dx, dkernel = conv_vjp(masked)
+    return dx, dkernel, dbias.astype(kernel.dtype)
+
+
+conv_relu.defvjp(_relu_forward, _relu_backward)
+
+
+def mask_and_bias_grad(g, y, interpret):
+    """(``g`` where ``y`` > 0, else 0; its sum over all but the channels in float32)."""
+    shape, channels = g.shape, g.shape[-1]
+    rows = _rows(channels)
+    grid = (g.size // channels // rows,)
+    masked, partial_sums = pl.pallas_call(
+        partial(_mask_body, rows=rows),
+        out_shape=(jax.ShapeDtypeStruct((g.size // channels, channels), g.dtype),
+                   jax.ShapeDtypeStruct((*grid, channels), jnp.float32)),
+        grid=grid, compiler_params=None if interpret else first_conv._triton_params(),
+        interpret=interpret, name="relu_bias_grad",
+    )(g.reshape(-1, channels), y.reshape(-1, channels))
+    return masked.reshape(shape), jnp.sum(partial_sums, axis=0)
+
+
+def _mask_body(g_ref, y_ref, masked_ref, sums_ref, *, rows):
+    """One program: ``rows`` pixels, all channels."""
+    i = pl.program_id(0)
+    block = pl.ds(i * rows, rows)
+    g = g_ref[block, :]
+    masked = jnp.where(y_ref[block, :] > 0, g, jnp.zeros((), g.dtype))
+    masked_ref[block, :] = masked
+    sums_ref[i] = jnp.sum(masked.astype(jnp.float32), axis=0)
 
 
 def spread_and_bias_grad(g, winners, interpret):
@@ -95,12 +169,12 @@ def _spread_body(g_ref, winners_ref, spread_ref, sums_ref, *, rows, block_w, cha
     sums_ref[i, j] = total
 
 
-class ConvReLUPool(nn.Module):
-    """``relu_max_pool_2x2(flax.linen.Conv(features, (3, 3))(x), 2, 'standard', ties)`` with
-    Conv's parameters, by ``conv_relu_pool``."""
+class ConvWithKernel(nn.Module):
+    """``flax.linen.Conv(features, (3, 3))`` with its parameters, followed by its ReLU and, with
+    ``ties``, its stride-2 standard pool: ``conv_relu_pool`` or ``conv_relu``."""
 
     features: int
-    ties: str
+    ties: str | None = None
     dtype: jnp.dtype | None = None
 
     @nn.compact
@@ -111,12 +185,18 @@ class ConvReLUPool(nn.Module):
                             (3, 3, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return conv_relu_pool(x, kernel, bias, self.ties, first_conv.interpreted())
+        if self.ties:
+            return conv_relu_pool(x, kernel, bias, self.ties, first_conv.interpreted())
+        return conv_relu(x, kernel, bias, first_conv.interpreted())
 
 
 class VGG16(vgg.VGG16):
-    """``vgg.VGG16`` whose stride-2 pools take their conv with them into ``ConvReLUPool``
-    where the kernel fits; every other layer as the package builds it."""
+    """``vgg.VGG16`` whose stride-2 pools take their conv with them into ``ConvWithKernel``
+    where the kernel fits (``cand_pooled_bias``), and with ``relu_kernels`` also the wide
+    layers no pool follows (``cand_bias_kernels``); every other layer as the package builds
+    it."""
+
+    relu_kernels: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -125,9 +205,12 @@ class VGG16(vgg.VGG16):
         for name, features in vgg.VGG16_CONVS:
             features = vgg.scaled_width(features, self.width_multiplier)
             stride = vgg._POOL_STRIDE_AFTER.get(name)
-            if stride and kernel_fits(x.shape, stride, self.pooling, features):
-                x = ConvReLUPool(features, vgg.pool_ties(self.pooling, self.dtype),
-                                 dtype=self.dtype, name=name)(x)
+            if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):
+                x = ConvWithKernel(features, vgg.pool_ties(self.pooling, self.dtype),
+                                   dtype=self.dtype, name=name)(x)
+            elif (self.relu_kernels and not stride and name != "conv1_1"
+                  and relu_kernel_fits(x.shape, features)):
+                x = ConvWithKernel(features, dtype=self.dtype, name=name)(x)
             elif name == "conv1_1" and first_conv.kernel_applies(
                     self.first_conv, x.shape, self.dtype, features=features):
                 x = first_conv.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)
@@ -142,3 +225,8 @@ class VGG16(vgg.VGG16):
                 outputs[f"pool{name[4]}"] = x
         outputs["conv5_3"] = x
         return outputs
+
+
+def vgg16_with_every_kernel(**fields) -> VGG16:
+    """``cand_bias_kernels``' backbone."""
+    return VGG16(relu_kernels=True, **fields)
