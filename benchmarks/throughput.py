@@ -271,7 +271,8 @@ def software_versions() -> dict:
 # cand_prepared_weights (prediction only) the kernels converted and laid out once
 # (benchmarks/prepared_weights.py); cand_pooled_bias the stride-2 pools' gradient spread and
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
-# unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py).
+# unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
+# cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -338,6 +339,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                                                                          "VGG16")},
     "cand_bias_kernels": {("mlnet_jax.models", "VGG16"): _sibling_function(
         "bias_kernels", "vgg16_with_every_kernel")},
+    "cand_pool_argmax": {("mlnet_jax.vgg", "relu_max_pool_2x2"): _sibling_function(
+        "pool_argmax", "relu_max_pool_2x2")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs

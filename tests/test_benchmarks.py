@@ -949,3 +949,30 @@ def test_candidate_bias_kernels_mask_by_the_relu_and_train_the_same_step():
         text = jax.jit(partial(bias_kernels.mask_and_bias_grad, interpret=False)).trace(
             shape, shape).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1 and "tensor<4800x512xf32>" in text
+
+
+@pytest.mark.parametrize("stride, alignment, rows", [(2, "standard", 8), (2, "keras1", 8),
+                                                     (2, "standard", 7), (1, "standard", 8)])
+def test_candidate_pool_argmax_makes_the_packages_maxima_and_winner_masks(stride, alignment,
+                                                                          rows):
+    # Values rounded to 0.5 make ties in most windows and zero maxima in some: the pairwise
+    # argmax must pick the first maximum in row-major order, and none where the maximum is 0.
+    from mlnet_jax import vgg
+    pool_argmax = throughput.sibling("pool_argmax")
+    x = jnp.asarray(np.round(np.random.default_rng(rows).standard_normal((2, rows, 8, 4)) * 2) / 2,
+                    jnp.float32)
+    y, winners = vgg._relu_max_pool_forward(x, stride, alignment, "first", x.shape[1:3])
+    y2, winners2 = pool_argmax._forward(x, stride, alignment, x.shape[1:3])
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(winners2, winners)
+    assert bool(jnp.any(winners == 0)) and len(np.unique(np.asarray(winners))) == 5
+
+
+def test_candidate_pool_argmax_trains_the_same_step():
+    pool_argmax = throughput.sibling("pool_argmax")
+    before = pool_argmax.rewritten
+    (a, ma, _), (b, mb, _) = (_one_train_step(v, size=32) for v in (None, "cand_pool_argmax"))
+    assert pool_argmax.rewritten - before == 4  # pool1-3 and the stride-1 pool4
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
