@@ -193,38 +193,19 @@ class ConvWithKernel(nn.Module):
 class VGG16(vgg.VGG16):
     """``vgg.VGG16`` whose stride-2 pools take their conv with them into ``ConvWithKernel``
     where the kernel fits (``cand_pooled_bias``), and with ``relu_kernels`` also the wide
-    layers no pool follows (``cand_bias_kernels``); every other layer as the package builds
-    it."""
+    layers no pool follows (``cand_bias_kernels``); every other layer as the package's."""
 
     relu_kernels: bool = False
 
-    @nn.compact
-    def __call__(self, x):
-        x = x.astype(self.dtype)
-        outputs = {}
-        for name, features in vgg.VGG16_CONVS:
-            features = vgg.scaled_width(features, self.width_multiplier)
-            stride = vgg._POOL_STRIDE_AFTER.get(name)
-            if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):
-                x = ConvWithKernel(features, vgg.pool_ties(self.pooling, self.dtype),
-                                   dtype=self.dtype, name=name)(x)
-            elif (self.relu_kernels and not stride and name != "conv1_1"
-                  and relu_kernel_fits(x.shape, features)):
-                x = ConvWithKernel(features, dtype=self.dtype, name=name)(x)
-            elif name == "conv1_1" and first_conv.kernel_applies(
-                    self.first_conv, x.shape, self.dtype, features=features):
-                x = first_conv.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)
-                continue
-            else:
-                x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
-                            param_dtype=jnp.float32, name=name)(x)
-                x = (vgg.relu_max_pool_2x2(x, stride, self.pooling,
-                                           vgg.pool_ties(self.pooling, self.dtype))
-                     if stride else vgg.relu(x))
-            if name in ("conv3_3", "conv4_3"):
-                outputs[f"pool{name[4]}"] = x
-        outputs["conv5_3"] = x
-        return outputs
+    def layer(self, name, features, x):
+        stride = vgg._POOL_STRIDE_AFTER.get(name)
+        if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):
+            return ConvWithKernel(features, vgg.pool_ties(self.pooling, self.dtype),
+                                  dtype=self.dtype, name=name)(x)
+        if (self.relu_kernels and not stride and name != "conv1_1"
+                and relu_kernel_fits(x.shape, features)):
+            return ConvWithKernel(features, dtype=self.dtype, name=name)(x)
+        return super().layer(name, features, x)
 
 
 def vgg16_with_every_kernel(**fields) -> VGG16:

@@ -272,7 +272,9 @@ def software_versions() -> dict:
 # (benchmarks/prepared_weights.py); cand_pooled_bias the stride-2 pools' gradient spread and
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
 # unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
-# cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py).
+# cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
+# cand_conv12_pool(_m256) (prediction only) conv1_2, its ReLU and pool1 as one Pallas kernel
+# (benchmarks/conv12_pool.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -341,6 +343,10 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         "bias_kernels", "vgg16_with_every_kernel")},
     "cand_pool_argmax": {("mlnet_jax.vgg", "relu_max_pool_2x2"): _sibling_function(
         "pool_argmax", "relu_max_pool_2x2")},
+    "cand_conv12_pool": {("mlnet_jax.models", "VGG16"): _sibling_function("conv12_pool",
+                                                                         "VGG16")},
+    "cand_conv12_pool_m256": {("mlnet_jax.models", "VGG16"): _sibling_function(
+        "conv12_pool", "vgg16_m256")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -352,9 +358,9 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
 # The others change gradients only.
+PREDICT_ONLY_VARIANTS = {"cand_prepared_weights", "cand_conv12_pool", "cand_conv12_pool_m256"}
 FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct",
-                    "cand_prepared_weights", *COMPILER_OPTIONS}
-PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
+                    *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
 
 
 class patched:

@@ -223,19 +223,22 @@ class VGG16(nn.Module):
         x = x.astype(self.dtype)
         outputs = {}
         for name, features in VGG16_CONVS:
-            features = scaled_width(features, self.width_multiplier)
-            if name == "conv1_1" and first_conv_kernel.kernel_applies(
-                    self.first_conv, x.shape, self.dtype, features=features):
-                x = first_conv_kernel.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)
-                continue
-            x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
-                        param_dtype=jnp.float32, name=name)(x)
-            if name in _POOL_STRIDE_AFTER:
-                x = relu_max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling,
-                                      pool_ties(self.pooling, self.dtype))
-                if name in ("conv3_3", "conv4_3"):
-                    outputs[f"pool{name[4]}"] = x
-            else:
-                x = relu(x)
+            x = self.layer(name, scaled_width(features, self.width_multiplier), x)
+            if name in ("conv3_3", "conv4_3"):
+                outputs[f"pool{name[4]}"] = x
         outputs["conv5_3"] = x
         return outputs
+
+    def layer(self, name: str, features: int, x: jax.Array) -> jax.Array:
+        """Convolution ``name`` with its ReLU, and the pool after it if one follows. The
+        benchmarks' candidate levers override it to run a layer another way with the same
+        parameters (benchmarks/NOTES.md)."""
+        if name == "conv1_1" and first_conv_kernel.kernel_applies(
+                self.first_conv, x.shape, self.dtype, features=features):
+            return first_conv_kernel.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)
+        x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
+                    param_dtype=jnp.float32, name=name)(x)
+        if name in _POOL_STRIDE_AFTER:
+            return relu_max_pool_2x2(x, _POOL_STRIDE_AFTER[name], self.pooling,
+                                     pool_ties(self.pooling, self.dtype))
+        return relu(x)

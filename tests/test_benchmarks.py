@@ -976,3 +976,50 @@ def test_candidate_pool_argmax_trains_the_same_step():
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("block_cols", [64, 128])
+def test_candidate_conv12_pool_kernel_is_conv_bias_relu_and_pool1(block_cols):
+    # The kernel (interpreter) against lax's convolution + bias + ReLU + 2×2 pool: every
+    # program meets an edge of the 'SAME' padding (the masked, clipped loads), float32 sums.
+    conv12_pool = throughput.sibling("conv12_pool")
+    rng = np.random.default_rng(block_cols)
+    x = jnp.asarray(rng.standard_normal((2, 4, 2 * block_cols, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) / 12, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(32) / 4, jnp.float32)
+    pre = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", precision="highest",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    b, h, w, c = pre.shape
+    expected = jnp.max(jnp.maximum(pre, 0).reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+    got = conv12_pool.conv_relu_pool(x, kernel, bias, block_cols=block_cols, interpret=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert float(jnp.mean(expected == 0)) > 0.05  # the ReLU cuts some windows whole
+
+
+def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_call():
+    # In the model (quarter width, 16×128): the same maps as the code's, conv1_2's parameters
+    # where they were; for CUDA at the headline shape: one Triton call, no convolution left.
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+    conv12_pool = throughput.sibling("conv12_pool")
+    info = ModelInfo(input_size=(16, 128), preprocessing="caffe", width_multiplier=0.25)
+    model = info.build()
+    variables = {"params": jax.tree.map(lambda p: p + np.float32(0.02),  # no zero bias
+                                        throughput.random_params(16, 128, 0.25))}
+    images = jnp.asarray(np.random.default_rng(9).integers(0, 256, (2, 16, 128, 3)), jnp.uint8)
+    expected = make_predict_fn(model, info.preprocessing)(variables, images)
+    before = conv12_pool.rewritten
+    with throughput.patched("cand_conv12_pool"):
+        got = make_predict_fn(model, info.preprocessing)(variables, images)
+    assert conv12_pool.rewritten == before + 1
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+    shapes = (jax.ShapeDtypeStruct((32, 480, 640, 64), jnp.bfloat16),
+              jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.bfloat16),
+              jax.ShapeDtypeStruct((64,), jnp.bfloat16))
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=card)):
+        text = jax.jit(conv12_pool.conv_relu_pool).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
+    assert "tensor<32x240x320x64xbf16>" in text

@@ -1,0 +1,122 @@
+"""Candidates ``cand_conv12_pool`` and ``cand_conv12_pool_m256`` (prediction only): conv1_2,
+its bias, ReLU and pool1 as one Pallas (Triton) kernel that writes only the pooled output.
+
+Why: in prediction cuDNN runs conv1_2 (64 → 64 channels at 480×640) at 535 TFLOP/s (1.354 ms
+on the H200, 2026-11-28, v3 profile), the slowest of the wide convolutions, and pool1 then
+reads its 1.26 GB output again (0.367 ms): 1.72 ms, 13 % of the step. The kernel is an
+implicit GEMM: each program takes two output rows × ``block_cols`` columns (the M of the
+products) and all 64 output channels (N), sums the nine taps' K = 64 products over a
+``fori_loop`` that Triton can pipeline (``num_stages=3``), loading each tap's input tile by
+row and column indices clipped to the image and masked to zero outside it (the 'SAME'
+padding, without a padded copy), then adds the bias, applies the ReLU and takes the 2×2
+maxima before its only write, a quarter of cuDNN's. Same sums in float32, one rounding.
+Predicted (H200, bf16 32 × 480×640): the products at 450–600 TFLOP/s, 1.2–1.6 ms for what
+took 1.72: −0.8 to +3.8 % prediction; a loss if Triton's products stay under ~470 TFLOP/s.
+``_m256`` takes 128 columns (M = 256, cuDNN's tile for this layer) with 8 warps.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from mlnet_jax import first_conv, vgg
+
+rewritten = 0  # layers traced with the kernel, for throughput.py's check
+
+
+def fits(shape, features: int, block_cols: int) -> bool:
+    """Even rows, whole column blocks, power-of-two channels for Triton's blocks."""
+    _, rows, cols, channels = shape
+    return (rows % 2 == 0 and cols % block_cols == 0
+            and all(n >= 16 and not n & (n - 1) for n in (channels, features)))
+
+
+def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, interpret=False):
+    """``max_pool_values(relu(conv(x, kernel, 'SAME') + bias), 2, 'standard')`` in ``x``'s
+    dtype (float32 sums)."""
+    b, h, w, cin = x.shape
+    cout = kernel.shape[3]
+    body = partial(_body, height=h, width=w, block_cols=block_cols,
+                   precision=first_conv._precision(x.dtype))
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pallas_triton
+        params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=3)
+    return pl.pallas_call(
+        body, out_shape=jax.ShapeDtypeStruct((b, h // 2, w // 2, cout), x.dtype),
+        grid=(b * h // 2, w // block_cols), compiler_params=params, interpret=interpret,
+        name="conv_bias_relu_pool",
+    )(x, kernel.reshape(9, cin, cout).astype(x.dtype), bias.astype(jnp.float32))
+
+
+def _body(x_ref, taps_ref, bias_ref, out_ref, *, height, width, block_cols, precision):
+    """One program: output rows 2r, 2r + 1 × ``block_cols`` columns → one pooled row."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    pooled_rows = height // 2
+    image, row, left = i // pooled_rows, i % pooled_rows, j * block_cols
+    channels, features = x_ref.shape[3], taps_ref.shape[2]
+    from jax.experimental.pallas import triton as pallas_triton
+
+    def tap(t, sums):
+        dy = jax.lax.div(t, 3)  # (lax.div: Triton lowers jnp.remainder badly)
+        dx = t - 3 * dy
+        rows = 2 * row + dy - 1 + jax.lax.broadcasted_iota(jnp.int32, (2, 1, 1), 0)
+        cols = left + dx - 1 + jax.lax.broadcasted_iota(jnp.int32, (1, block_cols, 1), 1)
+        channel = jax.lax.broadcasted_iota(jnp.int32, (1, 1, channels), 2)
+        inside = jnp.broadcast_to((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width),
+                                  (2, block_cols, channels))
+        tile = pallas_triton.load(
+            x_ref.at[image, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1),
+                     channel], mask=inside, other=0)
+        return sums + jax.lax.dot(tile.reshape(2 * block_cols, channels), taps_ref[t],
+                                  precision=precision, preferred_element_type=jnp.float32)
+
+    sums = jax.lax.fori_loop(0, 9, tap, jnp.zeros((2 * block_cols, features), jnp.float32))
+    y = jnp.maximum(sums + bias_ref[...][None, :], 0).reshape(2, block_cols, features)
+    y = jnp.max(y, axis=0).reshape(block_cols // 2, 2, features)
+    out_ref[image, row, pl.ds(left // 2, block_cols // 2), :] = jnp.max(y, axis=1).astype(
+        out_ref.dtype)
+
+
+class VGG16(vgg.VGG16):
+    """``vgg.VGG16`` (prediction only) with conv1_2 + ReLU + pool1 as one kernel where it
+    fits; with ``m256`` in blocks of 128 columns and 8 warps."""
+
+    m256: bool = False
+
+    def layer(self, name, features, x):
+        block_cols, warps = (128, 8) if self.m256 else (64, 4)
+        if name == "conv1_2" and self.pooling == "standard" and fits(x.shape, features,
+                                                                     block_cols):
+            return ConvReLUPool(features, block_cols, warps, dtype=self.dtype, name=name)(x)
+        return super().layer(name, features, x)
+
+
+class ConvReLUPool(nn.Module):
+    """``flax.linen.Conv(features, (3, 3))``'s parameters; ``conv_relu_pool``'s values."""
+
+    features: int
+    block_cols: int
+    num_warps: int
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        global rewritten
+        rewritten += 1
+        kernel = self.param("kernel", nn.linear.default_kernel_init,
+                            (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return conv_relu_pool(x, kernel, bias, block_cols=self.block_cols,
+                              num_warps=self.num_warps, interpret=first_conv.interpreted())
+
+
+def vgg16_m256(**fields) -> VGG16:
+    """``cand_conv12_pool_m256``'s backbone."""
+    return VGG16(m256=True, **fields)
