@@ -1,18 +1,22 @@
-"""Candidates ``cand_conv12_pool`` and ``cand_conv12_pool_m256`` (prediction only): conv1_2,
-its bias, ReLU and pool1 as one Pallas (Triton) kernel that writes only the pooled output.
+"""Candidates ``cand_conv12_pool`` and ``cand_conv12_pool_m256``: conv1_2, its bias, ReLU and
+pool1 as one Pallas (Triton) kernel that writes only the pooled output (and in training the
+pool's winner mask).
 
 Why: in prediction cuDNN runs conv1_2 (64 → 64 channels at 480×640) at 535 TFLOP/s (1.354 ms
 on the H200, 2026-11-28, v3 profile), the slowest of the wide convolutions, and pool1 then
-reads its 1.26 GB output again (0.367 ms): 1.72 ms, 13 % of the step. The kernel is an
-implicit GEMM: each program takes two output rows × ``block_cols`` columns (the M of the
-products) and all 64 output channels (N), sums the nine taps' K = 64 products over a
-``fori_loop`` that Triton can pipeline (``num_stages=3``), loading each tap's input tile by
-row and column indices clipped to the image and masked to zero outside it (the 'SAME'
-padding, without a padded copy), then adds the bias, applies the ReLU and takes the 2×2
-maxima before its only write, a quarter of cuDNN's. Same sums in float32, one rounding.
-Predicted (H200, bf16 32 × 480×640): the products at 450–600 TFLOP/s, 1.2–1.6 ms for what
-took 1.72: −0.8 to +3.8 % prediction; a loss if Triton's products stay under ~470 TFLOP/s.
-``_m256`` takes 128 columns (M = 256, cuDNN's tile for this layer) with 8 warps.
+reads its 1.26 GB output again (0.367 ms): 1.72 ms, 13 % of the step. In training the forward
+is 1.486 ms (488 TFLOP/s) plus pool1's two fusions (0.79 ms), and nothing but the pool reads
+conv1_2's output. The kernel is an implicit GEMM: each program takes two output rows ×
+``block_cols`` columns (the M of the products) and all 64 output channels (N), sums the nine
+taps' K = 64 products over a ``fori_loop`` that Triton can pipeline (``num_stages=3``), loading
+each tap's input tile by row and column indices clipped to the image and masked to zero
+outside it (the 'SAME' padding, without a padded copy), then adds the bias, applies the ReLU
+and takes the 2×2 maxima (and their first argmax for the mask) before its only writes. Same
+sums in float32, one rounding; the same mask as ``vgg.relu_max_pool_2x2``'s, whose backward
+pass (XLA's) it keeps. Predicted (H200, bf16 32 × 480×640): the products at 450–600 TFLOP/s,
+1.2–1.6 ms for what took 1.72 in prediction (−0.8 to +3.8 %) and 2.28 in training (+1.5 to
++2.5 %); a loss if Triton's products stay under ~470 TFLOP/s. ``_m256`` takes 128 columns
+(M = 256, cuDNN's tile for this layer) with 8 warps.
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ def fits(shape, features: int, block_cols: int) -> bool:
             and all(n >= 16 and not n & (n - 1) for n in (channels, features)))
 
 
-def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, interpret=False):
+def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, interpret=False,
+                   winners=False):
     """``max_pool_values(relu(conv(x, kernel, 'SAME') + bias), 2, 'standard')`` in ``x``'s
-    dtype (float32 sums)."""
+    dtype (float32 sums); with ``winners`` also the pool's winner mask as
+    ``vgg.relu_max_pool_2x2`` keeps it (bit 2·row + column of each window's first maximum,
+    none where the maximum is 0)."""
     b, h, w, cin = x.shape
     cout = kernel.shape[3]
     body = partial(_body, height=h, width=w, block_cols=block_cols,
@@ -47,14 +54,47 @@ def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, interpret=Fal
     if not interpret:
         from jax.experimental.pallas import triton as pallas_triton
         params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=3)
+    pooled = jax.ShapeDtypeStruct((b, h // 2, w // 2, cout), x.dtype)
+    out_shape = (pooled, jax.ShapeDtypeStruct(pooled.shape, jnp.uint8)) if winners else pooled
     return pl.pallas_call(
-        body, out_shape=jax.ShapeDtypeStruct((b, h // 2, w // 2, cout), x.dtype),
-        grid=(b * h // 2, w // block_cols), compiler_params=params, interpret=interpret,
-        name="conv_bias_relu_pool",
+        body, out_shape=out_shape, grid=(b * h // 2, w // block_cols), compiler_params=params,
+        interpret=interpret, name="conv_bias_relu_pool",
     )(x, kernel.reshape(9, cin, cout).astype(x.dtype), bias.astype(jnp.float32))
 
 
-def _body(x_ref, taps_ref, bias_ref, out_ref, *, height, width, block_cols, precision):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def trainable_conv_relu_pool(x, kernel, bias, block_cols, num_warps, interpret):
+    """``conv_relu_pool`` with a gradient: the forward pass also writes the winner mask (not
+    conv1_2's 1.26 GB output, which only the pool needed), the backward pass is the package's
+    (the pool's spread and the bias gradient by XLA, then cuDNN's two gradients)."""
+    return conv_relu_pool(x, kernel, bias, block_cols=block_cols, num_warps=num_warps,
+                          interpret=interpret)
+
+
+def _forward(x, kernel, bias, block_cols, num_warps, interpret):
+    y, winners = conv_relu_pool(x, kernel, bias, block_cols=block_cols, num_warps=num_warps,
+                                interpret=interpret, winners=True)
+    return y, (x, kernel, winners)
+
+
+def _backward(block_cols, num_warps, interpret, residuals, g):
+    x, kernel, winners = residuals
+    (spread,) = vgg._relu_max_pool_backward(2, "standard", "first", x.shape[1:3], winners, g)
+    _, conv_vjp = jax.vjp(_conv, x, kernel)
+    dx, dkernel = conv_vjp(spread)
+    return dx, dkernel, jnp.sum(spread, axis=(0, 1, 2)).astype(kernel.dtype)
+
+
+trainable_conv_relu_pool.defvjp(_forward, _backward)
+
+
+def _conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width, block_cols,
+          precision):
     """One program: output rows 2r, 2r + 1 × ``block_cols`` columns → one pooled row."""
     i, j = pl.program_id(0), pl.program_id(1)
     pooled_rows = height // 2
@@ -77,15 +117,27 @@ def _body(x_ref, taps_ref, bias_ref, out_ref, *, height, width, block_cols, prec
                                   precision=precision, preferred_element_type=jnp.float32)
 
     sums = jax.lax.fori_loop(0, 9, tap, jnp.zeros((2 * block_cols, features), jnp.float32))
-    y = jnp.maximum(sums + bias_ref[...][None, :], 0).reshape(2, block_cols, features)
-    y = jnp.max(y, axis=0).reshape(block_cols // 2, 2, features)
-    out_ref[image, row, pl.ds(left // 2, block_cols // 2), :] = jnp.max(y, axis=1).astype(
-        out_ref.dtype)
+    y = jnp.maximum(sums + bias_ref[...][None, :], 0).astype(out_ref.dtype)
+    columns = pl.ds(left // 2, block_cols // 2)
+    if winners_ref is None:
+        y = jnp.max(y.reshape(2, block_cols, features), axis=0)
+        out_ref[image, row, columns, :] = jnp.max(y.reshape(block_cols // 2, 2, features),
+                                                  axis=1)
+        return
+    # (windows, channels, 4): each window's elements in row-major order, as the package's
+    # mask numbers them; argmax takes the first maximum.
+    windows = jnp.transpose(y.reshape(2, block_cols // 2, 2, features), (1, 3, 0, 2)).reshape(
+        block_cols // 2, features, 4)
+    pooled = jnp.max(windows, axis=2)
+    first = jnp.argmax(windows, axis=2).astype(jnp.uint8)
+    out_ref[image, row, columns, :] = pooled
+    winners_ref[image, row, columns, :] = jnp.where(
+        pooled > 0, jnp.left_shift(jnp.uint8(1), first), jnp.uint8(0))
 
 
 class VGG16(vgg.VGG16):
-    """``vgg.VGG16`` (prediction only) with conv1_2 + ReLU + pool1 as one kernel where it
-    fits; with ``m256`` in blocks of 128 columns and 8 warps."""
+    """``vgg.VGG16`` with conv1_2 + ReLU + pool1 as one kernel where it fits; with ``m256`` in
+    blocks of 128 columns and 8 warps."""
 
     m256: bool = False
 
@@ -113,8 +165,8 @@ class ConvReLUPool(nn.Module):
                             (3, 3, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return conv_relu_pool(x, kernel, bias, block_cols=self.block_cols,
-                              num_warps=self.num_warps, interpret=first_conv.interpreted())
+        return trainable_conv_relu_pool(x, kernel, bias, self.block_cols, self.num_warps,
+                                        first_conv.interpreted())
 
 
 def vgg16_m256(**fields) -> VGG16:

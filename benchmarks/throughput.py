@@ -273,7 +273,7 @@ def software_versions() -> dict:
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
 # unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
 # cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
-# cand_conv12_pool(_m256) (prediction only) conv1_2, its ReLU and pool1 as one Pallas kernel
+# cand_conv12_pool(_m256) conv1_2, its ReLU and pool1 as one Pallas kernel
 # (benchmarks/conv12_pool.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
@@ -358,9 +358,9 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
 # The others change gradients only.
-PREDICT_ONLY_VARIANTS = {"cand_prepared_weights", "cand_conv12_pool", "cand_conv12_pool_m256"}
-FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct",
-                    *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
+PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
+FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12_pool",
+                    "cand_conv12_pool_m256", *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
 
 
 class patched:

@@ -998,6 +998,29 @@ def test_candidate_conv12_pool_kernel_is_conv_bias_relu_and_pool1(block_cols):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert float(jnp.mean(expected == 0)) > 0.05  # the ReLU cuts some windows whole
 
+    # With the winner mask (training), in bfloat16 where rounding ties many windows: the
+    # package's mask of the same rounded values (the first maximum, none where it is 0).
+    from mlnet_jax import vgg
+    as_bf16 = [a.astype(jnp.bfloat16) for a in (x, kernel, bias)]
+    pooled, winners = conv12_pool.conv_relu_pool(*as_bf16, block_cols=block_cols,
+                                                 interpret=True, winners=True)
+    rounded = (jax.lax.conv_general_dilated(
+        *as_bf16[:2], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32) + as_bf16[2].astype(jnp.float32)).astype(
+        jnp.bfloat16)
+    _, expected_winners = vgg._relu_max_pool_forward(rounded, 2, "standard", "first",
+                                                     rounded.shape[1:3])
+    close = np.isclose(np.asarray(pooled, np.float32),
+                       np.asarray(vgg.max_pool_values(jnp.maximum(rounded, 0), 2, "standard"),
+                                  np.float32), rtol=2 ** -7)
+    assert close.all()
+    # Sums in another order may round a value to the next bfloat16 and move a tie: compare
+    # the masks where the two pooled values agree exactly.
+    same = np.asarray(pooled == vgg.max_pool_values(jnp.maximum(rounded, 0), 2, "standard"))
+    assert same.mean() > 0.95
+    np.testing.assert_array_equal(np.asarray(winners)[same], np.asarray(expected_winners)[same])
+    assert len(np.unique(np.asarray(winners))) == 5
+
 
 def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_call():
     # In the model (quarter width, 16×128): the same maps as the code's, conv1_2's parameters
@@ -1022,7 +1045,23 @@ def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_c
     card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                   abstract_device=card)):
-        text = jax.jit(conv12_pool.conv_relu_pool).trace(*shapes).lower(
-            lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
-    assert "tensor<32x240x320x64xbf16>" in text
+        texts = [jax.jit(partial(conv12_pool.conv_relu_pool, winners=winners)).trace(
+            *shapes).lower(lowering_platforms=("cuda",)).as_text() for winners in (False, True)]
+    for text in texts:
+        assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
+        assert "tensor<32x240x320x64xbf16>" in text
+    assert "tensor<32x240x320x64xui8>" in texts[1]
+
+
+def test_candidate_conv12_pool_trains_the_same_step():
+    # In training the kernel also writes the winner mask and the package's backward pass uses
+    # it: the same update at quarter width, 64×64.
+    conv12_pool = throughput.sibling("conv12_pool")
+    before = conv12_pool.rewritten
+    (a, ma, start), (b, mb, _) = (_one_train_step(v, size=64) for v in (None, "cand_conv12_pool"))
+    assert conv12_pool.rewritten == before + 1
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+    moved = a.trainable["backbone"]["conv1_2"]["kernel"] - start["backbone"]["conv1_2"]["kernel"]
+    assert float(jnp.abs(moved).max()) > 1e-6
