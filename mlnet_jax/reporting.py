@@ -47,11 +47,12 @@ class MetricWriter:
         self.enabled = enabled
         self.path = Path(workdir) / "metrics.jsonl"
         self.replayed = 0
+        self.unreadable: list[int] = []  # line numbers of damaged records dropped on resume
         self._tb = None
         if enabled:
             SummaryWriter = _summary_writer_class()
-            self.replayed = _keep_records_up_to(self.path, resume_step,
-                                                resume_step if evaluation_pending else None)
+            self.replayed, self.unreadable = _keep_records_up_to(
+                self.path, resume_step, resume_step if evaluation_pending else None)
             if resume_step == 0:
                 self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
             else:  # everything from step 1 purged, then written again from metrics.jsonl
@@ -85,21 +86,28 @@ class MetricWriter:
             self._tb.close()
 
 
-def _keep_records_up_to(path: Path, last_step: int, evaluated_again: int | None = None) -> int:
+def _keep_records_up_to(path: Path, last_step: int,
+                        evaluated_again: int | None = None) -> tuple[int, list[int]]:
     """Rewrite the JSON-lines file at ``path`` without records after ``last_step``, ``final``
-    records, the ``eval`` record of step ``evaluated_again`` and lines a crash cut short;
-    returns how many records of later steps went."""
+    records, the ``eval`` record of step ``evaluated_again`` and lines that are no record;
+    returns how many records of later steps went, and the numbers of the unreadable lines
+    before the last one (a crash cuts only the last line short: others were damaged some
+    other way, which the caller reports)."""
     if not path.exists():
-        return 0
-    kept, dropped, changed = [], 0, False
-    for line in path.read_text().splitlines():
+        return 0, []
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    kept, dropped, changed, unreadable = [], 0, False, []
+    for i, line in enumerate(lines):
         try:
             record = json.loads(line)
             later = int(record["step"]) > last_step
             again = record.get("kind") == "eval" and int(record["step"]) == evaluated_again
             keep = not later and not again and record.get("kind") != "final"
-        except (ValueError, KeyError, TypeError, AttributeError):  # cut short: the last line
-            later, keep = bool(line.strip()), False
+        except (ValueError, KeyError, TypeError, AttributeError):
+            later, keep = i == last, False  # the last line cut short: a record of a later step
+            if line.strip() and i != last:
+                unreadable.append(i + 1)
         if keep:
             kept.append(line + "\n")
         else:
@@ -108,7 +116,7 @@ def _keep_records_up_to(path: Path, last_step: int, evaluated_again: int | None 
     if changed:
         with atomic_path(path) as tmp:
             tmp.write_text("".join(kept))
-    return dropped
+    return dropped, unreadable
 
 
 def save_prediction_grid(path: Path, images: list[np.ndarray], truths: list[np.ndarray],

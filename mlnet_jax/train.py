@@ -522,6 +522,10 @@ def _train_and_evaluate(config, workdir: Path, override_config: bool, stop: "_St
         if writer.replayed:
             _log(f"dropped {writer.replayed} record(s) after step {step} from "
                  f"{writer.path.name}: those steps run again")
+        if writer.unreadable:
+            _log(f"warning: {writer.path}: dropped {len(writer.unreadable)} unreadable line(s) "
+                 f"(line {', '.join(map(str, writer.unreadable))}), not JSON records: the "
+                 "file was changed by something other than this training")
         _log(f"{jax.device_count()} device(s) over {jax.process_count()} process(es); "
              f"{epoch_steps} steps/epoch, {total_steps} steps; workdir {workdir}")
     except BaseException:

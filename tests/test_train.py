@@ -207,8 +207,13 @@ def test_resume_after_process_exit_is_exact(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_cli(straight, "--config.num_epochs=2")
     train_cli(resumed, "--config.num_epochs=1")           # N steps, then the process exits
+    log = resumed / "metrics.jsonl"  # damaged between the runs: named, not dropped silently
+    first, *rest = log.read_text().splitlines()
+    log.write_text("\n".join([first, "<<<<<<< HEAD", *rest]) + "\n")
     out = train_cli(resumed, "--config.num_epochs=2")     # restart: N more steps
     assert "resuming" in out.stdout + out.stderr
+    assert f"warning: {log}: dropped 1 unreadable line(s) (line 2)" in out.stdout
+    assert "<<<<<<<" not in log.read_text()
     step_a, state_a, data_a = latest_state(straight)
     step_b, state_b, data_b = latest_state(resumed)
     assert step_a == step_b == 6
@@ -296,6 +301,15 @@ def test_resumed_metric_log_drops_the_records_of_replayed_steps(tmp_path):
     again = MetricWriter(tmp_path, resume_step=4)
     again.close()
     assert again.replayed == 0  # nothing past step 4: the file is left as it is
+    assert resumed.unreadable == rerun.unreadable == again.unreadable == []  # a torn last line
+
+    # A damaged line in the middle (not what a crash leaves) is dropped and named, by number.
+    lines = writer.path.read_text().splitlines()
+    writer.path.write_text("\n".join([lines[0], "#garbage", *lines[1:]]) + "\n")
+    damaged = MetricWriter(tmp_path, resume_step=4)
+    damaged.close()
+    assert damaged.unreadable == [2] and damaged.replayed == 0
+    assert writer.path.read_text().splitlines() == lines
 
 
 def test_training_curves_plot_the_train_and_eval_records(tmp_path, monkeypatch):
