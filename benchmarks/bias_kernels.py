@@ -78,10 +78,14 @@ def _forward(x, kernel, bias, ties, interpret):
 
 def _backward(ties, interpret, residuals, g):
     x, kernel, winners = residuals
-    spread, dbias = spread_and_bias_grad(g, winners, interpret)
+    return _with_conv_gradients(x, kernel, *spread_and_bias_grad(g, winners, interpret))
+
+
+def _with_conv_gradients(x, kernel, g, dbias):
+    """(x's gradient, kernel's, bias's) for the pre-activation's gradient ``g``: cuDNN's two
+    backward convolutions on a GPU."""
     _, conv_vjp = jax.vjp(_conv, x, kernel)
-    dx, dkernel = conv_vjp(spread)
-    return dx, dkernel, dbias.astype(kernel.dtype)
+    return (*conv_vjp(g), dbias.astype(kernel.dtype))
 
 
 conv_relu_pool.defvjp(_forward, _backward)
@@ -102,10 +106,7 @@ def _relu_forward(x, kernel, bias, interpret):
 
 def _relu_backward(interpret, residuals, g):
     x, kernel, y = residuals
-    masked, dbias = mask_and_bias_grad(g, y, interpret)
-    _, conv_vjp = jax.vjp(_conv, x, kernel)
-    dx, dkernel = conv_vjp(masked)
-    return dx, dkernel, dbias.astype(kernel.dtype)
+    return _with_conv_gradients(x, kernel, *mask_and_bias_grad(g, y, interpret))
 
 
 conv_relu.defvjp(_relu_forward, _relu_backward)
@@ -181,10 +182,7 @@ class ConvWithKernel(nn.Module):
     def __call__(self, x):
         global rewritten
         rewritten += 1
-        kernel = self.param("kernel", nn.linear.default_kernel_init,
-                            (3, 3, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = first_conv.conv_parameters(self, x, self.features, self.dtype)
         if self.ties:
             return conv_relu_pool(x, kernel, bias, self.ties, first_conv.interpreted())
         return conv_relu(x, kernel, bias, first_conv.interpreted())

@@ -161,10 +161,7 @@ class ConvReLUPool(nn.Module):
     def __call__(self, x):
         global rewritten
         rewritten += 1
-        kernel = self.param("kernel", nn.linear.default_kernel_init,
-                            (3, 3, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = first_conv.conv_parameters(self, x, self.features, self.dtype)
         return trainable_conv_relu_pool(x, kernel, bias, self.block_cols, self.num_warps,
                                         first_conv.interpreted())
 

@@ -331,11 +331,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                    _version("v0_dropout_keep_mask")},
     "cand_rgb8": {("jax.lax", "conv_general_dilated"):
                   _conv_candidate("conv_with_padded_colour_channels")},
-    "cand_conv1_direct": {
-        ("mlnet_jax.first_conv", "_forward_kernel"): _sibling_function("conv1_direct",
-                                                                       "forward_kernel"),
-        ("mlnet_jax.first_conv", "_weight_grad_kernel"): _sibling_function(
-            "conv1_direct", "weight_grad_kernel")},
+    "cand_conv1_direct": {("mlnet_jax.first_conv", "_reader"): _sibling_function(
+        "conv1_direct", "image_reader")},
     "cand_prepared_weights": {},  # measure_predict prepares the variables
     "cand_pooled_bias": {("mlnet_jax.models", "VGG16"): _sibling_function("bias_kernels",
                                                                          "VGG16")},

@@ -147,27 +147,39 @@ def _triton_params():
     return pallas_triton.CompilerParams(num_warps=4, num_stages=1)
 
 
+def _reader(x):
+    """(what both kernels read for the image ``x``; ``load(ref, image, row, left, block_w)``,
+    how a program takes from it the (block_w, 16) tile of row ``row`` of the padded image):
+    ``column_taps``. A benchmark candidate replaces it (benchmarks/conv1_direct.py)."""
+    return column_taps(x), _column_row
+
+
+def _column_row(columns_ref, image, row, left, block_w):
+    return columns_ref[image, row, pl.ds(left, block_w), :]
+
+
 def _forward_kernel(x, kernel, bias, interpret):
     b, h, w, _ = x.shape
     out = kernel.shape[3]
     block_w, rows = _block_width(w), _divisor(h, (4, 2, 1))
-    body = partial(_forward_body, height=h, rows=rows, block_w=block_w,
+    source, load = _reader(x)
+    body = partial(_forward_body, height=h, rows=rows, block_w=block_w, load=load,
                    precision=_precision(x.dtype))
     return pl.pallas_call(
         body, out_shape=jax.ShapeDtypeStruct((b, h, w, out), x.dtype),
         grid=(b * h // rows, w // block_w),
         compiler_params=None if interpret else _triton_params(), interpret=interpret,
         name="conv1_1_bias_relu",
-    )(column_taps(x), row_taps(kernel).astype(x.dtype), bias.astype(jnp.float32))
+    )(source, row_taps(kernel).astype(x.dtype), bias.astype(jnp.float32))
 
 
-def _forward_body(columns_ref, taps_ref, bias_ref, out_ref, *, height, rows, block_w,
+def _forward_body(columns_ref, taps_ref, bias_ref, out_ref, *, height, rows, block_w, load,
                   precision):
     """One program: ``rows`` output rows × ``block_w`` columns, from ``rows`` + 2 input rows."""
     i, j = pl.program_id(0), pl.program_id(1)
     per_image = height // rows
     image, top, left = i // per_image, (i % per_image) * rows, j * block_w
-    inputs = [columns_ref[image, top + r, pl.ds(left, block_w), :] for r in range(rows + 2)]
+    inputs = [load(columns_ref, image, top + r, left, block_w) for r in range(rows + 2)]
     taps = [taps_ref[dy] for dy in range(3)]
     bias = bias_ref[...][None, :]
     for r in range(rows):
@@ -186,18 +198,20 @@ def _weight_grad_kernel(x, y, g, interpret):
     out = y.shape[3]
     block_w, rows = _block_width(w), _divisor(h, (32, 16, 8, 4, 2, 1))
     grid = (b, h // rows, w // block_w)
-    body = partial(_weight_grad_body, rows=rows, block_w=block_w, precision=_precision(x.dtype))
+    source, load = _reader(x)
+    body = partial(_weight_grad_body, rows=rows, block_w=block_w, load=load,
+                   precision=_precision(x.dtype))
     taps, bias = pl.pallas_call(
         body, out_shape=(jax.ShapeDtypeStruct((*grid, 3, CHANNELS, out), jnp.float32),
                          jax.ShapeDtypeStruct((*grid, out), jnp.float32)),
         grid=grid, compiler_params=None if interpret else _triton_params(),
         interpret=interpret, name="conv1_1_weight_grad",
-    )(column_taps(x), y, g)
+    )(source, y, g)
     taps = jnp.sum(taps, axis=(0, 1, 2))[:, :9]  # (3, 9, O): rows dx·3 + c, as row_taps
     return taps.reshape(3, 3, 3, out), jnp.sum(bias, axis=(0, 1, 2))
 
 
-def _weight_grad_body(columns_ref, y_ref, g_ref, taps_ref, bias_ref, *, rows, block_w,
+def _weight_grad_body(columns_ref, y_ref, g_ref, taps_ref, bias_ref, *, rows, block_w, load,
                       precision):
     """One program: the partial sums of ``rows`` rows × ``block_w`` columns of one image."""
     image, chunk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -209,7 +223,7 @@ def _weight_grad_body(columns_ref, y_ref, g_ref, taps_ref, bias_ref, *, rows, bl
         g = g_ref[image, top + r, pl.ds(left, block_w), :]
         masked = jnp.where(y > 0, g, jnp.zeros((), g.dtype))
         taps = [sums[dy] + jax.lax.dot_general(
-            columns_ref[image, top + r + dy, pl.ds(left, block_w), :], masked,
+            load(columns_ref, image, top + r + dy, left, block_w), masked,
             (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
             for dy in range(3)]
         return (*taps, sums[3] + jnp.sum(masked.astype(jnp.float32), axis=0))
@@ -241,9 +255,16 @@ class ConvBiasReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.linear.default_kernel_init,
-                            (3, 3, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
-                          self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return conv_bias_relu(x, kernel, bias)
+        return conv_bias_relu(*conv_parameters(self, x, self.features, self.dtype,
+                                               self.param_dtype))
+
+
+def conv_parameters(module: nn.Module, x: jax.Array, features: int, dtype,
+                    param_dtype=jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x, kernel, bias) in ``dtype``: ``flax.linen.Conv(features, (3, 3))``'s parameters
+    (names, shapes, initialisers) declared on ``module``, for a module that computes the
+    convolution another way and must load the same checkpoints."""
+    kernel = module.param("kernel", nn.linear.default_kernel_init,
+                          (3, 3, x.shape[-1], features), param_dtype)
+    bias = module.param("bias", nn.initializers.zeros_init(), (features,), param_dtype)
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)

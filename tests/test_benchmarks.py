@@ -813,7 +813,7 @@ def test_candidate_conv1_direct_reads_the_image_and_computes_what_the_kernels_do
     assert float(jnp.mean(expected[0] == 0)) > 0.3  # the ReLU cuts, so the masks matter
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(g, e)
-    assert first_conv._forward_kernel.__module__ == "mlnet_jax.first_conv"
+    assert first_conv._reader.__module__ == "mlnet_jax.first_conv"  # restored after the block
 
     # For CUDA at the headline size: one Triton call forward and two for the gradients, fed
     # the image as (B, H, 3W) and no column copies anywhere, no convolution left for XLA.
