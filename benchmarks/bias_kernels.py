@@ -38,20 +38,19 @@ rewritten = 0  # layers traced with the kernel, for throughput.py's check
 
 
 def pool_kernel_fits(shape, stride: int, alignment: str, channels: int) -> bool:
-    """Stride-2 standard windows tiling an even input whose channels Triton can block."""
-    return (stride == 2 and alignment == "standard" and vgg._pairs_of_rows_and_columns(
-        stride, shape[1:3]) and _power_of_two(channels)
-        and first_conv._block_width(shape[2] // 2) is not None)
+    """Stride-2 standard windows tiling an even input whose channels Triton can block, on
+    one device (the kernel is not partitioned)."""
+    return (alignment == "standard" and vgg._pairs_of_rows_and_columns(stride, shape[1:3])
+            and first_conv.triton_block(channels) and jax.device_count() == 1
+            and first_conv._block_width(shape[2] // 2) is not None)
 
 
 def relu_kernel_fits(shape, channels: int) -> bool:
-    """A layer wide enough that XLA's reduction was slow, in blocks Triton can take."""
+    """A layer wide enough that XLA's reduction was slow, in blocks Triton can take, on one
+    device."""
     pixels = shape[0] * shape[1] * shape[2]
-    return channels >= 256 and _power_of_two(channels) and pixels % _rows(channels) == 0
-
-
-def _power_of_two(n: int) -> bool:
-    return n >= 16 and not n & (n - 1)
+    return (channels >= 256 and first_conv.triton_block(channels) and jax.device_count() == 1
+            and pixels % _rows(channels) == 0)
 
 
 def _rows(channels: int) -> int:
@@ -62,16 +61,13 @@ def _rows(channels: int) -> int:
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def conv_relu_pool(x, kernel, bias, ties, interpret):
     """``relu_max_pool_2x2(conv(x, kernel) + bias, 2, 'standard', ties)``."""
-    return vgg.relu_max_pool_2x2(_conv(x, kernel) + bias, 2, "standard", ties)
+    pre = first_conv.reference_conv(x, kernel) + bias
+    return vgg.relu_max_pool_2x2(pre, 2, "standard", ties)
 
-
-def _conv(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _forward(x, kernel, bias, ties, interpret):
-    pre = _conv(x, kernel) + bias
+    pre = first_conv.reference_conv(x, kernel) + bias
     y, winners = vgg._relu_max_pool_forward(pre, 2, "standard", ties, pre.shape[1:3])
     return y, (x, kernel, winners)
 
@@ -84,7 +80,7 @@ def _backward(ties, interpret, residuals, g):
 def _with_conv_gradients(x, kernel, g, dbias):
     """(x's gradient, kernel's, bias's) for the pre-activation's gradient ``g``: cuDNN's two
     backward convolutions on a GPU."""
-    _, conv_vjp = jax.vjp(_conv, x, kernel)
+    _, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
     return (*conv_vjp(g), dbias.astype(kernel.dtype))
 
 
@@ -94,11 +90,11 @@ conv_relu_pool.defvjp(_forward, _backward)
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def conv_relu(x, kernel, bias, interpret):
     """``relu(conv(x, kernel) + bias)``."""
-    return jnp.maximum(_conv(x, kernel) + bias, 0)
+    return jnp.maximum(first_conv.reference_conv(x, kernel) + bias, 0)
 
 
 def _relu_forward(x, kernel, bias, interpret):
-    y = jnp.maximum(_conv(x, kernel) + bias, 0)
+    y = jnp.maximum(first_conv.reference_conv(x, kernel) + bias, 0)
     # As mlnet_jax/relu.py: keeps XLA from turning the mask on y back into one on the
     # pre-activation, which cuDNN's fused conv + bias + ReLU does not write.
     return y, (x, kernel, jax.lax.optimization_barrier(y))
@@ -195,6 +191,7 @@ class VGG16(vgg.VGG16):
 
     relu_kernels: bool = False
 
+    @nn.nowrap
     def layer(self, name, features, x):
         stride = vgg._POOL_STRIDE_AFTER.get(name)
         if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):

@@ -34,10 +34,11 @@ rewritten = 0  # layers traced with the kernel, for throughput.py's check
 
 
 def fits(shape, features: int, block_cols: int) -> bool:
-    """Even rows, whole column blocks, power-of-two channels for Triton's blocks."""
+    """Even rows, whole column blocks, channels Triton can block, one device (the kernel is
+    not partitioned)."""
     _, rows, cols, channels = shape
-    return (rows % 2 == 0 and cols % block_cols == 0
-            and all(n >= 16 and not n & (n - 1) for n in (channels, features)))
+    return (rows % 2 == 0 and cols % block_cols == 0 and jax.device_count() == 1
+            and first_conv.triton_block(channels) and first_conv.triton_block(features))
 
 
 def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, interpret=False,
@@ -80,17 +81,13 @@ def _forward(x, kernel, bias, block_cols, num_warps, interpret):
 def _backward(block_cols, num_warps, interpret, residuals, g):
     x, kernel, winners = residuals
     (spread,) = vgg._relu_max_pool_backward(2, "standard", "first", x.shape[1:3], winners, g)
-    _, conv_vjp = jax.vjp(_conv, x, kernel)
+    _, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
     dx, dkernel = conv_vjp(spread)
     return dx, dkernel, jnp.sum(spread, axis=(0, 1, 2)).astype(kernel.dtype)
 
 
 trainable_conv_relu_pool.defvjp(_forward, _backward)
 
-
-def _conv(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width, block_cols,
@@ -141,6 +138,7 @@ class VGG16(vgg.VGG16):
 
     m256: bool = False
 
+    @nn.nowrap
     def layer(self, name, features, x):
         block_cols, warps = (128, 8) if self.m256 else (64, 4)
         if name == "conv1_2" and self.pooling == "standard" and fits(x.shape, features,

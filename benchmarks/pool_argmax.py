@@ -27,8 +27,9 @@ rewritten = 0  # pools traced with the argmax, for throughput.py's check
 
 def relu_max_pool_2x2(x, stride, alignment, ties="first"):
     """``vgg.relu_max_pool_2x2`` with the argmax mask where it can take it."""
-    if ties != "first":
-        return vgg.relu_max_pool_2x2(x, stride, alignment, ties)
+    if ties != "first":  # not vgg.relu_max_pool_2x2: while patched in, that is this function
+        vgg._check_pooling(alignment, ties)
+        return vgg._relu_max_pool(x, stride, alignment, ties, x.shape[1:3])
     global rewritten
     rewritten += 1
     return _relu_max_pool(x, stride, alignment, x.shape[1:3])

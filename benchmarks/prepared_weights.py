@@ -15,40 +15,52 @@ from __future__ import annotations
 import jax
 
 PREPARED = ("backbone", "head")  # the parameters the model casts to its compute dtype
-rewritten = 0  # programs prepared, for throughput.py's check that the variant changed one
+rewritten = 0  # programs changed, for throughput.py's check that the variant changed one
 
 
 def prepare(predict, variables: dict, dtype):
     """(a function like ``predict``, a ``make_predict_fn`` result, whose parameters take the
     layouts XLA picks; ``variables`` with the backbone and head in ``dtype``). Put the
-    variables into ``place``'s layouts before calling the compiled function."""
+    variables into the compiled function's layouts with ``place``."""
     from jax.experimental.layout import Format, Layout
 
     from mlnet_jax.sharding import batch_sharding, replicated
-    global rewritten
-    rewritten += 1
     params = dict(variables["params"])
     for name in PREPARED:
         params[name] = jax.tree.map(lambda p: p.astype(dtype), params[name])
     data = batch_sharding(predict.mesh)
     jitted = jax.jit(predict.jitted.__wrapped__, out_shardings=data,
                      in_shardings=(Format(Layout.AUTO, replicated(predict.mesh)), data))
-    return _AutoLayouts(jitted), {**variables, "params": params}
+    cast = sum(a.dtype != b.dtype for a, b in zip(jax.tree.leaves(variables),
+                                                 jax.tree.leaves(params)))
+    return _AutoLayouts(jitted, cast), {**variables, "params": params}
 
 
 class _AutoLayouts:
     """``jitted`` whose ``lower`` takes the variables as shapes: jit refuses arrays, which
-    have a layout already, for parameters it is to choose the layouts of."""
+    have a layout already, for parameters it is to choose the layouts of. ``cast``: how many
+    parameters ``prepare`` converted."""
 
-    def __init__(self, jitted):
-        self.jitted = jitted
+    def __init__(self, jitted, cast: int):
+        self.jitted, self.cast = jitted, cast
 
     def lower(self, variables, images):
         shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
         return self.jitted.lower(shapes, images)
 
 
-def place(compiled, variables: dict) -> dict:
-    """``variables`` in the layouts ``compiled`` (``prepare``'s function, compiled) takes."""
-    return jax.device_put(variables, compiled.input_formats[0][0])
+def place(prepared: _AutoLayouts, compiled, variables: dict) -> tuple[dict, dict]:
+    """(``variables`` in the layouts ``compiled``, ``prepared`` compiled, takes; what was
+    prepared: parameters cast and parameters whose layout XLA changed). Counts as a rewrite
+    only if something was: float32 on a backend that keeps every layout measures the code."""
+    global rewritten
+    formats = compiled.input_formats[0][0]
+    relaid = sum(_not_row_major(f.layout) for f in jax.tree.leaves(formats))
+    rewritten += bool(prepared.cast or relaid)
+    return (jax.device_put(variables, formats),
+            {"cast": int(prepared.cast), "relaid": int(relaid)})
 
+
+def _not_row_major(layout) -> bool:
+    order = tuple(layout.major_to_minor)
+    return order != tuple(range(len(order)))

@@ -664,8 +664,8 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
             predict, variables = prepared.prepare(predict, variables, jnp.dtype(dtype))
         compiled, t_lower, t_compile = compile_timed(predict, variables, images,
                                                      compiler_options=patch.compiler_options)
-    if prepared:
-        variables = prepared.place(compiled, variables)
+        if prepared:
+            variables, prepared_parameters = prepared.place(predict, compiled, variables)
     t = time.perf_counter()
     out = compiled(variables, images)
     out.block_until_ready()
@@ -678,6 +678,8 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     row = _row(bench, "predict", dtype, None, b, h, w, per_step, first, t_lower, t_compile,
                flops, compiled, sweep, gpu)
     row["variant"] = variant
+    if prepared:
+        row["prepared_parameters"] = prepared_parameters
     dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", variant, sweep)
     if keep:
         bench.kept[(case_name(b, h, w), dtype, "predict")] = [compiled, (variables, images),

@@ -58,9 +58,15 @@ def unfit_reason(shape, dtype, features: int = 64) -> str:
         return f"the kernel takes widths divisible by 16, got {shape[2]}"
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float32):
         return f"the kernel computes in bfloat16 or float32, got {jnp.dtype(dtype).name}"
-    if features < 16 or features & (features - 1):  # Triton's blocks: powers of two, N >= 16
+    if not triton_block(features):
         return f"the kernel takes 16, 32, 64, ... output channels, got {features}"
     return ""
+
+
+def triton_block(n: int) -> bool:
+    """Whether a tensor dimension of ``n`` suits Triton's blocks and products: a power of two,
+    16 or more."""
+    return n >= 16 and not n & (n - 1)
 
 
 def _lone_hopper_gpu() -> bool:
@@ -119,7 +125,7 @@ _conv_bias_relu.defvjp(_conv_bias_relu_forward, _conv_bias_relu_backward)
 
 
 def reference_conv(x, kernel):
-    """flax.linen.Conv's sums for conv1_1: 3×3, 'SAME', NHWC."""
+    """flax.linen.Conv's sums for a 3×3 'SAME' NHWC convolution such as conv1_1."""
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 

@@ -229,6 +229,7 @@ class VGG16(nn.Module):
         outputs["conv5_3"] = x
         return outputs
 
+    @nn.nowrap  # no scope of its own: the program's names stay those of one __call__
     def layer(self, name: str, features: int, x: jax.Array) -> jax.Array:
         """Convolution ``name`` with its ReLU, and the pool after it if one follows. The
         benchmarks' candidate levers override it to run a layer another way with the same

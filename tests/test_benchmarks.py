@@ -318,7 +318,7 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     result, stdout = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
                           "--modes", "full,frozen", "--width-multiplier", "0.25", "--batch-sweep",
                           "--sweep-batches", "1", "--pipeline", "--pipeline-records", "4",
-                          "--variants", "v0,xla_no_command_buffers,cand_prepared_weights",
+                          "--variants", "v0,xla_no_command_buffers",
                           "--profile", str(tmp_path / "profile"), env=_fake_nvidia_smi(tmp_path))
     assert result["complete"] and not result["skipped"] and "errors" not in result
     assert result["card"] and result["backend"] == "cpu" and result["software"]["jax"]
@@ -332,8 +332,7 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
                          ("predict", None, "1x32x32", None), ("train", "full", "2x32x32", "v0"),
                          ("predict", None, "2x32x32", "v0"),  # v0 changed the forward too
                          ("train", "full", "2x32x32", "xla_no_command_buffers"),
-                         ("predict", None, "2x32x32", "xla_no_command_buffers"),
-                         ("predict", None, "2x32x32", "cand_prepared_weights")}  # predict only
+                         ("predict", None, "2x32x32", "xla_no_command_buffers")}
     rows = {key[:3]: row for key, row in rows.items() if not key[3]}
     assert rows[("train", "full", "1x32x32")]["sweep"] and not rows[("train", "full", "2x32x32")]["sweep"]
     for row in rows.values():
@@ -591,13 +590,14 @@ def test_the_profile_names_the_pallas_kernels_of_the_h200_program():
 
 
 @cache  # the code as it is serves several comparisons
-def _one_train_step(variant, width=0.25, size=16):
+def _one_train_step(variant, width=0.25, size=16, pooling="standard"):
     """One real train step (lr 1e-2, fixed data) with ``variant`` patched in while tracing:
     the new state, the metrics and the starting parameters."""
     from mlnet_jax.inference import ModelInfo
     from mlnet_jax.optim import make_optimizer
     from mlnet_jax.train import create_train_state, train_step
-    info = ModelInfo(input_size=(size, size), preprocessing="caffe", width_multiplier=width)
+    info = ModelInfo(input_size=(size, size), preprocessing="caffe", width_multiplier=width,
+                     pooling=pooling)
     model, tx = info.build(), make_optimizer(1e-2, 5e-4, 0.9)
     params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
     rng = np.random.default_rng(2)
@@ -869,14 +869,30 @@ def test_candidate_prepared_weights_predicts_the_same_maps_from_weights_cast_onc
 
     before = prepared_weights.rewritten
     jitted, cast = prepared_weights.prepare(predict, variables, dtype)
-    assert prepared_weights.rewritten == before + 1
     dtypes = {jax.tree_util.keystr(path): leaf.dtype
               for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
     assert dtypes.pop("['params']['prior']") == jnp.float32 and set(dtypes.values()) == {dtype}
     assert variables["params"]["head"]["conv"]["kernel"].dtype == jnp.float32  # not in place
     compiled = jitted.lower(cast, images).compile()
-    np.testing.assert_array_equal(compiled(prepared_weights.place(compiled, cast), images),
-                                  expected)
+    placed, prepared = prepared_weights.place(jitted, compiled, cast)
+    np.testing.assert_array_equal(compiled(placed, images), expected)
+    # What it changed is recorded, and a program it did not change (float32, every layout
+    # kept, as XLA:CPU keeps them) does not count: it would measure the code as it is.
+    assert prepared["cast"] == (30 if dtype == jnp.bfloat16 else 0)  # 15 kernels, 15 biases
+    assert prepared_weights.rewritten == before + bool(prepared["cast"] or prepared["relaid"])
+
+
+def test_a_predict_only_variant_that_changes_nothing_fails_and_trains_nothing(tmp_path):
+    # cand_prepared_weights in float32 on the CPU casts nothing and XLA:CPU keeps every
+    # layout: its measurement fails as measuring the code would, and no train step is tried.
+    result, _ = _run(tmp_path, "--cases", "2x32x32", "--quick", "--dtypes", "float32",
+                     "--modes", "full", "--width-multiplier", "0.25", "--variants",
+                     "cand_prepared_weights", "--no-compile-cache")
+    assert result["failed"] == ["predict float32 2x32x32 [cand_prepared_weights]"]
+    assert [r["label"] for r in result["results"]] == [
+        "train float32 full 2x32x32", "predict float32 2x32x32",
+        "predict float32 2x32x32 [cand_prepared_weights]"]
+    assert "it would measure the code as it is" in result["results"][-1]["error"]
 
 
 @pytest.mark.parametrize("ties", ["first", "all"])
@@ -1045,12 +1061,14 @@ def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_c
     card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                   abstract_device=card)):
-        texts = [jax.jit(partial(conv12_pool.conv_relu_pool, winners=winners)).trace(
-            *shapes).lower(lowering_platforms=("cuda",)).as_text() for winners in (False, True)]
+        texts = [jax.jit(partial(conv12_pool.conv_relu_pool, winners=winners, block_cols=cols,
+                                 num_warps=warps)).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+            for winners in (False, True) for cols, warps in ((64, 4), (128, 8))]
     for text in texts:
         assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
         assert "tensor<32x240x320x64xbf16>" in text
-    assert "tensor<32x240x320x64xui8>" in texts[1]
+    assert all("tensor<32x240x320x64xui8>" in text for text in texts[2:])
 
 
 def test_candidate_conv12_pool_trains_the_same_step():
@@ -1065,3 +1083,23 @@ def test_candidate_conv12_pool_trains_the_same_step():
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
     moved = a.trainable["backbone"]["conv1_2"]["kernel"] - start["backbone"]["conv1_2"]["kernel"]
     assert float(jnp.abs(moved).max()) > 1e-6
+
+
+@pytest.mark.parametrize("variant, changes", [("cand_conv12_pool", False),
+                                              ("cand_pooled_bias", False),
+                                              ("cand_pool_argmax", False),
+                                              ("cand_bias_kernels", True)])
+def test_candidates_leave_keras1_pooling_to_the_package(variant, changes):
+    # keras1 windows (Theano's, one row and column earlier) with, in float32, every maximum
+    # taking the gradient: no candidate computes those pools. Each leaves them to the package:
+    # with nothing else to change it fails as measuring the code would; cand_bias_kernels
+    # still takes the 256-wide unpooled layers, with the same update.
+    if not changes:
+        with pytest.raises(RuntimeError, match=f"{variant} changed no convolution"):
+            _one_train_step(variant, width=0.5, size=64, pooling="keras1")
+        return
+    (a, ma, _), (b, mb, _) = (_one_train_step(v, width=0.5, size=64, pooling="keras1")
+                              for v in (None, variant))
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
