@@ -11,8 +11,8 @@ and a warm start with the persistent compilation cache (two subprocesses sharing
 directory), a batch-size sweep, and end-to-end training through the real grain input pipeline
 on fake SALICON-like 640×480 JPEG/PNG records, against the synthetic-batch rate; with
 ``--profile`` it traces the headline steps and says which kernels take the time
-(``kernel_profile.py``), and ``--variants`` measures candidate levers (``candidates.py``) beside
-the code as it is.
+(``kernel_profile.py``), and ``--variants`` measures candidate levers (``cand_*``, from the
+other modules of benchmarks/) and earlier versions beside the code as it is.
 
 The JSON is rewritten after every measurement, so a run cut short by ``--deadline`` (no new
 measurement starts after it) or by a kill keeps what it measured; a table is printed last.
@@ -265,16 +265,17 @@ def software_versions() -> dict:
 # kernel, the code measured on 2026-11-28; v2.1: v3 with the ReLU and the pool as two
 # operations, the code measured on 2026-11-27; v1: autodiff's gradients for both; v0: v1 with
 # pool4 by reduce_window and one random word per dropout element; v0_pool4 / v0_dropout: v1
-# with one of the two undone). cand_* put in levers of benchmarks/candidates.py, not adopted:
-# cand_rgb8 conv1_1 with its input padded to 8 channels; cand_conv1_direct conv1_1's Pallas
+# with one of the two undone). cand_* put in levers not adopted (modules of benchmarks/):
+# cand_rgb8 conv1_1 with its input padded to 8 channels (benchmarks/candidates.py);
+# cand_conv1_direct conv1_1's Pallas
 # kernels reading the image instead of its column copies (benchmarks/conv1_direct.py);
 # cand_prepared_weights (prediction only) the kernels converted and laid out once
 # (benchmarks/prepared_weights.py); cand_pooled_bias the stride-2 pools' gradient spread and
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
 # unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
 # cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
-# cand_conv12_pool(_m256) conv1_2, its ReLU and pool1 as one Pallas kernel
-# (benchmarks/conv12_pool.py).
+# cand_conv12_pool(_m256) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
+# winner mask in training (benchmarks/conv12_pool.py).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
