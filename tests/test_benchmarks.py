@@ -791,6 +791,17 @@ def test_a_rows_rates_and_the_matmul_ceiling_follow_from_the_times():
     assert ceiling["tflops"] == pytest.approx(2 * 64 ** 3 / (ceiling["ms"] / 1e3) / 1e12)
 
 
+def _lowered_for_an_h200(fn, *shapes) -> str:
+    """``fn``'s StableHLO lowered for CUDA on an H200 (newer JAX asks which card), traced as a
+    new function: jit's trace cache, keyed on the function, would otherwise serve a trace
+    made under a candidate's patch to a later test of the package's own kernels."""
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=card)):
+        return jax.jit(lambda *a: fn(*a)).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+
 def test_candidate_conv1_direct_reads_the_image_and_computes_what_the_kernels_do():
     # cand_conv1_direct: conv1_1's two kernels loading their 16-channel windows from the image
     # itself (masked at its edges) instead of the column copies XLA writes: the same products
@@ -821,16 +832,11 @@ def test_candidate_conv1_direct_reads_the_image_and_computes_what_the_kernels_do
     monkeypatch.setattr(first_conv, "interpreted", lambda: False)
     shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((32, 480, 640, 3), (3, 3, 3, 64),
                                                               (64,))]
-    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     loss = lambda *a: jnp.sum(first_conv.conv_bias_relu(*a).astype(jnp.float32))  # noqa: E731
     try:
-        with throughput.patched("cand_conv1_direct"), jax.sharding.use_abstract_mesh(
-                jax.sharding.AbstractMesh((1,), ("x",), abstract_device=card)):
-            # New function objects: jit's trace cache would otherwise serve this trace of
-            # the module's function to tests that lower the package's kernels.
-            texts = [jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-                     for f in (lambda *a: first_conv.conv_bias_relu(*a),
-                               jax.grad(loss, (1, 2)))]
+        with throughput.patched("cand_conv1_direct"):
+            texts = [_lowered_for_an_h200(f, *shapes)
+                     for f in (first_conv.conv_bias_relu, jax.grad(loss, (1, 2)))]
     finally:
         monkeypatch.undo()
     for text, calls in zip(texts, (1, 2)):
@@ -929,11 +935,8 @@ def test_candidate_pooled_bias_trains_the_same_step_and_lowers_to_one_triton_cal
     # For CUDA at conv1_2's headline shape: one Triton call, nothing left for XLA but the sum.
     shapes = (jax.ShapeDtypeStruct((32, 240, 320, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((32, 240, 320, 64), jnp.uint8))
-    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=card)):
-        text = jax.jit(partial(bias_kernels.spread_and_bias_grad, interpret=False)).trace(
-            *shapes).lower(lowering_platforms=("cuda",)).as_text()
+    text = _lowered_for_an_h200(partial(bias_kernels.spread_and_bias_grad, interpret=False),
+                                *shapes)
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "tensor<32x240x2x320x128xbf16>" in text and "tensor<7680x5x64xf32>" in text
 
@@ -962,11 +965,8 @@ def test_candidate_bias_kernels_mask_by_the_relu_and_train_the_same_step():
     assert float(jnp.abs(moved).max()) > 1e-6
 
     shape = jax.ShapeDtypeStruct((32, 60, 80, 512), jnp.bfloat16)  # conv4_1 at 480×640
-    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=card)):
-        text = jax.jit(partial(bias_kernels.mask_and_bias_grad, interpret=False)).trace(
-            shape, shape).lower(lowering_platforms=("cuda",)).as_text()
+    text = _lowered_for_an_h200(partial(bias_kernels.mask_and_bias_grad, interpret=False),
+                                shape, shape)
     assert text.count("__gpu$xla.gpu.triton") == 1 and "tensor<4800x512xf32>" in text
 
 
@@ -1058,13 +1058,9 @@ def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_c
     shapes = (jax.ShapeDtypeStruct((32, 480, 640, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((64,), jnp.bfloat16))
-    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=card)):
-        texts = [jax.jit(partial(conv12_pool.conv_relu_pool, winners=winners, block_cols=cols,
-                                 num_warps=warps)).trace(*shapes).lower(
-            lowering_platforms=("cuda",)).as_text()
-            for winners in (False, True) for cols, warps in ((64, 4), (128, 8))]
+    texts = [_lowered_for_an_h200(partial(conv12_pool.conv_relu_pool, winners=winners,
+                                          block_cols=cols, num_warps=warps), *shapes)
+             for winners in (False, True) for cols, warps in ((64, 4), (128, 8))]
     for text in texts:
         assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
         assert "tensor<32x240x320x64xbf16>" in text
