@@ -65,7 +65,6 @@ def conv_relu_pool(x, kernel, bias, ties, interpret):
     return vgg.relu_max_pool_2x2(pre, 2, "standard", ties)
 
 
-
 def _forward(x, kernel, bias, ties, interpret):
     pre = first_conv.reference_conv(x, kernel) + bias
     y, winners = vgg._relu_max_pool_forward(pre, 2, "standard", ties, pre.shape[1:3])

@@ -89,7 +89,6 @@ def _backward(block_cols, num_warps, interpret, residuals, g):
 trainable_conv_relu_pool.defvjp(_forward, _backward)
 
 
-
 def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width, block_cols,
           precision):
     """One program: output rows 2r, 2r + 1 × ``block_cols`` columns → one pooled row."""

@@ -267,8 +267,8 @@ def software_versions() -> dict:
 # pool4 by reduce_window and one random word per dropout element; v0_pool4 / v0_dropout: v1
 # with one of the two undone). cand_* put in levers not adopted (modules of benchmarks/):
 # cand_rgb8 conv1_1 with its input padded to 8 channels (benchmarks/candidates.py);
-# cand_conv1_direct conv1_1's Pallas
-# kernels reading the image instead of its column copies (benchmarks/conv1_direct.py);
+# cand_conv1_direct conv1_1's Pallas kernels reading the image instead of its column copies
+# (benchmarks/conv1_direct.py);
 # cand_prepared_weights (prediction only) the kernels converted and laid out once
 # (benchmarks/prepared_weights.py); cand_pooled_bias the stride-2 pools' gradient spread and
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
@@ -355,8 +355,8 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 }
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
-# The others change gradients only.
 PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
+# The others change gradients only.
 FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12_pool",
                     "cand_conv12_pool_m256", *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
 
