@@ -275,7 +275,8 @@ def software_versions() -> dict:
 # unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
 # cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
 # cand_conv12_pool(_m256) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
-# winner mask in training (benchmarks/conv12_pool.py).
+# winner mask in training (benchmarks/conv12_pool.py); cand_all the Pallas candidates
+# together (conv12_pool, bias_kernels, conv1_direct).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -289,6 +290,17 @@ def _sibling_function(module: str, name: str):
 def _version(name: str):
     """A stand-in for a package function: ``versions.<name>`` (an earlier version)."""
     return _sibling_function("versions", name)
+
+
+def _all_kernels_vgg16():
+    """``cand_all``'s backbone class: conv1_2 by ``conv12_pool``'s kernel, the other layers
+    by ``bias_kernels``' where theirs fit (with conv1_1 reading the image, ``conv1_direct``):
+    the Pallas candidates together, as they would be adopted if each wins."""
+    if "all_kernels_vgg16" not in _LOADED:
+        class AllKernelsVGG16(sibling("conv12_pool").VGG16, sibling("bias_kernels").VGG16):
+            pass
+        _LOADED["all_kernels_vgg16"] = AllKernelsVGG16
+    return _LOADED["all_kernels_vgg16"]
 
 
 def _conv_candidate(factory: str, **options):
@@ -345,6 +357,10 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                                                                          "VGG16")},
     "cand_conv12_pool_m256": {("mlnet_jax.models", "VGG16"): _sibling_function(
         "conv12_pool", "vgg16_m256")},
+    "cand_all": {("mlnet_jax.models", "VGG16"): lambda **fields: _all_kernels_vgg16()(
+                     relu_kernels=True, **fields),
+                 ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",
+                                                                        "image_reader")},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs
@@ -358,7 +374,8 @@ for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
 PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
 # The others change gradients only.
 FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12_pool",
-                    "cand_conv12_pool_m256", *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
+                    "cand_conv12_pool_m256", "cand_all", *PREDICT_ONLY_VARIANTS,
+                    *COMPILER_OPTIONS}
 
 
 class patched:

@@ -1099,3 +1099,16 @@ def test_candidates_leave_keras1_pooling_to_the_package(variant, changes):
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+
+
+def test_candidate_all_puts_the_kernels_together_and_trains_the_same_step():
+    # cand_all: conv1_2 by the conv + pool kernel, conv2_2 by the pooled bias kernel, the five
+    # 256-wide unpooled layers by the ReLU kernel (half width, 64×64): the same update.
+    counts = {name: throughput.sibling(name).rewritten for name in ("conv12_pool",
+                                                                     "bias_kernels")}
+    (a, ma, _), (b, mb, _) = (_one_train_step(v, width=0.5, size=64) for v in (None, "cand_all"))
+    assert throughput.sibling("conv12_pool").rewritten - counts["conv12_pool"] == 1
+    assert throughput.sibling("bias_kernels").rewritten - counts["bias_kernels"] == 6
+    assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
