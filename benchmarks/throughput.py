@@ -35,6 +35,7 @@ T0 = time.perf_counter()  # before the heavy imports: the probes' process time s
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -292,15 +293,14 @@ def _version(name: str):
     return _sibling_function("versions", name)
 
 
+@functools.cache
 def _all_kernels_vgg16():
     """``cand_all``'s backbone class: conv1_2 by ``conv12_pool``'s kernel, the other layers
     by ``bias_kernels``' where theirs fit (with conv1_1 reading the image, ``conv1_direct``):
     the Pallas candidates together, as they would be adopted if each wins."""
-    if "all_kernels_vgg16" not in _LOADED:
-        class AllKernelsVGG16(sibling("conv12_pool").VGG16, sibling("bias_kernels").VGG16):
-            pass
-        _LOADED["all_kernels_vgg16"] = AllKernelsVGG16
-    return _LOADED["all_kernels_vgg16"]
+    class AllKernelsVGG16(sibling("conv12_pool").VGG16, sibling("bias_kernels").VGG16):
+        pass
+    return AllKernelsVGG16
 
 
 def _conv_candidate(factory: str, **options):
