@@ -51,14 +51,18 @@ class _AutoLayouts:
 
 def place(prepared: _AutoLayouts, compiled, variables: dict) -> tuple[dict, dict]:
     """(``variables`` in the layouts ``compiled``, ``prepared`` compiled, takes; what was
-    prepared: parameters cast and parameters whose layout XLA changed). Counts as a rewrite
-    only if something was: float32 on a backend that keeps every layout measures the code."""
+    prepared: ``prepared_parameters``)."""
+    return (jax.device_put(variables, compiled.input_formats[0][0]),
+            prepared_parameters(prepared, compiled))
+
+
+def prepared_parameters(prepared: _AutoLayouts, compiled) -> dict:
+    """Parameters cast and parameters whose layout XLA changed. Counts as a rewrite only if
+    something was: float32 on a backend that keeps every layout measures the code."""
     global rewritten
-    formats = compiled.input_formats[0][0]
-    relaid = sum(_not_row_major(f.layout) for f in jax.tree.leaves(formats))
+    relaid = sum(_not_row_major(f.layout) for f in jax.tree.leaves(compiled.input_formats[0][0]))
     rewritten += bool(prepared.cast or relaid)
-    return (jax.device_put(variables, formats),
-            {"cast": int(prepared.cast), "relaid": int(relaid)})
+    return {"cast": int(prepared.cast), "relaid": int(relaid)}
 
 
 def _not_row_major(layout) -> bool:

@@ -967,6 +967,21 @@ def environment(bench: Bench | None) -> dict:
     return info
 
 
+def save_topology(bench: Bench, directory: Path) -> str | None:
+    """The card's own description (XLA's target config: SMs, bandwidth, caches) as
+    ``topology-<card>.pb``, which ``deviceless.py --card`` compiles for without the card."""
+    if not bench.on_accelerator:
+        return None
+    from jax.experimental import topologies
+    path = directory / f"topology-{card_slug(bench.card)}.pb"
+    try:
+        path.write_bytes(topologies.get_attached_topology().serialize())
+    except Exception as e:  # noqa: BLE001 — a description must never cost the measurement
+        print(f"topology not saved: {e!r}", flush=True)
+        return None
+    return path.name
+
+
 def plan(args, bench: Bench) -> list[tuple[str, callable]]:
     """(label, thunk) in priority order; each thunk returns a result row (or dict)."""
     cases = args.cases
@@ -1216,6 +1231,7 @@ def main(argv=None) -> int:
 
     bench = Bench(args)
     result.update(environment(bench))
+    result["topology_file"] = save_topology(bench, output.parent)
     print(f"[{elapsed():6.1f}s] {bench.card} ({bench.platform}), jax "
           f"{result['software'].get('jax')}, XLA_FLAGS={result['xla_flags']!r}", flush=True)
     result["matmul_ceiling"] = {}

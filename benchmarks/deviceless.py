@@ -1,0 +1,291 @@
+"""Compile the headline steps for a GPU that is not here: what a lease would compile, checked
+without one.
+
+XLA compiles for a CUDA card it is only told about (a target config: compute capability, SMs,
+bandwidth, memory), through JAX's CUDA plugin on a machine with no GPU: the real ``train_step``
+and ``predict`` at bfloat16 32×480×640, for the code and each ``throughput.py`` variant,
+Pallas kernels included, which Triton compiles and ptxas assembles for sm_90a. So before a
+lease spends minutes on them this says, per executable: whether it compiles at all (a Triton
+kernel that fails, fails here), each Triton kernel's launch grid, registers and spilled bytes
+(ptxas), XLA's memory for the executable, and the bytes each kind of operation moves
+(``kernel_profile.hlo_traffic``), against the code's. It does not time anything: cuDNN's
+algorithms are chosen by heuristics instead of autotuning, and a fusion decision can differ
+from the card's (2026-11-28: the card split pool1's forward into two fusions, this keeps one;
+the card's own description, saved by ``gpu_run.sh`` as ``topology-<card>.pb``, is the cure).
+
+    pip install "jax[cuda13]==0.11.2" flax optax orbax-checkpoint pillow  # a separate venv
+    python benchmarks/deviceless.py --card h200 --variants v3,cand_all --output OUT.json
+
+``--card`` is a name of ``gpu_specs/`` (approximate descriptions) or a ``topology-*.pb`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gzip
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # benchmarks/ is no package
+if str(HERE.parent) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(1, str(HERE.parent))
+import kernel_profile  # noqa: E402
+import throughput  # noqa: E402
+
+SPECS = HERE / "gpu_specs"
+NO_PLUGIN = ("no CUDA compiler here: install JAX's CUDA plugin in this environment "
+             "(pip install \"jax[cuda13]==0.11.2\"); no GPU is needed")
+
+
+def target_devices(card: str):
+    """Compile-only devices of ``card``: a ``topology-*.pb`` saved on the card itself, or a
+    description in gpu_specs/ (``h200``, ``h100``)."""
+    from jax.experimental import topologies
+    path = Path(card)
+    if path.suffix == ".pb":
+        return topologies.TopologyDescription.deserialize(path.read_bytes()).devices
+    spec = SPECS / f"nvidia-{card}.txtpb"
+    if not spec.is_file():
+        names = sorted(p.stem.removeprefix("nvidia-") for p in SPECS.glob("*.txtpb"))
+        raise SystemExit(f"--card {card}: expected a topology .pb file or one of {', '.join(names)}")
+    try:
+        return topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                            target_config=spec.read_text()).devices
+    except (NotImplementedError, RuntimeError) as e:
+        raise SystemExit(f"{NO_PLUGIN} ({str(e).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def as_on_the_card(mesh):
+    """Trace as the code would on a lone Hopper GPU: conv1_1's 'auto' takes its kernels, the
+    kernels are not interpreted, bfloat16 is not tried on this CPU, and Pallas lowers for the
+    card's compute capability."""
+    import jax
+
+    from mlnet_jax import first_conv, inference
+    patches = [(first_conv, "_lone_hopper_gpu", lambda: True),
+               (first_conv, "interpreted", lambda: False),
+               (inference, "check_backend_computes", lambda dtype, option="dtype": dtype)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def stderr_to(lines: list):
+    """File descriptor 2 (where XLA's C++ logging and ptxas's report go) into ``lines``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            lines.append(f.read().decode(errors="replace"))
+
+
+def ptxas_kernels(log: str) -> dict[str, dict]:
+    """Kernel name → registers, stack and spilled bytes, from ptxas's ``-v`` report."""
+    out = {}
+    for chunk in re.split(r"Compiling entry function '", log)[1:]:
+        name = chunk.split("'", 1)[0]
+        registers = re.search(r"Used (\d+) registers", chunk)
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                          r"(\d+) bytes spill loads", chunk)
+        if registers:
+            out[name] = {"registers": int(registers.group(1)),
+                         "stack_bytes": int(frame.group(1)) if frame else None,
+                         "spill_bytes": int(frame.group(2)) + int(frame.group(3)) if frame else None}
+    return out
+
+
+def triton_calls(hlo_text: str) -> list[dict]:
+    """The Triton kernels (Pallas calls) of an optimised HLO module: name, grid, warps, stages."""
+    calls = []
+    for line in hlo_text.splitlines():
+        if '"__gpu$xla.gpu.triton"' not in line:
+            continue
+        grid = re.search(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+)", line)
+        meta = re.search(r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+)', line)
+        if grid and meta:
+            calls.append({"name": meta.group(1), "grid": [int(g) for g in grid.groups()],
+                          "num_stages": int(meta.group(2)), "num_warps": int(meta.group(3))})
+    return calls
+
+
+def summarize(hlo_text: str, compiled, kernels: dict[str, dict]) -> dict:
+    """What one executable would do on the card, read off its optimised HLO."""
+    traffic: dict[str, float] = {}
+    for row in kernel_profile.hlo_traffic(hlo_text):
+        traffic[row["category"]] = traffic.get(row["category"], 0) + (row["read"] + row["written"]) / 1e9
+    memory = throughput.executable_memory(compiled)
+    triton = [{**call, **kernels.get(call["name"], {})} for call in triton_calls(hlo_text)]
+    return {"status": "compiled", "traffic_gb": {k: round(v, 3) for k, v in traffic.items()},
+            "executable_gib": memory and round(memory["peak_estimate_bytes"] / 2**30, 2),
+            "triton": triton,
+            "spilling_kernels": {k: v for k, v in kernels.items() if v.get("spill_bytes")}}
+
+
+def lowered_train(mesh, b: int, h: int, w: int):
+    import jax
+    import jax.numpy as jnp
+
+    from mlnet_jax.inference import ModelInfo
+    from mlnet_jax.optim import make_optimizer
+    from mlnet_jax.sharding import batch_sharding, replicated
+    from mlnet_jax.train import compile_steps, create_train_state
+    info = ModelInfo(input_size=(h, w), preprocessing="caffe")
+    tx = make_optimizer(1e-3, 5e-4, 0.9)
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    params = jax.eval_shape(info.build().init, jax.random.key(0), jnp.zeros((1, h, w, 3)))["params"]
+    state = jax.eval_shape(lambda p: create_train_state(p, tx, 0, seed=0), params)
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
+    batch = {"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=data),
+             "target": jax.ShapeDtypeStruct((b, h // throughput.OUTPUT_STRIDE,
+                                             w // throughput.OUTPUT_STRIDE, 1), jnp.float32,
+                                            sharding=data)}
+    train_fn, _ = compile_steps(info.build(jnp.bfloat16), tx, info.preprocessing, mesh)
+    return train_fn.lower(state, batch)
+
+
+def lowered_predict(mesh, b: int, h: int, w: int, variant: str | None):
+    """(lowered predict, ``prepared_weights``' function where the variant prepares them)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+    from mlnet_jax.sharding import batch_sharding, replicated
+    info = ModelInfo(input_size=(h, w), preprocessing="caffe")
+    rep = replicated(mesh)
+    params = jax.eval_shape(info.build().init, jax.random.key(0), jnp.zeros((1, h, w, 3)))["params"]
+    variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                             {"params": params})
+    images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=batch_sharding(mesh))
+    predict = make_predict_fn(info.build(jnp.bfloat16), info.preprocessing, mesh)
+    prepared = None
+    if variant in throughput.PREDICT_ONLY_VARIANTS:  # casts them: host zeros, only shapes count
+        predict, variables = throughput.sibling("prepared_weights").prepare(
+            predict, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables), jnp.bfloat16)
+        prepared = predict
+    return predict.lower(variables, images), prepared
+
+
+def compile_one(mesh, task: str, variant: str | None, case: tuple[int, int, int]) -> dict:
+    """Lower and compile one executable for the card; its summary, or why it failed."""
+    t = time.perf_counter()
+    log: list[str] = []
+    try:
+        with throughput.patched(variant) as patch:
+            with as_on_the_card(mesh):
+                lowered, prepared = ((lowered_train(mesh, *case), None) if task == "train"
+                                     else lowered_predict(mesh, *case, variant))
+            with stderr_to(log):
+                compiled = lowered.compile({**patch.compiler_options,
+                                            "xla_gpu_ptx_compiler_extra_flags": "-v"})
+            extra = prepared and {"prepared_parameters": throughput.sibling(
+                "prepared_weights").prepared_parameters(prepared, compiled)}
+    except Exception as e:  # noqa: BLE001 — a failure is the finding
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return {"status": f"failed: {type(e).__name__}: {first[:300]}",
+                "seconds": round(time.perf_counter() - t, 1)}
+    text = compiled.as_text()
+    out = {**summarize(text, compiled, ptxas_kernels("".join(log))), **(extra or {})}
+    out["seconds"] = round(time.perf_counter() - t, 1)
+    out["hlo"] = text
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    """One line per executable: its bytes moved outside the convolutions against the code's."""
+    base = {r["task"]: r for r in rows if r["variant"] is None and r["status"] == "compiled"}
+    print(f"{'variant':24} {'task':8} {'GiB':>6} {'non-conv GB':>11} {'vs code':>8}  Triton kernels "
+          "(registers/spilled bytes) or failure")
+    for r in rows:
+        if r["status"] != "compiled":
+            print(f"{r['variant'] or 'code':24} {r['task']:8} {'':6} {'':11} {'':8}  {r['status']}")
+            continue
+        moved = _non_conv_gb(r)
+        delta = (f"{moved - _non_conv_gb(base[r['task']]):+8.2f}" if r["task"] in base else "")
+        kernels = ", ".join(f"{k['name']} {k.get('registers', '?')}/{k.get('spill_bytes', '?')}"
+                            for k in r["triton"]) or "-"
+        gib = r["executable_gib"]
+        print(f"{r['variant'] or 'code':24} {r['task']:8} {gib if gib is not None else '':>6} "
+              f"{moved:11.2f} {delta:>8}  {kernels}")
+
+
+def _non_conv_gb(row: dict) -> float:
+    return sum(v for k, v in row["traffic_gb"].items() if not k.startswith("conv "))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--card", default="h200", help="gpu_specs/ name or a topology-*.pb file")
+    p.add_argument("--variants", default="", help="comma-separated throughput.py variants; "
+                   "the code itself is always compiled first")
+    p.add_argument("--case", default="32x480x640")
+    p.add_argument("--output", help="JSON file for the summaries")
+    p.add_argument("--dump-dir", help="where to write each executable's optimised HLO (gzipped)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # ptxas's -v report reaches stderr only through XLA's verbose logging, set before JAX loads
+    # (a parent that imported JAX passes on TF_CPP_MIN_LOG_LEVEL=1).
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    os.environ["TF_CPP_VMODULE"] = "subprocess_compilation=3"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in throughput.VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; expected names of "
+                         "throughput.VARIANTS")
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from mlnet_jax.sharding import DATA_AXIS
+    devices = target_devices(args.card)
+    mesh = Mesh(np.asarray(devices[:1]), (DATA_AXIS,))
+    case = throughput.parse_cases(args.case)[0]
+    rows = []
+    for variant in [None, *variants]:
+        for task in ("train", "predict"):
+            if (task == "train" and variant in throughput.PREDICT_ONLY_VARIANTS) or (
+                    task == "predict" and variant and variant not in throughput.FORWARD_VARIANTS):
+                continue
+            row = {"variant": variant, "task": task, **compile_one(mesh, task, variant, case)}
+            hlo = row.pop("hlo", None)
+            if hlo and args.dump_dir:
+                path = Path(args.dump_dir) / f"hlo_{task}_{variant or 'code'}.txt.gz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(gzip.compress(hlo.encode()))
+            print(f"{variant or 'code'} {task}: {row['status']} ({row['seconds']} s)", flush=True)
+            rows.append(row)
+    if args.output:
+        throughput._atomic_write_json(Path(args.output), {
+            "card": devices[0].device_kind, "card_source": args.card, "case": args.case,
+            "date": datetime.date.today().isoformat(),
+            "software": throughput.software_versions(), "rows": rows})
+    print_table(rows)
+    return 0 if all(r["status"] == "compiled" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
