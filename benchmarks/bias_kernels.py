@@ -17,8 +17,11 @@ passes at ~3.5 TB/s, −0.6 to −0.75 ms per step, +1.4 to +1.8 % training; pre
 (no backward pass).
 
 ``cand_bias_kernels``: that, and the 256- and 512-wide layers that no pool follows (conv3_1,
-conv3_2, conv4_1, conv4_2, conv5_x) with their ReLU's mask and bias gradient as one kernel
-reading the incoming gradient and the ReLU's output once. XLA's fusions for those ran at
+conv3_2, conv4_1, conv4_2, conv5_1, conv5_2) with their ReLU's mask and bias gradient as one
+kernel reading the incoming gradient and the ReLU's output once. Not conv5_3: its incoming
+gradient is a slice of the head's concatenated, dropout-masked gradient, which XLA fuses into
+its own reduction but must write out whole for a kernel (0.58 GB per step, seen in the program
+compiled for an H200 by ``deviceless.py``, 2026-11-28). XLA's fusions for those ran at
 2.3–2.6 TB/s in the same trace (1.45 ms for 3.76 GB; the 128-wide conv2_1's at 3.96 TB/s is
 left to XLA). Predicted: another −0.4 to −0.5 ms, +1 to +1.2 % training.
 """
@@ -196,7 +199,7 @@ class VGG16(vgg.VGG16):
         if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):
             return ConvWithKernel(features, vgg.pool_ties(self.pooling, self.dtype),
                                   dtype=self.dtype, name=name)(x)
-        if (self.relu_kernels and not stride and name != "conv1_1"
+        if (self.relu_kernels and not stride and name not in ("conv1_1", vgg.VGG16_CONV_NAMES[-1])
                 and relu_kernel_fits(x.shape, features)):
             return ConvWithKernel(features, dtype=self.dtype, name=name)(x)
         return super().layer(name, features, x)

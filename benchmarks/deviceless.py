@@ -213,25 +213,29 @@ def compile_one(mesh, task: str, variant: str | None, case: tuple[int, int, int]
 
 
 def print_table(rows: list[dict]) -> None:
-    """One line per executable: its bytes moved outside the convolutions against the code's."""
+    """One line per executable: the bytes it moves, in all and outside the convolutions,
+    against the code's."""
     base = {r["task"]: r for r in rows if r["variant"] is None and r["status"] == "compiled"}
-    print(f"{'variant':24} {'task':8} {'GiB':>6} {'non-conv GB':>11} {'vs code':>8}  Triton kernels "
-          "(registers/spilled bytes) or failure")
+    print(f"{'variant':24} {'task':8} {'GiB':>5} {'GB moved':>8} {'vs code':>7} {'non-conv':>8} "
+          f"{'vs code':>7}  Triton kernels (registers/spilled bytes) or failure")
     for r in rows:
+        name = r["variant"] or "code"
         if r["status"] != "compiled":
-            print(f"{r['variant'] or 'code':24} {r['task']:8} {'':6} {'':11} {'':8}  {r['status']}")
+            print(f"{name:24} {r['task']:8} {'':>42}  {r['status']}")
             continue
-        moved = _non_conv_gb(r)
-        delta = (f"{moved - _non_conv_gb(base[r['task']]):+8.2f}" if r["task"] in base else "")
+        code = base.get(r["task"])
+        moved, other = _moved_gb(r), _moved_gb(r, convolutions=False)
+        deltas = ((f"{moved - _moved_gb(code):+7.2f}", f"{other - _moved_gb(code, False):+7.2f}")
+                  if code else ("", ""))
         kernels = ", ".join(f"{k['name']} {k.get('registers', '?')}/{k.get('spill_bytes', '?')}"
                             for k in r["triton"]) or "-"
-        gib = r["executable_gib"]
-        print(f"{r['variant'] or 'code':24} {r['task']:8} {gib if gib is not None else '':>6} "
-              f"{moved:11.2f} {delta:>8}  {kernels}")
+        gib = "" if r["executable_gib"] is None else r["executable_gib"]
+        print(f"{name:24} {r['task']:8} {gib:>5} {moved:8.2f} {deltas[0]:>7} {other:8.2f} "
+              f"{deltas[1]:>7}  {kernels}")
 
 
-def _non_conv_gb(row: dict) -> float:
-    return sum(v for k, v in row["traffic_gb"].items() if not k.startswith("conv "))
+def _moved_gb(row: dict, convolutions: bool = True) -> float:
+    return sum(v for k, v in row["traffic_gb"].items() if convolutions or not k.startswith("conv "))
 
 
 def parse_args(argv=None):
