@@ -17,6 +17,15 @@ pass (XLA's) it keeps. Predicted (H200, bf16 32 × 480×640): the products at 45
 1.2–1.6 ms for what took 1.72 in prediction (−0.8 to +3.8 %) and 2.28 in training (+1.5 to
 +2.5 %); a loss if Triton's products stay under ~470 TFLOP/s. ``_m256`` takes 128 columns
 (M = 256, cuDNN's tile for this layer) with 8 warps.
+
+``_l1`` does not pipeline the loop (``num_stages=1``). Compiled for an H200 without one
+(``deviceless.py``, 2026-11-28), the pipelined kernel's products are Hopper's wgmma, but its
+loads are ``cp.async.cg``, which bypass L1: each program fetches its (2, 64, 64) input tile nine
+times from L2 (once per tap, shifted by a row or a column) with a tap's weights, ~44 FLOP per
+byte; at the several TB/s an H200's L2 gives that may hold the products well under cuDNN's
+535 TFLOP/s. Unpipelined, the loads are plain ``ld.global``, which L1 keeps: the four input rows
+a program reads (33 KB) are fetched from L2 about once, and other programs on the SM hide the
+latency the pipeline would have. Which wins is for the card to say.
 """
 
 from __future__ import annotations
@@ -41,8 +50,8 @@ def fits(shape, features: int, block_cols: int) -> bool:
             and first_conv.triton_block(channels) and first_conv.triton_block(features))
 
 
-def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, interpret=False,
-                   winners=False):
+def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, num_stages=3,
+                   interpret=False, winners=False):
     """``max_pool_values(relu(conv(x, kernel, 'SAME') + bias), 2, 'standard')`` in ``x``'s
     dtype (float32 sums); with ``winners`` also the pool's winner mask as
     ``vgg.relu_max_pool_2x2`` keeps it (bit 2·row + column of each window's first maximum,
@@ -54,7 +63,7 @@ def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, interpret=Fal
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as pallas_triton
-        params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=3)
+        params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     pooled = jax.ShapeDtypeStruct((b, h // 2, w // 2, cout), x.dtype)
     out_shape = (pooled, jax.ShapeDtypeStruct(pooled.shape, jnp.uint8)) if winners else pooled
     return pl.pallas_call(
@@ -63,22 +72,22 @@ def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, interpret=Fal
     )(x, kernel.reshape(9, cin, cout).astype(x.dtype), bias.astype(jnp.float32))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def trainable_conv_relu_pool(x, kernel, bias, block_cols, num_warps, interpret):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def trainable_conv_relu_pool(x, kernel, bias, block_cols, num_warps, num_stages, interpret):
     """``conv_relu_pool`` with a gradient: the forward pass also writes the winner mask (not
     conv1_2's 1.26 GB output, which only the pool needed), the backward pass is the package's
     (the pool's spread and the bias gradient by XLA, then cuDNN's two gradients)."""
     return conv_relu_pool(x, kernel, bias, block_cols=block_cols, num_warps=num_warps,
-                          interpret=interpret)
+                          num_stages=num_stages, interpret=interpret)
 
 
-def _forward(x, kernel, bias, block_cols, num_warps, interpret):
+def _forward(x, kernel, bias, block_cols, num_warps, num_stages, interpret):
     y, winners = conv_relu_pool(x, kernel, bias, block_cols=block_cols, num_warps=num_warps,
-                                interpret=interpret, winners=True)
+                                num_stages=num_stages, interpret=interpret, winners=True)
     return y, (x, kernel, winners)
 
 
-def _backward(block_cols, num_warps, interpret, residuals, g):
+def _backward(block_cols, num_warps, num_stages, interpret, residuals, g):
     x, kernel, winners = residuals
     (spread,) = vgg._relu_max_pool_backward(2, "standard", "first", x.shape[1:3], winners, g)
     _, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
@@ -133,16 +142,18 @@ def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width
 
 class VGG16(vgg.VGG16):
     """``vgg.VGG16`` with conv1_2 + ReLU + pool1 as one kernel where it fits; with ``m256`` in
-    blocks of 128 columns and 8 warps."""
+    blocks of 128 columns and 8 warps, with ``num_stages`` 1 its loop not pipelined."""
 
     m256: bool = False
+    num_stages: int = 3
 
     @nn.nowrap
     def layer(self, name, features, x):
         block_cols, warps = (128, 8) if self.m256 else (64, 4)
         if name == "conv1_2" and self.pooling == "standard" and fits(x.shape, features,
                                                                      block_cols):
-            return ConvReLUPool(features, block_cols, warps, dtype=self.dtype, name=name)(x)
+            return ConvReLUPool(features, block_cols, warps, self.num_stages, dtype=self.dtype,
+                                name=name)(x)
         return super().layer(name, features, x)
 
 
@@ -152,6 +163,7 @@ class ConvReLUPool(nn.Module):
     features: int
     block_cols: int
     num_warps: int
+    num_stages: int
     dtype: jnp.dtype | None = None
 
     @nn.compact
@@ -160,9 +172,14 @@ class ConvReLUPool(nn.Module):
         rewritten += 1
         x, kernel, bias = first_conv.conv_parameters(self, x, self.features, self.dtype)
         return trainable_conv_relu_pool(x, kernel, bias, self.block_cols, self.num_warps,
-                                        first_conv.interpreted())
+                                        self.num_stages, first_conv.interpreted())
 
 
 def vgg16_m256(**fields) -> VGG16:
     """``cand_conv12_pool_m256``'s backbone."""
     return VGG16(m256=True, **fields)
+
+
+def vgg16_l1(**fields) -> VGG16:
+    """``cand_conv12_pool_l1``'s backbone."""
+    return VGG16(num_stages=1, **fields)

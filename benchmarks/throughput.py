@@ -275,8 +275,8 @@ def software_versions() -> dict:
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
 # unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
 # cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
-# cand_conv12_pool(_m256) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
-# winner mask in training (benchmarks/conv12_pool.py); cand_all the Pallas candidates
+# cand_conv12_pool(_m256, _l1) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
+# winner mask in training (benchmarks/conv12_pool.py; _m256 on 128 columns, _l1 unpipelined); cand_all the Pallas candidates
 # together (conv12_pool, bias_kernels, conv1_direct).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
@@ -357,6 +357,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                                                                          "VGG16")},
     "cand_conv12_pool_m256": {("mlnet_jax.models", "VGG16"): _sibling_function(
         "conv12_pool", "vgg16_m256")},
+    "cand_conv12_pool_l1": {("mlnet_jax.models", "VGG16"): _sibling_function(
+        "conv12_pool", "vgg16_l1")},
     "cand_all": {("mlnet_jax.models", "VGG16"): lambda **fields: _all_kernels_vgg16()(
                      relu_kernels=True, **fields),
                  ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",
@@ -374,7 +376,7 @@ for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
 PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
 # The others change gradients only.
 FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12_pool",
-                    "cand_conv12_pool_m256", "cand_all", *PREDICT_ONLY_VARIANTS,
+                    "cand_conv12_pool_m256", "cand_conv12_pool_l1", "cand_all", *PREDICT_ONLY_VARIANTS,
                     *COMPILER_OPTIONS}
 
 

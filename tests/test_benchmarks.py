@@ -1067,6 +1067,27 @@ def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_c
     assert all("tensor<32x240x320x64xui8>" in text for text in texts[2:])
 
 
+def test_candidate_conv12_pool_l1_is_the_kernel_unpipelined(monkeypatch):
+    # cand_conv12_pool_l1 reaches the Triton call with num_stages=1 (plain loads, cached in
+    # L1), cand_conv12_pool with 3 (cp.async); in the whole model, traced for an H200.
+    import re
+
+    from mlnet_jax import first_conv
+    from mlnet_jax.inference import ModelInfo
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
+    model = ModelInfo(input_size=(16, 128), preprocessing="caffe").build(jnp.bfloat16, "xla")
+    images = jax.ShapeDtypeStruct((2, 16, 128, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), images)
+
+    def stages(variant):
+        with throughput.patched(variant):
+            text = _lowered_for_an_h200(partial(model.apply, train=False), params, images)
+        return re.findall(r'name = "conv_bias_relu_pool", num_stages = (\d+)', text)
+
+    assert stages("cand_conv12_pool") == ["3"]
+    assert stages("cand_conv12_pool_l1") == ["1"]
+
+
 def test_candidate_conv12_pool_trains_the_same_step():
     # In training the kernel also writes the winner mask and the package's backward pass uses
     # it: the same update at quarter width, 64×64.
