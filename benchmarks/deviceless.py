@@ -11,7 +11,8 @@ kernel that fails, fails here), each Triton kernel's launch grid, registers and 
 (``kernel_profile.hlo_traffic``), against the code's. It does not time anything: cuDNN's
 algorithms are chosen by heuristics instead of autotuning, and a fusion decision can differ
 from the card's (2026-11-28: the card split pool1's forward into two fusions, this keeps one;
-the card's own description, saved by ``gpu_run.sh`` as ``topology-<card>.pb``, is the cure).
+the card's own description, which ``throughput.py`` on the card saves beside its JSON as
+``topology-<card>.pb``, should settle it).
 
     pip install "jax[cuda13]==0.11.2" flax optax orbax-checkpoint pillow  # a separate venv
     python benchmarks/deviceless.py --card h200 --variants v3,cand_all --output OUT.json
@@ -30,6 +31,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,10 +49,18 @@ NO_PLUGIN = ("no CUDA compiler here: install JAX's CUDA plugin in this environme
 def target_devices(card: str):
     """Compile-only devices of ``card``: a ``topology-*.pb`` saved on the card itself, or a
     description in gpu_specs/ (``h200``, ``h100``)."""
+    import jax
     from jax.experimental import topologies
     path = Path(card)
     if path.suffix == ".pb":
-        return topologies.TopologyDescription.deserialize(path.read_bytes()).devices
+        if not path.is_file():
+            raise SystemExit(f"--card {card}: no such file")
+        jax.devices()  # loads the CUDA plugin, which reads the topology
+        try:
+            return topologies.TopologyDescription.deserialize(path.read_bytes()).devices
+        except Exception as e:  # noqa: BLE001 — any failure is this file's
+            raise SystemExit(f"--card {card}: not a topology saved by throughput.py on a GPU "
+                             f"with this JAX's CUDA plugin ({_first_line(e)})") from None
     spec = SPECS / f"nvidia-{card}.txtpb"
     if not spec.is_file():
         names = sorted(p.stem.removeprefix("nvidia-") for p in SPECS.glob("*.txtpb"))
@@ -58,21 +68,28 @@ def target_devices(card: str):
     try:
         return topologies.get_topology_desc(platform="cuda", topology="1x1x1",
                                             target_config=spec.read_text()).devices
-    except (NotImplementedError, RuntimeError) as e:
-        raise SystemExit(f"{NO_PLUGIN} ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 — no plugin, or a description XLA refuses
+        if isinstance(e, NotImplementedError) or "not implemented" in str(e):
+            raise SystemExit(f"{NO_PLUGIN} ({_first_line(e)})") from None
+        raise SystemExit(f"--card {card}: {spec} is not a target config XLA accepts "
+                         f"({_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 @contextlib.contextmanager
 def as_on_the_card(mesh):
-    """Trace as the code would on a lone Hopper GPU: conv1_1's 'auto' takes its kernels, the
-    kernels are not interpreted, bfloat16 is not tried on this CPU, and Pallas lowers for the
-    card's compute capability."""
+    """Trace as the code would on a lone GPU of the mesh's kind: conv1_1's 'auto' takes its
+    kernels where that is a Hopper (as on the card), the kernels are not interpreted, and
+    Pallas lowers for the card's compute capability."""
     import jax
 
-    from mlnet_jax import first_conv, inference
-    patches = [(first_conv, "_lone_hopper_gpu", lambda: True),
-               (first_conv, "interpreted", lambda: False),
-               (inference, "check_backend_computes", lambda dtype, option="dtype": dtype)]
+    from mlnet_jax import first_conv
+    hopper = str(getattr(mesh.devices.flat[0], "compute_capability", "")).split(".")[0] == "9"
+    patches = [(first_conv, "_lone_hopper_gpu", lambda: hopper),
+               (first_conv, "interpreted", lambda: False)]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     for module, name, value in patches:
         setattr(module, name, value)
@@ -130,16 +147,26 @@ def triton_calls(hlo_text: str) -> list[dict]:
 
 
 def summarize(hlo_text: str, compiled, kernels: dict[str, dict]) -> dict:
-    """What one executable would do on the card, read off its optimised HLO."""
+    """What one executable would do on the card, read off its optimised HLO. A Triton kernel
+    called several times under one name is compiled once per call (ptxas sees ``name``,
+    ``name__1``, …): each call gets the most registers and spilled bytes of them."""
     traffic: dict[str, float] = {}
     for row in kernel_profile.hlo_traffic(hlo_text):
         traffic[row["category"]] = traffic.get(row["category"], 0) + (row["read"] + row["written"]) / 1e9
     memory = throughput.executable_memory(compiled)
-    triton = [{**call, **kernels.get(call["name"], {})} for call in triton_calls(hlo_text)]
-    return {"status": "compiled", "traffic_gb": {k: round(v, 3) for k, v in traffic.items()},
+    triton = [{**call, **_worst_instance(kernels, call["name"])} for call in triton_calls(hlo_text)]
+    return {"status": "compiled", "traffic_gb": {k: round(v, 6) for k, v in traffic.items()},
             "executable_gib": memory and round(memory["peak_estimate_bytes"] / 2**30, 2),
             "triton": triton,
             "spilling_kernels": {k: v for k, v in kernels.items() if v.get("spill_bytes")}}
+
+
+def _worst_instance(kernels: dict[str, dict], name: str) -> dict:
+    instances = [v for k, v in kernels.items() if re.fullmatch(rf"{re.escape(name)}(__\d+)?", k)]
+    if not instances:
+        return {}
+    return {key: max((v[key] for v in instances if v[key] is not None), default=None)
+            for key in ("registers", "stack_bytes", "spill_bytes")}
 
 
 def lowered_train(mesh, b: int, h: int, w: int):
@@ -202,9 +229,9 @@ def compile_one(mesh, task: str, variant: str | None, case: tuple[int, int, int]
             extra = prepared and {"prepared_parameters": throughput.sibling(
                 "prepared_weights").prepared_parameters(prepared, compiled)}
     except Exception as e:  # noqa: BLE001 — a failure is the finding
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return {"status": f"failed: {type(e).__name__}: {first[:300]}",
-                "seconds": round(time.perf_counter() - t, 1)}
+        traceback.print_exc()  # XLA's, Triton's or this script's: the whole story, here
+        return {"status": f"failed: {type(e).__name__}: {_first_line(e)}",
+                "log_tail": "".join(log)[-3000:], "seconds": round(time.perf_counter() - t, 1)}
     text = compiled.as_text()
     out = {**summarize(text, compiled, ptxas_kernels("".join(log))), **(extra or {})}
     out["seconds"] = round(time.perf_counter() - t, 1)
@@ -227,11 +254,20 @@ def print_table(rows: list[dict]) -> None:
         moved, other = _moved_gb(r), _moved_gb(r, convolutions=False)
         deltas = ((f"{moved - _moved_gb(code):+7.2f}", f"{other - _moved_gb(code, False):+7.2f}")
                   if code else ("", ""))
-        kernels = ", ".join(f"{k['name']} {k.get('registers', '?')}/{k.get('spill_bytes', '?')}"
-                            for k in r["triton"]) or "-"
+        names = list(dict.fromkeys(k["name"] for k in r["triton"]))
+        kernels = ", ".join(_kernel_label([k for k in r["triton"] if k["name"] == n])
+                            for n in names) or "-"
         gib = "" if r["executable_gib"] is None else r["executable_gib"]
         print(f"{name:24} {r['task']:8} {gib:>5} {moved:8.2f} {deltas[0]:>7} {other:8.2f} "
               f"{deltas[1]:>7}  {kernels}")
+
+
+def _kernel_label(calls: list[dict]) -> str:
+    """``name[ ×calls] registers/spilled bytes`` (the most of any call)."""
+    worst = {key: max((c.get(key) or 0 for c in calls), default=0)
+             for key in ("registers", "spill_bytes")}
+    count = f" ×{len(calls)}" if len(calls) > 1 else ""
+    return f"{calls[0]['name']}{count} {worst['registers'] or '?'}/{worst['spill_bytes']}"
 
 
 def _moved_gb(row: dict, convolutions: bool = True) -> float:
@@ -246,7 +282,18 @@ def parse_args(argv=None):
     p.add_argument("--case", default="32x480x640")
     p.add_argument("--output", help="JSON file for the summaries")
     p.add_argument("--dump-dir", help="where to write each executable's optimised HLO (gzipped)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in throughput.VARIANTS]
+    if unknown:
+        p.exit(2, f"--variants: unknown {', '.join(unknown)}; expected names of "
+               "throughput.VARIANTS\n")
+    try:
+        (args.case_shape,) = throughput.parse_cases(args.case)
+    except (ValueError, SystemExit):
+        p.exit(2, f"--case {args.case!r}: expected one BxHxW, rows and cols multiples of 8, "
+               "e.g. 32x480x640\n")
+    return args
 
 
 def main(argv=None) -> int:
@@ -256,20 +303,15 @@ def main(argv=None) -> int:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     os.environ["TF_CPP_VMODULE"] = "subprocess_compilation=3"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in throughput.VARIANTS]
-    if unknown:
-        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; expected names of "
-                         "throughput.VARIANTS")
     import numpy as np
     from jax.sharding import Mesh
 
     from mlnet_jax.sharding import DATA_AXIS
     devices = target_devices(args.card)
     mesh = Mesh(np.asarray(devices[:1]), (DATA_AXIS,))
-    case = throughput.parse_cases(args.case)[0]
+    case = args.case_shape
     rows = []
-    for variant in [None, *variants]:
+    for variant in [None, *args.variants]:
         for task in ("train", "predict"):
             if (task == "train" and variant in throughput.PREDICT_ONLY_VARIANTS) or (
                     task == "predict" and variant and variant not in throughput.FORWARD_VARIANTS):

@@ -10,8 +10,9 @@
 #     carry [".bench"], timeout_s 600
 # It writes into $OUT: peer_torch.json (the peer), jax_throughput.json (ours), <date>-<card>.json
 # (merged: card, train/predict ratios vs torch.compile, every target with pass/fail), run.log,
-# env.txt (versions, nvidia-smi before and after) and gpu_samples.csv (clocks, power and
-# temperature every 0.5 s, with timestamps to set beside run.log's); the comparison table is
+# env.txt (versions, nvidia-smi before and after), gpu_samples.csv (clocks, power and
+# temperature every 0.5 s, with timestamps to set beside run.log's) and topology-<card>.pb (the
+# card's description, written by throughput.py, for deviceless.py --card); the comparison table is
 # printed after ours, then the predict command's host path by worker count.
 # Order: the peer first (bounded by its own --deadline and a timeout), then ours with a
 # --deadline from the time left, so an overrun loses only the lowest-priority measurements.
