@@ -22,8 +22,9 @@ kernel reading the incoming gradient and the ReLU's output once. Not conv5_3: it
 gradient is a slice of the head's concatenated, dropout-masked gradient, which XLA fuses into
 its own reduction but must write out whole for a kernel (0.58 GB per step, seen in the program
 compiled for an H200 by ``deviceless.py``, 2026-11-28). XLA's fusions for those ran at
-2.3–2.6 TB/s in the same trace (1.45 ms for 3.76 GB; the 128-wide conv2_1's at 3.96 TB/s is
-left to XLA). Predicted: another −0.4 to −0.5 ms, +1 to +1.2 % training.
+2.3–2.6 TB/s in the same trace (1.45 ms for 3.76 GB with conv5_3's, ~11 % of them; the
+128-wide conv2_1's at 3.96 TB/s is left to XLA). Predicted: another −0.35 to −0.45 ms, +0.9 to
++1.1 % training.
 """
 
 from __future__ import annotations
