@@ -299,9 +299,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # ptxas's -v report reaches stderr only through XLA's verbose logging, set before JAX loads
-    # (a parent that imported JAX passes on TF_CPP_MIN_LOG_LEVEL=1).
+    # (a parent that imported JAX passes on TF_CPP_MIN_LOG_LEVEL=1): from a ptxas process
+    # (JAX 0.11) or from nvJitLink (JAX 0.12).
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    os.environ["TF_CPP_VMODULE"] = "subprocess_compilation=3"
+    os.environ["TF_CPP_VMODULE"] = "subprocess_compilation=3,nvjitlink=3"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import numpy as np
     from jax.sharding import Mesh
