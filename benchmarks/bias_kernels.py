@@ -200,7 +200,8 @@ class VGG16(vgg.VGG16):
         if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):
             return ConvWithKernel(features, vgg.pool_ties(self.pooling, self.dtype),
                                   dtype=self.dtype, name=name)(x)
-        if (self.relu_kernels and not stride and name not in ("conv1_1", vgg.VGG16_CONV_NAMES[-1])
+        last = vgg.VGG16_CONV_NAMES[-1]  # its gradient is a slice of the head's: XLA's
+        if (self.relu_kernels and not stride and name not in ("conv1_1", last)
                 and relu_kernel_fits(x.shape, features)):
             return ConvWithKernel(features, dtype=self.dtype, name=name)(x)
         return super().layer(name, features, x)

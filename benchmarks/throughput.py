@@ -276,8 +276,8 @@ def software_versions() -> dict:
 # unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
 # cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
 # cand_conv12_pool(_m256, _l1) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
-# winner mask in training (benchmarks/conv12_pool.py; _m256 on 128 columns, _l1 unpipelined); cand_all the Pallas candidates
-# together (conv12_pool, bias_kernels, conv1_direct).
+# winner mask in training (benchmarks/conv12_pool.py; _m256 on 128 columns, _l1 unpipelined);
+# cand_all the Pallas candidates together (conv12_pool, bias_kernels, conv1_direct).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -376,8 +376,8 @@ for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
 PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
 # The others change gradients only.
 FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12_pool",
-                    "cand_conv12_pool_m256", "cand_conv12_pool_l1", "cand_all", *PREDICT_ONLY_VARIANTS,
-                    *COMPILER_OPTIONS}
+                    "cand_conv12_pool_m256", "cand_conv12_pool_l1", "cand_all",
+                    *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
 
 
 class patched:

@@ -970,6 +970,30 @@ def test_candidate_bias_kernels_mask_by_the_relu_and_train_the_same_step():
     assert text.count("__gpu$xla.gpu.triton") == 1 and "tensor<4800x512xf32>" in text
 
 
+def test_candidate_bias_kernels_take_every_wide_layer_but_the_one_feeding_the_head(monkeypatch):
+    # At full width, traced for an H200: the three stride-2 pools' convs and the unpooled layers
+    # of 256 and 512 channels take a kernel in the backward pass; conv5_3 does not (its gradient
+    # is a slice of the head's), nor the stride-1 pool4's conv4_3 or the narrower layers.
+    import re
+
+    from mlnet_jax import first_conv
+    from mlnet_jax.inference import ModelInfo
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
+    model = ModelInfo(input_size=(16, 128), preprocessing="caffe").build(jnp.bfloat16, "xla")
+    images = jax.ShapeDtypeStruct((2, 16, 128, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), images)
+    loss = lambda p, x: jnp.sum(model.apply(p, x, train=False).astype(jnp.float32))  # noqa: E731
+    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with throughput.patched("cand_bias_kernels"), jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=card)):
+        text = jax.jit(lambda *a: jax.grad(loss)(*a)).trace(params, images).lower(
+            lowering_platforms=("cuda",)).as_text(debug_info=True)
+    layers = set(re.findall(r'(conv\d_\d)[^"]{0,80}(?:relu_bias_grad|pallas_call)', text))
+    assert layers == {"conv1_2", "conv2_2", "conv3_3", "conv3_1", "conv3_2", "conv4_1", "conv4_2",
+                      "conv5_1", "conv5_2"}
+    assert text.count("__gpu$xla.gpu.triton") == len(layers)
+
+
 @pytest.mark.parametrize("stride, alignment, rows", [(2, "standard", 8), (2, "keras1", 8),
                                                      (2, "standard", 7), (1, "standard", 8)])
 def test_candidate_pool_argmax_makes_the_packages_maxima_and_winner_masks(stride, alignment,
