@@ -113,7 +113,8 @@ def merge(jax_result: dict, torch_rows: list[dict], headline: str | None = None)
                              "images_per_s": r["images_per_s"], "compile_s": r.get("compile_s"),
                              "over_current": _ratio(r, "images_per_s", current, "images_per_s"),
                              "ratio_vs_torch_compile": _ratio(r, "images_per_s", peer, "img_s")
-                             if r["dtype"] == "bfloat16" else None})
+                             if r["dtype"] == "bfloat16" else None,
+                             "vs_code": r.get("vs_code")})
     card = jax_result.get("card") or "unknown"
     return {
         "date": jax_result.get("date") or datetime.date.today().isoformat(),
@@ -136,6 +137,14 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _agreement(check: dict | None) -> str:
+    """How far the variant's result is from the code's (throughput.py's ``vs_code``)."""
+    if not check:
+        return ""
+    difference = check.get("maps_relative_difference", check.get("update_relative_difference"))
+    return f", result {_fmt(difference, '.1e')} off the code's"
+
+
 def print_summary(merged: dict) -> None:
     print()
     print(f"mlnet_jax vs PyTorch peer on {merged['card']} (same run), headline {merged['headline_case']}")
@@ -152,7 +161,7 @@ def print_summary(merged: dict) -> None:
             print(f"  {v['task']:8} {v['dtype']:9} {name:26} {v['images_per_s']:10.1f} img/s"
                   f"  x{_fmt(v['over_current'], '.3f')} the code as it is, "
                   f"x{_fmt(v['ratio_vs_torch_compile'], '.3f')} "
-                  f"torch.compile{compiled}")
+                  f"torch.compile{compiled}{_agreement(v.get('vs_code'))}")
     print("targets:")
     for name, t in merged["targets"].items():
         v = t["value"]

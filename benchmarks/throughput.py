@@ -621,20 +621,66 @@ def dump_hlo(bench: Bench, compiled, name: str, variant: str | None, sweep: bool
         print(f"HLO dump {path.name} failed: {e!r}", flush=True)
 
 
+def _optimizer():
+    from mlnet_jax.optim import make_optimizer
+    return make_optimizer(1e-3, 5e-4, 0.9)  # the paper's optimiser (configs/default.py)
+
+
+def fresh_state(bench: Bench, h: int, w: int, frozen: int):
+    """The train state every measurement of this size starts from, on the devices."""
+    jax, _ = _jax()
+    from mlnet_jax.train import create_train_state
+    return jax.device_put(create_train_state(bench.params(h, w), _optimizer(), frozen, seed=0),
+                          bench.rep)
+
+
+def relative_difference(got, expected) -> float:
+    """The largest |got − expected| over the largest |expected|, leaf by leaf, the worst leaf:
+    how far a variant's result is from the code's (bfloat16 rounding, summed in another
+    order, is ~1e-2; a wrong kernel is ~1)."""
+    worst = 0.0
+    for g, e in zip(_leaves(got), _leaves(expected)):
+        scale = float(np.max(np.abs(e))) or 1.0
+        worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - e))) / scale)
+    return worst
+
+
+def _leaves(tree) -> list:
+    jax, _ = _jax()
+    return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
+
+
+def train_agreement(bench: Bench, code_step, variant_step, b: int, h: int, w: int,
+                    frozen: int) -> dict:
+    """One step of the code's and of a variant's executable from the same state and batch, on
+    the card: their losses and how far the variant's parameter update is from the code's."""
+    batch = synthetic_batch(b, h, w, bench.data)
+    outcomes = []
+    for step in (code_step, variant_step):
+        state = fresh_state(bench, h, w, frozen)
+        before = _leaves(state.trainable)  # host copies: the step donates the state
+        state, metrics = step(state, batch)
+        update = [new - old for new, old in zip(_leaves(state.trainable), before)]
+        outcomes.append((float(metrics["loss"]), update))
+    (code_loss, code_update), (loss, update) = outcomes
+    return {"loss": loss, "code_loss": code_loss,
+            "update_relative_difference": relative_difference(update, code_update)}
+
+
 def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
                   sweep: bool = False, keep: bool = False, variant: str | None = None) -> dict:
-    """images/s of the real jitted train step on a fixed device-resident batch."""
+    """images/s of the real jitted train step on a fixed device-resident batch; for a variant
+    of a kept case, also how its step's result compares with the code's."""
     jax, jnp = _jax()
     from mlnet_jax.inference import ModelInfo
-    from mlnet_jax.optim import make_optimizer
-    from mlnet_jax.train import compile_steps, create_train_state
+    from mlnet_jax.train import compile_steps
 
     frozen = REPORT_FROZEN_CONVS if mode == "frozen" else 0
     info = ModelInfo(input_size=(h, w), preprocessing="caffe",
                      width_multiplier=bench.args.width_multiplier)
     model = info.build(jnp.dtype(dtype))
-    tx = make_optimizer(1e-3, 5e-4, 0.9)  # the paper's optimiser (configs/default.py)
-    state = jax.device_put(create_train_state(bench.params(h, w), tx, frozen, seed=0), bench.rep)
+    tx = _optimizer()
+    state = fresh_state(bench, h, w, frozen)
     batch = synthetic_batch(b, h, w, bench.data)
     train_fn, _ = compile_steps(model, tx, info.preprocessing, bench.mesh)
     with patched(variant) as patch:
@@ -661,8 +707,11 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
     row["variant"] = variant
     dump_hlo(bench, compiled, f"train_{dtype}_{mode}_{case_name(b, h, w)}", variant, sweep)
     row["nonfinite_last_step"] = int(metrics["nonfinite"])
+    key = (case_name(b, h, w), dtype, mode)
+    if variant and key in bench.kept:
+        row["vs_code"] = train_agreement(bench, bench.kept[key][0], compiled, b, h, w, frozen)
     if keep:
-        bench.kept[(case_name(b, h, w), dtype, mode)] = [compiled, state, row["images_per_s"]]
+        bench.kept[key] = [compiled, state, row["images_per_s"]]
     return row
 
 
@@ -701,9 +750,13 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     if prepared:
         row["prepared_parameters"] = prepared_parameters
     dump_hlo(bench, compiled, f"predict_{dtype}_{case_name(b, h, w)}", variant, sweep)
+    key = (case_name(b, h, w), dtype, "predict")
+    if variant and key in bench.kept:
+        code, code_inputs, _ = bench.kept[key]
+        row["vs_code"] = {"maps_relative_difference": relative_difference(
+            compiled(variables, images), code(*code_inputs))}
     if keep:
-        bench.kept[(case_name(b, h, w), dtype, "predict")] = [compiled, (variables, images),
-                                                              row["images_per_s"]]
+        bench.kept[key] = [compiled, (variables, images), row["images_per_s"]]
     return row
 
 
@@ -1122,6 +1175,17 @@ def print_table(result: dict) -> None:
           "clock and mean power while timed)")
 
 
+def _agreement_note(row: dict) -> str:
+    """The variant's result against the code's, as printed beside its rate."""
+    check = row.get("vs_code")
+    if not check:
+        return ""
+    if "maps_relative_difference" in check:
+        return f"; maps vs the code's: {check['maps_relative_difference']:.1e} of their largest"
+    return (f"; vs the code's step: loss {check['loss']:.5g} ({check['code_loss']:.5g}), update "
+            f"{check['update_relative_difference']:.1e} of its largest")
+
+
 def print_floors(args) -> None:
     print(f"{'case':>12} {'mode':6} {'fwd GFLOP':>10} {'train GFLOP':>11} {'card':5} "
           f"{'train ms':>9} {'img/s max':>9} {'pred ms':>8} {'img/s max':>9} {'act MB':>8} "
@@ -1269,7 +1333,8 @@ def main(argv=None) -> int:
             result["results"].append(row)
             if "images_per_s" in row:
                 print(f"           {row['images_per_s']:.1f} img/s, {row['step_ms']:.2f} ms/step, "
-                      f"{row['tflops']:.1f} TFLOP/s, compile {row['compile_s']:.1f} s", flush=True)
+                      f"{row['tflops']:.1f} TFLOP/s, compile {row['compile_s']:.1f} s"
+                      + _agreement_note(row), flush=True)
         save()
     result["failed"] = [r["label"] for r in result["results"] if "error" in r] + [
         name for name in ("pipeline", "predict_files")

@@ -333,7 +333,19 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
                          ("predict", None, "2x32x32", "v0"),  # v0 changed the forward too
                          ("train", "full", "2x32x32", "xla_no_command_buffers"),
                          ("predict", None, "2x32x32", "xla_no_command_buffers")}
+    # Each variant's result beside the code's, from the same state and batch: another XLA
+    # option computes the same step and maps; v0 draws its dropout masks another way, so its
+    # step moves the parameters elsewhere, though its maps (no dropout) are the code's.
+    same = rows[("train", "full", "2x32x32", "xla_no_command_buffers")]["vs_code"]
+    assert same["update_relative_difference"] == 0 and same["loss"] == same["code_loss"]
+    v0 = rows[("train", "full", "2x32x32", "v0")]["vs_code"]
+    assert v0["update_relative_difference"] > 0.1 and v0["loss"] != v0["code_loss"]
+    for variant in ("v0", "xla_no_command_buffers"):
+        assert rows[("predict", None, "2x32x32", variant)]["vs_code"][
+            "maps_relative_difference"] < 1e-6
+    assert "update 0.0e+00 of its largest" in stdout
     rows = {key[:3]: row for key, row in rows.items() if not key[3]}
+    assert not any("vs_code" in row for row in rows.values())
     assert rows[("train", "full", "1x32x32")]["sweep"] and not rows[("train", "full", "2x32x32")]["sweep"]
     for row in rows.values():
         for key in ("images_per_s", "step_ms", "tflops", "ceiling_fraction", "first_step_s",
@@ -735,7 +747,7 @@ def test_compiler_option_variants_name_options_this_xla_knows_and_reach_the_comp
 
 # --------------------------------------------------------------------------- merging
 
-def test_merge_computes_the_ratio_fields_and_targets():
+def test_merge_computes_the_ratio_fields_and_targets(capsys):
     def row(task, dtype, mode, rate, sweep=False):
         return {"task": task, "dtype": dtype, "mode": mode, "case": "32x480x640",
                 "images_per_s": rate, "sweep": sweep}
@@ -743,7 +755,8 @@ def test_merge_computes_the_ratio_fields_and_targets():
     jax_result = {
         "date": "2026-11-27", "card": "NVIDIA H200", "args": {"cases": [[32, 480, 640]]},
         "results": [row("train", "bfloat16", "full", 900.0), row("train", "bfloat16", "full", 1.0, True),
-                    {**row("train", "bfloat16", "full", 5000.0), "variant": "v0", "compile_s": 21.5},
+                    {**row("train", "bfloat16", "full", 5000.0), "variant": "v0", "compile_s": 21.5,
+                     "vs_code": {"loss": 1.5, "code_loss": 1.0, "update_relative_difference": 0.7}},
                     row("train", "bfloat16", "frozen", 1700.0), row("predict", "bfloat16", None, 2400.0)],
         "pipeline": {"ratio_to_synthetic": 0.95},
         "compile_cache": {"cold": {"first_step_s": 60.0}, "warm": {"first_step_s": 9.0}}}
@@ -766,6 +779,9 @@ def test_merge_computes_the_ratio_fields_and_targets():
     assert variant["variant"] == "v0" and variant["over_current"] == pytest.approx(5000 / 900)
     assert variant["ratio_vs_torch_compile"] == pytest.approx(5000 / 600)
     assert variant["compile_s"] == 21.5  # what xla_autotune_0 is measured for
+    assert variant["vs_code"]["update_relative_difference"] == 0.7  # its result beside the code's
+    merge_results.print_summary(merged)
+    assert "result 7.0e-01 off the code's" in capsys.readouterr().out
     assert merge_results.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
