@@ -200,7 +200,7 @@ class VGG16(vgg.VGG16):
         if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):
             return ConvWithKernel(features, vgg.pool_ties(self.pooling, self.dtype),
                                   dtype=self.dtype, name=name)(x)
-        last = vgg.VGG16_CONV_NAMES[-1]  # its gradient is a slice of the head's: XLA's
+        last = vgg.VGG16_CONV_NAMES[-1]  # its gradient is a slice of the head's, left to XLA
         if (self.relu_kernels and not stride and name not in ("conv1_1", last)
                 and relu_kernel_fits(x.shape, features)):
             return ConvWithKernel(features, dtype=self.dtype, name=name)(x)

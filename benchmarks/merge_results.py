@@ -138,11 +138,18 @@ def _fmt(value, spec: str) -> str:
 
 
 def _agreement(check: dict | None) -> str:
-    """How far the variant's result is from the code's (throughput.py's ``vs_code``)."""
+    """How far the variant's result is from the code's (throughput.py's ``vs_code``), beside the
+    code's from itself."""
     if not check:
         return ""
-    difference = check.get("maps_relative_difference", check.get("update_relative_difference"))
-    return f", result {_fmt(difference, '.1e')} off the code's"
+    if "error" in check:
+        return ", not compared with the code's"
+    ours, itself = ((check["maps_difference"], check["code_maps_difference"])
+                    if "maps_difference" in check
+                    else (check["update_difference"], check["code_update_difference"]))
+    note = f" ({check['differs_by_design']} by design)" if "differs_by_design" in check else ""
+    return (f", result {_fmt(ours['max'], '.1e')} off the code's (itself "
+            f"{_fmt(itself['max'], '.1e')}){note}")
 
 
 def print_summary(merged: dict) -> None:

@@ -634,14 +634,26 @@ def fresh_state(bench: Bench, h: int, w: int, frozen: int):
                           bench.rep)
 
 
-def relative_difference(got, expected) -> float:
-    """The largest |got − expected| over the largest |expected|, leaf by leaf, the worst leaf:
-    how far a variant's result is from the code's (bfloat16 rounding, summed in another
-    order, is ~1e-2; a wrong kernel is ~1)."""
-    worst = 0.0
-    for g, e in zip(_leaves(got), _leaves(expected)):
-        scale = float(np.max(np.abs(e))) or 1.0
-        worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - e))) / scale)
+def relative_difference(got, expected) -> dict:
+    """How far a variant's result is from the code's, leaf by leaf, the worst leaf: ``max``,
+    the largest |got − expected| over the largest |expected|, and ``l2``, ‖got − expected‖
+    over ‖expected‖ (an error confined to small values shows there). bfloat16 summed in
+    another order gives ~1e-2, a wrong kernel ~1; anything not finite, or a leaf of zeros
+    that the variant made non-zero, is inf."""
+    got, expected = _leaves(got), _leaves(expected)
+    if [g.shape for g in got] != [e.shape for e in expected]:
+        raise ValueError(f"results of other shapes: {[g.shape for g in got][:4]} against "
+                         f"{[e.shape for e in expected][:4]}")
+    worst = {"max": 0.0, "l2": 0.0}
+    for g, e in zip(got, expected):
+        if not (np.all(np.isfinite(g)) and np.all(np.isfinite(e))):
+            return {"max": math.inf, "l2": math.inf}
+        d = g - e
+        for key, size in (("max", lambda a: np.max(np.abs(a), initial=0.0)),
+                          ("l2", np.linalg.norm)):
+            scale, off = float(size(e)), float(size(d))
+            ratio = off / scale if scale else (0.0 if off == 0 else math.inf)
+            worst[key] = max(worst[key], ratio)
     return worst
 
 
@@ -650,21 +662,43 @@ def _leaves(tree) -> list:
     return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
 
 
+DIFFERENT_DROPOUT = {"v0", "v0_dropout"}  # variants drawing other dropout masks: other steps
+
+
 def train_agreement(bench: Bench, code_step, variant_step, b: int, h: int, w: int,
                     frozen: int) -> dict:
-    """One step of the code's and of a variant's executable from the same state and batch, on
-    the card: their losses and how far the variant's parameter update is from the code's."""
+    """One step of the variant's executable and two of the code's from the same state and batch,
+    on the card: the losses and how far the variant's parameter update is from the code's,
+    beside how far the code's is from itself (the card's own noise: atomics, algorithms)."""
     batch = synthetic_batch(b, h, w, bench.data)
     outcomes = []
-    for step in (code_step, variant_step):
+    for step in (code_step, code_step, variant_step):
         state = fresh_state(bench, h, w, frozen)
         before = _leaves(state.trainable)  # host copies: the step donates the state
         state, metrics = step(state, batch)
         update = [new - old for new, old in zip(_leaves(state.trainable), before)]
         outcomes.append((float(metrics["loss"]), update))
-    (code_loss, code_update), (loss, update) = outcomes
+    (code_loss, code_update), (_, code_again), (loss, update) = outcomes
     return {"loss": loss, "code_loss": code_loss,
-            "update_relative_difference": relative_difference(update, code_update)}
+            "update_difference": relative_difference(update, code_update),
+            "code_update_difference": relative_difference(code_again, code_update)}
+
+
+def predict_agreement(code, code_inputs, variant, inputs) -> dict:
+    """The variant's maps against the code's on the same images, beside the code's against
+    themselves."""
+    expected = code(*code_inputs)
+    return {"maps_difference": relative_difference(variant(*inputs), expected),
+            "code_maps_difference": relative_difference(code(*code_inputs), expected)}
+
+
+def _agreement(check, *args) -> dict:
+    """``check(*args)``, or why it failed: a comparison must never cost the measured rate."""
+    try:
+        return check(*args)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": repr(e)[:300]}
 
 
 def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
@@ -709,7 +743,10 @@ def measure_train(bench: Bench, b: int, h: int, w: int, dtype: str, mode: str,
     row["nonfinite_last_step"] = int(metrics["nonfinite"])
     key = (case_name(b, h, w), dtype, mode)
     if variant and key in bench.kept:
-        row["vs_code"] = train_agreement(bench, bench.kept[key][0], compiled, b, h, w, frozen)
+        row["vs_code"] = _agreement(train_agreement, bench, bench.kept[key][0], compiled,
+                                    b, h, w, frozen)
+        if variant in DIFFERENT_DROPOUT:
+            row["vs_code"]["differs_by_design"] = "other dropout masks"
     if keep:
         bench.kept[key] = [compiled, state, row["images_per_s"]]
     return row
@@ -753,8 +790,8 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     key = (case_name(b, h, w), dtype, "predict")
     if variant and key in bench.kept:
         code, code_inputs, _ = bench.kept[key]
-        row["vs_code"] = {"maps_relative_difference": relative_difference(
-            compiled(variables, images), code(*code_inputs))}
+        row["vs_code"] = _agreement(predict_agreement, code, code_inputs, compiled,
+                                    (variables, images))
     if keep:
         bench.kept[key] = [compiled, (variables, images), row["images_per_s"]]
     return row
@@ -1180,10 +1217,20 @@ def _agreement_note(row: dict) -> str:
     check = row.get("vs_code")
     if not check:
         return ""
-    if "maps_relative_difference" in check:
-        return f"; maps vs the code's: {check['maps_relative_difference']:.1e} of their largest"
+    if "error" in check:
+        return f"; not compared with the code's: {check['error']}"
+    if "maps_difference" in check:
+        return (f"; maps vs the code's: {describe_difference(check['maps_difference'])} "
+                f"(the code's vs itself {describe_difference(check['code_maps_difference'])})")
     return (f"; vs the code's step: loss {check['loss']:.5g} ({check['code_loss']:.5g}), update "
-            f"{check['update_relative_difference']:.1e} of its largest")
+            f"{describe_difference(check['update_difference'])} (the code's vs itself "
+            f"{describe_difference(check['code_update_difference'])})"
+            + (f", {check['differs_by_design']} by design" if "differs_by_design" in check
+               else ""))
+
+
+def describe_difference(difference: dict) -> str:
+    return f"max {difference['max']:.1e}, L2 {difference['l2']:.1e}"
 
 
 def print_floors(args) -> None:

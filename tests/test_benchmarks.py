@@ -337,13 +337,16 @@ def test_cpu_smoke_run_writes_every_promised_field(tmp_path):
     # option computes the same step and maps; v0 draws its dropout masks another way, so its
     # step moves the parameters elsewhere, though its maps (no dropout) are the code's.
     same = rows[("train", "full", "2x32x32", "xla_no_command_buffers")]["vs_code"]
-    assert same["update_relative_difference"] == 0 and same["loss"] == same["code_loss"]
+    assert same["update_difference"] == {"max": 0, "l2": 0} and same["loss"] == same["code_loss"]
+    assert same["code_update_difference"] == {"max": 0, "l2": 0}  # the CPU repeats itself
     v0 = rows[("train", "full", "2x32x32", "v0")]["vs_code"]
-    assert v0["update_relative_difference"] > 0.1 and v0["loss"] != v0["code_loss"]
+    assert v0["update_difference"]["max"] > 0.1 and v0["loss"] != v0["code_loss"]
+    assert v0["differs_by_design"] == "other dropout masks" and "differs_by_design" not in same
     for variant in ("v0", "xla_no_command_buffers"):
-        assert rows[("predict", None, "2x32x32", variant)]["vs_code"][
-            "maps_relative_difference"] < 1e-6
-    assert "update 0.0e+00 of its largest" in stdout
+        check = rows[("predict", None, "2x32x32", variant)]["vs_code"]
+        assert check["maps_difference"]["max"] < 1e-6 and check["code_maps_difference"]["l2"] == 0
+    assert "update max 0.0e+00, L2 0.0e+00 (the code's vs itself max 0.0e+00" in stdout
+    assert "other dropout masks by design" in stdout
     rows = {key[:3]: row for key, row in rows.items() if not key[3]}
     assert not any("vs_code" in row for row in rows.values())
     assert rows[("train", "full", "1x32x32")]["sweep"] and not rows[("train", "full", "2x32x32")]["sweep"]
@@ -756,7 +759,9 @@ def test_merge_computes_the_ratio_fields_and_targets(capsys):
         "date": "2026-11-27", "card": "NVIDIA H200", "args": {"cases": [[32, 480, 640]]},
         "results": [row("train", "bfloat16", "full", 900.0), row("train", "bfloat16", "full", 1.0, True),
                     {**row("train", "bfloat16", "full", 5000.0), "variant": "v0", "compile_s": 21.5,
-                     "vs_code": {"loss": 1.5, "code_loss": 1.0, "update_relative_difference": 0.7}},
+                     "vs_code": {"loss": 1.5, "code_loss": 1.0,
+                                 "update_difference": {"max": 0.7, "l2": 0.5},
+                                 "code_update_difference": {"max": 0.002, "l2": 0.001}}},
                     row("train", "bfloat16", "frozen", 1700.0), row("predict", "bfloat16", None, 2400.0)],
         "pipeline": {"ratio_to_synthetic": 0.95},
         "compile_cache": {"cold": {"first_step_s": 60.0}, "warm": {"first_step_s": 9.0}}}
@@ -779,10 +784,30 @@ def test_merge_computes_the_ratio_fields_and_targets(capsys):
     assert variant["variant"] == "v0" and variant["over_current"] == pytest.approx(5000 / 900)
     assert variant["ratio_vs_torch_compile"] == pytest.approx(5000 / 600)
     assert variant["compile_s"] == 21.5  # what xla_autotune_0 is measured for
-    assert variant["vs_code"]["update_relative_difference"] == 0.7  # its result beside the code's
+    assert variant["vs_code"]["update_difference"]["max"] == 0.7  # its result beside the code's
     merge_results.print_summary(merged)
-    assert "result 7.0e-01 off the code's" in capsys.readouterr().out
+    assert "result 7.0e-01 off the code's (itself 2.0e-03)" in capsys.readouterr().out
     assert merge_results.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_a_variants_difference_from_the_code_is_inf_where_it_is_not_finite():
+    # Per leaf, the worst leaf: the largest |difference| over the largest |value|, and the L2
+    # norms' ratio; NaN or inf anywhere, or a leaf of zeros made non-zero, is inf (a kernel
+    # writing NaN on the card must not read as "no difference"); other shapes are an error.
+    e = {"a": np.array([[1.0, -2.0], [4.0, 0.5]]), "b": np.zeros(3)}
+    g = {"a": np.array([[1.0, -2.0], [4.4, 0.5]]), "b": np.zeros(3)}
+    diff = throughput.relative_difference(g, e)
+    assert diff["max"] == pytest.approx(0.4 / 4)
+    assert diff["l2"] == pytest.approx(0.4 / np.sqrt(1 + 4 + 16 + 0.25))
+    assert throughput.relative_difference(e, e) == {"max": 0.0, "l2": 0.0}
+    for bad in (np.nan, np.inf):
+        broken = {"a": np.array([[1.0, bad], [4.0, 0.5]]), "b": np.zeros(3)}
+        assert throughput.relative_difference(broken, e) == {"max": np.inf, "l2": np.inf}
+        assert throughput.relative_difference(e, broken)["max"] == np.inf
+    moved = {"a": e["a"], "b": np.array([0.0, 1e-6, 0.0])}
+    assert throughput.relative_difference(moved, e)["max"] == np.inf
+    with pytest.raises(ValueError, match="other shapes"):
+        throughput.relative_difference({"a": e["a"][0], "b": e["b"]}, e)
 
 
 def test_a_rows_rates_and_the_matmul_ceiling_follow_from_the_times():
