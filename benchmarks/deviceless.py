@@ -18,6 +18,9 @@ the card's own description, which ``throughput.py`` on the card saves beside its
     python benchmarks/deviceless.py --card h200 --variants v3,cand_all --output OUT.json
 
 ``--card`` is a name of ``gpu_specs/`` (approximate descriptions) or a ``topology-*.pb`` file.
+``--card tpu:v5e:2x2`` (or ``tpu:v2:2x2`` with ``--devices 8``, Colab's TPU v2-8) compiles for a
+TPU instead, through libtpu (``pip install "jax[tpu]==0.11.2"``, no TPU needed): whether the
+steps compile there and the memory they take per device (conv1_1 takes XLA's convolution there).
 """
 
 from __future__ import annotations
@@ -44,13 +47,24 @@ import throughput  # noqa: E402
 SPECS = HERE / "gpu_specs"
 NO_PLUGIN = ("no CUDA compiler here: install JAX's CUDA plugin in this environment "
              "(pip install \"jax[cuda13]==0.11.2\"); no GPU is needed")
+NO_TPU = ("no TPU compiler here: install libtpu in this environment "
+          "(pip install \"jax[tpu]==0.11.2\"); no TPU is needed")
 
 
 def target_devices(card: str):
-    """Compile-only devices of ``card``: a ``topology-*.pb`` saved on the card itself, or a
-    description in gpu_specs/ (``h200``, ``h100``)."""
+    """Compile-only devices of ``card``: a ``topology-*.pb`` saved on the card itself, a
+    description in gpu_specs/ (``h200``, ``h100``), or ``tpu:<topology>`` (libtpu's names, e.g.
+    ``tpu:v5e:2x2``, ``tpu:v2:2x2``: a host's chips)."""
     import jax
     from jax.experimental import topologies
+    if card.startswith("tpu:"):
+        try:
+            return topologies.get_topology_desc(topology_name=card[4:], platform="tpu").devices
+        except Exception as e:  # noqa: BLE001 — no libtpu, or a name it does not know
+            if "not installed" in str(e):
+                raise SystemExit(f"{NO_TPU} ({_first_line(e)})") from None
+            raise SystemExit(f"--card {card}: libtpu made no topology of it (a name like "
+                             f"tpu:v5e:2x2 expected): {_first_line(e)}") from None
     path = Path(card)
     if path.suffix == ".pb":
         if not path.is_file():
@@ -81,14 +95,15 @@ def _first_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def as_on_the_card(mesh):
-    """Trace as the code would on a lone GPU of the mesh's kind: conv1_1's 'auto' takes its
-    kernels where that is a Hopper (as on the card), the kernels are not interpreted, and
-    Pallas lowers for the card's compute capability."""
+    """Trace as the code would on the mesh's devices: conv1_1's 'auto' takes its kernels on a
+    lone Hopper GPU (as on the card), the kernels are not interpreted, and Pallas lowers for
+    the card's compute capability."""
     import jax
 
     from mlnet_jax import first_conv
-    hopper = str(getattr(mesh.devices.flat[0], "compute_capability", "")).split(".")[0] == "9"
-    patches = [(first_conv, "_lone_hopper_gpu", lambda: hopper),
+    capability = str(getattr(mesh.devices.flat[0], "compute_capability", ""))
+    lone_hopper = capability.split(".")[0] == "9" and mesh.devices.size == 1
+    patches = [(first_conv, "_lone_hopper_gpu", lambda: lone_hopper),
                (first_conv, "interpreted", lambda: False)]
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     for module, name, value in patches:
@@ -223,9 +238,11 @@ def compile_one(mesh, task: str, variant: str | None, case: tuple[int, int, int]
             with as_on_the_card(mesh):
                 lowered, prepared = ((lowered_train(mesh, *case), None) if task == "train"
                                      else lowered_predict(mesh, *case, variant))
+            options = dict(patch.compiler_options)
+            if mesh.devices.flat[0].platform != "tpu":
+                options["xla_gpu_ptx_compiler_extra_flags"] = "-v"
             with stderr_to(log):
-                compiled = lowered.compile({**patch.compiler_options,
-                                            "xla_gpu_ptx_compiler_extra_flags": "-v"})
+                compiled = lowered.compile(options)
             extra = prepared and {"prepared_parameters": throughput.sibling(
                 "prepared_weights").prepared_parameters(prepared, compiled)}
     except Exception as e:  # noqa: BLE001 — a failure is the finding
@@ -279,7 +296,10 @@ def parse_args(argv=None):
     p.add_argument("--card", default="h200", help="gpu_specs/ name or a topology-*.pb file")
     p.add_argument("--variants", default="", help="comma-separated throughput.py variants; "
                    "the code itself is always compiled first")
-    p.add_argument("--case", default="32x480x640")
+    p.add_argument("--case", default="32x480x640", help="batch x rows x cols, the batch split "
+                   "over --devices")
+    p.add_argument("--devices", type=int, default=1, help="how many of the target's devices the "
+                   "steps are data-parallel over (a TPU v2-8: 8)")
     p.add_argument("--output", help="JSON file for the summaries")
     p.add_argument("--dump-dir", help="where to write each executable's optimised HLO (gzipped)")
     args = p.parse_args(argv)
@@ -293,6 +313,9 @@ def parse_args(argv=None):
     except (ValueError, SystemExit):
         p.exit(2, f"--case {args.case!r}: expected one BxHxW, rows and cols multiples of 8, "
                "e.g. 32x480x640\n")
+    if args.devices < 1 or args.case_shape[0] % args.devices:
+        p.exit(2, f"--devices {args.devices}: expected a count of devices that divides the "
+               f"batch of {args.case_shape[0]}\n")
     return args
 
 
@@ -304,12 +327,15 @@ def main(argv=None) -> int:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     os.environ["TF_CPP_VMODULE"] = "subprocess_compilation=3,nvjitlink=3"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiles only: libtpu may be shared
     import numpy as np
     from jax.sharding import Mesh
 
     from mlnet_jax.sharding import DATA_AXIS
     devices = target_devices(args.card)
-    mesh = Mesh(np.asarray(devices[:1]), (DATA_AXIS,))
+    if args.devices > len(devices):
+        raise SystemExit(f"--devices {args.devices}: {args.card} has {len(devices)}")
+    mesh = Mesh(np.asarray(devices[:args.devices]), (DATA_AXIS,))
     case = args.case_shape
     rows = []
     for variant in [None, *args.variants]:
@@ -328,6 +354,7 @@ def main(argv=None) -> int:
     if args.output:
         throughput._atomic_write_json(Path(args.output), {
             "card": devices[0].device_kind, "card_source": args.card, "case": args.case,
+            "devices": args.devices,
             "date": datetime.date.today().isoformat(),
             "software": throughput.software_versions(), "rows": rows})
     print_table(rows)

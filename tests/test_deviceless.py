@@ -31,6 +31,10 @@ deviceless = _load()
 throughput = deviceless.throughput
 
 
+def _has_libtpu() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
 def _has_cuda_plugin() -> bool:
     return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)) \
         if importlib.util.find_spec("jax_plugins") else False
@@ -109,7 +113,9 @@ ptxas info    : Used 255 registers, used 1 barriers
     (["--case", "2x64"], "--case '2x64': expected one BxHxW"),
     (["--case", ""], "--case '': expected one BxHxW"),
     (["--case", "2x60x64"], "--case '2x60x64': expected one BxHxW"),
-    (["--case", "2x64x64,4x64x64"], "--case '2x64x64,4x64x64': expected one BxHxW")])
+    (["--case", "2x64x64,4x64x64"], "--case '2x64x64,4x64x64': expected one BxHxW"),
+    (["--devices", "0"], "--devices 0: expected a count of devices that divides the batch of 32"),
+    (["--devices", "3"], "--devices 3: expected a count of devices that divides the batch of 32")])
 def test_bad_arguments_are_a_one_line_error(args, expected):
     result = _run(*args, timeout=120)
     assert result.returncode != 0
@@ -167,3 +173,27 @@ open({str(card)!r}, "wb").write(topologies.TopologyDescription(devices).serializ
     assert rows["v3", "train"]["triton"] == []  # v3: cuDNN's conv1_1
     assert rows["v3", "predict"]["traffic_gb"]["conv forward"] > rows[None, "predict"][
         "traffic_gb"]["conv forward"]
+
+
+@pytest.mark.skipif(_has_libtpu(), reason="libtpu is installed here")
+def test_without_libtpu_a_tpu_target_says_what_to_install():
+    result = _run("--card", "tpu:v5e:2x2", timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert 'pip install "jax[tpu]==0.11.2"' in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="needs libtpu (no TPU)")
+def test_with_libtpu_the_steps_compile_for_a_tpu_host_data_parallel(tmp_path):
+    # A TPU v5e host's four chips, the batch split over them: both steps compile, conv1_1 is
+    # XLA's there (no Triton), and XLA says what each device holds.
+    out = tmp_path / "out.json"
+    result = _run("--card", "tpu:v5e:2x2", "--devices", "4", "--case", "4x32x32",
+                  "--output", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(out.read_text())
+    assert written["card"] == "TPU v5 lite" and written["devices"] == 4
+    assert [(r["task"], r["status"]) for r in written["rows"]] == [("train", "compiled"),
+                                                                   ("predict", "compiled")]
+    assert all(r["triton"] == [] and r["executable_gib"] > 0 for r in written["rows"])
+    too_many = _run("--card", "tpu:v5e:2x2", "--devices", "8", "--case", "8x32x32", timeout=300)
+    assert too_many.stderr.strip().splitlines()[-1] == "--devices 8: tpu:v5e:2x2 has 4"
