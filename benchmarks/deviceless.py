@@ -2,13 +2,13 @@
 without one.
 
 XLA compiles for a CUDA card it is only told about (a target config: compute capability, SMs,
-bandwidth, memory), through JAX's CUDA plugin on a machine with no GPU: the real ``train_step``
-and ``predict`` at bfloat16 32×480×640, for the code and each ``throughput.py`` variant,
-Pallas kernels included, which Triton compiles and ptxas assembles for sm_90a. So before a
-lease spends minutes on them this says, per executable: whether it compiles at all (a Triton
-kernel that fails, fails here), each Triton kernel's launch grid, registers and spilled bytes
-(ptxas), XLA's memory for the executable, and the bytes each kind of operation moves
-(``kernel_profile.hlo_traffic``), against the code's. It does not time anything: cuDNN's
+bandwidth, memory), through JAX's CUDA plugin on a machine with no GPU: the real
+``train_step`` and ``predict`` (by default at bfloat16 32×480×640), for the code and each
+``throughput.py`` variant, Pallas kernels included, which Triton compiles and ptxas assembles
+for sm_90a. So before a lease spends minutes on them this says, per executable: whether it
+compiles at all (a Triton kernel that fails, fails here), each Triton kernel's launch grid,
+registers and spilled bytes (ptxas), XLA's memory for the executable, and the bytes each kind
+of operation moves (``kernel_profile.hlo_traffic``), against the code's. It does not time anything: cuDNN's
 algorithms are chosen by heuristics instead of autotuning, and a fusion decision can differ
 from the card's (2026-11-28: the card split pool1's forward into two fusions, this keeps one;
 the card's own description, which ``throughput.py`` on the card saves beside its JSON as
@@ -78,7 +78,8 @@ def target_devices(card: str):
     spec = SPECS / f"nvidia-{card}.txtpb"
     if not spec.is_file():
         names = sorted(p.stem.removeprefix("nvidia-") for p in SPECS.glob("*.txtpb"))
-        raise SystemExit(f"--card {card}: expected a topology .pb file or one of {', '.join(names)}")
+        raise SystemExit(f"--card {card}: expected a topology .pb file, tpu:<topology> or one "
+                         f"of {', '.join(names)}")
     try:
         return topologies.get_topology_desc(platform="cuda", topology="1x1x1",
                                             target_config=spec.read_text()).devices
@@ -143,7 +144,8 @@ def ptxas_kernels(log: str) -> dict[str, dict]:
         if registers:
             out[name] = {"registers": int(registers.group(1)),
                          "stack_bytes": int(frame.group(1)) if frame else None,
-                         "spill_bytes": int(frame.group(2)) + int(frame.group(3)) if frame else None}
+                         "spill_bytes": (int(frame.group(2)) + int(frame.group(3))
+                                         if frame else None)}
     return out
 
 
@@ -167,7 +169,8 @@ def summarize(hlo_text: str, compiled, kernels: dict[str, dict]) -> dict:
     ``name__1``, …): each call gets the most registers and spilled bytes of them."""
     traffic: dict[str, float] = {}
     for row in kernel_profile.hlo_traffic(hlo_text):
-        traffic[row["category"]] = traffic.get(row["category"], 0) + (row["read"] + row["written"]) / 1e9
+        moved = (row["read"] + row["written"]) / 1e9
+        traffic[row["category"]] = traffic.get(row["category"], 0) + moved
     memory = throughput.executable_memory(compiled)
     triton = [{**call, **_worst_instance(kernels, call["name"])} for call in triton_calls(hlo_text)]
     return {"status": "compiled", "traffic_gb": {k: round(v, 6) for k, v in traffic.items()},
@@ -184,7 +187,7 @@ def _worst_instance(kernels: dict[str, dict], name: str) -> dict:
             for key in ("registers", "stack_bytes", "spill_bytes")}
 
 
-def lowered_train(mesh, b: int, h: int, w: int):
+def lowered_train(mesh, b: int, h: int, w: int, dtype: str = "bfloat16"):
     import jax
     import jax.numpy as jnp
 
@@ -202,11 +205,12 @@ def lowered_train(mesh, b: int, h: int, w: int):
              "target": jax.ShapeDtypeStruct((b, h // throughput.OUTPUT_STRIDE,
                                              w // throughput.OUTPUT_STRIDE, 1), jnp.float32,
                                             sharding=data)}
-    train_fn, _ = compile_steps(info.build(jnp.bfloat16), tx, info.preprocessing, mesh)
+    train_fn, _ = compile_steps(info.build(jnp.dtype(dtype)), tx, info.preprocessing, mesh)
     return train_fn.lower(state, batch)
 
 
-def lowered_predict(mesh, b: int, h: int, w: int, variant: str | None):
+def lowered_predict(mesh, b: int, h: int, w: int, variant: str | None,
+                    dtype: str = "bfloat16"):
     """(lowered predict, ``prepared_weights``' function where the variant prepares them)."""
     import jax
     import jax.numpy as jnp
@@ -220,24 +224,26 @@ def lowered_predict(mesh, b: int, h: int, w: int, variant: str | None):
     variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
                              {"params": params})
     images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=batch_sharding(mesh))
-    predict = make_predict_fn(info.build(jnp.bfloat16), info.preprocessing, mesh)
+    predict = make_predict_fn(info.build(jnp.dtype(dtype)), info.preprocessing, mesh)
     prepared = None
     if variant in throughput.PREDICT_ONLY_VARIANTS:  # casts them: host zeros, only shapes count
         predict, variables = throughput.sibling("prepared_weights").prepare(
-            predict, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables), jnp.bfloat16)
+            predict, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables),
+            jnp.dtype(dtype))
         prepared = predict
     return predict.lower(variables, images), prepared
 
 
-def compile_one(mesh, task: str, variant: str | None, case: tuple[int, int, int]) -> dict:
+def compile_one(mesh, task: str, variant: str | None, case: tuple[int, int, int],
+                dtype: str = "bfloat16") -> dict:
     """Lower and compile one executable for the card; its summary, or why it failed."""
     t = time.perf_counter()
     log: list[str] = []
     try:
         with throughput.patched(variant) as patch:
             with as_on_the_card(mesh):
-                lowered, prepared = ((lowered_train(mesh, *case), None) if task == "train"
-                                     else lowered_predict(mesh, *case, variant))
+                lowered, prepared = ((lowered_train(mesh, *case, dtype), None) if task == "train"
+                                     else lowered_predict(mesh, *case, variant, dtype))
             options = dict(patch.compiler_options)
             if mesh.devices.flat[0].platform != "tpu":
                 options["xla_gpu_ptx_compiler_extra_flags"] = "-v"
@@ -298,6 +304,8 @@ def parse_args(argv=None):
                    "the code itself is always compiled first")
     p.add_argument("--case", default="32x480x640", help="batch x rows x cols, the batch split "
                    "over --devices")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="compute dtype (parameters stay float32)")
     p.add_argument("--devices", type=int, default=1, help="how many of the target's devices the "
                    "steps are data-parallel over (a TPU v2-8: 8)")
     p.add_argument("--output", help="JSON file for the summaries")
@@ -343,7 +351,8 @@ def main(argv=None) -> int:
             if (task == "train" and variant in throughput.PREDICT_ONLY_VARIANTS) or (
                     task == "predict" and variant and variant not in throughput.FORWARD_VARIANTS):
                 continue
-            row = {"variant": variant, "task": task, **compile_one(mesh, task, variant, case)}
+            row = {"variant": variant, "task": task,
+                   **compile_one(mesh, task, variant, case, args.dtype)}
             hlo = row.pop("hlo", None)
             if hlo and args.dump_dir:
                 path = Path(args.dump_dir) / f"hlo_{task}_{variant or 'code'}.txt.gz"
@@ -354,7 +363,7 @@ def main(argv=None) -> int:
     if args.output:
         throughput._atomic_write_json(Path(args.output), {
             "card": devices[0].device_kind, "card_source": args.card, "case": args.case,
-            "devices": args.devices,
+            "devices": args.devices, "dtype": args.dtype,
             "date": datetime.date.today().isoformat(),
             "software": throughput.software_versions(), "rows": rows})
     print_table(rows)

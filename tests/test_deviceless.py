@@ -106,7 +106,8 @@ ptxas info    : Used 255 registers, used 1 barriers
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--card", "a100"], "--card a100: expected a topology .pb file or one of h100, h200"),
+    (["--card", "a100"], "--card a100: expected a topology .pb file, tpu:<topology> or one of "
+                         "h100, h200"),
     (["--card", "missing.pb"], "--card missing.pb: no such file"),
     (["--variants", "v3, nope"], "--variants: unknown nope"),
     (["--case", "abc"], "--case 'abc': expected one BxHxW"),
@@ -184,14 +185,16 @@ def test_without_libtpu_a_tpu_target_says_what_to_install():
 
 @pytest.mark.skipif(not _has_libtpu(), reason="needs libtpu (no TPU)")
 def test_with_libtpu_the_steps_compile_for_a_tpu_host_data_parallel(tmp_path):
-    # A TPU v5e host's four chips, the batch split over them: both steps compile, conv1_1 is
-    # XLA's there (no Triton), and XLA says what each device holds.
+    # A TPU v5e host's four chips, the batch split over them, in float32 (Colab's default):
+    # both steps compile, conv1_1 is XLA's there (no Triton), and XLA says what each device
+    # holds.
     out = tmp_path / "out.json"
     result = _run("--card", "tpu:v5e:2x2", "--devices", "4", "--case", "4x32x32",
-                  "--output", str(out), timeout=900)
+                  "--dtype", "float32", "--output", str(out), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads(out.read_text())
     assert written["card"] == "TPU v5 lite" and written["devices"] == 4
+    assert written["dtype"] == "float32"
     assert [(r["task"], r["status"]) for r in written["rows"]] == [("train", "compiled"),
                                                                    ("predict", "compiled")]
     assert all(r["triton"] == [] and r["executable_gib"] > 0 for r in written["rows"])
