@@ -60,29 +60,26 @@ def test_triton_calls_are_read_off_the_cards_own_hlo():
                                                                   params.num_stages)}
 
 
+def _ptxas_entry(name, registers, frame=None):
+    """One kernel of ptxas's ``-v`` report, as XLA logs it (``frame``: stack, spill stores,
+    spill loads; absent for kernels without a stack line)."""
+    lines = [f"ptxas info    : Compiling entry function '{name}' for 'sm_90a'",
+             f"ptxas info    : Function properties for {name}"]
+    if frame:
+        lines.append("    {} bytes stack frame, {} bytes spill stores, {} bytes spill loads"
+                     .format(*frame))
+    lines += [f"ptxas info    : Used {registers} registers, used 1 barriers",
+              "ptxas info    : Compile time = 90.310 ms"]
+    return "\n".join(lines) + "\n"
+
+
 def test_summary_merges_ptxas_report_into_the_kernels_and_counts_every_byte():
-    log = """I1128 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem
-ptxas info    : Compiling entry function 'conv1_1_bias_relu' for 'sm_90a'
-ptxas info    : Function properties for conv1_1_bias_relu
-    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-ptxas info    : Used 146 registers, used 1 barriers
-ptxas info    : Compile time = 90.310 ms
-ptxas info    : Compiling entry function 'conv1_1_weight_grad' for 'sm_90a'
-ptxas info    : Function properties for conv1_1_weight_grad
-    40 bytes stack frame, 32 bytes spill stores, 24 bytes spill loads
-ptxas info    : Used 255 registers, used 1 barriers
-ptxas info    : Compiling entry function 'loop_pad_fusion' for 'sm_90a'
-ptxas info    : Function properties for loop_pad_fusion
-ptxas info    : Used 10 registers, used 0 barriers
-ptxas info    : Compiling entry function 'conv1_1_bias_relu__1' for 'sm_90a'
-ptxas info    : Function properties for conv1_1_bias_relu__1
-    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-ptxas info    : Used 152 registers, used 1 barriers
-ptxas info    : Compiling entry function 'conv1_1_bias_relu_x' for 'sm_90a'
-ptxas info    : Function properties for conv1_1_bias_relu_x
-    8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
-ptxas info    : Used 255 registers, used 1 barriers
-"""
+    log = ("I1128 subprocess_compilation.cc:356] ptxas info    : 0 bytes gmem\n"
+           + _ptxas_entry("conv1_1_bias_relu", 146, (0, 0, 0))
+           + _ptxas_entry("conv1_1_weight_grad", 255, (40, 32, 24))
+           + _ptxas_entry("loop_pad_fusion", 10)
+           + _ptxas_entry("conv1_1_bias_relu__1", 152, (0, 0, 0))
+           + _ptxas_entry("conv1_1_bias_relu_x", 255, (8, 8, 8)))
     kernels = deviceless.ptxas_kernels(log)
     assert kernels == {
         "conv1_1_bias_relu": {"registers": 146, "stack_bytes": 0, "spill_bytes": 0},
