@@ -192,11 +192,10 @@ def lowered_train(mesh, b: int, h: int, w: int, dtype: str = "bfloat16"):
     import jax.numpy as jnp
 
     from mlnet_jax.inference import ModelInfo
-    from mlnet_jax.optim import make_optimizer
     from mlnet_jax.sharding import batch_sharding, replicated
     from mlnet_jax.train import compile_steps, create_train_state
     info = ModelInfo(input_size=(h, w), preprocessing="caffe")
-    tx = make_optimizer(1e-3, 5e-4, 0.9)
+    tx = throughput._optimizer()  # the one throughput.py measures with
     rep, data = replicated(mesh), batch_sharding(mesh)
     params = jax.eval_shape(info.build().init, jax.random.key(0), jnp.zeros((1, h, w, 3)))["params"]
     state = jax.eval_shape(lambda p: create_train_state(p, tx, 0, seed=0), params)
