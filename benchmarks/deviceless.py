@@ -187,6 +187,14 @@ def _worst_instance(kernels: dict[str, dict], name: str) -> dict:
             for key in ("registers", "stack_bytes", "spill_bytes")}
 
 
+def _parameter_shapes(info) -> dict:
+    """The model's parameters as shapes: nothing is initialised."""
+    import jax
+    import jax.numpy as jnp
+    return jax.eval_shape(info.build().init, jax.random.key(0),
+                          jnp.zeros((1, *info.input_size, 3)))["params"]
+
+
 def lowered_train(mesh, b: int, h: int, w: int, dtype: str = "bfloat16"):
     import jax
     import jax.numpy as jnp
@@ -197,7 +205,7 @@ def lowered_train(mesh, b: int, h: int, w: int, dtype: str = "bfloat16"):
     info = ModelInfo(input_size=(h, w), preprocessing="caffe")
     tx = throughput._optimizer()  # the one throughput.py measures with
     rep, data = replicated(mesh), batch_sharding(mesh)
-    params = jax.eval_shape(info.build().init, jax.random.key(0), jnp.zeros((1, h, w, 3)))["params"]
+    params = _parameter_shapes(info)
     state = jax.eval_shape(lambda p: create_train_state(p, tx, 0, seed=0), params)
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), state)
     batch = {"image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=data),
@@ -219,7 +227,7 @@ def lowered_predict(mesh, b: int, h: int, w: int, variant: str | None,
     from mlnet_jax.sharding import batch_sharding, replicated
     info = ModelInfo(input_size=(h, w), preprocessing="caffe")
     rep = replicated(mesh)
-    params = jax.eval_shape(info.build().init, jax.random.key(0), jnp.zeros((1, h, w, 3)))["params"]
+    params = _parameter_shapes(info)
     variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
                              {"params": params})
     images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=batch_sharding(mesh))
