@@ -51,15 +51,19 @@ def fits(shape, features: int, block_cols: int) -> bool:
 
 
 def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, num_stages=3,
-                   interpret=False, winners=False):
+                   interpret=False, winners=False, transposed=False):
     """``max_pool_values(relu(conv(x, kernel, 'SAME') + bias), 2, 'standard')`` in ``x``'s
     dtype (float32 sums); with ``winners`` also the pool's winner mask as
     ``vgg.relu_max_pool_2x2`` keeps it (bit 2·row + column of each window's first maximum,
-    none where the maximum is 0)."""
+    none where the maximum is 0). ``transposed`` computes each program's products as
+    (channels × pixels) instead of (pixels × channels)."""
     b, h, w, cin = x.shape
     cout = kernel.shape[3]
-    body = partial(_body, height=h, width=w, block_cols=block_cols,
-                   precision=first_conv._precision(x.dtype))
+    taps = kernel.reshape(9, cin, cout)
+    if transposed:
+        taps = jnp.transpose(taps, (0, 2, 1))
+    body = partial(_body_transposed if transposed else _body, height=h, width=w,
+                   block_cols=block_cols, precision=first_conv._precision(x.dtype))
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as pallas_triton
@@ -69,25 +73,24 @@ def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, num_stages=3,
     return pl.pallas_call(
         body, out_shape=out_shape, grid=(b * h // 2, w // block_cols), compiler_params=params,
         interpret=interpret, name="conv_bias_relu_pool",
-    )(x, kernel.reshape(9, cin, cout).astype(x.dtype), bias.astype(jnp.float32))
+    )(x, taps.astype(x.dtype), bias.astype(jnp.float32))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def trainable_conv_relu_pool(x, kernel, bias, block_cols, num_warps, num_stages, interpret):
-    """``conv_relu_pool`` with a gradient: the forward pass also writes the winner mask (not
-    conv1_2's 1.26 GB output, which only the pool needed), the backward pass is the package's
-    (the pool's spread and the bias gradient by XLA, then cuDNN's two gradients)."""
-    return conv_relu_pool(x, kernel, bias, block_cols=block_cols, num_warps=num_warps,
-                          num_stages=num_stages, interpret=interpret)
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def trainable_conv_relu_pool(x, kernel, bias, options):
+    """``conv_relu_pool`` (its keyword ``options`` as sorted pairs) with a gradient: the
+    forward pass also writes the winner mask (not conv1_2's 1.26 GB output, which only the
+    pool needed), the backward pass is the package's (the pool's spread and the bias gradient
+    by XLA, then cuDNN's two gradients)."""
+    return conv_relu_pool(x, kernel, bias, **dict(options))
 
 
-def _forward(x, kernel, bias, block_cols, num_warps, num_stages, interpret):
-    y, winners = conv_relu_pool(x, kernel, bias, block_cols=block_cols, num_warps=num_warps,
-                                num_stages=num_stages, interpret=interpret, winners=True)
+def _forward(x, kernel, bias, options):
+    y, winners = conv_relu_pool(x, kernel, bias, winners=True, **dict(options))
     return y, (x, kernel, winners)
 
 
-def _backward(block_cols, num_warps, num_stages, interpret, residuals, g):
+def _backward(options, residuals, g):
     x, kernel, winners = residuals
     (spread,) = vgg._relu_max_pool_backward(2, "standard", "first", x.shape[1:3], winners, g)
     _, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
@@ -140,30 +143,74 @@ def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width
         pooled > 0, jnp.left_shift(jnp.uint8(1), first), jnp.uint8(0))
 
 
+def _body_transposed(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width,
+                     block_cols, precision):
+    """``_body`` with each tap's product as (output channels × pixels): the 64 channels are
+    the M of Hopper's wgmma (64 per warp group) and the 2 × ``block_cols`` pixels its N (256
+    at most), m64n256k16 instead of m64n64k16, a quarter of the shared-memory operand reads
+    per product. The pixels are ordered (pooled column, window row, window column) so that
+    each pool window is four neighbours in the sums."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    pooled_rows, windows = height // 2, block_cols // 2
+    image, row, left = i // pooled_rows, i % pooled_rows, j * block_cols
+    features, channels = taps_ref.shape[1], x_ref.shape[3]
+    from jax.experimental.pallas import triton as pallas_triton
+
+    def tap(t, sums):
+        dy = jax.lax.div(t, 3)
+        dx = t - 3 * dy
+        rows = 2 * row + dy - 1 + jax.lax.broadcasted_iota(jnp.int32, (1, 2, 1, 1), 1)
+        cols = (left + dx - 1 + 2 * jax.lax.broadcasted_iota(jnp.int32, (windows, 1, 1, 1), 0)
+                + jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1), 2))
+        channel = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, channels), 3)
+        inside = jnp.broadcast_to((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width),
+                                  (windows, 2, 2, channels))
+        tile = pallas_triton.load(
+            x_ref.at[image, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1),
+                     channel], mask=inside, other=0)
+        return sums + jax.lax.dot_general(
+            taps_ref[t], tile.reshape(4 * windows, channels), (((1,), (1,)), ((), ())),
+            precision=precision, preferred_element_type=jnp.float32)
+
+    sums = jax.lax.fori_loop(0, 9, tap, jnp.zeros((features, 4 * windows), jnp.float32))
+    y = jnp.maximum(sums + bias_ref[...][:, None], 0).astype(out_ref.dtype)
+    y = y.reshape(features, windows, 4)
+    pooled = jnp.max(y, axis=2)
+    columns = pl.ds(left // 2, windows)
+    out_ref[image, row, columns, :] = pooled.T
+    if winners_ref is not None:
+        first = jnp.argmax(y, axis=2).astype(jnp.uint8)
+        winners_ref[image, row, columns, :] = jnp.where(
+            pooled > 0, jnp.left_shift(jnp.uint8(1), first), jnp.uint8(0)).T
+
+
 class VGG16(vgg.VGG16):
     """``vgg.VGG16`` with conv1_2 + ReLU + pool1 as one kernel where it fits; with ``m256`` in
     blocks of 128 columns and 8 warps, with ``num_stages`` 1 its loop not pipelined."""
 
     m256: bool = False
     num_stages: int = 3
+    transposed: bool = False
 
     @nn.nowrap
     def layer(self, name, features, x):
         block_cols, warps = (128, 8) if self.m256 else (64, 4)
+        if self.transposed:
+            block_cols, warps = 128, 4
         if name == "conv1_2" and self.pooling == "standard" and fits(x.shape, features,
                                                                      block_cols):
-            return ConvReLUPool(features, block_cols, warps, self.num_stages, dtype=self.dtype,
-                                name=name)(x)
+            options = (("block_cols", block_cols), ("num_stages", self.num_stages),
+                       ("num_warps", warps), ("transposed", self.transposed))
+            return ConvReLUPool(features, options, dtype=self.dtype, name=name)(x)
         return super().layer(name, features, x)
 
 
 class ConvReLUPool(nn.Module):
-    """``flax.linen.Conv(features, (3, 3))``'s parameters; ``conv_relu_pool``'s values."""
+    """``flax.linen.Conv(features, (3, 3))``'s parameters; ``conv_relu_pool``'s values with
+    ``options`` (sorted pairs of its keywords)."""
 
     features: int
-    block_cols: int
-    num_warps: int
-    num_stages: int
+    options: tuple
     dtype: jnp.dtype | None = None
 
     @nn.compact
@@ -171,8 +218,8 @@ class ConvReLUPool(nn.Module):
         global rewritten
         rewritten += 1
         x, kernel, bias = first_conv.conv_parameters(self, x, self.features, self.dtype)
-        return trainable_conv_relu_pool(x, kernel, bias, self.block_cols, self.num_warps,
-                                        self.num_stages, first_conv.interpreted())
+        return trainable_conv_relu_pool(
+            x, kernel, bias, (*self.options, ("interpret", first_conv.interpreted())))
 
 
 def vgg16_m256(**fields) -> VGG16:
@@ -183,3 +230,14 @@ def vgg16_m256(**fields) -> VGG16:
 def vgg16_l1(**fields) -> VGG16:
     """``cand_conv12_pool_l1``'s backbone."""
     return VGG16(num_stages=1, **fields)
+
+
+def vgg16_transposed(**fields) -> VGG16:
+    """``cand_conv12t_pool``'s backbone."""
+    return VGG16(transposed=True, **fields)
+
+
+def vgg16_transposed_s2(**fields) -> VGG16:
+    """``cand_conv12t_pool_s2``'s backbone: two pipeline stages, ~80 KB of shared memory
+    instead of ~120, so that two programs fit on an SM."""
+    return VGG16(transposed=True, num_stages=2, **fields)

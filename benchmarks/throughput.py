@@ -277,6 +277,8 @@ def software_versions() -> dict:
 # cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
 # cand_conv12_pool(_m256, _l1) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
 # winner mask in training (benchmarks/conv12_pool.py; _m256 on 128 columns, _l1 unpipelined);
+# cand_conv12t_pool(_s2) the same with each product transposed (channels × pixels: m64n256
+# wgmma; _s2 with two pipeline stages);
 # cand_all the Pallas candidates together (conv12_pool, bias_kernels, conv1_direct).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
@@ -359,6 +361,10 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         "conv12_pool", "vgg16_m256")},
     "cand_conv12_pool_l1": {("mlnet_jax.models", "VGG16"): _sibling_function(
         "conv12_pool", "vgg16_l1")},
+    "cand_conv12t_pool": {("mlnet_jax.models", "VGG16"): _sibling_function(
+        "conv12_pool", "vgg16_transposed")},
+    "cand_conv12t_pool_s2": {("mlnet_jax.models", "VGG16"): _sibling_function(
+        "conv12_pool", "vgg16_transposed_s2")},
     "cand_all": {("mlnet_jax.models", "VGG16"): lambda **fields: _all_kernels_vgg16()(
                      relu_kernels=True, **fields),
                  ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",
@@ -376,7 +382,8 @@ for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
 PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
 # The others change gradients only.
 FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12_pool",
-                    "cand_conv12_pool_m256", "cand_conv12_pool_l1", "cand_all",
+                    "cand_conv12_pool_m256", "cand_conv12_pool_l1", "cand_conv12t_pool",
+                    "cand_conv12t_pool_s2", "cand_all",
                     *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
 
 

@@ -1062,11 +1062,14 @@ def test_candidate_pool_argmax_trains_the_same_step():
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("block_cols", [64, 128])
-def test_candidate_conv12_pool_kernel_is_conv_bias_relu_and_pool1(block_cols):
+@pytest.mark.parametrize("block_cols, transposed", [(64, False), (128, False), (128, True)])
+def test_candidate_conv12_pool_kernel_is_conv_bias_relu_and_pool1(block_cols, transposed):
     # The kernel (interpreter) against lax's convolution + bias + ReLU + 2×2 pool: every
-    # program meets an edge of the 'SAME' padding (the masked, clipped loads), float32 sums.
+    # program meets an edge of the 'SAME' padding (the masked, clipped loads), float32 sums;
+    # transposed, its products as (channels × pixels) with the pixels of each window adjacent.
     conv12_pool = throughput.sibling("conv12_pool")
+    kernel_call = partial(conv12_pool.conv_relu_pool, block_cols=block_cols, interpret=True,
+                          transposed=transposed)
     rng = np.random.default_rng(block_cols)
     x = jnp.asarray(rng.standard_normal((2, 4, 2 * block_cols, 16)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) / 12, jnp.float32)
@@ -1075,7 +1078,7 @@ def test_candidate_conv12_pool_kernel_is_conv_bias_relu_and_pool1(block_cols):
                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
     b, h, w, c = pre.shape
     expected = jnp.max(jnp.maximum(pre, 0).reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
-    got = conv12_pool.conv_relu_pool(x, kernel, bias, block_cols=block_cols, interpret=True)
+    got = kernel_call(x, kernel, bias)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert float(jnp.mean(expected == 0)) > 0.05  # the ReLU cuts some windows whole
 
@@ -1083,8 +1086,7 @@ def test_candidate_conv12_pool_kernel_is_conv_bias_relu_and_pool1(block_cols):
     # package's mask of the same rounded values (the first maximum, none where it is 0).
     from mlnet_jax import vgg
     as_bf16 = [a.astype(jnp.bfloat16) for a in (x, kernel, bias)]
-    pooled, winners = conv12_pool.conv_relu_pool(*as_bf16, block_cols=block_cols,
-                                                 interpret=True, winners=True)
+    pooled, winners = kernel_call(*as_bf16, winners=True)
     rounded = (jax.lax.conv_general_dilated(
         *as_bf16[:2], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
         preferred_element_type=jnp.float32) + as_bf16[2].astype(jnp.float32)).astype(
@@ -1103,7 +1105,8 @@ def test_candidate_conv12_pool_kernel_is_conv_bias_relu_and_pool1(block_cols):
     assert len(np.unique(np.asarray(winners))) == 5
 
 
-def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_call():
+@pytest.mark.parametrize("variant", ["cand_conv12_pool", "cand_conv12t_pool"])
+def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_call(variant):
     # In the model (quarter width, 16×128): the same maps as the code's, conv1_2's parameters
     # where they were; for CUDA at the headline shape: one Triton call, no convolution left.
     from mlnet_jax.inference import ModelInfo, make_predict_fn
@@ -1115,7 +1118,7 @@ def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_c
     images = jnp.asarray(np.random.default_rng(9).integers(0, 256, (2, 16, 128, 3)), jnp.uint8)
     expected = make_predict_fn(model, info.preprocessing)(variables, images)
     before = conv12_pool.rewritten
-    with throughput.patched("cand_conv12_pool"):
+    with throughput.patched(variant):
         got = make_predict_fn(model, info.preprocessing)(variables, images)
     assert conv12_pool.rewritten == before + 1
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
@@ -1123,18 +1126,21 @@ def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_c
     shapes = (jax.ShapeDtypeStruct((32, 480, 640, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((64,), jnp.bfloat16))
-    texts = [_lowered_for_an_h200(partial(conv12_pool.conv_relu_pool, winners=winners,
-                                          block_cols=cols, num_warps=warps), *shapes)
-             for winners in (False, True) for cols, warps in ((64, 4), (128, 8))]
-    for text in texts:
-        assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
-        assert "tensor<32x240x320x64xbf16>" in text
-    assert all("tensor<32x240x320x64xui8>" in text for text in texts[2:])
+    transposed = variant == "cand_conv12t_pool"
+    for winners in (False, True):
+        for cols, warps in ((128, 4),) if transposed else ((64, 4), (128, 8)):
+            text = _lowered_for_an_h200(partial(
+                conv12_pool.conv_relu_pool, winners=winners, block_cols=cols, num_warps=warps,
+                transposed=transposed), *shapes)
+            assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
+            assert "tensor<32x240x320x64xbf16>" in text
+            assert ("tensor<32x240x320x64xui8>" in text) == winners
 
 
-def test_candidate_conv12_pool_l1_is_the_kernel_unpipelined(monkeypatch):
-    # cand_conv12_pool_l1 reaches the Triton call with num_stages=1 (plain loads, cached in
-    # L1), cand_conv12_pool with 3 (cp.async); in the whole model, traced for an H200.
+def test_candidate_conv12_pool_variants_reach_the_triton_call_with_their_settings(monkeypatch):
+    # In the whole model, traced for an H200: cand_conv12_pool pipelines its loop over 3
+    # stages (cp.async), _l1 not at all (plain loads, cached in L1), _m256 with 8 warps; the
+    # transposed kernels take their taps as (output × input channels), _s2 over 2 stages.
     import re
 
     from mlnet_jax import first_conv
@@ -1144,21 +1150,29 @@ def test_candidate_conv12_pool_l1_is_the_kernel_unpipelined(monkeypatch):
     images = jax.ShapeDtypeStruct((2, 16, 128, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), images)
 
-    def stages(variant):
+    def settings(variant):
         with throughput.patched(variant):
             text = _lowered_for_an_h200(partial(model.apply, train=False), params, images)
-        return re.findall(r'name = "conv_bias_relu_pool", num_stages = (\d+)', text)
+        calls = re.findall(r'name = "conv_bias_relu_pool", num_stages = (\d+) : i32, '
+                           r'num_warps = (\d+)', text)
+        taps_transposed = len(re.findall(
+            r"stablehlo.transpose %\w+, dims = \[0, 2, 1\] : \(tensor<9x64x64xbf16>", text))
+        return calls, taps_transposed
 
-    assert stages("cand_conv12_pool") == ["3"]
-    assert stages("cand_conv12_pool_l1") == ["1"]
+    assert settings("cand_conv12_pool") == ([("3", "4")], 0)
+    assert settings("cand_conv12_pool_l1") == ([("1", "4")], 0)
+    assert settings("cand_conv12_pool_m256") == ([("3", "8")], 0)
+    assert settings("cand_conv12t_pool") == ([("3", "4")], 1)
+    assert settings("cand_conv12t_pool_s2") == ([("2", "4")], 1)
 
 
-def test_candidate_conv12_pool_trains_the_same_step():
+@pytest.mark.parametrize("variant, size", [("cand_conv12_pool", 64), ("cand_conv12t_pool", 128)])
+def test_candidate_conv12_pool_trains_the_same_step(variant, size):
     # In training the kernel also writes the winner mask and the package's backward pass uses
-    # it: the same update at quarter width, 64×64.
+    # it: the same update at quarter width (the transposed kernel's 128 columns: 128×128).
     conv12_pool = throughput.sibling("conv12_pool")
     before = conv12_pool.rewritten
-    (a, ma, start), (b, mb, _) = (_one_train_step(v, size=64) for v in (None, "cand_conv12_pool"))
+    (a, ma, start), (b, mb, _) = (_one_train_step(v, size=size) for v in (None, variant))
     assert conv12_pool.rewritten == before + 1
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
