@@ -186,7 +186,8 @@ def _body_transposed(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, he
 
 class VGG16(vgg.VGG16):
     """``vgg.VGG16`` with conv1_2 + ReLU + pool1 as one kernel where it fits; with ``m256`` in
-    blocks of 128 columns and 8 warps, with ``num_stages`` 1 its loop not pipelined."""
+    blocks of 128 columns and 8 warps, with ``num_stages`` 1 its loop not pipelined,
+    ``transposed`` in blocks of 128 columns where the width allows."""
 
     m256: bool = False
     num_stages: int = 3
@@ -195,8 +196,8 @@ class VGG16(vgg.VGG16):
     @nn.nowrap
     def layer(self, name, features, x):
         block_cols, warps = (128, 8) if self.m256 else (64, 4)
-        if self.transposed:
-            block_cols, warps = 128, 4
+        if self.transposed and x.shape[2] % 128 == 0:  # N = 256 pixels (else 128)
+            block_cols = 128
         if name == "conv1_2" and self.pooling == "standard" and fits(x.shape, features,
                                                                      block_cols):
             options = (("block_cols", block_cols), ("num_stages", self.num_stages),

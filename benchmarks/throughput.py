@@ -279,7 +279,7 @@ def software_versions() -> dict:
 # winner mask in training (benchmarks/conv12_pool.py; _m256 on 128 columns, _l1 unpipelined);
 # cand_conv12t_pool(_s2) the same with each product transposed (channels × pixels: m64n256
 # wgmma; _s2 with two pipeline stages);
-# cand_all the Pallas candidates together (conv12_pool, bias_kernels, conv1_direct).
+# cand_all the Pallas candidates together (conv12t_pool, bias_kernels, conv1_direct).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -297,9 +297,9 @@ def _version(name: str):
 
 @functools.cache
 def _all_kernels_vgg16():
-    """``cand_all``'s backbone class: conv1_2 by ``conv12_pool``'s kernel, the other layers
-    by ``bias_kernels``' where theirs fit (with conv1_1 reading the image, ``conv1_direct``):
-    the Pallas candidates together, as they would be adopted if each wins."""
+    """``cand_all``'s backbone class: conv1_2 by ``conv12_pool``'s transposed kernel, the other
+    layers by ``bias_kernels``' where theirs fit (with conv1_1 reading the image,
+    ``conv1_direct``): the Pallas candidates together, as they would be adopted if each wins."""
     class AllKernelsVGG16(sibling("conv12_pool").VGG16, sibling("bias_kernels").VGG16):
         pass
     return AllKernelsVGG16
@@ -366,7 +366,7 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
     "cand_conv12t_pool_s2": {("mlnet_jax.models", "VGG16"): _sibling_function(
         "conv12_pool", "vgg16_transposed_s2")},
     "cand_all": {("mlnet_jax.models", "VGG16"): lambda **fields: _all_kernels_vgg16()(
-                     relu_kernels=True, **fields),
+                     relu_kernels=True, transposed=True, **fields),
                  ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",
                                                                         "image_reader")},
 }

@@ -604,6 +604,13 @@ def test_the_profile_names_the_pallas_kernels_of_the_h200_program():
     assert not any(e["category"] == "custom call" for e in names.values())
 
 
+def _leaf(tree, path):
+    """The leaf of ``tree`` at a ``tree_flatten_with_path`` key path."""
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
 @cache  # the code as it is serves several comparisons
 def _one_train_step(variant, width=0.25, size=16, pooling="standard"):
     """One real train step (lr 1e-2, fixed data) with ``variant`` patched in while tracing:
@@ -1138,9 +1145,10 @@ def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_c
 
 
 def test_candidate_conv12_pool_variants_reach_the_triton_call_with_their_settings(monkeypatch):
-    # In the whole model, traced for an H200: cand_conv12_pool pipelines its loop over 3
-    # stages (cp.async), _l1 not at all (plain loads, cached in L1), _m256 with 8 warps; the
-    # transposed kernels take their taps as (output × input channels), _s2 over 2 stages.
+    # In the whole model, traced for an H200 (128 columns): cand_conv12_pool pipelines its loop
+    # over 3 stages (cp.async) in blocks of 64 columns, _l1 not at all (plain loads, cached in
+    # L1), _m256 with 8 warps on 128; the transposed kernels take their taps as (output × input
+    # channels) in blocks of 128 columns with 4 warps, _s2 over 2 stages.
     import re
 
     from mlnet_jax import first_conv
@@ -1153,17 +1161,18 @@ def test_candidate_conv12_pool_variants_reach_the_triton_call_with_their_setting
     def settings(variant):
         with throughput.patched(variant):
             text = _lowered_for_an_h200(partial(model.apply, train=False), params, images)
-        calls = re.findall(r'name = "conv_bias_relu_pool", num_stages = (\d+) : i32, '
-                           r'num_warps = (\d+)', text)
+        calls = re.findall(r'grid_y = (\d+) : i32.*name = "conv_bias_relu_pool", '
+                           r'num_stages = (\d+) : i32, num_warps = (\d+)', text)
         taps_transposed = len(re.findall(
             r"stablehlo.transpose %\w+, dims = \[0, 2, 1\] : \(tensor<9x64x64xbf16>", text))
         return calls, taps_transposed
 
-    assert settings("cand_conv12_pool") == ([("3", "4")], 0)
-    assert settings("cand_conv12_pool_l1") == ([("1", "4")], 0)
-    assert settings("cand_conv12_pool_m256") == ([("3", "8")], 0)
-    assert settings("cand_conv12t_pool") == ([("3", "4")], 1)
-    assert settings("cand_conv12t_pool_s2") == ([("2", "4")], 1)
+    assert settings("cand_conv12_pool") == ([("2", "3", "4")], 0)
+    assert settings("cand_conv12_pool_l1") == ([("2", "1", "4")], 0)
+    assert settings("cand_conv12_pool_m256") == ([("1", "3", "8")], 0)
+    assert settings("cand_conv12t_pool") == ([("1", "3", "4")], 1)
+    assert settings("cand_conv12t_pool_s2") == ([("1", "2", "4")], 1)
+    assert settings("cand_all") == ([("1", "3", "4")], 1)  # with the transposed kernel
 
 
 @pytest.mark.parametrize("variant, size", [("cand_conv12_pool", 64), ("cand_conv12t_pool", 128)])
@@ -1202,14 +1211,24 @@ def test_candidates_leave_keras1_pooling_to_the_package(variant, changes):
 
 
 def test_candidate_all_puts_the_kernels_together_and_trains_the_same_step():
-    # cand_all: conv1_2 by the conv + pool kernel, conv2_2 by the pooled bias kernel, the four
-    # 256-wide unpooled layers before conv5_3 by the ReLU kernel (half width, 64×64): the same
-    # update.
+    # cand_all: conv1_2 by the transposed conv + pool kernel, conv2_2 by the pooled bias
+    # kernel, the four 256-wide unpooled layers before conv5_3 by the ReLU kernel (half width,
+    # 64×64): the same update. The transposed kernel sums each tap's products in another order
+    # than XLA's convolution, so pool1's values may differ in the last bit and move a near-tie
+    # of pool1 or pool2 to another winner: the layers below pool2 get the same update within
+    # 3 % of its size (a wrong tap or window would move it by ~100 %), the others to 1e-5.
     counts = {name: throughput.sibling(name).rewritten for name in ("conv12_pool",
                                                                      "bias_kernels")}
-    (a, ma, _), (b, mb, _) = (_one_train_step(v, width=0.5, size=64) for v in (None, "cand_all"))
+    (a, ma, start), (b, mb, _) = (_one_train_step(v, width=0.5, size=64)
+                                  for v in (None, "cand_all"))
     assert throughput.sibling("conv12_pool").rewritten - counts["conv12_pool"] == 1
     assert throughput.sibling("bias_kernels").rewritten - counts["bias_kernels"] == 5
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
-    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
-        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+    below_pool2 = {"conv1_1", "conv1_2", "conv2_1", "conv2_2"}
+    for path, x in jax.tree_util.tree_flatten_with_path(a.trainable)[0]:
+        y, x0 = (_leaf(tree, path) for tree in (b.trainable, start))
+        if {getattr(key, "key", None) for key in path} & below_pool2:
+            update = float(jnp.abs(x - x0).max())
+            assert float(jnp.abs(y - x).max()) <= 0.03 * update, jax.tree_util.keystr(path)
+        else:
+            np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
