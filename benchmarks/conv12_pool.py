@@ -30,6 +30,7 @@ latency the pipeline would have. Which wins is for the card to say.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import flax.linen as nn
@@ -81,20 +82,35 @@ def trainable_conv_relu_pool(x, kernel, bias, options):
     """``conv_relu_pool`` (its keyword ``options`` as sorted pairs) with a gradient: the
     forward pass also writes the winner mask (not conv1_2's 1.26 GB output, which only the
     pool needed), the backward pass is the package's (the pool's spread and the bias gradient
-    by XLA, then cuDNN's two gradients)."""
-    return conv_relu_pool(x, kernel, bias, **dict(options))
+    by XLA, then cuDNN's two gradients; with ``dgrad`` the input gradient by
+    ``conv_transposed``)."""
+    return conv_relu_pool(x, kernel, bias, **_forward_options(options))
+
+
+def _forward_options(options) -> dict:
+    """``conv_relu_pool``'s keywords among ``options`` (``dgrad`` is the backward pass's)."""
+    return {k: v for k, v in options if k != "dgrad"}
 
 
 def _forward(x, kernel, bias, options):
-    y, winners = conv_relu_pool(x, kernel, bias, winners=True, **dict(options))
+    y, winners = conv_relu_pool(x, kernel, bias, winners=True, **_forward_options(options))
     return y, (x, kernel, winners)
 
 
 def _backward(options, residuals, g):
     x, kernel, winners = residuals
+    options = dict(options)
     (spread,) = vgg._relu_max_pool_backward(2, "standard", "first", x.shape[1:3], winners, g)
-    _, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
-    dx, dkernel = conv_vjp(spread)
+    if options.get("dgrad"):
+        _, kernel_vjp = jax.vjp(lambda k: first_conv.reference_conv(x, k), kernel)
+        (dkernel,) = kernel_vjp(spread)
+        flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+        dx = conv_transposed(spread, flipped, block_cols=options["block_cols"],
+                             num_warps=options["num_warps"], num_stages=options["num_stages"],
+                             interpret=options["interpret"]).astype(x.dtype)
+    else:
+        _, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
+        dx, dkernel = conv_vjp(spread)
     return dx, dkernel, jnp.sum(spread, axis=(0, 1, 2)).astype(kernel.dtype)
 
 
@@ -143,38 +159,49 @@ def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width
         pooled > 0, jnp.left_shift(jnp.uint8(1), first), jnp.uint8(0))
 
 
-def _body_transposed(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width,
-                     block_cols, precision):
-    """``_body`` with each tap's product as (output channels × pixels): the 64 channels are
-    the M of Hopper's wgmma (64 per warp group) and the 2 × ``block_cols`` pixels its N (256
-    at most), m64n256k16 instead of m64n64k16, a quarter of the shared-memory operand reads
-    per product. The pixels are ordered (pooled column, window row, window column) so that
-    each pool window is four neighbours in the sums."""
-    i, j = pl.program_id(0), pl.program_id(1)
-    pooled_rows, windows = height // 2, block_cols // 2
-    image, row, left = i // pooled_rows, i % pooled_rows, j * block_cols
-    features, channels = taps_ref.shape[1], x_ref.shape[3]
+def _transposed_sums(x_ref, taps_ref, image, rows, cols, *, height, width, precision):
+    """Σ over the nine taps of ``taps[t] · x[image, rows + dy − 1, cols + dx − 1, :]ᵀ``, zero
+    outside the image: (output channels × pixels) in float32, the pixels in the order of
+    ``rows`` and ``cols`` broadcast (channels last, of size 1 there). As (channels × pixels)
+    the 64 channels are the M of Hopper's wgmma (64 per warp group, exactly) and up to 256
+    pixels its N: m64n256k16, a quarter of m64n64k16's shared-memory operand reads per
+    product."""
+    channels = x_ref.shape[3]
+    shape = jnp.broadcast_shapes(rows.shape, cols.shape)[:-1] + (channels,)
+    channel = jax.lax.broadcasted_iota(jnp.int32, (1,) * (len(shape) - 1) + (channels,),
+                                       len(shape) - 1)
+    pixels = math.prod(shape[:-1])
     from jax.experimental.pallas import triton as pallas_triton
 
     def tap(t, sums):
         dy = jax.lax.div(t, 3)
         dx = t - 3 * dy
-        rows = 2 * row + dy - 1 + jax.lax.broadcasted_iota(jnp.int32, (1, 2, 1, 1), 1)
-        cols = (left + dx - 1 + 2 * jax.lax.broadcasted_iota(jnp.int32, (windows, 1, 1, 1), 0)
-                + jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1), 2))
-        channel = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, channels), 3)
-        inside = jnp.broadcast_to((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width),
-                                  (windows, 2, 2, channels))
+        r, c = rows + dy - 1, cols + dx - 1
+        inside = jnp.broadcast_to((r >= 0) & (r < height) & (c >= 0) & (c < width), shape)
         tile = pallas_triton.load(
-            x_ref.at[image, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1),
-                     channel], mask=inside, other=0)
+            x_ref.at[image, jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1), channel],
+            mask=inside, other=0)
         return sums + jax.lax.dot_general(
-            taps_ref[t], tile.reshape(4 * windows, channels), (((1,), (1,)), ((), ())),
+            taps_ref[t], tile.reshape(pixels, channels), (((1,), (1,)), ((), ())),
             precision=precision, preferred_element_type=jnp.float32)
 
-    sums = jax.lax.fori_loop(0, 9, tap, jnp.zeros((features, 4 * windows), jnp.float32))
+    return jax.lax.fori_loop(0, 9, tap, jnp.zeros((taps_ref.shape[1], pixels), jnp.float32))
+
+
+def _body_transposed(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width,
+                     block_cols, precision):
+    """``_body`` by ``_transposed_sums``, the pixels ordered (pooled column, window row,
+    window column) so that each pool window is four neighbours in the sums."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    pooled_rows, windows = height // 2, block_cols // 2
+    image, row, left = i // pooled_rows, i % pooled_rows, j * block_cols
+    rows = 2 * row + jax.lax.broadcasted_iota(jnp.int32, (1, 2, 1, 1), 1)
+    cols = (left + 2 * jax.lax.broadcasted_iota(jnp.int32, (windows, 1, 1, 1), 0)
+            + jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1), 2))
+    sums = _transposed_sums(x_ref, taps_ref, image, rows, cols, height=height, width=width,
+                            precision=precision)
     y = jnp.maximum(sums + bias_ref[...][:, None], 0).astype(out_ref.dtype)
-    y = y.reshape(features, windows, 4)
+    y = y.reshape(taps_ref.shape[1], windows, 4)
     pooled = jnp.max(y, axis=2)
     columns = pl.ds(left // 2, windows)
     out_ref[image, row, columns, :] = pooled.T
@@ -182,6 +209,37 @@ def _body_transposed(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, he
         first = jnp.argmax(y, axis=2).astype(jnp.uint8)
         winners_ref[image, row, columns, :] = jnp.where(
             pooled > 0, jnp.left_shift(jnp.uint8(1), first), jnp.uint8(0)).T
+
+
+def conv_transposed(x, kernel, *, block_cols=128, num_warps=4, num_stages=3, interpret=False):
+    """``conv(x, kernel, 'SAME')`` in ``x``'s dtype (float32 sums) by ``_transposed_sums``,
+    two rows × ``block_cols`` columns per program: conv1_2's input gradient (the spread
+    gradient convolved with the kernel flipped, its channels swapped)."""
+    b, h, w, cin = x.shape
+    cout = kernel.shape[3]
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pallas_triton
+        params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    body = partial(_body_conv_transposed, height=h, width=w, block_cols=block_cols,
+                   precision=first_conv._precision(x.dtype))
+    return pl.pallas_call(
+        body, out_shape=jax.ShapeDtypeStruct((b, h, w, cout), x.dtype),
+        grid=(b * h // 2, w // block_cols), compiler_params=params, interpret=interpret,
+        name="conv_transposed",
+    )(x, jnp.transpose(kernel.reshape(9, cin, cout), (0, 2, 1)).astype(x.dtype))
+
+
+def _body_conv_transposed(x_ref, taps_ref, out_ref, *, height, width, block_cols, precision):
+    """One program of ``conv_transposed``: output rows 2r, 2r + 1 × ``block_cols`` columns."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    image, row, left = i // (height // 2), i % (height // 2), j * block_cols
+    rows = 2 * row + jax.lax.broadcasted_iota(jnp.int32, (2, 1, 1), 0)
+    cols = left + jax.lax.broadcasted_iota(jnp.int32, (1, block_cols, 1), 1)
+    sums = _transposed_sums(x_ref, taps_ref, image, rows, cols, height=height, width=width,
+                            precision=precision)
+    out_ref[image, pl.ds(2 * row, 2), pl.ds(left, block_cols), :] = (
+        sums.astype(out_ref.dtype).T.reshape(2, block_cols, taps_ref.shape[1]))
 
 
 class VGG16(vgg.VGG16):
@@ -192,6 +250,7 @@ class VGG16(vgg.VGG16):
     m256: bool = False
     num_stages: int = 3
     transposed: bool = False
+    dgrad: bool = False  # the input gradient by ``conv_transposed`` too
 
     @nn.nowrap
     def layer(self, name, features, x):
@@ -200,8 +259,9 @@ class VGG16(vgg.VGG16):
             block_cols = 128
         if name == "conv1_2" and self.pooling == "standard" and fits(x.shape, features,
                                                                      block_cols):
-            options = (("block_cols", block_cols), ("num_stages", self.num_stages),
-                       ("num_warps", warps), ("transposed", self.transposed))
+            options = (("block_cols", block_cols), ("dgrad", self.dgrad),
+                       ("num_stages", self.num_stages), ("num_warps", warps),
+                       ("transposed", self.transposed))
             return ConvReLUPool(features, options, dtype=self.dtype, name=name)(x)
         return super().layer(name, features, x)
 
@@ -236,6 +296,11 @@ def vgg16_l1(**fields) -> VGG16:
 def vgg16_transposed(**fields) -> VGG16:
     """``cand_conv12t_pool``'s backbone."""
     return VGG16(transposed=True, **fields)
+
+
+def vgg16_transposed_dgrad(**fields) -> VGG16:
+    """``cand_conv12t_dgrad``'s backbone."""
+    return VGG16(transposed=True, dgrad=True, **fields)
 
 
 def vgg16_transposed_s2(**fields) -> VGG16:

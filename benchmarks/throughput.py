@@ -278,7 +278,8 @@ def software_versions() -> dict:
 # cand_conv12_pool(_m256, _l1) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
 # winner mask in training (benchmarks/conv12_pool.py; _m256 on 128 columns, _l1 unpipelined);
 # cand_conv12t_pool(_s2) the same with each product transposed (channels × pixels: m64n256
-# wgmma; _s2 with two pipeline stages);
+# wgmma; _s2 with two pipeline stages), cand_conv12t_dgrad with conv1_2's input gradient so too
+# (its forward is cand_conv12t_pool's: prediction not measured again);
 # cand_all the Pallas candidates together (conv12t_pool, bias_kernels, conv1_direct).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
@@ -297,7 +298,7 @@ def _version(name: str):
 
 @functools.cache
 def _all_kernels_vgg16():
-    """``cand_all``'s backbone class: conv1_2 by ``conv12_pool``'s transposed kernel, the other
+    """``cand_all``'s backbone class: conv1_2 by ``conv12_pool``'s transposed kernels, the other
     layers by ``bias_kernels``' where theirs fit (with conv1_1 reading the image,
     ``conv1_direct``): the Pallas candidates together, as they would be adopted if each wins."""
     class AllKernelsVGG16(sibling("conv12_pool").VGG16, sibling("bias_kernels").VGG16):
@@ -365,8 +366,10 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         "conv12_pool", "vgg16_transposed")},
     "cand_conv12t_pool_s2": {("mlnet_jax.models", "VGG16"): _sibling_function(
         "conv12_pool", "vgg16_transposed_s2")},
+    "cand_conv12t_dgrad": {("mlnet_jax.models", "VGG16"): _sibling_function(
+        "conv12_pool", "vgg16_transposed_dgrad")},
     "cand_all": {("mlnet_jax.models", "VGG16"): lambda **fields: _all_kernels_vgg16()(
-                     relu_kernels=True, transposed=True, **fields),
+                     relu_kernels=True, transposed=True, dgrad=True, **fields),
                  ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",
                                                                         "image_reader")},
 }
