@@ -233,7 +233,7 @@ def lowered_predict(mesh, b: int, h: int, w: int, variant: str | None,
     images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=batch_sharding(mesh))
     predict = make_predict_fn(info.build(jnp.dtype(dtype)), info.preprocessing, mesh)
     prepared = None
-    if variant in throughput.PREDICT_ONLY_VARIANTS:  # casts them: host zeros, only shapes count
+    if variant in throughput.PREPARED_VARIANTS:  # casts them: host zeros, only shapes count
         predict, variables = throughput.sibling("prepared_weights").prepare(
             predict, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables),
             jnp.dtype(dtype))

@@ -280,7 +280,9 @@ def software_versions() -> dict:
 # cand_conv12t_pool(_s2) the same with each product transposed (channels × pixels: m64n256
 # wgmma; _s2 with two pipeline stages), cand_conv12t_dgrad with conv1_2's input gradient so too
 # (its forward is cand_conv12t_pool's: prediction not measured again);
-# cand_all the Pallas candidates together (conv12t_pool, bias_kernels, conv1_direct).
+# cand_head_kernel (prediction only) the head's convolution, ReLU and readout as one Pallas kernel
+# reading pool3, pool4 and conv5_3 without their concatenation (benchmarks/head_kernel.py);
+# cand_all the Pallas candidates together (conv12t_pool, bias_kernels, conv1_direct, head_kernel).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -368,8 +370,12 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         "conv12_pool", "vgg16_transposed_s2")},
     "cand_conv12t_dgrad": {("mlnet_jax.models", "VGG16"): _sibling_function(
         "conv12_pool", "vgg16_transposed_dgrad")},
+    "cand_head_kernel": {("mlnet_jax.models", "multilevel_head"): _sibling_function(
+        "head_kernel", "multilevel_head")},
     "cand_all": {("mlnet_jax.models", "VGG16"): lambda **fields: _all_kernels_vgg16()(
                      relu_kernels=True, transposed=True, dgrad=True, **fields),
+                 ("mlnet_jax.models", "multilevel_head"): _sibling_function(
+                     "head_kernel", "multilevel_head"),
                  ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",
                                                                         "image_reader")},
 }
@@ -382,7 +388,8 @@ COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable'
 }
 for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
     VARIANTS.setdefault(_name, {})
-PREDICT_ONLY_VARIANTS = {"cand_prepared_weights"}
+PREPARED_VARIANTS = {"cand_prepared_weights"}  # predict's parameters cast and laid out once
+PREDICT_ONLY_VARIANTS = {*PREPARED_VARIANTS, "cand_head_kernel"}
 # The others change gradients only.
 FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12_pool",
                     "cand_conv12_pool_m256", "cand_conv12_pool_l1", "cand_conv12t_pool",
@@ -774,7 +781,7 @@ def measure_predict(bench: Bench, b: int, h: int, w: int, dtype: str, sweep: boo
     variables = {"params": bench.params(h, w)}
     images = synthetic_batch(b, h, w, bench.data)["image"]
     predict = make_predict_fn(model, info.preprocessing, bench.mesh)
-    prepared = variant in PREDICT_ONLY_VARIANTS and sibling("prepared_weights")
+    prepared = variant in PREPARED_VARIANTS and sibling("prepared_weights")
     with patched(variant) as patch:
         if prepared:
             predict, variables = prepared.prepare(predict, variables, jnp.dtype(dtype))

@@ -1175,6 +1175,63 @@ def test_candidate_conv12_pool_variants_reach_the_triton_call_with_their_setting
     assert settings("cand_all") == ([("1", "3", "4")], 1)  # with the transposed kernel
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_candidate_head_kernel_is_the_package_head_without_the_concatenation(dtype):
+    # head_maps (interpreter) against the package's head on the concatenation: three sources
+    # of different widths, every tap at an edge (4×6 maps), 48 pixels in blocks of 16 that
+    # straddle rows and images; in bfloat16 within one rounding of the hidden layer (float32
+    # sums here, cuDNN's bf16 output there).
+    from mlnet_jax import head
+    head_kernel = throughput.sibling("head_kernel")
+    rng = np.random.default_rng(5)
+    sources = [jnp.asarray(rng.standard_normal((2, 4, 6, c)), dtype) for c in (64, 128, 192)]
+    params = jax.tree.map(lambda p: p + np.float32(0.05),  # every ReLU cuts somewhere
+                          head.init_head_params(jax.random.key(0), 384))
+    expected = head.multilevel_head(params, dict(zip(head.HEAD_FEATURES, sources)))
+    assert head_kernel.pixel_block(48, 16) == 16 and head_kernel.pixel_block(40) is None
+    got = head_kernel.head_maps(params, sources, most=16, interpret=True)
+    assert got.shape == expected.shape == (2, 4, 6, 1) and got.dtype == dtype
+    tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                               rtol=tolerance, atol=tolerance)
+    assert 0.1 < float(jnp.mean(expected > 0)) < 0.9
+
+
+def test_candidate_head_kernel_predicts_the_same_maps_and_lowers_to_one_triton_call(
+        monkeypatch):
+    # In the model (quarter width, 32×32) the same maps as the code's, the head's parameters
+    # where they were; training keeps the package's head (dropout). For CUDA at the headline
+    # shape: one Triton call (8 warps), no concatenation and no convolution left in the head.
+    from mlnet_jax import first_conv, head
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+    head_kernel = throughput.sibling("head_kernel")
+    info = ModelInfo(input_size=(32, 32), preprocessing="caffe", width_multiplier=0.25)
+    model = info.build()
+    variables = {"params": jax.tree.map(lambda p: p + np.float32(0.02),
+                                        throughput.random_params(32, 32, 0.25))}
+    images = jnp.asarray(np.random.default_rng(9).integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+    expected = make_predict_fn(model, info.preprocessing)(variables, images)
+    before = head_kernel.rewritten
+    with throughput.patched("cand_head_kernel"):
+        got = make_predict_fn(model, info.preprocessing)(variables, images)
+    assert head_kernel.rewritten == before + 1
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(RuntimeError, match="cand_head_kernel changed no convolution"):
+        _one_train_step("cand_head_kernel")
+
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                          jax.eval_shape(partial(head.init_head_params, in_channels=1280),
+                                         jax.random.key(0)))
+    shapes = [jax.ShapeDtypeStruct((32, 60, 80, c), jnp.bfloat16) for c in (256, 512, 512)]
+    text = _lowered_for_an_h200(lambda p, *f: head_kernel.multilevel_head(
+        p, dict(zip(head.HEAD_FEATURES, f))), params, *shapes)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert 'name = "head_conv_readout", num_stages = 3 : i32, num_warps = 8' in text
+    assert "stablehlo.concatenate" not in text and "stablehlo.convolution" not in text
+    assert "-> tensor<32x60x80x1xbf16>" in text
+
+
 def test_candidate_conv12t_dgrad_is_conv1_2s_input_gradient_instead_of_cudnns(monkeypatch):
     # conv_transposed (interpreter) against lax's convolution, every program at an edge; as
     # conv1_2's input gradient (the spread gradient convolved with the flipped, channel-swapped

@@ -1,0 +1,124 @@
+"""Candidate ``cand_head_kernel`` (prediction): ML-Net's head (the 3×3 convolution over pool3 +
+pool4 + conv5_3, its bias and ReLU, the 1×1 readout, its bias and ReLU) as one Pallas (Triton)
+kernel that reads the three feature maps where they are.
+
+Why: in prediction XLA writes the 1280-channel concatenation (32 × 60×80 × 1280 bf16, 393 MB,
+written and read again: three copies of ~76 µs, 0.23 ms per step in the v3 trace) and cuDNN
+runs the head's convolution, 64 output channels wide like conv1_2, with m64n64 products at
+542 TFLOP/s (0.42 ms), then the readout. Splitting the convolution over its three inputs
+instead (``cand_split_head``, 2026-11-26) lost 2.4 %: three narrow cuDNN calls. Here one
+program takes 256 pixels of the flattened (image, row, column) grid and all 64 output
+channels, and sums, source by source, the nine taps × 64-channel chunks of its K = 11520 as
+(channels × pixels) products (as ``conv12_pool``'s transposed kernel; with 8 warps, two warp
+groups of m64n128k16: 186 registers, where 4 warps' m64n256k16 spilled at 255), loading each
+tap's pixels by row and column indices clipped to the image and masked to zero outside it;
+then the bias and ReLU, one rounding to the features' dtype (as cuDNN's output), and the
+readout as a sum over the 64 channels, with its bias and ReLU, before the only write: one value
+per pixel. Training keeps the package's head (its dropout needs the concatenation's shape
+anyway, and the gradient is XLA's).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from mlnet_jax import first_conv, head
+
+rewritten = 0  # heads traced with the kernel, for throughput.py's check
+CHUNK = 64  # input channels per product (K); every source's width is a multiple
+
+
+def fits(features: dict) -> bool:
+    """Sources of whole channel chunks, whole blocks of pixels, one device (the kernel is not
+    partitioned)."""
+    b, h, w, _ = features[head.HEAD_FEATURES[0]].shape
+    return (jax.device_count() == 1 and pixel_block(b * h * w) is not None
+            and all(features[name].shape[-1] % CHUNK == 0 for name in head.HEAD_FEATURES))
+
+
+def pixel_block(pixels: int, most: int = 256) -> int | None:
+    """The pixels per program: the largest power of two up to ``most`` that divides
+    ``pixels`` (every program whole: no masked stores), at least 16 for Triton's products."""
+    block = math.gcd(pixels, most)
+    return block if block >= 16 else None
+
+
+def multilevel_head(params: dict, features: dict, *, dropout_rng=None, dropout_rate=0.5):
+    """``head.multilevel_head``, by the kernel in prediction where it fits."""
+    if dropout_rng is not None or not fits(features):
+        return head.multilevel_head(params, features, dropout_rng=dropout_rng,
+                                    dropout_rate=dropout_rate)
+    global rewritten
+    rewritten += 1
+    return head_maps(params, [features[name] for name in head.HEAD_FEATURES],
+                     interpret=first_conv.interpreted())
+
+
+def head_maps(params: dict, sources: list, *, most=256, num_warps=8, num_stages=3,
+              interpret=False):
+    """``relu(readout(relu(conv3x3(concat(sources)) + b)) + b')``, (B, h, w, 1) in the sources'
+    dtype: float32 sums, the hidden layer rounded once to that dtype; ``pixel_block(B·h·w,
+    most)`` pixels per program."""
+    b, h, w, _ = sources[0].shape
+    block = pixel_block(b * h * w, most)
+    dtype = sources[0].dtype
+    kernel = params["conv"]["kernel"]
+    taps = jnp.transpose(kernel.reshape(9, kernel.shape[2], kernel.shape[3]), (0, 2, 1))
+    body = partial(_body, height=h, width=w, block=block,
+                   widths=tuple(s.shape[-1] for s in sources),
+                   precision=first_conv._precision(dtype))
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pallas_triton
+        compiler_params = pallas_triton.CompilerParams(num_warps=num_warps,
+                                                       num_stages=num_stages)
+    return pl.pallas_call(
+        body, out_shape=jax.ShapeDtypeStruct((b, h, w, 1), dtype),
+        grid=(b * h * w // block,), compiler_params=compiler_params,
+        interpret=interpret, name="head_conv_readout",
+    )(*sources, taps.astype(dtype), params["conv"]["bias"].astype(jnp.float32),
+      params["readout"]["kernel"].reshape(-1).astype(jnp.float32),
+      params["readout"]["bias"].astype(jnp.float32))
+
+
+def _body(*refs, height, width, block, widths, precision):
+    """One program: ``block`` pixels of the flattened (image, row, column) grid."""
+    from jax.experimental.pallas import triton as pallas_triton
+    *source_refs, taps_ref, bias_ref, readout_ref, readout_bias_ref, out_ref = refs
+    pixel = pl.program_id(0) * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
+    image = jax.lax.div(pixel, height * width)
+    within = pixel - image * (height * width)
+    row = jax.lax.div(within, width)
+    col = within - row * width
+    channel = jax.lax.broadcasted_iota(jnp.int32, (1, CHUNK), 1)
+    sums = jnp.zeros((taps_ref.shape[1], block), jnp.float32)
+    start = 0
+    for source_ref, channels in zip(source_refs, widths):
+        chunks = channels // CHUNK
+
+        def step(k, sums, source_ref=source_ref, chunks=chunks, start=start):
+            t = jax.lax.div(k, chunks)
+            chunk = k - t * chunks
+            dy = jax.lax.div(t, 3)
+            r, c = row + dy - 1, col + (t - 3 * dy) - 1
+            inside = jnp.broadcast_to((r >= 0) & (r < height) & (c >= 0) & (c < width),
+                                      (block, CHUNK))
+            tile = pallas_triton.load(
+                source_ref.at[image, jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1),
+                              chunk * CHUNK + channel], mask=inside, other=0)
+            weights = taps_ref[t, :, pl.ds(start + chunk * CHUNK, CHUNK)]
+            return sums + jax.lax.dot_general(weights, tile, (((1,), (1,)), ((), ())),
+                                              precision=precision,
+                                              preferred_element_type=jnp.float32)
+
+        sums = jax.lax.fori_loop(0, 9 * chunks, step, sums)
+        start += channels
+    hidden = jnp.maximum(sums + bias_ref[...][:, None], 0).astype(out_ref.dtype)
+    maps = jnp.sum(hidden.astype(jnp.float32) * readout_ref[...][:, None], axis=0)
+    maps = jnp.maximum(maps + readout_bias_ref[...], 0).astype(out_ref.dtype)
+    out_ref[image[:, 0], row[:, 0], col[:, 0], jnp.zeros_like(pixel[:, 0])] = maps
