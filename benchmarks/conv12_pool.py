@@ -83,13 +83,14 @@ def trainable_conv_relu_pool(x, kernel, bias, options):
     forward pass also writes the winner mask (not conv1_2's 1.26 GB output, which only the
     pool needed), the backward pass is the package's (the pool's spread and the bias gradient
     by XLA, then cuDNN's two gradients; with ``dgrad`` the input gradient by
-    ``conv_transposed``)."""
+    ``conv_transposed``, with ``wgrad`` the weight gradient by ``weight_gradient``)."""
     return conv_relu_pool(x, kernel, bias, **_forward_options(options))
 
 
 def _forward_options(options) -> dict:
-    """``conv_relu_pool``'s keywords among ``options`` (``dgrad`` is the backward pass's)."""
-    return {k: v for k, v in options if k != "dgrad"}
+    """``conv_relu_pool``'s keywords among ``options`` (``dgrad``, ``wgrad``: the backward
+    pass's)."""
+    return {k: v for k, v in options if k not in ("dgrad", "wgrad")}
 
 
 def _forward(x, kernel, bias, options):
@@ -101,16 +102,17 @@ def _backward(options, residuals, g):
     x, kernel, winners = residuals
     options = dict(options)
     (spread,) = vgg._relu_max_pool_backward(2, "standard", "first", x.shape[1:3], winners, g)
+    kernels = {k: options[k] for k in ("num_warps", "num_stages", "interpret")}
     if options.get("dgrad"):
-        _, kernel_vjp = jax.vjp(lambda k: first_conv.reference_conv(x, k), kernel)
-        (dkernel,) = kernel_vjp(spread)
         flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
         dx = conv_transposed(spread, flipped, block_cols=options["block_cols"],
-                             num_warps=options["num_warps"], num_stages=options["num_stages"],
-                             interpret=options["interpret"]).astype(x.dtype)
+                             **kernels).astype(x.dtype)
     else:
-        _, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
-        dx, dkernel = conv_vjp(spread)
+        (dx,) = jax.vjp(lambda x: first_conv.reference_conv(x, kernel), x)[1](spread)
+    if options.get("wgrad") and weight_gradient_fits(x.shape, kernel.shape[3]):
+        dkernel = weight_gradient(x, spread, **kernels).astype(kernel.dtype)
+    else:
+        (dkernel,) = jax.vjp(lambda k: first_conv.reference_conv(x, k), kernel)[1](spread)
     return dx, dkernel, jnp.sum(spread, axis=(0, 1, 2)).astype(kernel.dtype)
 
 
@@ -242,6 +244,102 @@ def _body_conv_transposed(x_ref, taps_ref, out_ref, *, height, width, block_cols
         sums.astype(out_ref.dtype).T.reshape(2, block_cols, taps_ref.shape[1]))
 
 
+WGRAD_CHUNK = 64  # pixels per product (K) of the weight gradient, all in one row
+WGRAD_MOST_CHUNKS = 150  # per program: ~1000 programs at 32 × 480×640 (7.8 waves of 132)
+
+
+def weight_gradient_fits(x_shape, channels_out: int) -> bool:
+    """Whether ``weight_gradient`` takes these shapes: rows of whole chunks, channel counts
+    Triton can block, taps that group evenly."""
+    cin = x_shape[3]
+    return (x_shape[2] % WGRAD_CHUNK == 0 and first_conv.triton_block(cin)
+            and first_conv.triton_block(channels_out) and cin <= 256)
+
+
+def weight_gradient(x, g, *, num_warps=4, num_stages=3, interpret=False):
+    """The gradient of ``sum(conv(x, W, 'SAME') * g)`` with respect to the 3×3 kernel W,
+    (3, 3, cin, cout) in float32.
+
+    Why: cuDNN computes conv1_2's with ``wgrad…tilesize64x64x64`` at 471 TFLOP/s (1.54 ms
+    per training step in the v3 trace, 725 GFLOP), the 64-channel shape again (m64n64
+    products). The gradient is dWᵀ[output channel, (tap, input channel)] = Σ over the pixels
+    p of g[p, ·]ᵀ x[p + tap, ·]: 64 rows (wgmma's M, one warp group) by 9 × 64 columns, over
+    K = every pixel of the batch. A program takes taps in groups of ``256 // cin`` (four for
+    conv1_2: N = 256, m64n256k16; the ninth tap alone, N = 64, in a second call) and a run of
+    64-pixel chunks of one row each; it loads the chunk's output gradient (64 × 64) and the
+    input pixels each tap of the group sees (64 × 256, masked to zero outside the image: the
+    'SAME' padding), and writes its float32 partial sums; XLA adds the programs' partials (a
+    split-K reduction, ~1 % of the bytes).
+    """
+    b, h, w, cin = x.shape
+    cout = g.shape[3]
+    per_group = min(8, 256 // cin)  # a power of two: N = per_group × cin ≤ 256
+    chunks = b * h * w // WGRAD_CHUNK
+    per_program = max(d for d in range(1, WGRAD_MOST_CHUNKS + 1) if chunks % d == 0)
+    call = partial(_weight_gradient_call, x, g, per_program=per_program, num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret)
+    main = call(first_tap=0, per_group=per_group, groups=8 // per_group)
+    last = call(first_tap=8, per_group=1, groups=1)
+    transposed = jnp.concatenate([jnp.sum(main, axis=0).transpose(1, 0, 2).reshape(cout, -1),
+                                  jnp.sum(last, axis=0).reshape(cout, cin)], axis=1)
+    return transposed.reshape(cout, 9, cin).transpose(1, 2, 0).reshape(3, 3, cin, cout)
+
+
+def _weight_gradient_call(x, g, *, first_tap, per_group, groups, per_program, num_warps,
+                          num_stages, interpret):
+    """Partial sums (programs, groups, cout, per_group × cin) of taps ``first_tap`` on."""
+    b, h, w, cin = x.shape
+    cout = g.shape[3]
+    programs = b * h * w // WGRAD_CHUNK // per_program
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pallas_triton
+        params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    body = partial(_body_weight_gradient, height=h, width=w, first_tap=first_tap,
+                   per_group=per_group, per_program=per_program,
+                   precision=first_conv._precision(x.dtype))
+    return pl.pallas_call(
+        body, out_shape=jax.ShapeDtypeStruct((programs, groups, cout, per_group * cin),
+                                             jnp.float32),
+        grid=(programs, groups), compiler_params=params, interpret=interpret,
+        name="conv_weight_grad",
+    )(x, g)
+
+
+def _body_weight_gradient(x_ref, g_ref, out_ref, *, height, width, first_tap, per_group,
+                          per_program, precision):
+    """One program: ``per_program`` chunks × one group of taps."""
+    from jax.experimental.pallas import triton as pallas_triton
+    i, group = pl.program_id(0), pl.program_id(1)
+    cin, cout = x_ref.shape[3], g_ref.shape[3]
+    column = jax.lax.broadcasted_iota(jnp.int32, (1, per_group * cin), 1)
+    tap = first_tap + group * per_group + jax.lax.div(column, cin)
+    channel = column - jax.lax.div(column, cin) * cin
+    dy = jax.lax.div(tap, 3)
+    dx = tap - 3 * dy
+    pixel = jax.lax.broadcasted_iota(jnp.int32, (WGRAD_CHUNK, 1), 0)
+
+    def step(k, sums):
+        start = (i * per_program + k) * WGRAD_CHUNK
+        image = jax.lax.div(start, height * width)
+        within = start - image * (height * width)
+        row = jax.lax.div(within, width)
+        left = within - row * width
+        r = row + dy - 1
+        c = left + pixel + dx - 1
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        seen = pallas_triton.load(
+            x_ref.at[image, jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1), channel],
+            mask=inside, other=0)
+        gradient = g_ref[image, row, pl.ds(left, WGRAD_CHUNK), :]
+        return sums + jax.lax.dot_general(gradient, seen, (((0,), (0,)), ((), ())),
+                                          precision=precision,
+                                          preferred_element_type=jnp.float32)
+
+    out_ref[i, group, :, :] = jax.lax.fori_loop(
+        0, per_program, step, jnp.zeros((cout, per_group * cin), jnp.float32))
+
+
 class VGG16(vgg.VGG16):
     """``vgg.VGG16`` with conv1_2 + ReLU + pool1 as one kernel where it fits; with ``m256`` in
     blocks of 128 columns and 8 warps, with ``num_stages`` 1 its loop not pipelined,
@@ -251,6 +349,7 @@ class VGG16(vgg.VGG16):
     num_stages: int = 3
     transposed: bool = False
     dgrad: bool = False  # the input gradient by ``conv_transposed`` too
+    wgrad: bool = False  # the weight gradient by ``weight_gradient`` too
 
     @nn.nowrap
     def layer(self, name, features, x):
@@ -261,7 +360,7 @@ class VGG16(vgg.VGG16):
                                                                      block_cols):
             options = (("block_cols", block_cols), ("dgrad", self.dgrad),
                        ("num_stages", self.num_stages), ("num_warps", warps),
-                       ("transposed", self.transposed))
+                       ("transposed", self.transposed), ("wgrad", self.wgrad))
             return ConvReLUPool(features, options, dtype=self.dtype, name=name)(x)
         return super().layer(name, features, x)
 
@@ -301,6 +400,11 @@ def vgg16_transposed(**fields) -> VGG16:
 def vgg16_transposed_dgrad(**fields) -> VGG16:
     """``cand_conv12t_dgrad``'s backbone."""
     return VGG16(transposed=True, dgrad=True, **fields)
+
+
+def vgg16_transposed_backward(**fields) -> VGG16:
+    """``cand_conv12t_bwd``'s backbone: forward, input and weight gradients by Pallas."""
+    return VGG16(transposed=True, dgrad=True, wgrad=True, **fields)
 
 
 def vgg16_transposed_s2(**fields) -> VGG16:

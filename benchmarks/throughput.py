@@ -278,8 +278,9 @@ def software_versions() -> dict:
 # cand_conv12_pool(_m256, _l1) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
 # winner mask in training (benchmarks/conv12_pool.py; _m256 on 128 columns, _l1 unpipelined);
 # cand_conv12t_pool(_s2) the same with each product transposed (channels × pixels: m64n256
-# wgmma; _s2 with two pipeline stages), cand_conv12t_dgrad with conv1_2's input gradient so too
-# (its forward is cand_conv12t_pool's: prediction not measured again);
+# wgmma; _s2 with two pipeline stages), cand_conv12t_dgrad with conv1_2's input gradient so too,
+# cand_conv12t_bwd and its weight gradient (their forward is cand_conv12t_pool's: prediction not
+# measured again);
 # cand_head_kernel (prediction only) the head's convolution, ReLU and readout as one Pallas kernel
 # reading pool3, pool4 and conv5_3 without their concatenation (benchmarks/head_kernel.py);
 # cand_all the Pallas candidates together (conv12t_pool, bias_kernels, conv1_direct, head_kernel).
@@ -370,10 +371,12 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         "conv12_pool", "vgg16_transposed_s2")},
     "cand_conv12t_dgrad": {("mlnet_jax.models", "VGG16"): _sibling_function(
         "conv12_pool", "vgg16_transposed_dgrad")},
+    "cand_conv12t_bwd": {("mlnet_jax.models", "VGG16"): _sibling_function(
+        "conv12_pool", "vgg16_transposed_backward")},
     "cand_head_kernel": {("mlnet_jax.models", "multilevel_head"): _sibling_function(
         "head_kernel", "multilevel_head")},
     "cand_all": {("mlnet_jax.models", "VGG16"): lambda **fields: _all_kernels_vgg16()(
-                     relu_kernels=True, transposed=True, dgrad=True, **fields),
+                     relu_kernels=True, transposed=True, dgrad=True, wgrad=True, **fields),
                  ("mlnet_jax.models", "multilevel_head"): _sibling_function(
                      "head_kernel", "multilevel_head"),
                  ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",

@@ -1232,15 +1232,35 @@ def test_candidate_head_kernel_predicts_the_same_maps_and_lowers_to_one_triton_c
     assert "-> tensor<32x60x80x1xbf16>" in text
 
 
-def test_candidate_conv12t_dgrad_is_conv1_2s_input_gradient_instead_of_cudnns(monkeypatch):
+@pytest.mark.parametrize("cin, cout, size", [(16, 32, (2, 3, 128)), (64, 64, (1, 2, 64)),
+                                             (128, 16, (1, 3, 64))])
+def test_candidate_conv12t_weight_gradient_kernel_is_the_convolutions(cin, cout, size):
+    # weight_gradient (interpreter) against lax's: taps in groups of 8, 4 and 2 (N = 128 to
+    # 256) and the ninth alone, chunks at every edge of the 'SAME' padding, several programs.
+    conv12_pool = throughput.sibling("conv12_pool")
+    rng = np.random.default_rng(cin)
+    x = jnp.asarray(rng.standard_normal((*size, cin)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((*size, cout)), jnp.float32)
+    kernel = jnp.zeros((3, 3, cin, cout), jnp.float32)
+    (expected,) = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", precision="highest",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)[1](g)
+    got = conv12_pool.weight_gradient(x, g, interpret=True)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+
+
+def test_candidate_conv12t_backward_kernels_are_conv1_2s_gradients_instead_of_cudnns(
+        monkeypatch):
     # conv_transposed (interpreter) against lax's convolution, every program at an edge; as
     # conv1_2's input gradient (the spread gradient convolved with the flipped, channel-swapped
-    # kernel) the same three gradients as cuDNN's path. Lowered for an H200 at the headline
-    # shape, the backward pass has one Triton call more and cuDNN's input gradient is gone.
+    # kernel) and with weight_gradient, the same three gradients as cuDNN's path. Lowered for
+    # an H200 at the headline shape, cuDNN's input gradient and then its weight gradient are
+    # gone, a Triton call (two for the weight gradient) in each's place.
     from mlnet_jax import first_conv
     conv12_pool = throughput.sibling("conv12_pool")
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 6, 32, 16)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 6, 64, 16)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) / 12, jnp.float32)
     bias = jnp.asarray(rng.standard_normal(32) / 4, jnp.float32)
     expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", precision="highest",
@@ -1249,36 +1269,42 @@ def test_candidate_conv12t_dgrad_is_conv1_2s_input_gradient_instead_of_cudnns(mo
                                                            interpret=True),
                                expected, rtol=1e-5, atol=1e-5)
 
-    weights = jnp.asarray(rng.standard_normal((2, 3, 16, 32)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((2, 3, 32, 32)), jnp.float32)
 
-    def gradients(dgrad, interpret=True):
+    def gradients(dgrad, wgrad, interpret=True):
         options = (("block_cols", 16), ("dgrad", dgrad), ("interpret", interpret),
-                   ("num_stages", 3), ("num_warps", 4), ("transposed", True))
+                   ("num_stages", 3), ("num_warps", 4), ("transposed", True), ("wgrad", wgrad))
         loss = lambda *a: jnp.sum(  # noqa: E731
             conv12_pool.trainable_conv_relu_pool(*a, options) * weights)
         return jax.grad(loss, (0, 1, 2))
-    for cudnn, ours in zip(gradients(False)(x, kernel, bias), gradients(True)(x, kernel, bias)):
-        np.testing.assert_allclose(ours, cudnn, rtol=1e-5, atol=1e-5)
-        assert float(jnp.abs(ours).max()) > 0
+    cudnn = gradients(False, False)(x, kernel, bias)
+    for ours in (gradients(True, False)(x, kernel, bias), gradients(True, True)(x, kernel, bias)):
+        for a, b in zip(ours, cudnn):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+            assert float(jnp.abs(a).max()) > 0
 
     monkeypatch.setattr(first_conv, "interpreted", lambda: False)
     shapes = (jax.ShapeDtypeStruct((32, 480, 640, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((64,), jnp.bfloat16))
     weights = jnp.ones((32, 240, 320, 64), jnp.bfloat16)
-    texts = [_lowered_for_an_h200(gradients(dgrad, interpret=False), *shapes)
-             for dgrad in (False, True)]
-    assert [t.count("stablehlo.convolution") for t in texts] == [2, 1]
-    assert [t.count("__gpu$xla.gpu.triton") for t in texts] == [1, 2]
+    texts = [_lowered_for_an_h200(gradients(*backward, interpret=False), *shapes)
+             for backward in ((False, False), (True, False), (True, True))]
+    assert [t.count("stablehlo.convolution") for t in texts] == [2, 1, 0]
+    assert [t.count("__gpu$xla.gpu.triton") for t in texts] == [1, 2, 4]
     assert 'name = "conv_transposed", num_stages = 3 : i32, num_warps = 4' in texts[1]
+    assert texts[2].count('name = "conv_weight_grad"') == 2
+    assert "tensor<1024x2x64x256xf32>" in texts[2]  # 1024 programs × 2 groups of 4 taps
 
 
 @pytest.mark.parametrize("variant, size", [("cand_conv12_pool", 64), ("cand_conv12t_pool", 128),
-                                           ("cand_conv12t_dgrad", 128)])
+                                           ("cand_conv12t_dgrad", 128),
+                                           ("cand_conv12t_bwd", 128)])
 def test_candidate_conv12_pool_trains_the_same_step(variant, size):
     # In training the kernel also writes the winner mask and the package's backward pass uses
-    # it (with cand_conv12t_dgrad, the input gradient by conv_transposed): the same update at
-    # quarter width (the transposed kernels' 128 columns: 128×128).
+    # it (with cand_conv12t_dgrad the input gradient by conv_transposed, with _bwd the weight
+    # gradient by weight_gradient too): the same update at quarter width (the transposed
+    # kernels' 128 columns: 128×128).
     conv12_pool = throughput.sibling("conv12_pool")
     before = conv12_pool.rewritten
     (a, ma, start), (b, mb, _) = (_one_train_step(v, size=size) for v in (None, variant))
@@ -1311,25 +1337,31 @@ def test_candidates_leave_keras1_pooling_to_the_package(variant, changes):
 
 
 def test_candidate_all_puts_the_kernels_together_and_trains_the_same_step(monkeypatch):
-    # cand_all: conv1_2 by the transposed conv + pool kernel (its input gradient by
-    # conv_transposed), conv2_2 by the pooled bias kernel, the four 256-wide unpooled layers
+    # cand_all: conv1_2 by the transposed conv + pool kernel (its gradients by conv_transposed
+    # and weight_gradient), conv2_2 by the pooled bias kernel, the four 256-wide unpooled layers
     # before conv5_3 by the ReLU kernel (half width, 64×64): the same update. The transposed
     # kernel sums each tap's products in another order than XLA's convolution, so pool1's
     # values may differ in the last bit and move a near-tie of pool1 or pool2 to another
     # winner: the layers below pool2 get the same update within 3 % of its size (a wrong tap
     # or window would move it by ~100 %), the others to 1e-5.
     conv12_pool = throughput.sibling("conv12_pool")
-    input_gradients, original = [], conv12_pool.conv_transposed
+    calls = []
 
-    def counted(spread, *args, **kwargs):
-        input_gradients.append(spread.shape)
-        return original(spread, *args, **kwargs)
-    monkeypatch.setattr(conv12_pool, "conv_transposed", counted)
+    def counted(name):
+        original = getattr(conv12_pool, name)
+
+        def call(first, *args, **kwargs):
+            calls.append((name, first.shape))
+            return original(first, *args, **kwargs)
+        monkeypatch.setattr(conv12_pool, name, call)
+    counted("conv_transposed")
+    counted("weight_gradient")
     counts = {name: throughput.sibling(name).rewritten for name in ("conv12_pool",
                                                                      "bias_kernels")}
     (a, ma, start), (b, mb, _) = (_one_train_step(v, width=0.5, size=64)
                                   for v in (None, "cand_all"))
-    assert input_gradients == [(2, 64, 64, 32)]  # conv1_2's, half width
+    assert sorted(calls) == [("conv_transposed", (2, 64, 64, 32)),  # conv1_2's, half width
+                             ("weight_gradient", (2, 64, 64, 32))]
     assert throughput.sibling("conv12_pool").rewritten - counts["conv12_pool"] == 1
     assert throughput.sibling("bias_kernels").rewritten - counts["bias_kernels"] == 5
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
