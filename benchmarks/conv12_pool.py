@@ -1,6 +1,6 @@
-"""Candidates ``cand_conv12_pool`` and ``cand_conv12_pool_m256``: conv1_2, its bias, ReLU and
-pool1 as one Pallas (Triton) kernel that writes only the pooled output (and in training the
-pool's winner mask).
+"""Candidates ``cand_conv12_pool`` (``_m256``, ``_l1``) and ``cand_conv12t_*``: conv1_2, its
+bias, ReLU and pool1 as one Pallas (Triton) kernel that writes only the pooled output (and in
+training the pool's winner mask); the transposed ones also conv1_2's gradients.
 
 Why: in prediction cuDNN runs conv1_2 (64 → 64 channels at 480×640) at 535 TFLOP/s (1.354 ms
 on the H200, 2026-11-28, v3 profile), the slowest of the wide convolutions, and pool1 then
@@ -26,6 +26,13 @@ byte; at the several TB/s an H200's L2 gives that may hold the products well und
 535 TFLOP/s. Unpipelined, the loads are plain ``ld.global``, which L1 keeps: the four input rows
 a program reads (33 KB) are fetched from L2 about once, and other programs on the SM hide the
 latency the pipeline would have. Which wins is for the card to say.
+
+``transposed`` (``cand_conv12t_pool``, third session of 2026-11-28) computes each program's
+products the other way round, (64 channels × 256 pixels), because the N = 64 of the
+(pixels × channels) form makes every product an m64n64k16 wgmma, whose operand reads and the
+tile loads exceed what shared memory gives (cuDNN's conv1_2 runs so, at 535 TFLOP/s):
+``_transposed_sums``. ``conv_transposed`` and ``weight_gradient`` take the same form for
+conv1_2's input gradient (``cand_conv12t_dgrad``) and weight gradient (``cand_conv12t_bwd``).
 """
 
 from __future__ import annotations
@@ -102,15 +109,14 @@ def _backward(options, residuals, g):
     x, kernel, winners = residuals
     options = dict(options)
     (spread,) = vgg._relu_max_pool_backward(2, "standard", "first", x.shape[1:3], winners, g)
-    kernels = {k: options[k] for k in ("num_warps", "num_stages", "interpret")}
-    if options.get("dgrad"):
+    if options.get("dgrad"):  # with the forward kernel's tiling
         flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-        dx = conv_transposed(spread, flipped, block_cols=options["block_cols"],
-                             **kernels).astype(x.dtype)
+        dx = conv_transposed(spread, flipped, **{k: options[k] for k in (
+            "block_cols", "num_warps", "num_stages", "interpret")}).astype(x.dtype)
     else:
         (dx,) = jax.vjp(lambda x: first_conv.reference_conv(x, kernel), x)[1](spread)
     if options.get("wgrad") and weight_gradient_fits(x.shape, kernel.shape[3]):
-        dkernel = weight_gradient(x, spread, **kernels).astype(kernel.dtype)
+        dkernel = weight_gradient(x, spread, interpret=options["interpret"]).astype(kernel.dtype)
     else:
         (dkernel,) = jax.vjp(lambda k: first_conv.reference_conv(x, k), kernel)[1](spread)
     return dx, dkernel, jnp.sum(spread, axis=(0, 1, 2)).astype(kernel.dtype)
@@ -244,80 +250,85 @@ def _body_conv_transposed(x_ref, taps_ref, out_ref, *, height, width, block_cols
         sums.astype(out_ref.dtype).T.reshape(2, block_cols, taps_ref.shape[1]))
 
 
-WGRAD_CHUNK = 64  # pixels per product (K) of the weight gradient, all in one row
-WGRAD_MOST_CHUNKS = 150  # per program: ~1000 programs at 32 × 480×640 (7.8 waves of 132)
+WGRAD_CHUNK = 32  # pixels per product (K) of the weight gradient, all in one row
+WGRAD_MOST_PIXELS = 9600  # per program: 1024 programs at 32 × 480×640 (7.8 waves of 132)
 
 
 def weight_gradient_fits(x_shape, channels_out: int) -> bool:
     """Whether ``weight_gradient`` takes these shapes: rows of whole chunks, channel counts
-    Triton can block, taps that group evenly."""
+    Triton can block, at most 64 input channels (eight taps' sums in registers)."""
     cin = x_shape[3]
     return (x_shape[2] % WGRAD_CHUNK == 0 and first_conv.triton_block(cin)
-            and first_conv.triton_block(channels_out) and cin <= 256)
+            and first_conv.triton_block(channels_out) and cin <= 64)
 
 
-def weight_gradient(x, g, *, num_warps=4, num_stages=3, interpret=False):
+def weight_gradient(x, g, *, num_warps=8, num_stages=3, interpret=False):
     """The gradient of ``sum(conv(x, W, 'SAME') * g)`` with respect to the 3×3 kernel W,
     (3, 3, cin, cout) in float32.
 
     Why: cuDNN computes conv1_2's with ``wgrad…tilesize64x64x64`` at 471 TFLOP/s (1.54 ms
     per training step in the v3 trace, 725 GFLOP), the 64-channel shape again (m64n64
     products). The gradient is dWᵀ[output channel, (tap, input channel)] = Σ over the pixels
-    p of g[p, ·]ᵀ x[p + tap, ·]: 64 rows (wgmma's M, one warp group) by 9 × 64 columns, over
-    K = every pixel of the batch. A program takes taps in groups of ``256 // cin`` (four for
-    conv1_2: N = 256, m64n256k16; the ninth tap alone, N = 64, in a second call) and a run of
-    64-pixel chunks of one row each; it loads the chunk's output gradient (64 × 64) and the
-    input pixels each tap of the group sees (64 × 256, masked to zero outside the image: the
-    'SAME' padding), and writes its float32 partial sums; XLA adds the programs' partials (a
-    split-K reduction, ~1 % of the bytes).
+    p of g[p, ·]ᵀ x[p + tap, ·]: 64 rows (wgmma's M) by 9 × 64 columns, over K = every pixel of
+    the batch. A program takes a run of 32-pixel chunks of one row each; per chunk it loads
+    the output gradient (32 × 64) and the input pixels the first eight taps see side by side
+    (32 × 512, masked to zero outside the image: the 'SAME' padding) and the ninth's (32 × 64),
+    two products (N = 512 over two warp groups, m64n256k16 each; and m64n64k16), then writes
+    its float32 partial sums; XLA adds the programs' partials (a split-K reduction: 1024
+    programs × 147 KB at 32 × 480×640, ~6 % of the bytes the kernel reads). The ninth tap has
+    its own product because 9 × 64 columns are no power of two; in a call of its own it would
+    read both inputs again (+2.5 GB). 8 warps, 3 stages: 201 registers, none spilled (4 warps
+    spilled 5 KB; 64-pixel chunks need 240 KB of shared memory at 3 stages).
     """
     b, h, w, cin = x.shape
     cout = g.shape[3]
-    per_group = min(8, 256 // cin)  # a power of two: N = per_group × cin ≤ 256
     chunks = b * h * w // WGRAD_CHUNK
-    per_program = max(d for d in range(1, WGRAD_MOST_CHUNKS + 1) if chunks % d == 0)
-    call = partial(_weight_gradient_call, x, g, per_program=per_program, num_warps=num_warps,
-                   num_stages=num_stages, interpret=interpret)
-    main = call(first_tap=0, per_group=per_group, groups=8 // per_group)
-    last = call(first_tap=8, per_group=1, groups=1)
-    transposed = jnp.concatenate([jnp.sum(main, axis=0).transpose(1, 0, 2).reshape(cout, -1),
-                                  jnp.sum(last, axis=0).reshape(cout, cin)], axis=1)
-    return transposed.reshape(cout, 9, cin).transpose(1, 2, 0).reshape(3, 3, cin, cout)
-
-
-def _weight_gradient_call(x, g, *, first_tap, per_group, groups, per_program, num_warps,
-                          num_stages, interpret):
-    """Partial sums (programs, groups, cout, per_group × cin) of taps ``first_tap`` on."""
-    b, h, w, cin = x.shape
-    cout = g.shape[3]
-    programs = b * h * w // WGRAD_CHUNK // per_program
+    per_program = max(d for d in range(1, WGRAD_MOST_PIXELS // WGRAD_CHUNK + 1)
+                      if chunks % d == 0)
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as pallas_triton
         params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    body = partial(_body_weight_gradient, height=h, width=w, first_tap=first_tap,
-                   per_group=per_group, per_program=per_program,
+    body = partial(_body_weight_gradient, height=h, width=w, per_program=per_program,
                    precision=first_conv._precision(x.dtype))
-    return pl.pallas_call(
-        body, out_shape=jax.ShapeDtypeStruct((programs, groups, cout, per_group * cin),
-                                             jnp.float32),
-        grid=(programs, groups), compiler_params=params, interpret=interpret,
+    programs = chunks // per_program
+    eight, ninth = pl.pallas_call(
+        body, out_shape=(jax.ShapeDtypeStruct((programs, cout, 8 * cin), jnp.float32),
+                         jax.ShapeDtypeStruct((programs, cout, cin), jnp.float32)),
+        grid=(programs,), compiler_params=params, interpret=interpret,
         name="conv_weight_grad",
     )(x, g)
+    transposed = jnp.concatenate([jnp.sum(eight, axis=0), jnp.sum(ninth, axis=0)], axis=1)
+    return transposed.reshape(cout, 9, cin).transpose(1, 2, 0).reshape(3, 3, cin, cout)
 
 
-def _body_weight_gradient(x_ref, g_ref, out_ref, *, height, width, first_tap, per_group,
-                          per_program, precision):
-    """One program: ``per_program`` chunks × one group of taps."""
+def _body_weight_gradient(x_ref, g_ref, eight_ref, ninth_ref, *, height, width, per_program,
+                          precision):
+    """One program: ``per_program`` chunks, all nine taps. The pixels each tap sees are loaded
+    as (pixels, taps, channels), channels last and contiguous (Triton's loads stay vectors),
+    then laid side by side."""
     from jax.experimental.pallas import triton as pallas_triton
-    i, group = pl.program_id(0), pl.program_id(1)
+    i = pl.program_id(0)
     cin, cout = x_ref.shape[3], g_ref.shape[3]
-    column = jax.lax.broadcasted_iota(jnp.int32, (1, per_group * cin), 1)
-    tap = first_tap + group * per_group + jax.lax.div(column, cin)
-    channel = column - jax.lax.div(column, cin) * cin
-    dy = jax.lax.div(tap, 3)
-    dx = tap - 3 * dy
-    pixel = jax.lax.broadcasted_iota(jnp.int32, (WGRAD_CHUNK, 1), 0)
+    pixel = jax.lax.broadcasted_iota(jnp.int32, (WGRAD_CHUNK, 1, 1), 0)
+    channel = jax.lax.broadcasted_iota(jnp.int32, (1, 1, cin), 2)
+    tap = jax.lax.broadcasted_iota(jnp.int32, (1, 8, 1), 1)
+    eight_dy = jax.lax.div(tap, 3)
+    eight_dx = tap - 3 * eight_dy
+
+    def seen(image, row, left, dy, dx):
+        r = row + dy - 1
+        c = left + pixel + dx - 1
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        taps = jnp.broadcast_shapes(jnp.shape(dy), jnp.shape(dx))[1] if jnp.ndim(dy) else 1
+        pixels = pallas_triton.load(
+            x_ref.at[image, jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1), channel],
+            mask=jnp.broadcast_to(inside, (WGRAD_CHUNK, taps, cin)), other=0)
+        return pixels.reshape(WGRAD_CHUNK, taps * cin)
+
+    def product(gradient, pixels):
+        return jax.lax.dot_general(gradient, pixels, (((0,), (0,)), ((), ())),
+                                   precision=precision, preferred_element_type=jnp.float32)
 
     def step(k, sums):
         start = (i * per_program + k) * WGRAD_CHUNK
@@ -325,19 +336,15 @@ def _body_weight_gradient(x_ref, g_ref, out_ref, *, height, width, first_tap, pe
         within = start - image * (height * width)
         row = jax.lax.div(within, width)
         left = within - row * width
-        r = row + dy - 1
-        c = left + pixel + dx - 1
-        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-        seen = pallas_triton.load(
-            x_ref.at[image, jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1), channel],
-            mask=inside, other=0)
         gradient = g_ref[image, row, pl.ds(left, WGRAD_CHUNK), :]
-        return sums + jax.lax.dot_general(gradient, seen, (((0,), (0,)), ((), ())),
-                                          precision=precision,
-                                          preferred_element_type=jnp.float32)
+        return (sums[0] + product(gradient, seen(image, row, left, eight_dy, eight_dx)),
+                sums[1] + product(gradient, seen(image, row, left, 2, 2)))
 
-    out_ref[i, group, :, :] = jax.lax.fori_loop(
-        0, per_program, step, jnp.zeros((cout, per_group * cin), jnp.float32))
+    eight, ninth = jax.lax.fori_loop(0, per_program, step,
+                                     (jnp.zeros((cout, 8 * cin), jnp.float32),
+                                      jnp.zeros((cout, cin), jnp.float32)))
+    eight_ref[i, :, :] = eight
+    ninth_ref[i, :, :] = ninth
 
 
 class VGG16(vgg.VGG16):
