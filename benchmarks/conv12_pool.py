@@ -67,30 +67,28 @@ def conv_relu_pool(x, kernel, bias, *, block_cols=64, num_warps=4, num_stages=3,
     (channels × pixels) instead of (pixels × channels)."""
     b, h, w, cin = x.shape
     cout = kernel.shape[3]
-    taps = kernel.reshape(9, cin, cout)
-    if transposed:
-        taps = jnp.transpose(taps, (0, 2, 1))
+    taps = (_transposed_taps(kernel, x.dtype) if transposed
+            else kernel.reshape(9, cin, cout).astype(x.dtype))
     body = partial(_body_transposed if transposed else _body, height=h, width=w,
                    block_cols=block_cols, precision=first_conv._precision(x.dtype))
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pallas_triton
-        params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = _compiler_params(num_warps, num_stages, interpret)
     pooled = jax.ShapeDtypeStruct((b, h // 2, w // 2, cout), x.dtype)
     out_shape = (pooled, jax.ShapeDtypeStruct(pooled.shape, jnp.uint8)) if winners else pooled
     return pl.pallas_call(
         body, out_shape=out_shape, grid=(b * h // 2, w // block_cols), compiler_params=params,
-        interpret=interpret, name="conv_bias_relu_pool",
-    )(x, taps.astype(x.dtype), bias.astype(jnp.float32))
+        interpret=interpret,
+        name="conv_bias_relu_pool_t" if transposed else "conv_bias_relu_pool",
+    )(x, taps, bias.astype(jnp.float32))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def trainable_conv_relu_pool(x, kernel, bias, options):
-    """``conv_relu_pool`` (its keyword ``options`` as sorted pairs) with a gradient: the
-    forward pass also writes the winner mask (not conv1_2's 1.26 GB output, which only the
-    pool needed), the backward pass is the package's (the pool's spread and the bias gradient
-    by XLA, then cuDNN's two gradients; with ``dgrad`` the input gradient by
-    ``conv_transposed``, with ``wgrad`` the weight gradient by ``weight_gradient``)."""
+    """``conv_relu_pool`` with a gradient, ``options`` its keywords and the backward pass's
+    (``dgrad``, ``wgrad``) as (name, value) pairs (hashable): the forward pass also writes
+    the winner mask (not conv1_2's 1.26 GB output, which only the pool needed), the backward
+    pass is the package's (the pool's spread and the bias gradient by XLA, then cuDNN's two
+    gradients; with ``dgrad`` the input gradient by ``conv_transposed``, with ``wgrad`` the
+    weight gradient by ``weight_gradient``)."""
     return conv_relu_pool(x, kernel, bias, **_forward_options(options))
 
 
@@ -125,6 +123,32 @@ def _backward(options, residuals, g):
 trainable_conv_relu_pool.defvjp(_forward, _backward)
 
 
+def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
+    """Triton's settings for a call, none for Pallas's interpreter."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pallas_triton
+    return pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _load_padded(x_ref, image, rows, cols, channel, *, height, width):
+    """``x[image, rows, cols, channel]`` (indices broadcast together), zero outside the image
+    (the 'SAME' padding without a padded copy): indices clipped to it, the load masked."""
+    from jax.experimental.pallas import triton as pallas_triton
+    shape = jnp.broadcast_shapes(jnp.shape(rows), jnp.shape(cols), jnp.shape(channel))
+    inside = jnp.broadcast_to((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width),
+                              shape)
+    return pallas_triton.load(
+        x_ref.at[image, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1), channel],
+        mask=inside, other=0)
+
+
+def _transposed_taps(kernel, dtype):
+    """A 3×3 HWIO kernel as (tap, output, input channels): the transposed products' A."""
+    cin, cout = kernel.shape[2:]
+    return jnp.transpose(kernel.reshape(9, cin, cout), (0, 2, 1)).astype(dtype)
+
+
 def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width, block_cols,
           precision):
     """One program: output rows 2r, 2r + 1 × ``block_cols`` columns → one pooled row."""
@@ -132,7 +156,6 @@ def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width
     pooled_rows = height // 2
     image, row, left = i // pooled_rows, i % pooled_rows, j * block_cols
     channels, features = x_ref.shape[3], taps_ref.shape[2]
-    from jax.experimental.pallas import triton as pallas_triton
 
     def tap(t, sums):
         dy = jax.lax.div(t, 3)  # (lax.div: Triton lowers jnp.remainder badly)
@@ -140,11 +163,7 @@ def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width
         rows = 2 * row + dy - 1 + jax.lax.broadcasted_iota(jnp.int32, (2, 1, 1), 0)
         cols = left + dx - 1 + jax.lax.broadcasted_iota(jnp.int32, (1, block_cols, 1), 1)
         channel = jax.lax.broadcasted_iota(jnp.int32, (1, 1, channels), 2)
-        inside = jnp.broadcast_to((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width),
-                                  (2, block_cols, channels))
-        tile = pallas_triton.load(
-            x_ref.at[image, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1),
-                     channel], mask=inside, other=0)
+        tile = _load_padded(x_ref, image, rows, cols, channel, height=height, width=width)
         return sums + jax.lax.dot(tile.reshape(2 * block_cols, channels), taps_ref[t],
                                   precision=precision, preferred_element_type=jnp.float32)
 
@@ -179,16 +198,12 @@ def _transposed_sums(x_ref, taps_ref, image, rows, cols, *, height, width, preci
     channel = jax.lax.broadcasted_iota(jnp.int32, (1,) * (len(shape) - 1) + (channels,),
                                        len(shape) - 1)
     pixels = math.prod(shape[:-1])
-    from jax.experimental.pallas import triton as pallas_triton
 
     def tap(t, sums):
         dy = jax.lax.div(t, 3)
         dx = t - 3 * dy
-        r, c = rows + dy - 1, cols + dx - 1
-        inside = jnp.broadcast_to((r >= 0) & (r < height) & (c >= 0) & (c < width), shape)
-        tile = pallas_triton.load(
-            x_ref.at[image, jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1), channel],
-            mask=inside, other=0)
+        tile = _load_padded(x_ref, image, rows + dy - 1, cols + dx - 1, channel, height=height,
+                            width=width)
         return sums + jax.lax.dot_general(
             taps_ref[t], tile.reshape(pixels, channels), (((1,), (1,)), ((), ())),
             precision=precision, preferred_element_type=jnp.float32)
@@ -223,19 +238,16 @@ def conv_transposed(x, kernel, *, block_cols=128, num_warps=4, num_stages=3, int
     """``conv(x, kernel, 'SAME')`` in ``x``'s dtype (float32 sums) by ``_transposed_sums``,
     two rows × ``block_cols`` columns per program: conv1_2's input gradient (the spread
     gradient convolved with the kernel flipped, its channels swapped)."""
-    b, h, w, cin = x.shape
+    b, h, w, _ = x.shape
     cout = kernel.shape[3]
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pallas_triton
-        params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = _compiler_params(num_warps, num_stages, interpret)
     body = partial(_body_conv_transposed, height=h, width=w, block_cols=block_cols,
                    precision=first_conv._precision(x.dtype))
     return pl.pallas_call(
         body, out_shape=jax.ShapeDtypeStruct((b, h, w, cout), x.dtype),
         grid=(b * h // 2, w // block_cols), compiler_params=params, interpret=interpret,
         name="conv_transposed",
-    )(x, jnp.transpose(kernel.reshape(9, cin, cout), (0, 2, 1)).astype(x.dtype))
+    )(x, _transposed_taps(kernel, x.dtype))
 
 
 def _body_conv_transposed(x_ref, taps_ref, out_ref, *, height, width, block_cols, precision):
@@ -285,10 +297,7 @@ def weight_gradient(x, g, *, num_warps=8, num_stages=3, interpret=False):
     chunks = b * h * w // WGRAD_CHUNK
     per_program = max(d for d in range(1, WGRAD_MOST_PIXELS // WGRAD_CHUNK + 1)
                       if chunks % d == 0)
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pallas_triton
-        params = pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = _compiler_params(num_warps, num_stages, interpret)
     body = partial(_body_weight_gradient, height=h, width=w, per_program=per_program,
                    precision=first_conv._precision(x.dtype))
     programs = chunks // per_program
@@ -307,7 +316,6 @@ def _body_weight_gradient(x_ref, g_ref, eight_ref, ninth_ref, *, height, width, 
     """One program: ``per_program`` chunks, all nine taps. The pixels each tap sees are loaded
     as (pixels, taps, channels), channels last and contiguous (Triton's loads stay vectors),
     then laid side by side."""
-    from jax.experimental.pallas import triton as pallas_triton
     i = pl.program_id(0)
     cin, cout = x_ref.shape[3], g_ref.shape[3]
     pixel = jax.lax.broadcasted_iota(jnp.int32, (WGRAD_CHUNK, 1, 1), 0)
@@ -317,14 +325,9 @@ def _body_weight_gradient(x_ref, g_ref, eight_ref, ninth_ref, *, height, width, 
     eight_dx = tap - 3 * eight_dy
 
     def seen(image, row, left, dy, dx):
-        r = row + dy - 1
-        c = left + pixel + dx - 1
-        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-        taps = jnp.broadcast_shapes(jnp.shape(dy), jnp.shape(dx))[1] if jnp.ndim(dy) else 1
-        pixels = pallas_triton.load(
-            x_ref.at[image, jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1), channel],
-            mask=jnp.broadcast_to(inside, (WGRAD_CHUNK, taps, cin)), other=0)
-        return pixels.reshape(WGRAD_CHUNK, taps * cin)
+        pixels = _load_padded(x_ref, image, row + dy - 1, left + pixel + dx - 1, channel,
+                              height=height, width=width)
+        return pixels.reshape(WGRAD_CHUNK, -1)
 
     def product(gradient, pixels):
         return jax.lax.dot_general(gradient, pixels, (((0,), (0,)), ((), ())),
@@ -373,8 +376,8 @@ class VGG16(vgg.VGG16):
 
 
 class ConvReLUPool(nn.Module):
-    """``flax.linen.Conv(features, (3, 3))``'s parameters; ``conv_relu_pool``'s values with
-    ``options`` (sorted pairs of its keywords)."""
+    """``flax.linen.Conv(features, (3, 3))``'s parameters; ``trainable_conv_relu_pool``'s
+    values with ``options`` ((name, value) pairs; ``interpret`` added when traced)."""
 
     features: int
     options: tuple

@@ -12,10 +12,11 @@ channels, and sums, source by source, the nine taps × 64-channel chunks of its 
 (channels × pixels) products (as ``conv12_pool``'s transposed kernel; with 8 warps, two warp
 groups of m64n128k16: 186 registers, where 4 warps' m64n256k16 spilled at 255), loading each
 tap's pixels by row and column indices clipped to the image and masked to zero outside it;
-then the bias and ReLU, one rounding to the features' dtype (as cuDNN's output), and the
-readout as a sum over the 64 channels, with its bias and ReLU, before the only write: one value
-per pixel. Training keeps the package's head (its dropout needs the concatenation's shape
-anyway, and the gradient is XLA's).
+then the bias and ReLU and the readout as a sum over the 64 channels, with its bias and ReLU,
+rounded to the features' dtype where the package's head rounds, before the only write: one
+value per pixel. Training with dropout keeps the package's head (its mask is drawn over the
+concatenation); without dropout the kernel runs forward and the package head's gradient
+backward.
 """
 
 from __future__ import annotations
@@ -49,21 +50,41 @@ def pixel_block(pixels: int, most: int = 256) -> int | None:
 
 
 def multilevel_head(params: dict, features: dict, *, dropout_rng=None, dropout_rate=0.5):
-    """``head.multilevel_head``, by the kernel in prediction where it fits."""
-    if dropout_rng is not None or not fits(features):
+    """``head.multilevel_head``, by the kernel where it fits and no dropout applies
+    (prediction; training without dropout gets the package head's gradient)."""
+    if (dropout_rng is not None and dropout_rate > 0) or not fits(features):
         return head.multilevel_head(params, features, dropout_rng=dropout_rng,
                                     dropout_rate=dropout_rate)
     global rewritten
     rewritten += 1
-    return head_maps(params, [features[name] for name in head.HEAD_FEATURES],
-                     interpret=first_conv.interpreted())
+    return _head_maps_with_gradient(params, [features[name] for name in head.HEAD_FEATURES],
+                                    first_conv.interpreted())
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _head_maps_with_gradient(params: dict, sources: list, interpret: bool):
+    """``head_maps`` forward, the package head's gradient backward."""
+    return head_maps(params, sources, interpret=interpret)
+
+
+def _forward(params, sources, interpret):
+    return head_maps(params, sources, interpret=interpret), (params, sources)
+
+
+def _backward(interpret, residuals, g):
+    _, vjp = jax.vjp(lambda p, s: head.multilevel_head(p, dict(zip(head.HEAD_FEATURES, s))),
+                     *residuals)
+    return vjp(g)
+
+
+_head_maps_with_gradient.defvjp(_forward, _backward)
 
 
 def head_maps(params: dict, sources: list, *, most=256, num_warps=8, num_stages=3,
               interpret=False):
     """``relu(readout(relu(conv3x3(concat(sources)) + b)) + b')``, (B, h, w, 1) in the sources'
-    dtype: float32 sums, the hidden layer rounded once to that dtype; ``pixel_block(B·h·w,
-    most)`` pixels per program."""
+    dtype, rounded where the package's head rounds (each convolution's float32 sums, then the
+    bias added); ``pixel_block(B·h·w, most)`` pixels per program."""
     b, h, w, _ = sources[0].shape
     block = pixel_block(b * h * w, most)
     dtype = sources[0].dtype
@@ -81,9 +102,9 @@ def head_maps(params: dict, sources: list, *, most=256, num_warps=8, num_stages=
         body, out_shape=jax.ShapeDtypeStruct((b, h, w, 1), dtype),
         grid=(b * h * w // block,), compiler_params=compiler_params,
         interpret=interpret, name="head_conv_readout",
-    )(*sources, taps.astype(dtype), params["conv"]["bias"].astype(jnp.float32),
-      params["readout"]["kernel"].reshape(-1).astype(jnp.float32),
-      params["readout"]["bias"].astype(jnp.float32))
+    )(*sources, taps.astype(dtype), params["conv"]["bias"].astype(dtype),
+      params["readout"]["kernel"].reshape(-1).astype(dtype),
+      params["readout"]["bias"].astype(dtype))
 
 
 def _body(*refs, height, width, block, widths, precision):
@@ -118,7 +139,9 @@ def _body(*refs, height, width, block, widths, precision):
 
         sums = jax.lax.fori_loop(0, 9 * chunks, step, sums)
         start += channels
-    hidden = jnp.maximum(sums + bias_ref[...][:, None], 0).astype(out_ref.dtype)
-    maps = jnp.sum(hidden.astype(jnp.float32) * readout_ref[...][:, None], axis=0)
-    maps = jnp.maximum(maps + readout_bias_ref[...], 0).astype(out_ref.dtype)
+    dtype = out_ref.dtype
+    hidden = jnp.maximum(sums.astype(dtype) + bias_ref[...][:, None], 0)
+    maps = jnp.sum(hidden.astype(jnp.float32) * readout_ref[...].astype(jnp.float32)[:, None],
+                   axis=0)
+    maps = jnp.maximum(maps.astype(dtype) + readout_bias_ref[...], 0)
     out_ref[image[:, 0], row[:, 0], col[:, 0], jnp.zeros_like(pixel[:, 0])] = maps

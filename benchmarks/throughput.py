@@ -283,7 +283,8 @@ def software_versions() -> dict:
 # measured again);
 # cand_head_kernel (prediction only) the head's convolution, ReLU and readout as one Pallas kernel
 # reading pool3, pool4 and conv5_3 without their concatenation (benchmarks/head_kernel.py);
-# cand_all the Pallas candidates together (conv12t_pool, bias_kernels, conv1_direct, head_kernel).
+# cand_all the Pallas candidates together (conv12t_bwd: conv1_2 forward and both gradients;
+# bias_kernels, conv1_direct, head_kernel).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
