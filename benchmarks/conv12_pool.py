@@ -37,7 +37,6 @@ conv1_2's input gradient (``cand_conv12t_dgrad``) and weight gradient (``cand_co
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import flax.linen as nn
@@ -188,16 +187,15 @@ def _body(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width
 
 def _transposed_sums(x_ref, taps_ref, image, rows, cols, *, height, width, precision):
     """Σ over the nine taps of ``taps[t] · x[image, rows + dy − 1, cols + dx − 1, :]ᵀ``, zero
-    outside the image: (output channels × pixels) in float32, the pixels in the order of
-    ``rows`` and ``cols`` broadcast (channels last, of size 1 there). As (channels × pixels)
-    the 64 channels are the M of Hopper's wgmma (64 per warp group, exactly) and up to 256
-    pixels its N: m64n256k16, a quarter of m64n64k16's shared-memory operand reads per
-    product."""
+    outside the image: (output channels × pixels) in float32, one pixel per row of ``rows``
+    and ``cols`` (both (pixels, 1)). As (channels × pixels) the 64 channels are the M of
+    Hopper's wgmma (64 per warp group, exactly) and up to 256 pixels its N: m64n256k16, a
+    quarter of m64n64k16's shared-memory operand reads per product. Each tap's pixels are
+    loaded as a 2-D (pixels, channels) tile, so that Triton's pipelined copy lands where the
+    product reads it (a 4-D tile reshaped after the load made every tap's 32 KB take a
+    round trip through registers and back to shared memory, in the compiled PTX)."""
     channels = x_ref.shape[3]
-    shape = jnp.broadcast_shapes(rows.shape, cols.shape)[:-1] + (channels,)
-    channel = jax.lax.broadcasted_iota(jnp.int32, (1,) * (len(shape) - 1) + (channels,),
-                                       len(shape) - 1)
-    pixels = math.prod(shape[:-1])
+    channel = jax.lax.broadcasted_iota(jnp.int32, (1, channels), 1)
 
     def tap(t, sums):
         dy = jax.lax.div(t, 3)
@@ -205,10 +203,11 @@ def _transposed_sums(x_ref, taps_ref, image, rows, cols, *, height, width, preci
         tile = _load_padded(x_ref, image, rows + dy - 1, cols + dx - 1, channel, height=height,
                             width=width)
         return sums + jax.lax.dot_general(
-            taps_ref[t], tile.reshape(pixels, channels), (((1,), (1,)), ((), ())),
+            taps_ref[t], tile, (((1,), (1,)), ((), ())),
             precision=precision, preferred_element_type=jnp.float32)
 
-    return jax.lax.fori_loop(0, 9, tap, jnp.zeros((taps_ref.shape[1], pixels), jnp.float32))
+    return jax.lax.fori_loop(0, 9, tap,
+                             jnp.zeros((taps_ref.shape[1], rows.shape[0]), jnp.float32))
 
 
 def _body_transposed(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, height, width,
@@ -218,9 +217,12 @@ def _body_transposed(x_ref, taps_ref, bias_ref, out_ref, winners_ref=None, *, he
     i, j = pl.program_id(0), pl.program_id(1)
     pooled_rows, windows = height // 2, block_cols // 2
     image, row, left = i // pooled_rows, i % pooled_rows, j * block_cols
-    rows = 2 * row + jax.lax.broadcasted_iota(jnp.int32, (1, 2, 1, 1), 1)
-    cols = (left + 2 * jax.lax.broadcasted_iota(jnp.int32, (windows, 1, 1, 1), 0)
-            + jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1), 2))
+    pixel = jax.lax.broadcasted_iota(jnp.int32, (4 * windows, 1), 0)
+    window = jax.lax.div(pixel, 4)
+    within = pixel - 4 * window  # 2 · window row + window column
+    window_row = jax.lax.div(within, 2)
+    rows = 2 * row + window_row
+    cols = left + 2 * window + within - 2 * window_row
     sums = _transposed_sums(x_ref, taps_ref, image, rows, cols, height=height, width=width,
                             precision=precision)
     y = jnp.maximum(sums + bias_ref[...][:, None], 0).astype(out_ref.dtype)
@@ -254,8 +256,10 @@ def _body_conv_transposed(x_ref, taps_ref, out_ref, *, height, width, block_cols
     """One program of ``conv_transposed``: output rows 2r, 2r + 1 × ``block_cols`` columns."""
     i, j = pl.program_id(0), pl.program_id(1)
     image, row, left = i // (height // 2), i % (height // 2), j * block_cols
-    rows = 2 * row + jax.lax.broadcasted_iota(jnp.int32, (2, 1, 1), 0)
-    cols = left + jax.lax.broadcasted_iota(jnp.int32, (1, block_cols, 1), 1)
+    pixel = jax.lax.broadcasted_iota(jnp.int32, (2 * block_cols, 1), 0)
+    second_row = jax.lax.div(pixel, block_cols)
+    rows = 2 * row + second_row
+    cols = left + pixel - block_cols * second_row
     sums = _transposed_sums(x_ref, taps_ref, image, rows, cols, height=height, width=width,
                             precision=precision)
     out_ref[image, pl.ds(2 * row, 2), pl.ds(left, block_cols), :] = (
@@ -313,21 +317,22 @@ def weight_gradient(x, g, *, num_warps=8, num_stages=3, interpret=False):
 
 def _body_weight_gradient(x_ref, g_ref, eight_ref, ninth_ref, *, height, width, per_program,
                           precision):
-    """One program: ``per_program`` chunks, all nine taps. The pixels each tap sees are loaded
-    as (pixels, taps, channels), channels last and contiguous (Triton's loads stay vectors),
-    then laid side by side."""
+    """One program: ``per_program`` chunks, all nine taps. The pixels the first eight taps see
+    are loaded side by side as one 2-D (pixels, 8 × channels) tile (column j: tap j // cin,
+    channel j % cin), so that Triton's pipelined copy lands where the product reads it."""
     i = pl.program_id(0)
     cin, cout = x_ref.shape[3], g_ref.shape[3]
-    pixel = jax.lax.broadcasted_iota(jnp.int32, (WGRAD_CHUNK, 1, 1), 0)
-    channel = jax.lax.broadcasted_iota(jnp.int32, (1, 1, cin), 2)
-    tap = jax.lax.broadcasted_iota(jnp.int32, (1, 8, 1), 1)
+    pixel = jax.lax.broadcasted_iota(jnp.int32, (WGRAD_CHUNK, 1), 0)
+    column = jax.lax.broadcasted_iota(jnp.int32, (1, 8 * cin), 1)
+    tap = jax.lax.div(column, cin)
+    eight_channels = column - cin * tap
     eight_dy = jax.lax.div(tap, 3)
     eight_dx = tap - 3 * eight_dy
+    ninth_channels = jax.lax.broadcasted_iota(jnp.int32, (1, cin), 1)
 
-    def seen(image, row, left, dy, dx):
-        pixels = _load_padded(x_ref, image, row + dy - 1, left + pixel + dx - 1, channel,
-                              height=height, width=width)
-        return pixels.reshape(WGRAD_CHUNK, -1)
+    def seen(image, row, left, dy, dx, channel):
+        return _load_padded(x_ref, image, row + dy - 1, left + pixel + dx - 1, channel,
+                            height=height, width=width)
 
     def product(gradient, pixels):
         return jax.lax.dot_general(gradient, pixels, (((0,), (0,)), ((), ())),
@@ -340,8 +345,9 @@ def _body_weight_gradient(x_ref, g_ref, eight_ref, ninth_ref, *, height, width, 
         row = jax.lax.div(within, width)
         left = within - row * width
         gradient = g_ref[image, row, pl.ds(left, WGRAD_CHUNK), :]
-        return (sums[0] + product(gradient, seen(image, row, left, eight_dy, eight_dx)),
-                sums[1] + product(gradient, seen(image, row, left, 2, 2)))
+        return (sums[0] + product(gradient, seen(image, row, left, eight_dy, eight_dx,
+                                                 eight_channels)),
+                sums[1] + product(gradient, seen(image, row, left, 2, 2, ninth_channels)))
 
     eight, ninth = jax.lax.fori_loop(0, per_program, step,
                                      (jnp.zeros((cout, 8 * cin), jnp.float32),
