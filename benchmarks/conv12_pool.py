@@ -289,11 +289,11 @@ def weight_gradient(x, g, *, num_warps=8, num_stages=3, interpret=False):
     the batch. A program takes a run of 32-pixel chunks of one row each; per chunk it loads
     the output gradient (32 × 64) and the input pixels the first eight taps see side by side
     (32 × 512, masked to zero outside the image: the 'SAME' padding) and the ninth's (32 × 64),
-    two products (N = 512 over two warp groups, m64n256k16 each; and m64n64k16), then writes
-    its float32 partial sums; XLA adds the programs' partials (a split-K reduction: 1024
+    two products (N = 512 and 64, each split over two warp groups: m64n256k16, m64n32k16),
+    then writes its float32 partial sums; XLA adds the programs' partials (a split-K reduction: 1024
     programs × 147 KB at 32 × 480×640, ~6 % of the bytes the kernel reads). The ninth tap has
     its own product because 9 × 64 columns are no power of two; in a call of its own it would
-    read both inputs again (+2.5 GB). 8 warps, 3 stages: 201 registers, none spilled (4 warps
+    read both inputs again (+2.5 GB). 8 warps, 3 stages: 190 registers, none spilled (4 warps
     spilled 5 KB; 64-pixel chunks need 240 KB of shared memory at 3 stages).
     """
     b, h, w, cin = x.shape
