@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mlnet_jax import first_conv, vgg
+from mlnet_jax import first_conv, second_conv, vgg
 
 rewritten = 0  # layers traced with the kernel, for throughput.py's check
 
@@ -196,6 +196,9 @@ class VGG16(vgg.VGG16):
 
     @nn.nowrap
     def layer(self, name, features, x):
+        if name == "conv1_2" and second_conv.kernel_applies(self.first_conv, x.shape,
+                                                            self.dtype, features, self.pooling):
+            return super().layer(name, features, x)  # the package's kernel, where adopted
         stride = vgg._POOL_STRIDE_AFTER.get(name)
         if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):
             return ConvWithKernel(features, vgg.pool_ties(self.pooling, self.dtype),

@@ -9,7 +9,7 @@ runs the head's convolution, 64 output channels wide like conv1_2, with m64n64 p
 instead (``cand_split_head``, 2026-11-26) lost 2.4 %: three narrow cuDNN calls. Here one
 program takes 256 pixels of the flattened (image, row, column) grid and all 64 output
 channels, and sums, source by source, the nine taps × 64-channel chunks of its K = 11520 as
-(channels × pixels) products (as ``conv12_pool``'s transposed kernel; with 8 warps, two warp
+(channels × pixels) products (as ``mlnet_jax.second_conv``'s kernels; with 8 warps, two warp
 groups of m64n128k16: 186 registers, where 4 warps' m64n256k16 spilled at 255), loading each
 tap's pixels by row and column indices clipped to the image and masked to zero outside it;
 then the bias and ReLU and the readout as a sum over the 64 channels, with its bias and ReLU,

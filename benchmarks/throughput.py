@@ -275,12 +275,11 @@ def software_versions() -> dict:
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
 # unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
 # cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
-# cand_conv12_pool(_m256, _l1) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's
-# winner mask in training (benchmarks/conv12_pool.py; _m256 on 128 columns, _l1 unpipelined);
-# cand_conv12t_pool(_s2) the same with each product transposed (channels × pixels: m64n256
-# wgmma; _s2 with two pipeline stages), cand_conv12t_dgrad with conv1_2's input gradient so too,
-# cand_conv12t_bwd and its weight gradient (their forward is cand_conv12t_pool's: prediction not
-# measured again);
+# cand_conv12t_pool(_s2) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's winner
+# mask in training, each product transposed (channels × pixels: m64n256 wgmma; _s2 with two
+# pipeline stages), cand_conv12t_dgrad with conv1_2's input gradient so too, cand_conv12t_bwd and
+# its weight gradient (their forward is cand_conv12t_pool's: prediction not measured again):
+# the package's own kernels, mlnet_jax/second_conv.py, each with the parts it names ADOPTED;
 # cand_head_kernel (prediction only) the head's convolution, ReLU and readout as one Pallas kernel
 # reading pool3, pool4 and conv5_3 without their concatenation (benchmarks/head_kernel.py);
 # cand_all the Pallas candidates together (conv12t_bwd: conv1_2 forward and both gradients;
@@ -300,14 +299,13 @@ def _version(name: str):
     return _sibling_function("versions", name)
 
 
-@functools.cache
-def _all_kernels_vgg16():
-    """``cand_all``'s backbone class: conv1_2 by ``conv12_pool``'s transposed kernels, the other
-    layers by ``bias_kernels``' where theirs fit (with conv1_1 reading the image,
-    ``conv1_direct``): the Pallas candidates together, as they would be adopted if each wins."""
-    class AllKernelsVGG16(sibling("conv12_pool").VGG16, sibling("bias_kernels").VGG16):
-        pass
-    return AllKernelsVGG16
+def _second_conv(*parts: str, stages: int = 3) -> dict:
+    """The patches that make ``mlnet_jax.second_conv`` take ``parts`` (its ``ADOPTED``), with
+    ``stages`` pipeline stages, its calls counted: the program measured is the package's as it
+    would be with those parts adopted."""
+    return {("mlnet_jax.second_conv", "ADOPTED"): frozenset(parts),
+            ("mlnet_jax.second_conv", "FORWARD_STAGES"): stages,
+            ("mlnet_jax.second_conv", "conv_bias_relu_pool"): COUNTED}
 
 
 def _conv_candidate(factory: str, **options):
@@ -335,6 +333,9 @@ def sibling(name: str):
 
 _SIBLINGS: dict = {}
 _LOADED: dict = {}  # the original conv, and the candidates wrapping it
+COUNTED = object()  # a patch: the attribute's own value, its calls counted while traced
+_COUNTS: dict = {}  # (module, attribute) -> calls of a COUNTED patch
+SECOND_CONV_PARTS = ("forward", "input_gradient", "weight_gradient")  # mlnet_jax.second_conv's
 _V1 = {("mlnet_jax.first_conv", "kernel_applies"): _version("v3_kernel_applies"),
        ("mlnet_jax.vgg", "relu"): _version("v1_relu"),
        ("mlnet_jax.head", "relu"): _version("v1_relu"),
@@ -360,24 +361,15 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
         "bias_kernels", "vgg16_with_every_kernel")},
     "cand_pool_argmax": {("mlnet_jax.vgg", "relu_max_pool_2x2"): _sibling_function(
         "pool_argmax", "relu_max_pool_2x2")},
-    "cand_conv12_pool": {("mlnet_jax.models", "VGG16"): _sibling_function("conv12_pool",
-                                                                         "VGG16")},
-    "cand_conv12_pool_m256": {("mlnet_jax.models", "VGG16"): _sibling_function(
-        "conv12_pool", "vgg16_m256")},
-    "cand_conv12_pool_l1": {("mlnet_jax.models", "VGG16"): _sibling_function(
-        "conv12_pool", "vgg16_l1")},
-    "cand_conv12t_pool": {("mlnet_jax.models", "VGG16"): _sibling_function(
-        "conv12_pool", "vgg16_transposed")},
-    "cand_conv12t_pool_s2": {("mlnet_jax.models", "VGG16"): _sibling_function(
-        "conv12_pool", "vgg16_transposed_s2")},
-    "cand_conv12t_dgrad": {("mlnet_jax.models", "VGG16"): _sibling_function(
-        "conv12_pool", "vgg16_transposed_dgrad")},
-    "cand_conv12t_bwd": {("mlnet_jax.models", "VGG16"): _sibling_function(
-        "conv12_pool", "vgg16_transposed_backward")},
+    "cand_conv12t_pool": _second_conv("forward"),
+    "cand_conv12t_pool_s2": _second_conv("forward", stages=2),
+    "cand_conv12t_dgrad": _second_conv("forward", "input_gradient"),
+    "cand_conv12t_bwd": _second_conv(*SECOND_CONV_PARTS),
     "cand_head_kernel": {("mlnet_jax.models", "multilevel_head"): _sibling_function(
         "head_kernel", "multilevel_head")},
-    "cand_all": {("mlnet_jax.models", "VGG16"): lambda **fields: _all_kernels_vgg16()(
-                     relu_kernels=True, transposed=True, dgrad=True, wgrad=True, **fields),
+    "cand_all": {**_second_conv(*SECOND_CONV_PARTS),
+                 ("mlnet_jax.models", "VGG16"): _sibling_function("bias_kernels",
+                                                                  "vgg16_with_every_kernel"),
                  ("mlnet_jax.models", "multilevel_head"): _sibling_function(
                      "head_kernel", "multilevel_head"),
                  ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",
@@ -395,8 +387,7 @@ for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
 PREPARED_VARIANTS = {"cand_prepared_weights"}  # predict's parameters cast and laid out once
 PREDICT_ONLY_VARIANTS = {*PREPARED_VARIANTS, "cand_head_kernel"}
 # The others change gradients only.
-FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12_pool",
-                    "cand_conv12_pool_m256", "cand_conv12_pool_l1", "cand_conv12t_pool",
+FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12t_pool",
                     "cand_conv12t_pool_s2", "cand_all",
                     *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
 
@@ -419,6 +410,8 @@ class patched:
         for (module_name, attribute), replacement in self.patches.items():
             module = importlib.import_module(module_name)
             self.saved.append((module, attribute, getattr(module, attribute)))
+            if replacement is COUNTED:
+                replacement = _counting((module_name, attribute), getattr(module, attribute))
             setattr(module, attribute, replacement)
         self.rewrites_before = _conv_rewrites()
         return self
@@ -435,9 +428,19 @@ class patched:
 
 def _conv_rewrites() -> int:
     """Convolutions the candidates loaded so far have rewritten (``candidates._intercept``,
-    a sibling module's ``rewritten``)."""
+    a sibling module's ``rewritten``, the calls of a ``COUNTED`` package function)."""
     return (sum(getattr(conv, "rewritten", 0) for conv in _LOADED.values())
-            + sum(getattr(module, "rewritten", 0) for module in _SIBLINGS.values()))
+            + sum(getattr(module, "rewritten", 0) for module in _SIBLINGS.values())
+            + sum(_COUNTS.values()))
+
+
+def _counting(key: tuple[str, str], function):
+    """``function``, its calls counted in ``_COUNTS[key]``."""
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        _COUNTS[key] = _COUNTS.get(key, 0) + 1
+        return function(*args, **kwargs)
+    return call
 
 
 # --------------------------------------------------------------------------- JAX parts

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mlnet_jax import first_conv as first_conv_kernel
+from mlnet_jax import second_conv
 from mlnet_jax.relu import relu
 
 PoolingAlignment = Literal["standard", "keras1"]
@@ -237,6 +238,9 @@ class VGG16(nn.Module):
         if name == "conv1_1" and first_conv_kernel.kernel_applies(
                 self.first_conv, x.shape, self.dtype, features=features):
             return first_conv_kernel.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)
+        if name == "conv1_2" and second_conv.kernel_applies(
+                self.first_conv, x.shape, self.dtype, features, self.pooling):
+            return second_conv.ConvBiasReLUPool(features, dtype=self.dtype, name=name)(x)
         x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                     param_dtype=jnp.float32, name=name)(x)
         if name in _POOL_STRIDE_AFTER:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lowering import lowered_for_an_h200
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -854,17 +855,6 @@ def test_a_rows_rates_and_the_matmul_ceiling_follow_from_the_times():
     assert ceiling["tflops"] == pytest.approx(2 * 64 ** 3 / (ceiling["ms"] / 1e3) / 1e12)
 
 
-def _lowered_for_an_h200(fn, *shapes) -> str:
-    """``fn``'s StableHLO lowered for CUDA on an H200 (newer JAX asks which card), traced as a
-    new function: jit's trace cache, keyed on the function, would otherwise serve a trace
-    made under a candidate's patch to a later test of the package's own kernels."""
-    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=card)):
-        return jax.jit(lambda *a: fn(*a)).trace(*shapes).lower(
-            lowering_platforms=("cuda",)).as_text()
-
-
 def test_candidate_conv1_direct_reads_the_image_and_computes_what_the_kernels_do():
     # cand_conv1_direct: conv1_1's two kernels loading their 16-channel windows from the image
     # itself (masked at its edges) instead of the column copies XLA writes: the same products
@@ -898,7 +888,7 @@ def test_candidate_conv1_direct_reads_the_image_and_computes_what_the_kernels_do
     loss = lambda *a: jnp.sum(first_conv.conv_bias_relu(*a).astype(jnp.float32))  # noqa: E731
     try:
         with throughput.patched("cand_conv1_direct"):
-            texts = [_lowered_for_an_h200(f, *shapes)
+            texts = [lowered_for_an_h200(f, *shapes)
                      for f in (first_conv.conv_bias_relu, jax.grad(loss, (1, 2)))]
     finally:
         monkeypatch.undo()
@@ -998,7 +988,7 @@ def test_candidate_pooled_bias_trains_the_same_step_and_lowers_to_one_triton_cal
     # For CUDA at conv1_2's headline shape: one Triton call, nothing left for XLA but the sum.
     shapes = (jax.ShapeDtypeStruct((32, 240, 320, 64), jnp.bfloat16),
               jax.ShapeDtypeStruct((32, 240, 320, 64), jnp.uint8))
-    text = _lowered_for_an_h200(partial(bias_kernels.spread_and_bias_grad, interpret=False),
+    text = lowered_for_an_h200(partial(bias_kernels.spread_and_bias_grad, interpret=False),
                                 *shapes)
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "tensor<32x240x2x320x128xbf16>" in text and "tensor<7680x5x64xf32>" in text
@@ -1028,7 +1018,7 @@ def test_candidate_bias_kernels_mask_by_the_relu_and_train_the_same_step():
     assert float(jnp.abs(moved).max()) > 1e-6
 
     shape = jax.ShapeDtypeStruct((32, 60, 80, 512), jnp.bfloat16)  # conv4_1 at 480×640
-    text = _lowered_for_an_h200(partial(bias_kernels.mask_and_bias_grad, interpret=False),
+    text = lowered_for_an_h200(partial(bias_kernels.mask_and_bias_grad, interpret=False),
                                 shape, shape)
     assert text.count("__gpu$xla.gpu.triton") == 1 and "tensor<4800x512xf32>" in text
 
@@ -1084,111 +1074,35 @@ def test_candidate_pool_argmax_trains_the_same_step():
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("block_cols, transposed", [(64, False), (128, False), (128, True)])
-def test_candidate_conv12_pool_kernel_is_conv_bias_relu_and_pool1(block_cols, transposed):
-    # The kernel (interpreter) against lax's convolution + bias + ReLU + 2×2 pool: every
-    # program meets an edge of the 'SAME' padding (the masked, clipped loads), float32 sums;
-    # transposed, its products as (channels × pixels) with the pixels of each window adjacent.
-    conv12_pool = throughput.sibling("conv12_pool")
-    kernel_call = partial(conv12_pool.conv_relu_pool, block_cols=block_cols, interpret=True,
-                          transposed=transposed)
-    rng = np.random.default_rng(block_cols)
-    x = jnp.asarray(rng.standard_normal((2, 4, 2 * block_cols, 16)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) / 12, jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(32) / 4, jnp.float32)
-    pre = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", precision="highest",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
-    b, h, w, c = pre.shape
-    expected = jnp.max(jnp.maximum(pre, 0).reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
-    got = kernel_call(x, kernel, bias)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert float(jnp.mean(expected == 0)) > 0.05  # the ReLU cuts some windows whole
-
-    # With the winner mask (training), in bfloat16 where rounding ties many windows: the
-    # package's mask of the same rounded values (the first maximum, none where it is 0).
-    from mlnet_jax import vgg
-    as_bf16 = [a.astype(jnp.bfloat16) for a in (x, kernel, bias)]
-    pooled, winners = kernel_call(*as_bf16, winners=True)
-    rounded = (jax.lax.conv_general_dilated(
-        *as_bf16[:2], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=jnp.float32) + as_bf16[2].astype(jnp.float32)).astype(
-        jnp.bfloat16)
-    _, expected_winners = vgg._relu_max_pool_forward(rounded, 2, "standard", "first",
-                                                     rounded.shape[1:3])
-    close = np.isclose(np.asarray(pooled, np.float32),
-                       np.asarray(vgg.max_pool_values(jnp.maximum(rounded, 0), 2, "standard"),
-                                  np.float32), rtol=2 ** -7)
-    assert close.all()
-    # Sums in another order may round a value to the next bfloat16 and move a tie: compare
-    # the masks where the two pooled values agree exactly.
-    same = np.asarray(pooled == vgg.max_pool_values(jnp.maximum(rounded, 0), 2, "standard"))
-    assert same.mean() > 0.95
-    np.testing.assert_array_equal(np.asarray(winners)[same], np.asarray(expected_winners)[same])
-    assert len(np.unique(np.asarray(winners))) == 5
-
-
-@pytest.mark.parametrize("variant", ["cand_conv12_pool", "cand_conv12t_pool"])
-def test_candidate_conv12_pool_predicts_the_same_maps_and_lowers_to_one_triton_call(variant):
-    # In the model (quarter width, 16×128): the same maps as the code's, conv1_2's parameters
-    # where they were; for CUDA at the headline shape: one Triton call, no convolution left.
-    from mlnet_jax.inference import ModelInfo, make_predict_fn
-    conv12_pool = throughput.sibling("conv12_pool")
-    info = ModelInfo(input_size=(16, 128), preprocessing="caffe", width_multiplier=0.25)
-    model = info.build()
-    variables = {"params": jax.tree.map(lambda p: p + np.float32(0.02),  # no zero bias
-                                        throughput.random_params(16, 128, 0.25))}
-    images = jnp.asarray(np.random.default_rng(9).integers(0, 256, (2, 16, 128, 3)), jnp.uint8)
-    expected = make_predict_fn(model, info.preprocessing)(variables, images)
-    before = conv12_pool.rewritten
-    with throughput.patched(variant):
-        got = make_predict_fn(model, info.preprocessing)(variables, images)
-    assert conv12_pool.rewritten == before + 1
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-
-    shapes = (jax.ShapeDtypeStruct((32, 480, 640, 64), jnp.bfloat16),
-              jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.bfloat16),
-              jax.ShapeDtypeStruct((64,), jnp.bfloat16))
-    transposed = variant == "cand_conv12t_pool"
-    for winners in (False, True):
-        for cols, warps in ((128, 4),) if transposed else ((64, 4), (128, 8)):
-            text = _lowered_for_an_h200(partial(
-                conv12_pool.conv_relu_pool, winners=winners, block_cols=cols, num_warps=warps,
-                transposed=transposed), *shapes)
-            assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
-            assert "tensor<32x240x320x64xbf16>" in text
-            assert ("tensor<32x240x320x64xui8>" in text) == winners
-
-
-def test_candidate_conv12_pool_variants_reach_the_triton_call_with_their_settings(monkeypatch):
-    # In the whole model, traced for an H200 (128 columns): cand_conv12_pool pipelines its loop
-    # over 3 stages (cp.async) in blocks of 64 columns, _l1 not at all (plain loads, cached in
-    # L1), _m256 with 8 warps on 128; the transposed kernels take their taps as (output × input
-    # channels) in blocks of 128 columns with 4 warps, _s2 over 2 stages.
+def test_candidate_conv12t_variants_reach_the_packages_triton_call_with_their_settings(
+        monkeypatch):
+    # In the whole model under 'auto', traced for an H200 (a faked lone Hopper GPU, bfloat16,
+    # 128 columns): the code as it is keeps XLA's conv1_2 (nothing adopted yet); each variant
+    # makes the package take its kernel, its taps as (output × input channels), in blocks of
+    # 128 columns with 4 warps over 3 pipeline stages, _s2 over 2; cand_all with the head's.
     import re
 
     from mlnet_jax import first_conv
     from mlnet_jax.inference import ModelInfo
     monkeypatch.setattr(first_conv, "interpreted", lambda: False)
-    model = ModelInfo(input_size=(16, 128), preprocessing="caffe").build(jnp.bfloat16, "xla")
+    monkeypatch.setattr(first_conv, "_lone_hopper_gpu", lambda: True)
+    model = ModelInfo(input_size=(16, 128), preprocessing="caffe").build(jnp.bfloat16)
     images = jax.ShapeDtypeStruct((2, 16, 128, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), images)
 
     def settings(variant):
         with throughput.patched(variant):
-            text = _lowered_for_an_h200(partial(model.apply, train=False), params, images)
-        calls = re.findall(r'grid_y = (\d+) : i32.*name = "conv_bias_relu_pool(_t)?", '
+            text = lowered_for_an_h200(partial(model.apply, train=False), params, images)
+        calls = re.findall(r'grid_y = (\d+) : i32.*name = "conv_bias_relu_pool_t", '
                            r'num_stages = (\d+) : i32, num_warps = (\d+)', text)
         taps_transposed = len(re.findall(
             r"stablehlo.transpose %\w+, dims = \[0, 2, 1\] : \(tensor<9x64x64xbf16>", text))
         return calls, taps_transposed, 'name = "head_conv_readout"' in text
 
-    assert settings("cand_conv12_pool") == ([("2", "", "3", "4")], 0, False)
-    assert settings("cand_conv12_pool_l1") == ([("2", "", "1", "4")], 0, False)
-    assert settings("cand_conv12_pool_m256") == ([("1", "", "3", "8")], 0, False)
-    assert settings("cand_conv12t_pool") == ([("1", "_t", "3", "4")], 1, False)
-    assert settings("cand_conv12t_pool_s2") == ([("1", "_t", "2", "4")], 1, False)
-    # with the transposed kernel and the head's
-    assert settings("cand_all") == ([("1", "_t", "3", "4")], 1, True)
+    assert settings(None) == ([], 0, False)
+    assert settings("cand_conv12t_pool") == ([("1", "3", "4")], 1, False)
+    assert settings("cand_conv12t_pool_s2") == ([("1", "2", "4")], 1, False)
+    assert settings("cand_all") == ([("1", "3", "4")], 1, True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -1252,7 +1166,7 @@ def test_candidate_head_kernel_predicts_the_same_maps_and_lowers_to_one_triton_c
                           jax.eval_shape(partial(head.init_head_params, in_channels=1280),
                                          jax.random.key(0)))
     shapes = [jax.ShapeDtypeStruct((32, 60, 80, c), jnp.bfloat16) for c in (256, 512, 512)]
-    text = _lowered_for_an_h200(lambda p, *f: head_kernel.multilevel_head(
+    text = lowered_for_an_h200(lambda p, *f: head_kernel.multilevel_head(
         p, dict(zip(head.HEAD_FEATURES, f))), params, *shapes)
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert 'name = "head_conv_readout", num_stages = 3 : i32, num_warps = 8' in text
@@ -1260,91 +1174,20 @@ def test_candidate_head_kernel_predicts_the_same_maps_and_lowers_to_one_triton_c
     assert "-> tensor<32x60x80x1xbf16>" in text
 
 
-@pytest.mark.parametrize("cin, cout, size, pixels", [(16, 32, (2, 3, 128), 9600),
-                                                     (64, 64, (1, 2, 64), 9600),
-                                                     (32, 16, (1, 3, 64), 64)])
-def test_candidate_conv12t_weight_gradient_kernel_is_the_convolutions(monkeypatch, cin, cout,
-                                                                      size, pixels):
-    # weight_gradient (interpreter) against lax's: the first eight taps side by side and the
-    # ninth alone, chunks at every edge of the 'SAME' padding, in one program or (at most 64
-    # pixels each) in three whose partial sums XLA adds.
-    conv12_pool = throughput.sibling("conv12_pool")
-    monkeypatch.setattr(conv12_pool, "WGRAD_MOST_PIXELS", pixels)
-    rng = np.random.default_rng(cin)
-    x = jnp.asarray(rng.standard_normal((*size, cin)), jnp.float32)
-    g = jnp.asarray(rng.standard_normal((*size, cout)), jnp.float32)
-    kernel = jnp.zeros((3, 3, cin, cout), jnp.float32)
-    (expected,) = jax.vjp(lambda k: jax.lax.conv_general_dilated(
-        x, k, (1, 1), "SAME", precision="highest",
-        dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)[1](g)
-    got = conv12_pool.weight_gradient(x, g, interpret=True)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, rtol=1e-5,
-                               atol=1e-5 * float(jnp.abs(expected).max()))
-
-
-def test_candidate_conv12t_backward_kernels_are_conv1_2s_gradients_instead_of_cudnns(
-        monkeypatch):
-    # conv_transposed (interpreter) against lax's convolution, programs at edges and inside; as
-    # conv1_2's input gradient (the spread gradient convolved with the flipped, channel-swapped
-    # kernel) and with weight_gradient, the same three gradients as cuDNN's path. Lowered for
-    # an H200 at the headline shape, cuDNN's input gradient and then its weight gradient are
-    # gone, a Triton call in each's place.
-    from mlnet_jax import first_conv
-    conv12_pool = throughput.sibling("conv12_pool")
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 6, 64, 16)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) / 12, jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(32) / 4, jnp.float32)
-    expected = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", precision="highest",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(conv12_pool.conv_transposed(x, kernel, block_cols=16,
-                                                           interpret=True),
-                               expected, rtol=1e-5, atol=1e-5)
-
-    weights = jnp.asarray(rng.standard_normal((2, 3, 32, 32)), jnp.float32)
-
-    def gradients(dgrad, wgrad, interpret=True):
-        options = (("block_cols", 16), ("dgrad", dgrad), ("interpret", interpret),
-                   ("num_stages", 3), ("num_warps", 4), ("transposed", True), ("wgrad", wgrad))
-        loss = lambda *a: jnp.sum(  # noqa: E731
-            conv12_pool.trainable_conv_relu_pool(*a, options) * weights)
-        return jax.grad(loss, (0, 1, 2))
-    cudnn = gradients(False, False)(x, kernel, bias)
-    for ours in (gradients(True, False)(x, kernel, bias), gradients(True, True)(x, kernel, bias)):
-        for a, b in zip(ours, cudnn):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
-            assert float(jnp.abs(a).max()) > 0
-
-    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
-    shapes = (jax.ShapeDtypeStruct((32, 480, 640, 64), jnp.bfloat16),
-              jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.bfloat16),
-              jax.ShapeDtypeStruct((64,), jnp.bfloat16))
-    weights = jnp.ones((32, 240, 320, 64), jnp.bfloat16)
-    texts = [_lowered_for_an_h200(gradients(*backward, interpret=False), *shapes)
-             for backward in ((False, False), (True, False), (True, True))]
-    assert all(t.count('name = "conv_bias_relu_pool_t"') == 1 for t in texts)  # forward
-    assert [t.count("stablehlo.convolution") for t in texts] == [2, 1, 0]
-    assert [t.count("__gpu$xla.gpu.triton") for t in texts] == [1, 2, 3]
-    assert 'name = "conv_transposed", num_stages = 3 : i32, num_warps = 4' in texts[1]
-    assert 'name = "conv_weight_grad", num_stages = 3 : i32, num_warps = 8' in texts[2]
-    # 1024 programs' partial sums: eight taps × 64 channels side by side, and the ninth
-    assert "tensor<1024x64x512xf32>, tensor<1024x64x64xf32>" in texts[2]
-
-
-@pytest.mark.parametrize("variant, size", [("cand_conv12_pool", 64), ("cand_conv12t_pool", 128),
-                                           ("cand_conv12t_dgrad", 128),
-                                           ("cand_conv12t_bwd", 128)])
-def test_candidate_conv12_pool_trains_the_same_step(monkeypatch, variant, size):
-    # In training the kernel also writes the winner mask and the package's backward pass uses
-    # it (with cand_conv12t_dgrad the input gradient by conv_transposed, with _bwd the weight
-    # gradient by weight_gradient too, each traced once): the same update at quarter width
-    # (the transposed kernels' 128 columns: 128×128).
-    conv12_pool = throughput.sibling("conv12_pool")
-    calls = _count_calls(monkeypatch, conv12_pool, "conv_transposed", "weight_gradient")
-    before = conv12_pool.rewritten
-    (a, ma, start), (b, mb, _) = (_one_train_step(v, size=size) for v in (None, variant))
-    assert conv12_pool.rewritten == before + 1
+@pytest.mark.parametrize("variant", ["cand_conv12t_pool", "cand_conv12t_dgrad",
+                                     "cand_conv12t_bwd"])
+def test_candidate_conv12t_variants_train_the_same_step_with_the_parts_they_name(monkeypatch,
+                                                                               variant):
+    # Each variant adopts its parts of mlnet_jax.second_conv while traced (the forward kernel,
+    # with _dgrad the input gradient by conv_transposed, with _bwd the weight gradient by
+    # weight_gradient too, each traced once), the same update as the code's at quarter width
+    # (the kernels' 128 columns: 128×128); after the block nothing is adopted.
+    from mlnet_jax import second_conv
+    monkeypatch.setattr(second_conv, "_auto_takes", lambda dtype: True)  # a Hopper GPU's choice
+    calls = _count_calls(monkeypatch, second_conv, "conv_transposed", "weight_gradient")
+    (a, ma, start), (b, mb, _) = (_one_train_step(v, size=128) for v in (None, variant))
+    assert second_conv.ADOPTED == frozenset()
+    assert throughput.SECOND_CONV_PARTS == second_conv.PARTS  # (throughput.py imports no JAX)
     assert sorted(name for name, _ in calls) == {
         "cand_conv12t_dgrad": ["conv_transposed"],
         "cand_conv12t_bwd": ["conv_transposed", "weight_gradient"]}.get(variant, [])
@@ -1355,15 +1198,17 @@ def test_candidate_conv12_pool_trains_the_same_step(monkeypatch, variant, size):
     assert float(jnp.abs(moved).max()) > 1e-6
 
 
-@pytest.mark.parametrize("variant, changes", [("cand_conv12_pool", False),
+@pytest.mark.parametrize("variant, changes", [("cand_conv12t_pool", False),
                                               ("cand_pooled_bias", False),
                                               ("cand_pool_argmax", False),
                                               ("cand_bias_kernels", True)])
-def test_candidates_leave_keras1_pooling_to_the_package(variant, changes):
+def test_candidates_leave_keras1_pooling_to_the_package(monkeypatch, variant, changes):
     # keras1 windows (Theano's, one row and column earlier) with, in float32, every maximum
     # taking the gradient: no candidate computes those pools. Each leaves them to the package:
     # with nothing else to change it fails as measuring the code would; cand_bias_kernels
     # still takes the 256-wide unpooled layers, with the same update.
+    from mlnet_jax import second_conv
+    monkeypatch.setattr(second_conv, "_auto_takes", lambda dtype: True)  # a Hopper GPU's choice
     if not changes:
         with pytest.raises(RuntimeError, match=f"{variant} changed no convolution"):
             _one_train_step(variant, width=0.5, size=64, pooling="keras1")
@@ -1376,24 +1221,25 @@ def test_candidates_leave_keras1_pooling_to_the_package(variant, changes):
 
 
 def test_candidate_all_puts_the_kernels_together_and_trains_the_same_step(monkeypatch):
-    # cand_all: conv1_2 by the transposed conv + pool kernel (its gradients by conv_transposed
-    # and weight_gradient), conv2_2 by the pooled bias kernel, the four 256-wide unpooled layers
-    # before conv5_3 by the ReLU kernel (half width, 64×64): the same update as
-    # cand_conv12t_bwd (the same conv1_2), to float32 rounding. Against the code's: the
-    # transposed kernel sums each tap's products in another order than XLA's convolution, so
-    # pool1's values may differ in the last bit and move a near-tie of pool1 or pool2 to
+    # cand_all: conv1_2 by the package's transposed conv + pool kernel (its gradients by
+    # conv_transposed and weight_gradient), conv2_2 by the pooled bias kernel, the four
+    # 256-wide unpooled layers before conv5_3 by the ReLU kernel (half width, 64×64): the same
+    # update as cand_conv12t_bwd (the same conv1_2), to float32 rounding. Against the code's:
+    # the transposed kernel sums each tap's products in another order than XLA's convolution,
+    # so pool1's values may differ in the last bit and move a near-tie of pool1 or pool2 to
     # another winner: the layers below pool2 get the same update within 3 % of its size (a
     # wrong tap or window would move it by ~100 %), the others to 1e-5.
-    conv12_pool = throughput.sibling("conv12_pool")
-    calls = _count_calls(monkeypatch, conv12_pool, "conv_transposed", "weight_gradient")
-    counts = {name: throughput.sibling(name).rewritten for name in ("conv12_pool",
-                                                                     "bias_kernels")}
+    from mlnet_jax import second_conv
+    monkeypatch.setattr(second_conv, "_auto_takes", lambda dtype: True)  # a Hopper GPU's choice
+    calls = _count_calls(monkeypatch, second_conv, "conv_transposed", "weight_gradient")
+    counts = (dict(throughput._COUNTS), throughput.sibling("bias_kernels").rewritten)
     (a, ma, start), (b, mb, _) = (_one_train_step(v, width=0.5, size=64)
                                   for v in (None, "cand_all"))
     assert sorted(calls) == [("conv_transposed", (2, 64, 64, 32)),  # conv1_2's, half width
                              ("weight_gradient", (2, 64, 64, 32))]
-    assert throughput.sibling("conv12_pool").rewritten - counts["conv12_pool"] == 1
-    assert throughput.sibling("bias_kernels").rewritten - counts["bias_kernels"] == 5
+    key = ("mlnet_jax.second_conv", "conv_bias_relu_pool")
+    assert throughput._COUNTS[key] - counts[0].get(key, 0) == 1
+    assert throughput.sibling("bias_kernels").rewritten - counts[1] == 5
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     conv12t, _, _ = _one_train_step("cand_conv12t_bwd", width=0.5, size=64)
     for x, y in zip(jax.tree.leaves(conv12t.trainable), jax.tree.leaves(b.trainable)):
