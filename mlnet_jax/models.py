@@ -28,7 +28,7 @@ class MLNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.5
     width_multiplier: float = 1.0  # < 1 only for the CPU demo
-    first_conv: FirstConvMode = "auto"  # conv1_1's kernel: mlnet_jax.first_conv
+    first_conv: FirstConvMode = "auto"  # conv1_1's kernel (first_conv), conv1_2's (second_conv)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

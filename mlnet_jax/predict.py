@@ -554,9 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "much faster on a GPU or TPU, its maps within a few grey levels)")
     # first_conv.FIRST_CONV_MODES, named here so that --help does not import JAX
     p.add_argument("--first-conv", choices=("auto", "xla", "pallas"), default="auto",
-                   help="where conv1_1 and its ReLU run: auto (default: a Pallas kernel in "
-                        "bfloat16 on one Hopper GPU, XLA's convolution elsewhere), xla, or "
-                        "pallas (off a GPU in Pallas's slow interpreter)")
+                   help="where conv1_1 (and the adopted parts of conv1_2) run: auto (default: "
+                        "Pallas kernels in bfloat16 on one Hopper GPU, XLA's convolutions "
+                        "elsewhere), xla, or pallas (off a GPU in Pallas's slow interpreter)")
     p.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
                    help="Gaussian blur of the maps, sigma in pixels of the original image "
                         "(default 0: none, as the original)")

@@ -37,7 +37,7 @@ from mlnet_jax import first_conv, vgg
 
 PARTS: tuple[str, ...] = ("forward", "input_gradient", "weight_gradient")
 ADOPTED: frozenset[str] = frozenset()  # the PARTS measured faster (benchmarks/NOTES.md)
-FORWARD_STAGES = 3  # the forward and input-gradient loops' pipeline stages (~120 KB of shared memory)
+FORWARD_STAGES = 3  # pipeline stages of the forward and input-gradient loops (~120 KB)
 WGRAD_CHUNK = 32  # pixels per product (K) of the weight gradient, all in one row
 WGRAD_MOST_PIXELS = 9600  # per program: 1024 programs at 32 × 480×640 (7.8 waves of 132)
 

@@ -210,8 +210,9 @@ class VGG16(nn.Module):
     Parameters are float32 whatever ``dtype`` (the compute dtype) is, so bfloat16 runs keep
     float32 master weights. ``width_multiplier`` < 1 narrows every layer; it exists only for
     the CPU demo (converted VGG-16 weights need the real widths). ``first_conv`` says where
-    conv1_1 and its ReLU run (``mlnet_jax.first_conv``: 'auto', 'xla' or 'pallas'); the
-    parameters and the result are the same either way.
+    conv1_1 and its ReLU run (``mlnet_jax.first_conv``: 'auto', 'xla' or 'pallas'), and conv1_2
+    with pool1 (``mlnet_jax.second_conv``, the parts adopted); the parameters and the result
+    are the same either way.
     """
 
     pooling: PoolingAlignment = "standard"
