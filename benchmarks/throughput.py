@@ -269,7 +269,7 @@ def software_versions() -> dict:
 # with one of the two undone). cand_* put in levers not adopted (modules of benchmarks/):
 # cand_rgb8 conv1_1 with its input padded to 8 channels (benchmarks/candidates.py);
 # cand_conv1_direct conv1_1's Pallas kernels reading the image instead of its column copies
-# (benchmarks/conv1_direct.py);
+# (mlnet_jax.first_conv.READS_THE_IMAGE);
 # cand_prepared_weights (prediction only) the kernels converted and laid out once
 # (benchmarks/prepared_weights.py); cand_pooled_bias the stride-2 pools' gradient spread and
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
@@ -336,6 +336,9 @@ _LOADED: dict = {}  # the original conv, and the candidates wrapping it
 COUNTED = object()  # a patch: the attribute's own value, its calls counted while traced
 _COUNTS: dict = {}  # (module, attribute) -> calls of a COUNTED patch
 SECOND_CONV_PARTS = ("forward", "input_gradient", "weight_gradient")  # mlnet_jax.second_conv's
+# conv1_1's kernels reading the image (mlnet_jax.first_conv.READS_THE_IMAGE), its calls counted
+_READS_THE_IMAGE = {("mlnet_jax.first_conv", "READS_THE_IMAGE"): True,
+                    ("mlnet_jax.first_conv", "image_reader"): COUNTED}
 _V1 = {("mlnet_jax.first_conv", "kernel_applies"): _version("v3_kernel_applies"),
        ("mlnet_jax.vgg", "relu"): _version("v1_relu"),
        ("mlnet_jax.head", "relu"): _version("v1_relu"),
@@ -352,8 +355,7 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                    _version("v0_dropout_keep_mask")},
     "cand_rgb8": {("jax.lax", "conv_general_dilated"):
                   _conv_candidate("conv_with_padded_colour_channels")},
-    "cand_conv1_direct": {("mlnet_jax.first_conv", "_reader"): _sibling_function(
-        "conv1_direct", "image_reader")},
+    "cand_conv1_direct": _READS_THE_IMAGE,
     "cand_prepared_weights": {},  # measure_predict prepares the variables
     "cand_pooled_bias": {("mlnet_jax.models", "VGG16"): _sibling_function("bias_kernels",
                                                                          "VGG16")},
@@ -372,8 +374,7 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                                                                   "vgg16_with_every_kernel"),
                  ("mlnet_jax.models", "multilevel_head"): _sibling_function(
                      "head_kernel", "multilevel_head"),
-                 ("mlnet_jax.first_conv", "_reader"): _sibling_function("conv1_direct",
-                                                                        "image_reader")},
+                 **_READS_THE_IMAGE},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only
     "xla_no_command_buffers": {"xla_gpu_enable_command_buffer": ""},  # no CUDA graphs

@@ -31,6 +31,9 @@ from jax.experimental import pallas as pl
 FirstConvMode = Literal["auto", "xla", "pallas"]
 FIRST_CONV_MODES: tuple[str, ...] = ("auto", "xla", "pallas")
 CHANNELS = 16  # the products' K: 9 of the 16 are the 3 column taps × 3 colours
+# Whether the kernels read the image itself instead of XLA's column copies (``image_reader``):
+# adopted once measured faster on a card (benchmarks' ``cand_conv1_direct``), not yet.
+READS_THE_IMAGE = False
 
 
 def kernel_applies(mode: str, shape: tuple[int, ...], dtype, features: int = 64) -> bool:
@@ -156,12 +159,45 @@ def _triton_params():
 def _reader(x):
     """(what both kernels read for the image ``x``; ``load(ref, image, row, left, block_w)``,
     how a program takes from it the (block_w, 16) tile of row ``row`` of the padded image):
-    ``column_taps``. A benchmark candidate replaces it (benchmarks/conv1_direct.py)."""
+    ``column_taps``, or with ``READS_THE_IMAGE`` the image itself (``image_reader``)."""
+    if READS_THE_IMAGE:
+        return image_reader(x)
     return column_taps(x), _column_row
 
 
 def _column_row(columns_ref, image, row, left, block_w):
     return columns_ref[image, row, pl.ds(left, block_w), :]
+
+
+def image_reader(x):
+    """``_reader`` for the image itself: its rows flattened to (B, H, 3W), each program's
+    (block_w, 16) tile a masked load of overlapping windows of one row.
+
+    Why: ``column_taps`` is five times the bf16 image (316 MB at 32 × 480×640), written by
+    XLA, read 1.5 times over by the forward kernel (each program re-reads two rows), and kept
+    live in training until the weight-gradient kernel reads it again (+0.24 GiB of executable
+    memory). For output column x, channels dx·3 + c of the padded row are the 9 values of the
+    flat (3W) row starting at (x − 1)·3: the same products and sums, ~0.7 GB less traffic per
+    prediction step. Predicted (H200, bf16 32 × 480×640): +0.8 to +1.5 % prediction, +0.3 to
+    +0.8 % training; the risk is Triton making the overlapping masked loads slower than the
+    block loads they replace (benchmarks/NOTES.md, ``cand_conv1_direct``)."""
+    b, h, w, _ = x.shape
+    return x.reshape(b, h, w * 3), partial(_image_window, height=h, width=w)
+
+
+def _image_window(flat_ref, image, row, left, block_w, *, height, width):
+    """(block_w, 16) in the image's dtype: ``column_taps``' values at row ``row`` of the padded
+    image (0 and ``height`` + 1 are the zero padding) for columns ``left`` … ``left + block_w``."""
+    from jax.experimental.pallas import triton as pallas_triton
+    row = row - 1  # the image's row
+    column = jax.lax.broadcasted_iota(jnp.int32, (block_w, CHANNELS), 0)
+    channel = jax.lax.broadcasted_iota(jnp.int32, (block_w, CHANNELS), 1)
+    offset = (left + column) * 3 + channel - 3
+    valid = ((channel < 9) & (offset >= 0) & (offset < width * 3)
+             & (row >= 0) & (row < height))
+    return pallas_triton.load(
+        flat_ref.at[image, jnp.clip(row, 0, height - 1), jnp.where(valid, offset, 0)],
+        mask=valid, other=0)
 
 
 def _forward_kernel(x, kernel, bias, interpret):

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lowering import lowered_for_an_h200
+
 from mlnet_jax import first_conv
 
 
@@ -328,3 +330,39 @@ def test_auto_keeps_xla_for_computations_placed_on_the_cpu_of_a_gpu_machine(monk
     from mlnet_jax.compute_dtype import cpu_bfloat16_convolutions_work
     if cpu_bfloat16_convolutions_work():  # (JAX 0.11-0.12's XLA:CPU: NaN in bfloat16 convs)
         assert np.isfinite(saliency).all()
+
+
+def test_the_kernels_reading_the_image_compute_what_they_compute_from_the_column_copies(
+        monkeypatch):
+    # READS_THE_IMAGE: both kernels load their 16-channel windows from the image itself
+    # (masked at its edges) instead of the column copies XLA writes: the same products and
+    # sums (in Pallas's interpreter), maps and all three gradients bit for bit, on a size whose
+    # programs meet every edge. For CUDA at the headline size: one Triton call forward and two
+    # for the gradients, fed the image as (B, H, 3W), no column copies, no convolution left.
+    rng = np.random.default_rng(7)
+    x, kernel, bias = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                       for s in ((2, 6, 48, 3), (3, 3, 3, 64), (64,)))
+    weights = jnp.asarray(rng.standard_normal((2, 6, 48, 64)), jnp.float32)
+
+    def maps_and_grads():
+        loss = lambda *a: jnp.sum(first_conv.conv_bias_relu(*a) * weights)  # noqa: E731
+        return first_conv.conv_bias_relu(x, kernel, bias), jax.grad(loss, (0, 1, 2))(
+            x, kernel, bias)
+
+    expected = maps_and_grads()
+    monkeypatch.setattr(first_conv, "READS_THE_IMAGE", True)
+    got = maps_and_grads()
+    assert float(jnp.mean(expected[0] == 0)) > 0.3  # the ReLU cuts, so the masks matter
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(g, e)
+
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
+    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((32, 480, 640, 3), (3, 3, 3, 64),
+                                                              (64,))]
+    loss = lambda *a: jnp.sum(first_conv.conv_bias_relu(*a).astype(jnp.float32))  # noqa: E731
+    texts = [lowered_for_an_h200(f, *shapes)
+             for f in (first_conv.conv_bias_relu, jax.grad(loss, (1, 2)))]
+    for text, calls in zip(texts, (1, 2)):
+        assert text.count("__gpu$xla.gpu.triton") == calls
+        assert "tensor<32x480x1920xbf16>" in text and "x16xbf16>" not in text
+        assert "stablehlo.convolution" not in text
