@@ -266,24 +266,26 @@ def software_versions() -> dict:
 # kernel, the code measured on 2026-11-28; v2.1: v3 with the ReLU and the pool as two
 # operations, the code measured on 2026-11-27; v1: autodiff's gradients for both; v0: v1 with
 # pool4 by reduce_window and one random word per dropout element; v0_pool4 / v0_dropout: v1
-# with one of the two undone). cand_* put in levers not adopted (modules of benchmarks/):
+# with one of the two undone). cand_* put in levers not adopted, the package's own where it has
+# them (its modules' ADOPTED parts or switches set while traced, so that the program measured is
+# the one a winner becomes), else from modules of benchmarks/:
 # cand_rgb8 conv1_1 with its input padded to 8 channels (benchmarks/candidates.py);
 # cand_conv1_direct conv1_1's Pallas kernels reading the image instead of its column copies
 # (mlnet_jax.first_conv.READS_THE_IMAGE);
 # cand_prepared_weights (prediction only) the kernels converted and laid out once
 # (benchmarks/prepared_weights.py); cand_pooled_bias the stride-2 pools' gradient spread and
 # their conv's bias gradient as one Pallas kernel, cand_bias_kernels that and the wide
-# unpooled layers' ReLU mask and bias gradient as another (benchmarks/bias_kernels.py);
+# unpooled layers' ReLU mask and bias gradient as another (mlnet_jax/bias_gradients.py);
 # cand_pool_argmax the pools' winner masks by a pairwise argmax (benchmarks/pool_argmax.py);
 # cand_conv12t_pool(_s2) conv1_2, its ReLU and pool1 as one Pallas kernel, with the pool's winner
 # mask in training, each product transposed (channels × pixels: m64n256 wgmma; _s2 with two
 # pipeline stages), cand_conv12t_dgrad with conv1_2's input gradient so too, cand_conv12t_bwd and
-# its weight gradient (their forward is cand_conv12t_pool's: prediction not measured again):
-# the package's own kernels, mlnet_jax/second_conv.py, each with the parts it names ADOPTED;
+# its weight gradient (their forward is cand_conv12t_pool's: prediction not measured again)
+# (mlnet_jax/second_conv.py);
 # cand_head_kernel (prediction only) the head's convolution, ReLU and readout as one Pallas kernel
 # reading pool3, pool4 and conv5_3 without their concatenation (benchmarks/head_kernel.py);
-# cand_all the Pallas candidates together (conv12t_bwd: conv1_2 forward and both gradients;
-# bias_kernels, conv1_direct, head_kernel).
+# cand_all the Pallas candidates together (conv12t_bwd's, bias_kernels', conv1_direct's and
+# head_kernel's).
 # xla_* compile the code as it is with other XLA options (this executable only).
 
 def _sibling_function(module: str, name: str):
@@ -306,6 +308,14 @@ def _second_conv(*parts: str, stages: int = 3) -> dict:
     return {("mlnet_jax.second_conv", "ADOPTED"): frozenset(parts),
             ("mlnet_jax.second_conv", "FORWARD_STAGES"): stages,
             ("mlnet_jax.second_conv", "conv_bias_relu_pool"): COUNTED}
+
+
+def _bias_gradients(*parts: str) -> dict:
+    """The patches that make ``mlnet_jax.bias_gradients`` take ``parts`` (its ``ADOPTED``), its
+    layers counted."""
+    return {("mlnet_jax.bias_gradients", "ADOPTED"): frozenset(parts),
+            ("mlnet_jax.bias_gradients", "conv_relu_pool"): COUNTED,
+            ("mlnet_jax.bias_gradients", "conv_relu"): COUNTED}
 
 
 def _conv_candidate(factory: str, **options):
@@ -336,6 +346,7 @@ _LOADED: dict = {}  # the original conv, and the candidates wrapping it
 COUNTED = object()  # a patch: the attribute's own value, its calls counted while traced
 _COUNTS: dict = {}  # (module, attribute) -> calls of a COUNTED patch
 SECOND_CONV_PARTS = ("forward", "input_gradient", "weight_gradient")  # mlnet_jax.second_conv's
+BIAS_GRADIENT_PARTS = ("pooled", "unpooled")  # mlnet_jax.bias_gradients'
 # conv1_1's kernels reading the image (mlnet_jax.first_conv.READS_THE_IMAGE), its calls counted
 _READS_THE_IMAGE = {("mlnet_jax.first_conv", "READS_THE_IMAGE"): True,
                     ("mlnet_jax.first_conv", "image_reader"): COUNTED}
@@ -357,10 +368,8 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
                   _conv_candidate("conv_with_padded_colour_channels")},
     "cand_conv1_direct": _READS_THE_IMAGE,
     "cand_prepared_weights": {},  # measure_predict prepares the variables
-    "cand_pooled_bias": {("mlnet_jax.models", "VGG16"): _sibling_function("bias_kernels",
-                                                                         "VGG16")},
-    "cand_bias_kernels": {("mlnet_jax.models", "VGG16"): _sibling_function(
-        "bias_kernels", "vgg16_with_every_kernel")},
+    "cand_pooled_bias": _bias_gradients("pooled"),
+    "cand_bias_kernels": _bias_gradients(*BIAS_GRADIENT_PARTS),
     "cand_pool_argmax": {("mlnet_jax.vgg", "relu_max_pool_2x2"): _sibling_function(
         "pool_argmax", "relu_max_pool_2x2")},
     "cand_conv12t_pool": _second_conv("forward"),
@@ -369,9 +378,7 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
     "cand_conv12t_bwd": _second_conv(*SECOND_CONV_PARTS),
     "cand_head_kernel": {("mlnet_jax.models", "multilevel_head"): _sibling_function(
         "head_kernel", "multilevel_head")},
-    "cand_all": {**_second_conv(*SECOND_CONV_PARTS),
-                 ("mlnet_jax.models", "VGG16"): _sibling_function("bias_kernels",
-                                                                  "vgg16_with_every_kernel"),
+    "cand_all": {**_second_conv(*SECOND_CONV_PARTS), **_bias_gradients(*BIAS_GRADIENT_PARTS),
                  ("mlnet_jax.models", "multilevel_head"): _sibling_function(
                      "head_kernel", "multilevel_head"),
                  **_READS_THE_IMAGE},

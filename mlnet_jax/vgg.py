@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mlnet_jax import first_conv as first_conv_kernel
-from mlnet_jax import second_conv
+from mlnet_jax import bias_gradients, second_conv
 from mlnet_jax.relu import relu
 
 PoolingAlignment = Literal["standard", "keras1"]
@@ -210,9 +210,10 @@ class VGG16(nn.Module):
     Parameters are float32 whatever ``dtype`` (the compute dtype) is, so bfloat16 runs keep
     float32 master weights. ``width_multiplier`` < 1 narrows every layer; it exists only for
     the CPU demo (converted VGG-16 weights need the real widths). ``first_conv`` says where
-    conv1_1 and its ReLU run (``mlnet_jax.first_conv``: 'auto', 'xla' or 'pallas'), and conv1_2
-    with pool1 (``mlnet_jax.second_conv``, the parts adopted); the parameters and the result
-    are the same either way.
+    conv1_1 and its ReLU run (``mlnet_jax.first_conv``: 'auto', 'xla' or 'pallas'), and the
+    adopted parts of conv1_2 with pool1 (``mlnet_jax.second_conv``) and of the ReLUs' and
+    pools' backward passes (``mlnet_jax.bias_gradients``); the parameters and the result are
+    the same either way.
     """
 
     pooling: PoolingAlignment = "standard"
@@ -242,6 +243,11 @@ class VGG16(nn.Module):
         if name == "conv1_2" and second_conv.kernel_applies(
                 self.first_conv, x.shape, self.dtype, features, self.pooling):
             return second_conv.ConvBiasReLUPool(features, dtype=self.dtype, name=name)(x)
+        part = bias_gradients.layer_part(self.first_conv, name, x.shape, self.dtype, features,
+                                         self.pooling)
+        if part:
+            ties = pool_ties(self.pooling, self.dtype) if part == "pooled" else None
+            return bias_gradients.ConvWithKernel(features, ties, dtype=self.dtype, name=name)(x)
         x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                     param_dtype=jnp.float32, name=name)(x)
         if name in _POOL_STRIDE_AFTER:

@@ -930,30 +930,26 @@ def test_a_predict_only_variant_that_changes_nothing_fails_and_trains_nothing(tm
     assert "it would measure the code as it is" in result["results"][-1]["error"]
 
 
-@pytest.mark.parametrize("ties", ["first", "all"])
-def test_candidate_pooled_bias_kernel_spreads_like_the_pools_gradient_and_sums_the_bias(ties):
-    # The kernel (Pallas's interpreter) against the package's pool backward: the same input
-    # gradient bit for bit, and its channel sums as the bias gradient.
-    from mlnet_jax import vgg
-    bias_kernels = throughput.sibling("bias_kernels")
-    rng = np.random.default_rng(11)
-    pre = jnp.asarray(np.round(rng.standard_normal((2, 8, 32, 16)), 1), jnp.float32)  # ties
-    _, winners = vgg._relu_max_pool_forward(pre, 2, "standard", ties, pre.shape[1:3])
-    g = jnp.asarray(rng.standard_normal((2, 4, 16, 16)), jnp.float32)
-    (expected,) = vgg._relu_max_pool_backward(2, "standard", ties, pre.shape[1:3], winners, g)
-    spread, bias = bias_kernels.spread_and_bias_grad(g, winners, True)
-    np.testing.assert_array_equal(spread, expected)
-    np.testing.assert_allclose(bias, jnp.sum(expected, axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
-    assert float(jnp.mean(expected != 0)) > 0.1 and bool(jnp.any(expected == 0))
+def _counted(*keys) -> int:
+    """Calls of throughput's COUNTED patches named by ``keys`` so far."""
+    return sum(throughput._COUNTS.get(key, 0) for key in keys)
 
 
-def test_candidate_pooled_bias_trains_the_same_step_and_lowers_to_one_triton_call():
-    # cand_pooled_bias in a real train step (64×64, quarter width): conv1_2 and conv2_2 take the
-    # kernel, conv3_3 (8 windows a row: no Triton block) keeps XLA's; the same update.
-    bias_kernels = throughput.sibling("bias_kernels")
-    before = bias_kernels.rewritten
+BIAS_GRADIENT_LAYERS = (("mlnet_jax.bias_gradients", "conv_relu_pool"),
+                        ("mlnet_jax.bias_gradients", "conv_relu"))
+
+
+def test_candidate_pooled_bias_trains_the_same_step(monkeypatch):
+    # cand_pooled_bias adopts bias_gradients' "pooled" part while traced: in a real train step
+    # (64×64, quarter width) conv1_2 and conv2_2 take the kernel, conv3_3 (8 windows a row: no
+    # Triton block) keeps XLA's; the same update.
+    from mlnet_jax import bias_gradients
+    monkeypatch.setattr(bias_gradients, "_auto_takes", lambda dtype: True)  # a Hopper GPU's
+    before = _counted(*BIAS_GRADIENT_LAYERS)
     (a, ma, start), (b, mb, _) = (_one_train_step(v, size=64) for v in (None, "cand_pooled_bias"))
-    assert bias_kernels.rewritten - before == 2
+    assert _counted(*BIAS_GRADIENT_LAYERS) - before == 2
+    assert bias_gradients.ADOPTED == frozenset()
+    assert throughput.BIAS_GRADIENT_PARTS == bias_gradients.PARTS
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
@@ -961,66 +957,22 @@ def test_candidate_pooled_bias_trains_the_same_step_and_lowers_to_one_triton_cal
         moved = a.trainable["backbone"][layer]["bias"] - start["backbone"][layer]["bias"]
         assert float(jnp.abs(moved).max()) > 1e-6
 
-    # For CUDA at conv1_2's headline shape: one Triton call, nothing left for XLA but the sum.
-    shapes = (jax.ShapeDtypeStruct((32, 240, 320, 64), jnp.bfloat16),
-              jax.ShapeDtypeStruct((32, 240, 320, 64), jnp.uint8))
-    text = lowered_for_an_h200(partial(bias_kernels.spread_and_bias_grad, interpret=False),
-                                *shapes)
-    assert text.count("__gpu$xla.gpu.triton") == 1
-    assert "tensor<32x240x2x320x128xbf16>" in text and "tensor<7680x5x64xf32>" in text
 
-
-def test_candidate_bias_kernels_mask_by_the_relu_and_train_the_same_step():
-    # The ReLU kernel (interpreter) against the formula, then cand_bias_kernels in a real train
-    # step at half width, 64×64: the pools of conv1_2 and conv2_2 and the four 256-wide layers
-    # no pool follows but the last (conv5_3 feeds the head) take the kernels; the same update.
-    bias_kernels = throughput.sibling("bias_kernels")
-    rng = np.random.default_rng(12)
-    y = jnp.maximum(jnp.asarray(rng.standard_normal((2, 8, 16, 256)), jnp.float32), 0)
-    g = jnp.asarray(rng.standard_normal((2, 8, 16, 256)), jnp.float32)
-    masked, bias = bias_kernels.mask_and_bias_grad(g, y, True)
-    expected = jnp.where(y > 0, g, 0)
-    np.testing.assert_array_equal(masked, expected)
-    np.testing.assert_allclose(bias, jnp.sum(expected, axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
-
-    before = bias_kernels.rewritten
+def test_candidate_bias_kernels_train_the_same_step(monkeypatch):
+    # cand_bias_kernels in a real train step at half width, 64×64: the pools of conv1_2 and
+    # conv2_2 and the four 256-wide layers no pool follows but the last (conv5_3 feeds the
+    # head) take the kernels; the same update.
+    from mlnet_jax import bias_gradients
+    monkeypatch.setattr(bias_gradients, "_auto_takes", lambda dtype: True)  # a Hopper GPU's
+    before = _counted(*BIAS_GRADIENT_LAYERS)
     (a, ma, start), (b, mb, _) = (_one_train_step(v, width=0.5, size=64)
                                   for v in (None, "cand_bias_kernels"))
-    assert bias_kernels.rewritten - before == 6
+    assert _counted(*BIAS_GRADIENT_LAYERS) - before == 6
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
     moved = a.trainable["backbone"]["conv4_1"]["bias"] - start["backbone"]["conv4_1"]["bias"]
     assert float(jnp.abs(moved).max()) > 1e-6
-
-    shape = jax.ShapeDtypeStruct((32, 60, 80, 512), jnp.bfloat16)  # conv4_1 at 480×640
-    text = lowered_for_an_h200(partial(bias_kernels.mask_and_bias_grad, interpret=False),
-                                shape, shape)
-    assert text.count("__gpu$xla.gpu.triton") == 1 and "tensor<4800x512xf32>" in text
-
-
-def test_candidate_bias_kernels_take_every_wide_layer_but_the_one_feeding_the_head(monkeypatch):
-    # At full width, traced for an H200: the three stride-2 pools' convs and the unpooled layers
-    # of 256 and 512 channels take a kernel in the backward pass; conv5_3 does not (its gradient
-    # is a slice of the head's), nor the stride-1 pool4's conv4_3 or the narrower layers.
-    import re
-
-    from mlnet_jax import first_conv
-    from mlnet_jax.inference import ModelInfo
-    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
-    model = ModelInfo(input_size=(16, 128), preprocessing="caffe").build(jnp.bfloat16, "xla")
-    images = jax.ShapeDtypeStruct((2, 16, 128, 3), jnp.float32)
-    params = jax.eval_shape(model.init, jax.random.key(0), images)
-    loss = lambda p, x: jnp.sum(model.apply(p, x, train=False).astype(jnp.float32))  # noqa: E731
-    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with throughput.patched("cand_bias_kernels"), jax.sharding.use_abstract_mesh(
-            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=card)):
-        text = jax.jit(lambda *a: jax.grad(loss)(*a)).trace(params, images).lower(
-            lowering_platforms=("cuda",)).as_text(debug_info=True)
-    layers = set(re.findall(r'(conv\d_\d)[^"]{0,80}(?:relu_bias_grad|pallas_call)', text))
-    assert layers == {"conv1_2", "conv2_2", "conv3_3", "conv3_1", "conv3_2", "conv4_1", "conv4_2",
-                      "conv5_1", "conv5_2"}
-    assert text.count("__gpu$xla.gpu.triton") == len(layers)
 
 
 @pytest.mark.parametrize("stride, alignment, rows", [(2, "standard", 8), (2, "keras1", 8),
@@ -1183,8 +1135,9 @@ def test_candidates_leave_keras1_pooling_to_the_package(monkeypatch, variant, ch
     # taking the gradient: no candidate computes those pools. Each leaves them to the package:
     # with nothing else to change it fails as measuring the code would; cand_bias_kernels
     # still takes the 256-wide unpooled layers, with the same update.
-    from mlnet_jax import second_conv
-    monkeypatch.setattr(second_conv, "_auto_takes", lambda dtype: True)  # a Hopper GPU's choice
+    from mlnet_jax import bias_gradients, second_conv
+    for module in (bias_gradients, second_conv):  # a Hopper GPU's choice
+        monkeypatch.setattr(module, "_auto_takes", lambda dtype: True)
     if not changes:
         with pytest.raises(RuntimeError, match=f"{variant} changed no convolution"):
             _one_train_step(variant, width=0.5, size=64, pooling="keras1")
@@ -1205,17 +1158,18 @@ def test_candidate_all_puts_the_kernels_together_and_trains_the_same_step(monkey
     # so pool1's values may differ in the last bit and move a near-tie of pool1 or pool2 to
     # another winner: the layers below pool2 get the same update within 3 % of its size (a
     # wrong tap or window would move it by ~100 %), the others to 1e-5.
-    from mlnet_jax import second_conv
-    monkeypatch.setattr(second_conv, "_auto_takes", lambda dtype: True)  # a Hopper GPU's choice
+    from mlnet_jax import bias_gradients, second_conv
+    for module in (bias_gradients, second_conv):  # a Hopper GPU's choice
+        monkeypatch.setattr(module, "_auto_takes", lambda dtype: True)
     calls = _count_calls(monkeypatch, second_conv, "conv_transposed", "weight_gradient")
-    counts = (dict(throughput._COUNTS), throughput.sibling("bias_kernels").rewritten)
+    key = ("mlnet_jax.second_conv", "conv_bias_relu_pool")
+    counts = (_counted(key), _counted(*BIAS_GRADIENT_LAYERS))
     (a, ma, start), (b, mb, _) = (_one_train_step(v, width=0.5, size=64)
                                   for v in (None, "cand_all"))
     assert sorted(calls) == [("conv_transposed", (2, 64, 64, 32)),  # conv1_2's, half width
                              ("weight_gradient", (2, 64, 64, 32))]
-    key = ("mlnet_jax.second_conv", "conv_bias_relu_pool")
-    assert throughput._COUNTS[key] - counts[0].get(key, 0) == 1
-    assert throughput.sibling("bias_kernels").rewritten - counts[1] == 5
+    assert _counted(key) - counts[0] == 1
+    assert _counted(*BIAS_GRADIENT_LAYERS) - counts[1] == 5
     assert float(mb["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
     conv12t, _, _ = _one_train_step("cand_conv12t_bwd", width=0.5, size=64)
     for x, y in zip(jax.tree.leaves(conv12t.trainable), jax.tree.leaves(b.trainable)):

@@ -1,30 +1,28 @@
-"""Candidates ``cand_pooled_bias`` and ``cand_bias_kernels``: the bias gradients of VGG's
-convolutions, with the ReLU's mask and the pool's gradient before them, as Pallas (Triton)
-kernels instead of XLA's reduction fusions.
+"""The backward passes of VGG's ReLUs (and of the stride-2 pools after them) with their
+convolutions' bias gradients as Pallas (Triton) kernels instead of XLA's reduction fusions,
+taken only once measured faster (``ADOPTED``).
 
-``cand_pooled_bias``: the backward pass of conv1_2, conv2_2 and conv3_3's bias, ReLU and 2×2
-pool as one kernel.
+Why: in the v3 training profile on the H200 (2026-11-28, committed trace and HLO) the three
+reduction fusions that spread each stride-2 pool's gradient to its winners and sum the bias
+gradient ran at 1.95, 2.06 and 1.76 TB/s (0.887 + 0.420 + 0.246 ms for 3.03 GB), and those of
+the 256- and 512-wide layers that no pool follows at 2.3–2.6 TB/s (1.45 ms for 3.76 GB), where
+plain element-wise passes of the same step ran at 4–5 TB/s: XLA tiles the bias's column
+reduction poorly. ``spread_and_bias_grad`` reads the pooled gradient and the winner mask once
+per window and writes the input's gradient as four strided stores, summing the bias gradient
+per program; ``mask_and_bias_grad`` reads the incoming gradient and the ReLU's output once.
+XLA adds the partial sums; cuDNN keeps both convolution gradients. Same values: the same
+winners, float32 sums. Predicted (H200, bf16 32 × 480×640): ``pooled`` −0.6 to −0.75 ms per
+step (+1.4 to +1.8 % training), ``unpooled`` another −0.35 to −0.45 ms; prediction unchanged
+(no backward pass). conv5_3 is left to XLA: its incoming gradient is a slice of the head's
+concatenated, dropout-masked gradient, which XLA fuses into its own reduction but would have to
+write out whole for a kernel (0.58 GB per step, seen compiled for an H200).
 
-Why: in the v3 training profile on the H200 (2026-11-28, committed trace and HLO), the three
-reduction fusions that spread each pool's gradient to its winners and sum the bias gradient
-ran at 1.95, 2.06 and 1.76 TB/s (0.887 + 0.420 + 0.246 ms for 3.03 GB) where plain
-element-wise passes of the same step ran at 4–5 TB/s: XLA tiles the bias's column reduction
-over the (B, h, 2, w, 2, C) view poorly. The kernel reads the pooled gradient and the winner
-mask once per window and writes the input's gradient as four strided stores of C channels,
-summing the bias gradient per program (XLA adds the partial sums). Same values: the same
-winners, float32 sums. Predicted (H200, bf16 32 × 480×640, standard pooling): those three
-passes at ~3.5 TB/s, −0.6 to −0.75 ms per step, +1.4 to +1.8 % training; prediction unchanged
-(no backward pass).
-
-``cand_bias_kernels``: that, and the 256- and 512-wide layers that no pool follows (conv3_1,
-conv3_2, conv4_1, conv4_2, conv5_1, conv5_2) with their ReLU's mask and bias gradient as one
-kernel reading the incoming gradient and the ReLU's output once. Not conv5_3: its incoming
-gradient is a slice of the head's concatenated, dropout-masked gradient, which XLA fuses into
-its own reduction but must write out whole for a kernel (0.58 GB per step, seen in the program
-compiled for an H200 by ``deviceless.py``, 2026-11-28). XLA's fusions for those ran at
-2.3–2.6 TB/s in the same trace (1.45 ms for 3.76 GB with conv5_3's, ~11 % of them; the
-128-wide conv2_1's at 3.96 TB/s is left to XLA). Predicted: another −0.35 to −0.45 ms, +0.9 to
-+1.1 % training.
+``ADOPTED`` names the parts that ``first_conv="auto"`` and ``"pallas"`` take: ``pooled``
+(conv1_2, conv2_2 and conv3_3 with their pools, where ``mlnet_jax.second_conv`` does not take
+conv1_2) and ``unpooled`` (conv3_1, conv3_2, conv4_1, conv4_2, conv5_1, conv5_2). It is empty
+until a part is measured faster on a card beside the code (``benchmarks/throughput.py``'s
+``cand_pooled_bias`` and ``cand_bias_kernels`` set it). 'auto' takes them in bfloat16 on a lone
+Hopper GPU, 'pallas' anywhere (off a GPU in the interpreter).
 """
 
 from __future__ import annotations
@@ -36,9 +34,35 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mlnet_jax import first_conv, second_conv, vgg
+from mlnet_jax import first_conv, vgg
 
-rewritten = 0  # layers traced with the kernel, for throughput.py's check
+PARTS: tuple[str, ...] = ("pooled", "unpooled")
+ADOPTED: frozenset[str] = frozenset()  # the PARTS measured faster (benchmarks/NOTES.md)
+
+
+def layer_part(mode: str, name: str, shape: tuple[int, ...], dtype, features: int,
+               pooling: str) -> str | None:
+    """Which adopted part takes layer ``name`` (its input ``shape``, NHWC, ``features``
+    outputs) under ``mode`` (``first_conv``'s 'auto', 'xla' or 'pallas'): 'pooled',
+    'unpooled' or None (the package's layer)."""
+    if mode == "xla" or not ADOPTED or (mode == "auto" and not _auto_takes(dtype)):
+        return None
+    stride = vgg._POOL_STRIDE_AFTER.get(name)
+    if stride:
+        fits = "pooled" in ADOPTED and pool_kernel_fits(shape, stride, pooling, features)
+        return "pooled" if fits else None
+    output = (*shape[:3], features)
+    if ("unpooled" in ADOPTED and name not in ("conv1_1", vgg.VGG16_CONV_NAMES[-1])
+            and relu_kernel_fits(output, features)):
+        return "unpooled"
+    return None
+
+
+def _auto_takes(dtype) -> bool:
+    """Where 'auto' takes an adopted part: as conv1_1's kernel, bfloat16 on a lone Hopper GPU
+    with Pallas's Triton backend."""
+    return (jnp.dtype(dtype) == jnp.bfloat16 and first_conv._lone_hopper_gpu()
+            and first_conv._triton_available())
 
 
 def pool_kernel_fits(shape, stride: int, alignment: str, channels: int) -> bool:
@@ -179,37 +203,7 @@ class ConvWithKernel(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        global rewritten
-        rewritten += 1
         x, kernel, bias = first_conv.conv_parameters(self, x, self.features, self.dtype)
         if self.ties:
             return conv_relu_pool(x, kernel, bias, self.ties, first_conv.interpreted())
         return conv_relu(x, kernel, bias, first_conv.interpreted())
-
-
-class VGG16(vgg.VGG16):
-    """``vgg.VGG16`` whose stride-2 pools take their conv with them into ``ConvWithKernel``
-    where the kernel fits (``cand_pooled_bias``), and with ``relu_kernels`` also the wide
-    layers no pool follows (``cand_bias_kernels``); every other layer as the package's."""
-
-    relu_kernels: bool = False
-
-    @nn.nowrap
-    def layer(self, name, features, x):
-        if name == "conv1_2" and second_conv.kernel_applies(self.first_conv, x.shape,
-                                                            self.dtype, features, self.pooling):
-            return super().layer(name, features, x)  # the package's kernel, where adopted
-        stride = vgg._POOL_STRIDE_AFTER.get(name)
-        if stride and pool_kernel_fits(x.shape, stride, self.pooling, features):
-            return ConvWithKernel(features, vgg.pool_ties(self.pooling, self.dtype),
-                                  dtype=self.dtype, name=name)(x)
-        last = vgg.VGG16_CONV_NAMES[-1]  # its gradient is a slice of the head's, left to XLA
-        if (self.relu_kernels and not stride and name not in ("conv1_1", last)
-                and relu_kernel_fits(x.shape, features)):
-            return ConvWithKernel(features, dtype=self.dtype, name=name)(x)
-        return super().layer(name, features, x)
-
-
-def vgg16_with_every_kernel(**fields) -> VGG16:
-    """``cand_bias_kernels``' backbone."""
-    return VGG16(relu_kernels=True, **fields)
