@@ -45,7 +45,7 @@ def layer_part(mode: str, name: str, shape: tuple[int, ...], dtype, features: in
     """Which adopted part takes layer ``name`` (its input ``shape``, NHWC, ``features``
     outputs) under ``mode`` (``first_conv``'s 'auto', 'xla' or 'pallas'): 'pooled',
     'unpooled' or None (the package's layer)."""
-    if mode == "xla" or not ADOPTED or (mode == "auto" and not _auto_takes(dtype)):
+    if mode == "xla" or (mode == "auto" and not _auto_takes(dtype)):
         return None
     stride = vgg._POOL_STRIDE_AFTER.get(name)
     if stride:
