@@ -283,7 +283,7 @@ def software_versions() -> dict:
 # its weight gradient (their forward is cand_conv12t_pool's: prediction not measured again)
 # (mlnet_jax/second_conv.py);
 # cand_head_kernel (prediction only) the head's convolution, ReLU and readout as one Pallas kernel
-# reading pool3, pool4 and conv5_3 without their concatenation (benchmarks/head_kernel.py);
+# reading pool3, pool4 and conv5_3 without their concatenation (mlnet_jax/head_kernel.py);
 # cand_all the Pallas candidates together (conv12t_bwd's, bias_kernels', conv1_direct's and
 # head_kernel's).
 # xla_* compile the code as it is with other XLA options (this executable only).
@@ -347,6 +347,9 @@ COUNTED = object()  # a patch: the attribute's own value, its calls counted whil
 _COUNTS: dict = {}  # (module, attribute) -> calls of a COUNTED patch
 SECOND_CONV_PARTS = ("forward", "input_gradient", "weight_gradient")  # mlnet_jax.second_conv's
 BIAS_GRADIENT_PARTS = ("pooled", "unpooled")  # mlnet_jax.bias_gradients'
+# the head as one kernel (mlnet_jax.head_kernel.ADOPTED), its calls counted
+_HEAD_KERNEL = {("mlnet_jax.head_kernel", "ADOPTED"): True,
+                ("mlnet_jax.head_kernel", "multilevel_head"): COUNTED}
 # conv1_1's kernels reading the image (mlnet_jax.first_conv.READS_THE_IMAGE), its calls counted
 _READS_THE_IMAGE = {("mlnet_jax.first_conv", "READS_THE_IMAGE"): True,
                     ("mlnet_jax.first_conv", "image_reader"): COUNTED}
@@ -376,11 +379,9 @@ VARIANTS = {  # name -> {(module, attribute): replacement}
     "cand_conv12t_pool_s2": _second_conv("forward", stages=2),
     "cand_conv12t_dgrad": _second_conv("forward", "input_gradient"),
     "cand_conv12t_bwd": _second_conv(*SECOND_CONV_PARTS),
-    "cand_head_kernel": {("mlnet_jax.models", "multilevel_head"): _sibling_function(
-        "head_kernel", "multilevel_head")},
+    "cand_head_kernel": _HEAD_KERNEL,
     "cand_all": {**_second_conv(*SECOND_CONV_PARTS), **_bias_gradients(*BIAS_GRADIENT_PARTS),
-                 ("mlnet_jax.models", "multilevel_head"): _sibling_function(
-                     "head_kernel", "multilevel_head"),
+                 **_HEAD_KERNEL,
                  **_READS_THE_IMAGE},
 }
 COMPILER_OPTIONS = {  # variant -> XLA debug options, passed to this executable's compile only

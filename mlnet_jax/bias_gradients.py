@@ -58,11 +58,7 @@ def layer_part(mode: str, name: str, shape: tuple[int, ...], dtype, features: in
     return None
 
 
-def _auto_takes(dtype) -> bool:
-    """Where 'auto' takes an adopted part: as conv1_1's kernel, bfloat16 on a lone Hopper GPU
-    with Pallas's Triton backend."""
-    return (jnp.dtype(dtype) == jnp.bfloat16 and first_conv._lone_hopper_gpu()
-            and first_conv._triton_available())
+_auto_takes = first_conv.auto_takes  # its own name: tests fake a Hopper GPU per module
 
 
 def pool_kernel_fits(shape, stride: int, alignment: str, channels: int) -> bool:

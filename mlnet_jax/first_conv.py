@@ -49,8 +49,14 @@ def kernel_applies(mode: str, shape: tuple[int, ...], dtype, features: int = 64)
         if reason:
             raise ValueError(f"first_conv='pallas': {reason}")
         return True
-    return (not reason and jnp.dtype(dtype) == jnp.bfloat16 and _lone_hopper_gpu()
-            and _triton_available())
+    return not reason and auto_takes(dtype)
+
+
+def auto_takes(dtype) -> bool:
+    """Where 'auto' takes the package's Pallas kernels (this one and those adopted in
+    ``second_conv``, ``bias_gradients`` and ``head_kernel``): bfloat16, where they were
+    measured, on a lone Hopper GPU with Pallas's Triton backend."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and _lone_hopper_gpu() and _triton_available()
 
 
 def unfit_reason(shape, dtype, features: int = 64) -> str:

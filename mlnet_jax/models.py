@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlnet_jax import head_kernel
 from mlnet_jax.first_conv import FirstConvMode
 from mlnet_jax.head import init_head_params, multilevel_head
 from mlnet_jax.prior import PRIOR_FACTOR, apply_prior, prior_shape
@@ -28,7 +29,7 @@ class MLNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.5
     width_multiplier: float = 1.0  # < 1 only for the CPU demo
-    first_conv: FirstConvMode = "auto"  # conv1_1's kernel (first_conv), conv1_2's (second_conv)
+    first_conv: FirstConvMode = "auto"  # the Pallas kernels: first_conv, and those adopted
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -42,8 +43,12 @@ class MLNet(nn.Module):
         in_channels = sum(features[k].shape[-1] for k in ("pool3", "pool4", "conv5_3"))
         head_params = self.param("head", init_head_params, in_channels)
         dropout_rng = self.make_rng("dropout") if train and self.dropout_rate > 0 else None
-        saliency = multilevel_head(head_params, features, dropout_rng=dropout_rng,
-                                   dropout_rate=self.dropout_rate)
+        if head_kernel.kernel_applies(self.first_conv, features, self.dtype,
+                                      dropout=dropout_rng is not None):
+            saliency = head_kernel.multilevel_head(head_params, features)
+        else:
+            saliency = multilevel_head(head_params, features, dropout_rng=dropout_rng,
+                                       dropout_rate=self.dropout_rate)
         saliency = saliency.astype(jnp.float32)
         if self.prior:
             shape = prior_shape(rows // OUTPUT_STRIDE, cols // OUTPUT_STRIDE)

@@ -1,6 +1,7 @@
-"""Candidate ``cand_head_kernel`` (prediction): ML-Net's head (the 3×3 convolution over pool3 +
+"""ML-Net's head (the 3×3 convolution over pool3 +
 pool4 + conv5_3, its bias and ReLU, the 1×1 readout, its bias and ReLU) as one Pallas (Triton)
-kernel that reads the three feature maps where they are.
+kernel that reads the three feature maps where they are, taken only once measured faster
+(``ADOPTED``).
 
 Why: in prediction XLA writes the 1280-channel concatenation (32 × 60×80 × 1280 bf16, 393 MB,
 written and read again: three copies of ~76 µs, 0.23 ms per step in the v3 trace) and cuDNN
@@ -16,7 +17,12 @@ then the bias and ReLU and the readout as a sum over the 64 channels, with its b
 rounded to the features' dtype where the package's head rounds, before the only write: one
 value per pixel. Training with dropout keeps the package's head (its mask is drawn over the
 concatenation); without dropout the kernel runs forward and the package head's gradient
-backward.
+backward. Predicted (H200, bf16 32 × 480×640): +1 to +2.6 % prediction.
+
+``ADOPTED`` says whether ``first_conv="auto"`` and ``"pallas"`` take it: not until measured
+faster on a card beside the code (``benchmarks/throughput.py``'s ``cand_head_kernel`` sets it).
+'auto' takes it in bfloat16 on a lone Hopper GPU, 'pallas' anywhere (off a GPU in the
+interpreter).
 """
 
 from __future__ import annotations
@@ -30,8 +36,19 @@ from jax.experimental import pallas as pl
 
 from mlnet_jax import first_conv, head
 
-rewritten = 0  # heads traced with the kernel, for throughput.py's check
+ADOPTED = False  # measured faster (benchmarks/NOTES.md)
 CHUNK = 64  # input channels per product (K); every source's width is a multiple
+
+
+def kernel_applies(mode: str, features: dict, dtype, dropout: bool) -> bool:
+    """Whether the head over ``features`` takes the kernel under ``mode`` (``first_conv``'s
+    'auto', 'xla' or 'pallas'): adopted, no dropout, where it fits."""
+    if mode == "xla" or not ADOPTED or dropout or not fits(features):
+        return False
+    return mode == "pallas" or _auto_takes(dtype)
+
+
+_auto_takes = first_conv.auto_takes  # its own name: tests fake a Hopper GPU per module
 
 
 def fits(features: dict) -> bool:
@@ -49,14 +66,9 @@ def pixel_block(pixels: int, most: int = 256) -> int | None:
     return block if block >= 16 else None
 
 
-def multilevel_head(params: dict, features: dict, *, dropout_rng=None, dropout_rate=0.5):
-    """``head.multilevel_head``, by the kernel where it fits and no dropout applies
-    (prediction; training without dropout gets the package head's gradient)."""
-    if (dropout_rng is not None and dropout_rate > 0) or not fits(features):
-        return head.multilevel_head(params, features, dropout_rng=dropout_rng,
-                                    dropout_rate=dropout_rate)
-    global rewritten
-    rewritten += 1
+def multilevel_head(params: dict, features: dict) -> jax.Array:
+    """``head.multilevel_head`` without dropout by the kernel, with the package head's
+    gradient."""
     return _head_maps_with_gradient(params, [features[name] for name in head.HEAD_FEATURES],
                                     first_conv.interpreted())
 
