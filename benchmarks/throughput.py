@@ -261,6 +261,8 @@ def software_versions() -> dict:
 # Other versions of the levers (earlier ones re-created, or candidates), for a side-by-side
 # measurement in the same run; each patch lives only while the step is traced. Rows measured
 # under one carry "variant".
+# v4: the package with nothing adopted of second_conv, bias_gradients, head_kernel and
+# first_conv.READS_THE_IMAGE (the code until a lease adopts one: then the code before it);
 # v3 / v2.1 / v1 / v0: earlier versions of the package's levers, re-created in
 # benchmarks/versions.py (v3: conv1_1 by cuDNN and its ReLU apart, not mlnet_jax/first_conv.py's
 # kernel, the code measured on 2026-11-28; v2.1: v3 with the ReLU and the pool as two
@@ -358,6 +360,11 @@ _V1 = {("mlnet_jax.first_conv", "kernel_applies"): _version("v3_kernel_applies")
        ("mlnet_jax.head", "relu"): _version("v1_relu"),
        ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v1_relu_max_pool")}
 VARIANTS = {  # name -> {(module, attribute): replacement}
+    # v4: the package with none of the measured-later kernels adopted (the code until they are)
+    "v4": {("mlnet_jax.second_conv", "ADOPTED"): frozenset(),
+           ("mlnet_jax.bias_gradients", "ADOPTED"): frozenset(),
+           ("mlnet_jax.head_kernel", "ADOPTED"): False,
+           ("mlnet_jax.first_conv", "READS_THE_IMAGE"): False},
     "v3": {("mlnet_jax.first_conv", "kernel_applies"): _version("v3_kernel_applies")},
     "v2.1": {("mlnet_jax.first_conv", "kernel_applies"): _version("v3_kernel_applies"),
              ("mlnet_jax.vgg", "relu_max_pool_2x2"): _version("v2_1_relu_max_pool")},
@@ -396,7 +403,7 @@ for _name in COMPILER_OPTIONS:  # the rest: the code as it is, other options
 PREPARED_VARIANTS = {"cand_prepared_weights"}  # predict's parameters cast and laid out once
 PREDICT_ONLY_VARIANTS = {*PREPARED_VARIANTS, "cand_head_kernel"}
 # The others change gradients only.
-FORWARD_VARIANTS = {"v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12t_pool",
+FORWARD_VARIANTS = {"v4", "v3", "v0", "v0_pool4", "cand_rgb8", "cand_conv1_direct", "cand_conv12t_pool",
                     "cand_conv12t_pool_s2", "cand_all",
                     *PREDICT_ONLY_VARIANTS, *COMPILER_OPTIONS}
 

@@ -1138,3 +1138,35 @@ def test_candidate_all_puts_the_kernels_together_and_trains_the_same_step(monkey
             assert float(jnp.abs(y - x).max()) <= 0.03 * update, jax.tree_util.keystr(path)
         else:
             np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+
+
+def test_v4_recreates_the_code_before_any_candidate_kernel_is_adopted(monkeypatch):
+    # With every candidate part adopted (as a lease's winners would be) and a faked Hopper
+    # GPU, the train step and predict programs change; under v4 they are again the programs
+    # of the code with nothing adopted, op for op.
+    from mlnet_jax import bias_gradients, first_conv, head_kernel, second_conv
+    from mlnet_jax.inference import ModelInfo, make_predict_fn
+    monkeypatch.setattr(first_conv, "_lone_hopper_gpu", lambda: True)
+    monkeypatch.setattr(first_conv, "interpreted", lambda: False)
+    model = ModelInfo(input_size=(16, 128), preprocessing="caffe").build(jnp.bfloat16)
+    images = jax.ShapeDtypeStruct((2, 16, 128, 3), jnp.uint8)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 128, 3)))
+
+    def programs():
+        predict = lowered_for_an_h200(make_predict_fn(model, "caffe").jitted.__wrapped__,
+                                      params, images)
+        grad = lowered_for_an_h200(jax.grad(lambda p, x: jnp.sum(model.apply(
+            p, x, train=False))), params, jax.ShapeDtypeStruct((2, 16, 128, 3), jnp.float32))
+        return predict, grad
+
+    nothing_adopted = programs()
+    monkeypatch.setattr(second_conv, "ADOPTED", frozenset(second_conv.PARTS))
+    monkeypatch.setattr(bias_gradients, "ADOPTED", frozenset(bias_gradients.PARTS))
+    monkeypatch.setattr(head_kernel, "ADOPTED", True)
+    monkeypatch.setattr(first_conv, "READS_THE_IMAGE", True)
+    adopted = programs()
+    assert all(a.count("__gpu$xla.gpu.triton") > b.count("__gpu$xla.gpu.triton")
+               for a, b in zip(adopted, nothing_adopted))
+    with throughput.patched("v4"):
+        assert programs() == nothing_adopted
+    assert programs() == adopted  # the adoption is back after the block
