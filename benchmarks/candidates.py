@@ -1,8 +1,10 @@
 """Levers not yet adopted, ready for ``throughput.py --variants cand_*``.
 
-They live here, not in the package, until a measurement says they help (benchmarks/NOTES.md,
-"Next levers"). The ones that did are in the package now (``mlnet_jax/relu.py``, the pooling
-gradient in ``mlnet_jax/vgg.py``, conv1_1 as a Pallas kernel in ``mlnet_jax/first_conv.py``);
+Levers that rewrite XLA's own operations live here until a measurement says they help
+(benchmarks/NOTES.md, "Next levers"); Pallas kernels live in the package behind switches that
+stay off until then ("The candidates in the package"). The ones that helped are in the package
+now (``mlnet_jax/relu.py``, the pooling gradient in ``mlnet_jax/vgg.py``, conv1_1 as a Pallas
+kernel in ``mlnet_jax/first_conv.py``);
 the ones that lost are recorded in NOTES and deleted (the split head; conv1_1 over its 3×3
 patches as a product or a 1×1 convolution, 2026-11-27; conv1_1 over groups of 2, 4 or 8
 columns, 2026-11-28).

@@ -92,19 +92,19 @@ def conv_relu_pool(x, kernel, bias, ties, interpret):
 def _forward(x, kernel, bias, ties, interpret):
     pre = first_conv.reference_conv(x, kernel) + bias
     y, winners = vgg._relu_max_pool_forward(pre, 2, "standard", ties, pre.shape[1:3])
-    return y, (x, kernel, winners)
+    return y, (x, kernel, bias, winners)
 
 
 def _backward(ties, interpret, residuals, g):
-    x, kernel, winners = residuals
-    return _with_conv_gradients(x, kernel, *spread_and_bias_grad(g, winners, interpret))
+    x, kernel, bias, winners = residuals
+    return _with_conv_gradients(x, kernel, bias, *spread_and_bias_grad(g, winners, interpret))
 
 
-def _with_conv_gradients(x, kernel, g, dbias):
+def _with_conv_gradients(x, kernel, bias, g, dbias):
     """(x's gradient, kernel's, bias's) for the pre-activation's gradient ``g``: cuDNN's two
     backward convolutions on a GPU."""
-    _, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
-    return (*conv_vjp(g), dbias.astype(kernel.dtype))
+    conv, conv_vjp = jax.vjp(first_conv.reference_conv, x, kernel)
+    return (*conv_vjp(g.astype(conv.dtype)), dbias.astype(bias.dtype))
 
 
 conv_relu_pool.defvjp(_forward, _backward)
@@ -120,12 +120,12 @@ def _relu_forward(x, kernel, bias, interpret):
     y = jnp.maximum(first_conv.reference_conv(x, kernel) + bias, 0)
     # As mlnet_jax/relu.py: keeps XLA from turning the mask on y back into one on the
     # pre-activation, which cuDNN's fused conv + bias + ReLU does not write.
-    return y, (x, kernel, jax.lax.optimization_barrier(y))
+    return y, (x, kernel, bias, jax.lax.optimization_barrier(y))
 
 
 def _relu_backward(interpret, residuals, g):
-    x, kernel, y = residuals
-    return _with_conv_gradients(x, kernel, *mask_and_bias_grad(g, y, interpret))
+    x, kernel, bias, y = residuals
+    return _with_conv_gradients(x, kernel, bias, *mask_and_bias_grad(g, y, interpret))
 
 
 conv_relu.defvjp(_relu_forward, _relu_backward)
@@ -140,7 +140,7 @@ def mask_and_bias_grad(g, y, interpret):
         partial(_mask_body, rows=rows),
         out_shape=(jax.ShapeDtypeStruct((g.size // channels, channels), g.dtype),
                    jax.ShapeDtypeStruct((*grid, channels), jnp.float32)),
-        grid=grid, compiler_params=None if interpret else first_conv._triton_params(),
+        grid=grid, compiler_params=first_conv.compiler_params(4, 1, interpret),
         interpret=interpret, name="relu_bias_grad",
     )(g.reshape(-1, channels), y.reshape(-1, channels))
     return masked.reshape(shape), jnp.sum(partial_sums, axis=0)
@@ -167,7 +167,7 @@ def spread_and_bias_grad(g, winners, interpret):
         partial(_spread_body, rows=h, block_w=block_w, channels=c),
         out_shape=(jax.ShapeDtypeStruct((b, h, 2, w, 2 * c), g.dtype),
                    jax.ShapeDtypeStruct((*grid, c), jnp.float32)),
-        grid=grid, compiler_params=None if interpret else first_conv._triton_params(),
+        grid=grid, compiler_params=first_conv.compiler_params(4, 1, interpret),
         interpret=interpret, name="pool_relu_bias_grad",
     )(g, winners)
     return spread.reshape(b, 2 * h, 2 * w, c), jnp.sum(partial_sums, axis=(0, 1))

@@ -95,7 +95,7 @@ def _triton_available() -> bool:
         from jax.experimental.pallas import triton
     except ImportError:
         return False
-    return hasattr(triton, "CompilerParams")  # what _triton_params needs
+    return hasattr(triton, "CompilerParams")  # what compiler_params needs
 
 
 def interpreted() -> bool:
@@ -157,9 +157,26 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _triton_params():
+def compiler_params(num_warps: int, num_stages: int, interpret: bool):
+    """Triton's settings for a Pallas call (the package's kernels'), none for Pallas's
+    interpreter."""
+    if interpret:
+        return None
     from jax.experimental.pallas import triton as pallas_triton
-    return pallas_triton.CompilerParams(num_warps=4, num_stages=1)
+    return pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def load_padded(x_ref, image, rows, cols, channel, *, height, width):
+    """``x[image, rows, cols, channel]`` (indices broadcast together), zero outside the image
+    (a 3×3 convolution's 'SAME' padding without a padded copy): indices clipped to it, the
+    load masked."""
+    from jax.experimental.pallas import triton as pallas_triton
+    shape = jnp.broadcast_shapes(jnp.shape(rows), jnp.shape(cols), jnp.shape(channel))
+    inside = jnp.broadcast_to((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width),
+                              shape)
+    return pallas_triton.load(
+        x_ref.at[image, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1), channel],
+        mask=inside, other=0)
 
 
 def _reader(x):
@@ -216,7 +233,7 @@ def _forward_kernel(x, kernel, bias, interpret):
     return pl.pallas_call(
         body, out_shape=jax.ShapeDtypeStruct((b, h, w, out), x.dtype),
         grid=(b * h // rows, w // block_w),
-        compiler_params=None if interpret else _triton_params(), interpret=interpret,
+        compiler_params=compiler_params(4, 1, interpret), interpret=interpret,
         name="conv1_1_bias_relu",
     )(source, row_taps(kernel).astype(x.dtype), bias.astype(jnp.float32))
 
@@ -252,7 +269,7 @@ def _weight_grad_kernel(x, y, g, interpret):
     taps, bias = pl.pallas_call(
         body, out_shape=(jax.ShapeDtypeStruct((*grid, 3, CHANNELS, out), jnp.float32),
                          jax.ShapeDtypeStruct((*grid, out), jnp.float32)),
-        grid=grid, compiler_params=None if interpret else _triton_params(),
+        grid=grid, compiler_params=compiler_params(4, 1, interpret),
         interpret=interpret, name="conv1_1_weight_grad",
     )(source, y, g)
     taps = jnp.sum(taps, axis=(0, 1, 2))[:, :9]  # (3, 9, O): rows dx·3 + c, as row_taps

@@ -105,14 +105,10 @@ def head_maps(params: dict, sources: list, *, most=256, num_warps=8, num_stages=
     body = partial(_body, height=h, width=w, block=block,
                    widths=tuple(s.shape[-1] for s in sources),
                    precision=first_conv._precision(dtype))
-    compiler_params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pallas_triton
-        compiler_params = pallas_triton.CompilerParams(num_warps=num_warps,
-                                                       num_stages=num_stages)
     return pl.pallas_call(
         body, out_shape=jax.ShapeDtypeStruct((b, h, w, 1), dtype),
-        grid=(b * h * w // block,), compiler_params=compiler_params,
+        grid=(b * h * w // block,),
+        compiler_params=first_conv.compiler_params(num_warps, num_stages, interpret),
         interpret=interpret, name="head_conv_readout",
     )(*sources, taps.astype(dtype), params["conv"]["bias"].astype(dtype),
       params["readout"]["kernel"].reshape(-1).astype(dtype),
@@ -121,7 +117,6 @@ def head_maps(params: dict, sources: list, *, most=256, num_warps=8, num_stages=
 
 def _body(*refs, height, width, block, widths, precision):
     """One program: ``block`` pixels of the flattened (image, row, column) grid."""
-    from jax.experimental.pallas import triton as pallas_triton
     *source_refs, taps_ref, bias_ref, readout_ref, readout_bias_ref, out_ref = refs
     pixel = pl.program_id(0) * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
     image = jax.lax.div(pixel, height * width)
@@ -138,12 +133,9 @@ def _body(*refs, height, width, block, widths, precision):
             t = jax.lax.div(k, chunks)
             chunk = k - t * chunks
             dy = jax.lax.div(t, 3)
-            r, c = row + dy - 1, col + (t - 3 * dy) - 1
-            inside = jnp.broadcast_to((r >= 0) & (r < height) & (c >= 0) & (c < width),
-                                      (block, CHUNK))
-            tile = pallas_triton.load(
-                source_ref.at[image, jnp.clip(r, 0, height - 1), jnp.clip(c, 0, width - 1),
-                              chunk * CHUNK + channel], mask=inside, other=0)
+            tile = first_conv.load_padded(source_ref, image, row + dy - 1,
+                                          col + (t - 3 * dy) - 1, chunk * CHUNK + channel,
+                                          height=height, width=width)
             weights = taps_ref[t, :, pl.ds(start + chunk * CHUNK, CHUNK)]
             return sums + jax.lax.dot_general(weights, tile, (((1,), (1,)), ((), ())),
                                               precision=precision,

@@ -554,8 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "much faster on a GPU or TPU, its maps within a few grey levels)")
     # first_conv.FIRST_CONV_MODES, named here so that --help does not import JAX
     p.add_argument("--first-conv", choices=("auto", "xla", "pallas"), default="auto",
-                   help="where conv1_1 (and the adopted parts of conv1_2) run: auto (default: "
-                        "Pallas kernels in bfloat16 on one Hopper GPU, XLA's convolutions "
+                   help="where the Pallas kernels run (conv1_1's, and the others adopted): auto "
+                        "(default: in bfloat16 on one Hopper GPU, XLA's operations "
                         "elsewhere), xla, or pallas (off a GPU in Pallas's slow interpreter)")
     p.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
                    help="Gaussian blur of the maps, sigma in pixels of the original image "

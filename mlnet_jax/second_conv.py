@@ -56,14 +56,15 @@ _auto_takes = first_conv.auto_takes  # its own name: tests fake a Hopper GPU per
 
 
 def fits(shape, features: int, pooling: str) -> bool:
-    """Even rows, whole column blocks, channel counts Triton can block, ``standard`` pooling
-    (windows from even rows and columns), one device (the kernels are not partitioned)."""
+    """Even rows, whole column blocks, channel counts Triton can block up to VGG-16's 64 (what
+    the kernels were compiled for; a wider model keeps XLA's), ``standard`` pooling (windows
+    from even rows and columns), one device (the kernels are not partitioned)."""
     if len(shape) != 4:
         return False
     _, rows, cols, channels = shape
     return (pooling == "standard" and rows % 2 == 0 and cols % 64 == 0
             and jax.device_count() == 1 and first_conv.triton_block(channels)
-            and first_conv.triton_block(features))
+            and first_conv.triton_block(features) and max(channels, features) <= 64)
 
 
 def _block_cols(width: int) -> int:
@@ -110,11 +111,11 @@ def _forward_options(options) -> dict:
 
 def _forward(x, kernel, bias, options):
     y, winners = conv_relu_pool(x, kernel, bias, winners=True, **_forward_options(options))
-    return y, (x, kernel, winners)
+    return y, (x, kernel, bias, winners)
 
 
 def _backward(options, residuals, g):
-    x, kernel, winners = residuals
+    x, kernel, bias, winners = residuals
     options = dict(options)
     (spread,) = vgg._relu_max_pool_backward(2, "standard", "first", x.shape[1:3], winners, g)
     if options["input_gradient"]:
@@ -128,7 +129,7 @@ def _backward(options, residuals, g):
     else:
         (dkernel,) = jax.vjp(lambda k: first_conv.reference_conv(x, k), kernel)[1](spread)
     dbias = jnp.sum(spread, axis=(0, 1, 2), dtype=jnp.float32)
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
 
 
 _conv_bias_relu_pool.defvjp(_forward, _backward)
@@ -149,29 +150,9 @@ def conv_relu_pool(x, kernel, bias, *, num_warps=4, num_stages=3, interpret=Fals
     out_shape = (pooled, jax.ShapeDtypeStruct(pooled.shape, jnp.uint8)) if winners else pooled
     return pl.pallas_call(
         body, out_shape=out_shape, grid=(b * h // 2, w // block_cols),
-        compiler_params=_compiler_params(num_warps, num_stages, interpret),
+        compiler_params=first_conv.compiler_params(num_warps, num_stages, interpret),
         interpret=interpret, name="conv_bias_relu_pool_t",
     )(x, _transposed_taps(kernel, x.dtype), bias.astype(jnp.float32))
-
-
-def _compiler_params(num_warps: int, num_stages: int, interpret: bool):
-    """Triton's settings for a call, none for Pallas's interpreter."""
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pallas_triton
-    return pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def load_padded(x_ref, image, rows, cols, channel, *, height, width):
-    """``x[image, rows, cols, channel]`` (indices broadcast together), zero outside the image
-    (the 'SAME' padding without a padded copy): indices clipped to it, the load masked."""
-    from jax.experimental.pallas import triton as pallas_triton
-    shape = jnp.broadcast_shapes(jnp.shape(rows), jnp.shape(cols), jnp.shape(channel))
-    inside = jnp.broadcast_to((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width),
-                              shape)
-    return pallas_triton.load(
-        x_ref.at[image, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1), channel],
-        mask=inside, other=0)
 
 
 def _transposed_taps(kernel, dtype):
@@ -193,7 +174,7 @@ def _transposed_sums(x_ref, taps_ref, image, rows, cols, *, height, width, preci
     def tap(t, sums):
         dy = jax.lax.div(t, 3)  # (lax.div: Triton lowers jnp.remainder badly)
         dx = t - 3 * dy
-        tile = load_padded(x_ref, image, rows + dy - 1, cols + dx - 1, channel, height=height,
+        tile = first_conv.load_padded(x_ref, image, rows + dy - 1, cols + dx - 1, channel, height=height,
                            width=width)
         return sums + jax.lax.dot_general(
             taps_ref[t], tile, (((1,), (1,)), ((), ())),
@@ -242,7 +223,7 @@ def conv_transposed(x, kernel, *, num_warps=4, num_stages=3, interpret=False):
     return pl.pallas_call(
         body, out_shape=jax.ShapeDtypeStruct((b, h, w, cout), x.dtype),
         grid=(b * h // 2, w // block_cols),
-        compiler_params=_compiler_params(num_warps, num_stages, interpret),
+        compiler_params=first_conv.compiler_params(num_warps, num_stages, interpret),
         interpret=interpret, name="conv_transposed",
     )(x, _transposed_taps(kernel, x.dtype))
 
@@ -296,7 +277,7 @@ def weight_gradient(x, g, *, num_warps=8, num_stages=3, interpret=False):
     eight, ninth = pl.pallas_call(
         body, out_shape=(jax.ShapeDtypeStruct((programs, cout, 8 * cin), jnp.float32),
                          jax.ShapeDtypeStruct((programs, cout, cin), jnp.float32)),
-        grid=(programs,), compiler_params=_compiler_params(num_warps, num_stages, interpret),
+        grid=(programs,), compiler_params=first_conv.compiler_params(num_warps, num_stages, interpret),
         interpret=interpret, name="conv_weight_grad",
     )(x, g)
     transposed = jnp.concatenate([jnp.sum(eight, axis=0), jnp.sum(ninth, axis=0)], axis=1)
@@ -319,7 +300,7 @@ def _body_weight_gradient(x_ref, g_ref, eight_ref, ninth_ref, *, height, width, 
     ninth_channels = jax.lax.broadcasted_iota(jnp.int32, (1, cin), 1)
 
     def seen(image, row, left, dy, dx, channel):
-        return load_padded(x_ref, image, row + dy - 1, left + pixel + dx - 1, channel,
+        return first_conv.load_padded(x_ref, image, row + dy - 1, left + pixel + dx - 1, channel,
                            height=height, width=width)
 
     def product(gradient, pixels):

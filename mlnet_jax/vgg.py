@@ -234,9 +234,9 @@ class VGG16(nn.Module):
 
     @nn.nowrap  # no scope of its own: the program's names stay those of one __call__
     def layer(self, name: str, features: int, x: jax.Array) -> jax.Array:
-        """Convolution ``name`` with its ReLU, and the pool after it if one follows. The
-        benchmarks' candidate levers override it to run a layer another way with the same
-        parameters (benchmarks/NOTES.md)."""
+        """Convolution ``name`` with its ReLU, and the pool after it if one follows: by one of
+        the package's Pallas kernels where ``first_conv``'s mode and the kernel's switch say,
+        with the same parameters either way."""
         if name == "conv1_1" and first_conv_kernel.kernel_applies(
                 self.first_conv, x.shape, self.dtype, features=features):
             return first_conv_kernel.ConvBiasReLU(features, dtype=self.dtype, name=name)(x)

@@ -627,6 +627,19 @@ def _count_calls(monkeypatch, module, *names) -> list:
     return calls
 
 
+@pytest.fixture(autouse=True)
+def _nothing_adopted(request, monkeypatch):
+    """Every candidate kernel's switch off, whatever a lease has adopted since: the variants
+    are measured against (and cached beside) the code with nothing adopted, as v4 makes it."""
+    if request.node.name == "test_nothing_is_adopted_before_a_measurement":
+        return
+    from mlnet_jax import bias_gradients, first_conv, head_kernel, second_conv
+    monkeypatch.setattr(second_conv, "ADOPTED", frozenset())
+    monkeypatch.setattr(bias_gradients, "ADOPTED", frozenset())
+    monkeypatch.setattr(head_kernel, "ADOPTED", False)
+    monkeypatch.setattr(first_conv, "READS_THE_IMAGE", False)
+
+
 @cache  # the code as it is serves several comparisons
 def _one_train_step(variant, width=0.25, size=16, pooling="standard"):
     """One real train step (lr 1e-2, fixed data) with ``variant`` patched in while tracing:
@@ -1170,3 +1183,12 @@ def test_v4_recreates_the_code_before_any_candidate_kernel_is_adopted(monkeypatc
     with throughput.patched("v4"):
         assert programs() == nothing_adopted
     assert programs() == adopted  # the adoption is back after the block
+
+
+def test_nothing_is_adopted_before_a_measurement():
+    # The candidate kernels are the package's, each off until a lease measures it faster
+    # beside the code (benchmarks/NOTES.md, "The candidates in the package"): adopting one is
+    # setting its switch, here too.
+    from mlnet_jax import bias_gradients, first_conv, head_kernel, second_conv
+    assert second_conv.ADOPTED == frozenset() and bias_gradients.ADOPTED == frozenset()
+    assert head_kernel.ADOPTED is False and first_conv.READS_THE_IMAGE is False

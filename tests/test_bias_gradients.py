@@ -52,11 +52,27 @@ def test_unpooled_kernel_masks_by_the_relu_and_sums_the_bias():
     assert text.count("__gpu$xla.gpu.triton") == 1 and "tensor<4800x512xf32>" in text
 
 
+@pytest.mark.parametrize("pooled", [True, False])
+def test_each_gradient_comes_back_in_its_inputs_dtype(pooled):
+    # A bfloat16 image and kernel with a float32 bias, called directly: each gradient in its
+    # own input's dtype.
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((1, 2, 32, 16)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 256)) / 12, jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(256) / 4, jnp.float32)
+    layer = ((lambda *a: bias_gradients.conv_relu_pool(*a, "first", True)) if pooled
+             else (lambda *a: bias_gradients.conv_relu(*a, True)))
+    grads = jax.grad(lambda *a: jnp.sum(layer(*a).astype(jnp.float32)), (0, 1, 2))(
+        x, kernel, bias)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+
+
 def test_the_kernels_are_taken_only_where_adopted_and_where_they_fit(monkeypatch):
     # conv1_2's and conv3_1's inputs at 32 × 480×640, full width
     conv1_2, conv3_1 = (32, 480, 640, 64), (32, 120, 160, 128)
     part = bias_gradients.layer_part
-    for mode in ("auto", "pallas", "xla"):  # nothing adopted yet
+    monkeypatch.setattr(bias_gradients, "ADOPTED", frozenset())
+    for mode in ("auto", "pallas", "xla"):  # nothing adopted
         assert part(mode, "conv1_2", conv1_2, jnp.bfloat16, 64, "standard") is None
     monkeypatch.setattr(bias_gradients, "ADOPTED", frozenset({"pooled"}))
     assert part("pallas", "conv1_2", conv1_2, jnp.float32, 64, "standard") == "pooled"

@@ -42,7 +42,8 @@ def test_the_kernel_is_taken_only_where_adopted_without_dropout_and_where_it_fit
     features = {name: jnp.zeros((32, 60, 80, c), jnp.bfloat16)
                 for name, c in zip(head.HEAD_FEATURES, (256, 512, 512))}
     applies = head_kernel.kernel_applies
-    for mode in ("auto", "pallas", "xla"):  # not adopted yet
+    monkeypatch.setattr(head_kernel, "ADOPTED", False)
+    for mode in ("auto", "pallas", "xla"):  # not adopted
         assert not applies(mode, features, jnp.bfloat16, dropout=False)
     monkeypatch.setattr(head_kernel, "ADOPTED", True)
     assert applies("pallas", features, jnp.float32, dropout=False)

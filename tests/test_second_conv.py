@@ -88,17 +88,24 @@ def _gradients(monkeypatch, parts, interpret=True):
     return gradients
 
 
+@pytest.mark.parametrize("width", [192, 256])  # three programs of 64 columns, two of 128
+def test_conv_transposed_is_the_convolution(width):
+    # Programs at the edges and inside, each two rows of a block of columns.
+    rng = np.random.default_rng(width)
+    x = jnp.asarray(rng.standard_normal((2, 6, width, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) / 12, jnp.float32)
+    np.testing.assert_allclose(second_conv.conv_transposed(x, kernel, interpret=True),
+                               _conv(x, kernel), rtol=1e-5, atol=1e-5)
+
+
 def test_gradient_kernels_are_conv1_2s_gradients():
-    # conv_transposed against lax's convolution, programs at edges and inside; as conv1_2's
-    # input gradient (the spread gradient convolved with the flipped, channel-swapped kernel)
-    # and with weight_gradient: the same three gradients as XLA's path (the forward kernel's
-    # winner mask spread by the package's pool gradient either way).
+    # As conv1_2's input gradient (the spread gradient convolved with the flipped,
+    # channel-swapped kernel) and with weight_gradient: the same three gradients as XLA's path
+    # (the forward kernel's winner mask spread by the package's pool gradient either way).
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 6, 64, 16)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) / 12, jnp.float32)
     bias = jnp.asarray(rng.standard_normal(32) / 4, jnp.float32)
-    np.testing.assert_allclose(second_conv.conv_transposed(x, kernel, interpret=True),
-                               _conv(x, kernel), rtol=1e-5, atol=1e-5)
 
     weights = jnp.asarray(rng.standard_normal((2, 3, 32, 32)), jnp.float32)
     args = (x, kernel, bias, weights)
@@ -138,11 +145,29 @@ def test_gradient_kernels_replace_cudnns_in_the_program_for_an_h200(monkeypatch)
     assert "tensor<1024x64x512xf32>, tensor<1024x64x64xf32>" in texts[2]
     # pooled output and winner mask written, conv1_2's output never
     assert all("tensor<32x240x320x64xui8>" in t for t in texts)
+    # Prediction (no gradient): the forward kernel alone, no mask, no convolution left.
+    text = lowered_for_an_h200(second_conv.conv_bias_relu_pool, *shapes[:3])
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "stablehlo.convolution" not in text
+    assert "-> tensor<32x240x320x64xbf16>" in text and "xui8>" not in text
+
+
+@pytest.mark.parametrize("parts", [{"forward"}, set(second_conv.PARTS)])
+def test_each_gradient_comes_back_in_its_inputs_dtype(monkeypatch, parts):
+    # A bfloat16 image and kernel with a float32 bias, called directly (the model gives all
+    # three one dtype): each gradient in its own input's dtype.
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((1, 2, 64, 16)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 16)) / 12, jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(16) / 4, jnp.float32)
+    weights = jnp.ones((1, 1, 32, 16), jnp.float32)
+    grads = _gradients(monkeypatch, parts)(x, kernel, bias, weights)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
 
 
 def test_the_kernels_are_taken_only_where_adopted_and_where_they_fit(monkeypatch):
     applies = partial(second_conv.kernel_applies, features=64, pooling="standard")
-    for mode in ("auto", "pallas", "xla"):  # nothing adopted yet: XLA's conv1_2 everywhere
+    monkeypatch.setattr(second_conv, "ADOPTED", frozenset())
+    for mode in ("auto", "pallas", "xla"):  # nothing adopted: XLA's conv1_2 everywhere
         assert not applies(mode, HEADLINE, jnp.bfloat16)
     monkeypatch.setattr(second_conv, "ADOPTED", frozenset({"forward"}))
     assert applies("pallas", HEADLINE, jnp.float32)
@@ -154,6 +179,7 @@ def test_the_kernels_are_taken_only_where_adopted_and_where_they_fit(monkeypatch
     for shape, pooling in (((32, 481, 640, 64), "standard"),  # odd height
                            ((32, 480, 600, 64), "standard"),  # width not a multiple of 64
                            ((32, 480, 640, 48), "standard"),  # channels no power of two
+                           ((32, 480, 640, 128), "standard"),  # wider than compiled for
                            (HEADLINE, "keras1")):  # Theano's windows
         assert not second_conv.kernel_applies("pallas", shape, jnp.float32, 64, pooling)
 

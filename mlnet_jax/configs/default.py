@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.width_multiplier = 1.0         # < 1 narrows VGG-16: CPU demo only
     config.dropout_rate = 0.5
     config.compute_dtype = "float32"      # or 'bfloat16' (parameters and loss stay float32)
-    config.first_conv = "auto"            # conv1_1 (+ conv1_2 where adopted): 'auto' (Pallas kernels
-                                          # on one Hopper GPU in bfloat16, else XLA), 'xla', 'pallas'
+    config.first_conv = "auto"            # the Pallas kernels (conv1_1's + those adopted): 'auto' (on
+                                          # one Hopper GPU in bfloat16, else XLA), 'xla', 'pallas'
     config.init_weights = ""              # converted VGG-16 / ML-Net .npz or a checkpoint dir
     config.frozen_convs = 0               # VGG convs frozen from conv1_1 (10 = conv1_1…conv4_3)
 
