@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 FirstConvMode = Literal["auto", "xla", "pallas"]
 FIRST_CONV_MODES: tuple[str, ...] = ("auto", "xla", "pallas")
 CHANNELS = 16  # the products' K: 9 of the 16 are the 3 column taps × 3 colours
+NUM_WARPS, NUM_STAGES = 4, 1  # both kernels' Triton settings, as measured
 # Whether the kernels read the image itself instead of XLA's column copies (``image_reader``):
 # adopted once measured faster on a card (benchmarks' ``cand_conv1_direct``), not yet.
 READS_THE_IMAGE = False
@@ -233,7 +234,7 @@ def _forward_kernel(x, kernel, bias, interpret):
     return pl.pallas_call(
         body, out_shape=jax.ShapeDtypeStruct((b, h, w, out), x.dtype),
         grid=(b * h // rows, w // block_w),
-        compiler_params=compiler_params(4, 1, interpret), interpret=interpret,
+        compiler_params=compiler_params(NUM_WARPS, NUM_STAGES, interpret), interpret=interpret,
         name="conv1_1_bias_relu",
     )(source, row_taps(kernel).astype(x.dtype), bias.astype(jnp.float32))
 
@@ -269,7 +270,7 @@ def _weight_grad_kernel(x, y, g, interpret):
     taps, bias = pl.pallas_call(
         body, out_shape=(jax.ShapeDtypeStruct((*grid, 3, CHANNELS, out), jnp.float32),
                          jax.ShapeDtypeStruct((*grid, out), jnp.float32)),
-        grid=grid, compiler_params=compiler_params(4, 1, interpret),
+        grid=grid, compiler_params=compiler_params(NUM_WARPS, NUM_STAGES, interpret),
         interpret=interpret, name="conv1_1_weight_grad",
     )(source, y, g)
     taps = jnp.sum(taps, axis=(0, 1, 2))[:, :9]  # (3, 9, O): rows dx·3 + c, as row_taps

@@ -55,9 +55,8 @@ def test_triton_calls_are_read_off_the_cards_own_hlo():
     assert {c["name"]: c["grid"] for c in calls} == {
         "conv1_1_bias_relu": [b * h // first_conv._divisor(h, (4, 2, 1)), w // block_w, 1],
         "conv1_1_weight_grad": [b, h // first_conv._divisor(h, (32, 16, 8, 4, 2, 1)), w // block_w]}
-    params = first_conv._triton_params()
-    assert {(c["num_warps"], c["num_stages"]) for c in calls} == {(params.num_warps,
-                                                                  params.num_stages)}
+    assert {(c["num_warps"], c["num_stages"]) for c in calls} == {(first_conv.NUM_WARPS,
+                                                                  first_conv.NUM_STAGES)}
 
 
 def _ptxas_entry(name, registers, frame=None):
