@@ -303,13 +303,15 @@ def _version(name: str):
     return _sibling_function("versions", name)
 
 
-def _second_conv(*parts: str, stages: int = 3) -> dict:
+def _second_conv(*parts: str, stages: int | None = None) -> dict:
     """The patches that make ``mlnet_jax.second_conv`` take ``parts`` (its ``ADOPTED``), with
-    ``stages`` pipeline stages, its calls counted: the program measured is the package's as it
-    would be with those parts adopted."""
-    return {("mlnet_jax.second_conv", "ADOPTED"): frozenset(parts),
-            ("mlnet_jax.second_conv", "FORWARD_STAGES"): stages,
-            ("mlnet_jax.second_conv", "conv_bias_relu_pool"): COUNTED}
+    ``stages`` pipeline stages if given, its calls counted: the program measured is the
+    package's as it would be with those parts adopted."""
+    patches = {("mlnet_jax.second_conv", "ADOPTED"): frozenset(parts),
+               ("mlnet_jax.second_conv", "conv_bias_relu_pool"): COUNTED}
+    if stages is not None:
+        patches[("mlnet_jax.second_conv", "FORWARD_STAGES")] = stages
+    return patches
 
 
 def _bias_gradients(*parts: str) -> dict:
