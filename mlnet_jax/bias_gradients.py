@@ -51,9 +51,8 @@ def layer_part(mode: str, name: str, shape: tuple[int, ...], dtype, features: in
     if stride:
         fits = "pooled" in ADOPTED and pool_kernel_fits(shape, stride, pooling, features)
         return "pooled" if fits else None
-    output = (*shape[:3], features)
     if ("unpooled" in ADOPTED and name not in ("conv1_1", vgg.VGG16_CONV_NAMES[-1])
-            and relu_kernel_fits(output, features)):
+            and relu_kernel_fits(shape, features)):
         return "unpooled"
     return None
 
@@ -70,8 +69,8 @@ def pool_kernel_fits(shape, stride: int, alignment: str, channels: int) -> bool:
 
 
 def relu_kernel_fits(shape, channels: int) -> bool:
-    """A layer wide enough that XLA's reduction was slow, in blocks Triton can take, on one
-    device."""
+    """A layer (its input or output ``shape``: the same pixels) of ``channels`` outputs wide
+    enough that XLA's reduction was slow, in blocks Triton can take, on one device."""
     pixels = shape[0] * shape[1] * shape[2]
     return (channels >= 256 and first_conv.triton_block(channels) and jax.device_count() == 1
             and pixels % _rows(channels) == 0)

@@ -124,7 +124,7 @@ def _backward(options, residuals, g):
                              interpret=options["interpret"])
     else:
         (dx,) = jax.vjp(lambda x: first_conv.reference_conv(x, kernel), x)[1](spread)
-    if options["weight_gradient"] and weight_gradient_fits(x.shape, kernel.shape[3]):
+    if options["weight_gradient"]:
         dkernel = weight_gradient(x, spread, interpret=options["interpret"])
     else:
         (dkernel,) = jax.vjp(lambda k: first_conv.reference_conv(x, k), kernel)[1](spread)
@@ -242,17 +242,10 @@ def _body_conv_transposed(x_ref, taps_ref, out_ref, *, height, width, block_cols
         sums.astype(out_ref.dtype).T.reshape(2, block_cols, taps_ref.shape[1]))
 
 
-def weight_gradient_fits(x_shape, channels_out: int) -> bool:
-    """Whether ``weight_gradient`` takes these shapes: rows of whole chunks, channel counts
-    Triton can block, at most 64 input channels (eight taps' sums in registers)."""
-    cin = x_shape[3]
-    return (x_shape[2] % WGRAD_CHUNK == 0 and first_conv.triton_block(cin)
-            and first_conv.triton_block(channels_out) and cin <= 64)
-
-
 def weight_gradient(x, g, *, num_warps=8, num_stages=3, interpret=False):
     """The gradient of ``sum(conv(x, W, 'SAME') * g)`` with respect to the 3×3 kernel W,
-    (3, 3, cin, cout) in float32.
+    (3, 3, cin, cout) in float32, for the shapes ``fits`` admits (rows of whole 32-pixel
+    chunks, at most 64 input channels: eight taps' sums in registers).
 
     The gradient is dWᵀ[output channel, (tap, input channel)] = Σ over the pixels p of
     g[p, ·]ᵀ x[p + tap, ·]: 64 rows (wgmma's M) by 9 × 64 columns, over K = every pixel of the

@@ -105,11 +105,7 @@ def test_at_full_width_every_wide_layer_but_the_one_feeding_the_head_takes_a_ker
     images = jax.ShapeDtypeStruct((2, 16, 128, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), images)
     loss = lambda p, x: jnp.sum(model.apply(p, x, train=False).astype(jnp.float32))  # noqa: E731
-    card = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=card)):
-        text = jax.jit(lambda *a: jax.grad(loss)(*a)).trace(params, images).lower(
-            lowering_platforms=("cuda",)).as_text(debug_info=True)
+    text = lowered_for_an_h200(jax.grad(loss), params, images, debug_info=True)
     layers = set(re.findall(r'(conv\d_\d)[^"]{0,80}(?:relu_bias_grad|pallas_call)', text))
     assert layers == {"conv1_2", "conv2_2", "conv3_3", "conv3_1", "conv3_2", "conv4_1", "conv4_2",
                       "conv5_1", "conv5_2"}
